@@ -1,0 +1,53 @@
+"""Per-sample NumPy reference of the margin family, written with plain loops.
+
+Deliberately independent of tfmargin.margins: it follows the papers' formulas
+with ``math`` scalars, one sample and one class at a time.
+"""
+
+import math
+
+import numpy as np
+
+EPS = 1e-7
+# The clip bounds as float32 holds them (1 - 1e-7 rounds to 1 - 2**-23).
+LOW, HIGH = float(np.float32(-1.0 + EPS)), float(np.float32(1.0 - EPS))
+
+
+def _psi(cos_t, margin_type, margin, fallback):
+    c = min(max(cos_t, LOW), HIGH)
+    theta = math.acos(c)
+    if margin_type == "normface":
+        return cos_t
+    if margin_type == "cosface":
+        value = c - margin
+    elif margin_type == "sphereface":
+        k = math.floor(margin * theta / math.pi)
+        value = (-1) ** k * math.cos(margin * theta) - 2 * k
+    else:
+        m1, m2, m3 = (1.0, margin, 0.0) if margin_type == "arcface" else margin
+        value = math.cos(m1 * theta + m2) - m3
+        if fallback == "monotonic" and (m1 > 1 or m2 > 0) and m1 * theta + m2 > math.pi:
+            turn = (math.pi - m2) / m1
+            value = c - m3 - max(m2 * math.sin(m2), 1.0 + math.cos(turn))
+    if fallback == "easy" and not c > 0:
+        value = c
+    return value
+
+
+def margin_logits(x, w, labels, margin_type, margin, scale, fallback="monotonic", sub_centers=1):
+    """Logits for every sample and class, the target with the margin applied."""
+    n, classes = x.shape[0], w.shape[1] // sub_centers
+    out = np.zeros((n, classes))
+    for i in range(n):
+        xi = x[i] / math.sqrt(sum(float(v) ** 2 for v in x[i]))
+        for j in range(classes):
+            best = -2.0
+            for k in range(sub_centers):
+                col = w[:, j * sub_centers + k]
+                wj = col / math.sqrt(sum(float(v) ** 2 for v in col))
+                dot = sum(float(a) * float(b) for a, b in zip(xi, wj, strict=True))
+                best = max(best, dot)
+            if labels is not None and j == labels[i]:
+                best = _psi(best, margin_type, margin, fallback)
+            out[i, j] = scale * best
+    return out

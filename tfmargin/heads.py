@@ -1,0 +1,222 @@
+"""Angular-margin classification head (ArcFace, CosFace, SphereFace, ...)."""
+
+import math
+
+import keras
+from keras import ops
+
+from tfmargin.margins import (
+    FALLBACKS,
+    auto_scale,
+    resolve_margins,
+    target_logit,
+)
+
+
+def check_labels(labels, num_classes):
+    """Fail the step with a readable error when a label is outside [0, C).
+
+    A one-hot or gather with an out-of-range label silently yields a zero row
+    or another class's column; the margin would then be applied nowhere.
+    """
+    message = (
+        f"labels must lie in [0, {num_classes}): the dataset has more classes than "
+        "the head. Rebuild the head with num_classes >= max(label) + 1."
+    )
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        with tf.control_dependencies(
+            [
+                tf.debugging.assert_non_negative(labels, message=message),
+                tf.debugging.assert_less(
+                    labels, tf.cast(num_classes, labels.dtype), message=message
+                ),
+            ]
+        ):
+            return tf.identity(labels)
+    if not ops.is_tensor(labels) or not hasattr(labels, "__array__"):
+        return labels
+    values = ops.convert_to_numpy(labels)
+    if values.size and (values.min() < 0 or values.max() >= num_classes):
+        raise ValueError(message)
+    return labels
+
+
+@keras.saving.register_keras_serializable(package="tfmargin")
+class TargetAngle(keras.metrics.Metric):
+    """Mean and spread (degrees) of theta_y, the angle to the true class centre.
+
+    Reported as ``theta_y_mean`` and ``theta_y_std``; the margin acts on this
+    angle, so watching it shrink shows the head doing its work.
+    """
+
+    def __init__(self, name="theta_y", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.total = self.add_variable((), initializer="zeros", name="total")
+        self.total_sq = self.add_variable((), initializer="zeros", name="total_sq")
+        self.count = self.add_variable((), initializer="zeros", name="count")
+
+    def update_state(self, theta_degrees):
+        theta_degrees = ops.cast(theta_degrees, "float32")
+        self.total.assign_add(ops.sum(theta_degrees))
+        self.total_sq.assign_add(ops.sum(ops.square(theta_degrees)))
+        self.count.assign_add(ops.cast(ops.size(theta_degrees), "float32"))
+
+    def result(self):
+        mean = ops.divide_no_nan(self.total, self.count)
+        variance = ops.divide_no_nan(self.total_sq, self.count) - ops.square(mean)
+        return {
+            "theta_y_mean": mean,
+            "theta_y_std": ops.sqrt(ops.maximum(variance, 0.0)),
+        }
+
+
+@keras.saving.register_keras_serializable(package="tfmargin")
+class ArcMarginLayer(keras.layers.Layer):
+    """Angular-margin logits: ``s * psi(theta_y)`` for the target, ``s * cos(theta_j)`` else.
+
+    With ``x`` the embedding and ``W_j`` the weight of class j, both
+    L2-normalised, ``cos(theta_j) = W_j . x``. During training, when labels are
+    given, the target class y gets ``psi(theta_y)`` instead:
+
+    | margin_type  | psi(theta)                                                  |
+    |--------------|-------------------------------------------------------------|
+    | `arcface`    | cos(theta + m)                                              |
+    | `cosface`    | cos(theta) - m                                              |
+    | `sphereface` | (-1)^k cos(m*theta) - 2k,  k = floor(m*theta / pi)          |
+    | `combined`   | cos(m1*theta + m2) - m3,   margin = (m1, m2, m3)            |
+    | `normface`   | cos(theta)  (no margin)                                     |
+
+    Without labels, or with ``training=False``, every class (the target
+    included) gets ``s * cos(theta_j)``: labels never reach evaluation,
+    ``predict`` or an export.
+
+    ``cos(theta + m)`` turns back up once ``theta + m > pi``. ``fallback``
+    decides what happens there:
+
+    * ``"monotonic"`` (default): for ``theta > pi - m`` use
+      ``cos(theta) - c`` with ``c = max(m*sin(m), 1 - cos(m))``; this is
+      InsightFace's ``cos(theta) - m*sin(m)`` for m <= 2.33 and stays
+      non-increasing beyond (general form for ``combined``).
+    * ``"easy"``: apply the margin only where ``cos(theta) > 0``.
+    * ``"none"``: the raw formula, as the paper used it.
+
+    Args:
+        num_classes: number of classes C, >= 2.
+        margin_type: one of `arcface`, `cosface`, `sphereface`, `combined`,
+            `normface`.
+        margin: m in radians (a multiplier for `sphereface`, a triple
+            ``(m1, m2, m3)`` for `combined`). ArcFace needs ``0 <= m < pi``.
+        scale: s > 0, or ``"auto"`` for the AdaCos fixed scale
+            ``sqrt(2) * ln(C - 1)`` (3.11 for C=10, 6.50 for C=100).
+        fallback: `monotonic`, `easy` or `none`, see above.
+        sub_centers: K >= 1 centres per class; the class cosine is the max
+            over its K centres (Sub-center ArcFace).
+        epsilon: cos(theta) is clipped to ``[-1 + eps, 1 - eps]`` before arccos.
+        **kwargs: base ``Layer`` arguments. ``dtype`` defaults to ``"float32"``
+            so the head computes in float32 under mixed-precision policies.
+
+    Inputs: embeddings ``(batch, dim)``; optional integer ``labels`` ``(batch,)``
+    or ``(batch, 1)``. Output: logits ``(batch, num_classes)``, float32.
+
+    Example:
+
+    >>> import numpy as np
+    >>> head = ArcMarginLayer(10, margin_type="arcface", margin=0.1, scale=1.0)
+    >>> x = np.random.rand(4, 64).astype("float32")
+    >>> y = np.array([0, 3, 9, 1])
+    >>> head(x, labels=y, training=True).shape   # margin on the target class
+    (4, 10)
+    >>> head(x).shape                             # label-free inference path
+    (4, 10)
+    """
+
+    def __init__(
+        self,
+        num_classes,
+        margin_type="arcface",
+        margin=0.5,
+        scale="auto",
+        fallback="monotonic",
+        sub_centers=1,
+        epsilon=1e-7,
+        **kwargs,
+    ):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        if int(num_classes) != num_classes or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}.")
+        self.m1, self.m2, self.m3 = resolve_margins(margin_type, margin)
+        if scale == "auto":
+            self.scale_value = auto_scale(num_classes)
+        elif isinstance(scale, str) or not float(scale) > 0.0 or not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite float > 0 or 'auto', got {scale!r}.")
+        else:
+            self.scale_value = float(scale)
+        if fallback not in FALLBACKS:
+            raise ValueError(
+                f"Unknown fallback {fallback!r}; choose one of {', '.join(FALLBACKS)}."
+            )
+        if int(sub_centers) != sub_centers or sub_centers < 1:
+            raise ValueError(f"sub_centers must be an integer >= 1, got {sub_centers!r}.")
+        if not 0.0 < epsilon < 0.1:
+            raise ValueError(f"epsilon must be in (0, 0.1), got {epsilon!r}.")
+        self.num_classes = int(num_classes)
+        self.margin_type = margin_type
+        self.margin = tuple(margin) if margin_type == "combined" else float(margin)
+        self.scale = scale
+        self.fallback = fallback
+        self.sub_centers = int(sub_centers)
+        self.epsilon = float(epsilon)
+        self.target_angle = TargetAngle()
+
+    def build(self, embeddings_shape, labels_shape=None):
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(embeddings_shape[-1], self.num_classes * self.sub_centers),
+            initializer="glorot_uniform",
+        )
+
+    def cosine(self, embeddings):
+        """cos(theta_j) for every class, shape ``(batch, num_classes)``."""
+        x = ops.normalize(embeddings, axis=-1, epsilon=1e-12)
+        w = ops.normalize(self.kernel, axis=0, epsilon=1e-12)
+        cos = ops.matmul(x, w)
+        if self.sub_centers > 1:
+            cos = ops.max(
+                ops.reshape(cos, (-1, self.num_classes, self.sub_centers)), axis=-1
+            )
+        return cos
+
+    def call(self, embeddings, labels=None, training=None):
+        cos = self.cosine(embeddings)
+        if labels is None:
+            return self.scale_value * cos
+        labels = check_labels(ops.reshape(ops.cast(labels, "int32"), (-1,)), self.num_classes)
+        one_hot = ops.one_hot(labels, self.num_classes, dtype=cos.dtype)
+        cos_y = ops.sum(cos * one_hot, axis=-1)
+        theta_y = ops.arccos(ops.clip(cos_y, -1.0 + self.epsilon, 1.0 - self.epsilon))
+        self.target_angle.update_state(ops.stop_gradient(theta_y) * (180.0 / math.pi))
+        if not training:
+            return self.scale_value * cos
+        psi = target_logit(
+            cos_y, self.margin_type, self.m1, self.m2, self.m3, self.fallback, self.epsilon
+        )
+        return self.scale_value * (cos + one_hot * ops.expand_dims(psi - cos_y, -1))
+
+    def compute_output_spec(self, embeddings, labels=None, training=None):
+        return keras.KerasTensor((embeddings.shape[0], self.num_classes), dtype=self.compute_dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_classes=self.num_classes,
+            margin_type=self.margin_type,
+            margin=list(self.margin) if self.margin_type == "combined" else self.margin,
+            scale=self.scale,
+            fallback=self.fallback,
+            sub_centers=self.sub_centers,
+            epsilon=self.epsilon,
+        )
+        return config

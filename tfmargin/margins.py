@@ -1,0 +1,122 @@
+"""Target-class logit functions of the angular-margin family.
+
+Every head in this family scores class j by ``s * cos(theta_j)`` with the
+embedding and the class weight L2-normalised; they differ only in what the
+*target* class's cosine becomes during training. This module holds that one
+function, ``psi(theta)``, for every member, written once on top of the general
+combined margin ``cos(m1 * theta + m2) - m3``.
+"""
+
+import math
+
+from keras import ops
+
+MARGIN_TYPES = ("arcface", "cosface", "sphereface", "combined", "normface")
+FALLBACKS = ("monotonic", "easy", "none")
+
+
+def auto_scale(num_classes):
+    """AdaCos fixed scale ``sqrt(2) * ln(C - 1)``: 3.11 for 10 classes, 6.50 for 100."""
+    if num_classes < 3:
+        raise ValueError(
+            f"scale='auto' needs num_classes >= 3 (sqrt(2)*ln(C-1) is 0 for C=2), "
+            f"got num_classes={num_classes}; pass a float scale instead."
+        )
+    return math.sqrt(2.0) * math.log(num_classes - 1)
+
+
+def resolve_margins(margin_type, margin):
+    """Map ``(margin_type, margin)`` to the combined form ``(m1, m2, m3)``.
+
+    SphereFace is returned as ``(m, 0, 0)``; its piecewise psi is applied by
+    :func:`target_logit`, not by the combined formula.
+
+    Raises:
+        ValueError: naming the argument and its allowed range.
+    """
+    if margin_type not in MARGIN_TYPES:
+        raise ValueError(
+            f"Unknown margin_type {margin_type!r}; choose one of {', '.join(MARGIN_TYPES)}."
+        )
+    if margin_type == "combined":
+        try:
+            m1, m2, m3 = (float(v) for v in margin)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"margin for margin_type='combined' must be a triple (m1, m2, m3), got {margin!r}."
+            ) from None
+        if m1 < 1.0:
+            raise ValueError(f"margin m1 must be >= 1 for 'combined', got {m1}.")
+        if not 0.0 <= m2 < math.pi:
+            raise ValueError(f"margin m2 must be in [0, pi) for 'combined', got {m2}.")
+        if m3 < 0.0:
+            raise ValueError(f"margin m3 must be >= 0 for 'combined', got {m3}.")
+        return m1, m2, m3
+    if isinstance(margin, (tuple, list)):
+        raise ValueError(
+            f"margin must be a single float for margin_type={margin_type!r}; "
+            "a triple (m1, m2, m3) is for margin_type='combined'."
+        )
+    m = float(margin)
+    if m < 0.0:
+        raise ValueError(f"margin must be >= 0, got {m}.")
+    if margin_type == "arcface":
+        if m >= math.pi:
+            raise ValueError(
+                f"margin for 'arcface' must be in [0, pi) radians, got {m}: "
+                "cos(theta + m) has no decreasing branch left at m >= pi."
+            )
+        return 1.0, m, 0.0
+    if margin_type == "cosface":
+        return 1.0, 0.0, m
+    if margin_type == "sphereface":
+        if m < 1.0:
+            raise ValueError(
+                f"margin for 'sphereface' is a multiplier of theta and must be >= 1, got {m}."
+            )
+        return m, 0.0, 0.0
+    return 1.0, 0.0, 0.0  # normface
+
+
+def _fallback_offset(m1, m2):
+    """Offset c of the monotonic branch ``cos(theta) - m3 - c``.
+
+    Past ``theta0 = (pi - m2) / m1`` the margin curve ``cos(m1*theta + m2)``
+    turns back up. InsightFace's ArcFace replaces it there by
+    ``cos(theta) - m*sin(m)``. That branch starts at or below the curve's
+    value at theta0 (-1) only while ``m*sin(m) >= 1 + cos(theta0)``, which
+    fails for ArcFace m > ~2.33; taking the larger of the two keeps the
+    target logit non-increasing for every margin, and equals InsightFace's
+    offset wherever theirs is monotonic.
+    """
+    theta0 = (math.pi - m2) / m1
+    return max(m2 * math.sin(m2), 1.0 + math.cos(theta0))
+
+
+def target_logit(cos_t, margin_type, m1, m2, m3, fallback="monotonic", epsilon=1e-7):
+    """psi(theta) for the target class, elementwise over float32 ``cos_t``.
+
+    ``cos_t`` is clipped to ``[-1 + epsilon, 1 - epsilon]`` before arccos so
+    the gradient stays finite at cos = +-1.
+    """
+    if margin_type == "normface":
+        return cos_t
+    cos_t = ops.clip(cos_t, -1.0 + epsilon, 1.0 - epsilon)
+    if margin_type == "cosface":
+        psi = cos_t - m3
+    else:
+        theta = ops.arccos(cos_t)
+        if margin_type == "sphereface":
+            k = ops.floor(m1 * theta / math.pi)
+            sign = 1.0 - 2.0 * ops.mod(k, 2.0)
+            psi = sign * ops.cos(m1 * theta) - 2.0 * k
+        else:
+            psi = ops.cos(m1 * theta + m2) - m3
+            if fallback == "monotonic" and (m1 > 1.0 or m2 > 0.0):
+                theta0 = (math.pi - m2) / m1
+                psi = ops.where(
+                    theta > theta0, cos_t - m3 - _fallback_offset(m1, m2), psi
+                )
+    if fallback == "easy":
+        psi = ops.where(cos_t > 0.0, psi, cos_t)
+    return psi
