@@ -1,0 +1,36 @@
+"""Train one model: ``python experiments/run.py --backbone mobilenetv2 --loss arcface``.
+
+The paper's setting: ``--loss arcface --scale 1 --margin 0.1 --fallback none``.
+"""
+
+import dataclasses
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from tfmargin.cli import (  # noqa: E402
+    OneLineParser,
+    add_run_arguments,
+    config_from_args,
+    exit_with,
+)
+
+
+def main(argv=None):
+    parser = OneLineParser(description=__doc__)
+    add_run_arguments(parser)
+    args = parser.parse_args(argv)
+    config = config_from_args(parser, args)
+    with exit_with(parser):
+        from tfmargin.train import train
+
+        metrics = train(config, resume=args.resume, overwrite=args.overwrite)
+        print(f"{config.run_name()}: " + ", ".join(
+            f"{k} {metrics[k]:.4f}" for k in ("top1", "top5", "mAP")))
+    return dataclasses.asdict(config)
+
+
+if __name__ == "__main__":
+    main()

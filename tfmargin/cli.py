@@ -1,0 +1,118 @@
+"""Command-line plumbing shared by the experiment scripts."""
+
+import argparse
+import contextlib
+import dataclasses
+import sys
+
+from tfmargin.margins import FALLBACKS
+
+_HELP = {
+    "backbone": "backbone name: resnet18, mobilenetv2, efficientnetb0",
+    "loss": "softmax (Dense head) or a margin head: arcface, cosface, sphereface, "
+            "combined, normface",
+    "dataset": "TFDS name (cifar10, cifar100, ...) or an image folder with class sub-folders "
+               "(optionally under train/ and test/)",
+    "epochs": "training epochs",
+    "batch_size": "batch size per replica (global batch = this x replicas)",
+    "scale": "head scale s (float) or 'auto' = sqrt(2)*ln(C-1)",
+    "margin": "margin m in radians (sphereface: multiplier); combined: three values m1 m2 m3",
+    "fallback": f"what ArcFace does past theta > pi - m: {', '.join(FALLBACKS)}",
+    "sub_centers": "K centres per class (Sub-center ArcFace)",
+    "ce_weight": "lambda of the mixed objective (1-lambda) CE(margin) + lambda CE(s cos theta)",
+    "embedding_dim": "embedding size before the head (0 keeps the pooled backbone features)",
+    "optimizer": "sgd (Nesterov momentum 0.9) or adamw",
+    "learning_rate": "peak learning rate after warm-up (cosine decay to 0)",
+    "weight_decay": "decoupled weight decay (not on BatchNorm or biases)",
+    "warmup_epochs": "linear warm-up length in epochs",
+    "label_smoothing": "label smoothing of the cross-entropy",
+    "augment": "standard (pad-4 shift + flip), randaugment (standard + RandAugment) or none",
+    "mixed_precision": "mixed precision (float16 on GPU, bfloat16 on CPU); the head stays float32",
+    "jit_compile": "compile the train step with XLA",
+    "strategy": "mirrored (all GPUs, else all CPUs), default (no distribution), multiworker "
+                "(MultiWorkerMirroredStrategy from TF_CONFIG)",
+    "limit_train": "use only the first N training images (0: all), for small budgets",
+    "validation_freq": "validate on the test split every N epochs (and after the last)",
+    "val_split": "held-out fraction per class when the folder has no train/ and test/",
+    "image_size": "input size; images are resized to it",
+    "seed": "random seed",
+    "deterministic": "deterministic ops (bit-identical reruns on CPU)",
+    "name": "run name (default: derived from the settings)",
+    "runs_dir": "where run directories go",
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Invalid flags: one line on stderr and exit 2 (no usage dump)."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message):
+        fail(self, message)
+
+
+def _scale(text):
+    if text == "auto":
+        return text
+    return float(text)
+
+
+def add_run_arguments(parser):
+    """One flag per ``RunConfig`` field, defaults from ``RunConfig``."""
+    from tfmargin.train import RunConfig
+
+    defaults = RunConfig()
+    for field in dataclasses.fields(RunConfig):
+        flag = "--" + field.name.replace("_", "-")
+        default = getattr(defaults, field.name)
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", help=_HELP[field.name])
+        elif field.name == "scale":
+            parser.add_argument(flag, type=_scale, default=default, help=_HELP[field.name])
+        elif field.name == "margin":
+            parser.add_argument(flag, type=float, nargs="+", default=[default],
+                                help=_HELP[field.name])
+        else:
+            parser.add_argument(flag, type=type(default), default=default,
+                                help=_HELP[field.name])
+    parser.add_argument("--resume", action="store_true",
+                        help="if the run directory exists: continue it, or do nothing if done")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete an existing run directory of the same name first")
+
+
+def config_from_args(parser, args):
+    from tfmargin.train import ConfigError, RunConfig
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)}
+    margin = values["margin"]
+    values["margin"] = tuple(margin) if len(margin) > 1 else margin[0]
+    config = RunConfig(**values)
+    try:
+        config.validate()
+    except ConfigError as error:
+        fail(parser, str(error))
+    return config
+
+
+def fail(parser, message, code=2):
+    print(f"{parser.prog}: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+@contextlib.contextmanager
+def exit_with(parser):
+    """Known failures become one line on stderr and a non-zero exit."""
+    from tfmargin.data import DatasetError
+    from tfmargin.train import ConfigError, TrainingDiverged
+
+    try:
+        yield
+    except (ConfigError, DatasetError) as error:
+        fail(parser, str(error), 2)
+    except TrainingDiverged as error:
+        fail(parser, str(error), 3)
+    except OSError as error:
+        fail(parser, f"{error.strerror or error}: {error.filename or ''}".rstrip(": "), 1)

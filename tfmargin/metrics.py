@@ -1,0 +1,47 @@
+"""Test metrics computed exactly from scores: top-k accuracy and mAP."""
+
+import numpy as np
+
+
+def average_precision(scores, positives):
+    """Non-interpolated AP of one ranking, ties grouped as in scikit-learn.
+
+    ``AP = sum_n (R_n - R_{n-1}) * P_n`` over the distinct score thresholds,
+    highest first.
+    """
+    order = np.argsort(-scores, kind="mergesort")
+    scores, positives = scores[order], positives[order].astype(np.float64)
+    total = positives.sum()
+    if total == 0:
+        return float("nan")
+    # Last index of each run of equal scores: one threshold per distinct score.
+    last = np.r_[np.nonzero(np.diff(scores))[0], len(scores) - 1]
+    true_pos = np.cumsum(positives)[last]
+    precision = true_pos / (last + 1)
+    recall = true_pos / total
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def mean_average_precision(scores, labels):
+    """mAP: the mean over classes of the AP of that class's score ranking.
+
+    Classes without a positive sample are left out (their AP is undefined).
+    """
+    aps = [average_precision(scores[:, c], labels == c) for c in range(scores.shape[1])]
+    return float(np.nanmean(aps))
+
+
+def top_k_accuracy(scores, labels, k):
+    k = min(k, scores.shape[1])
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    return float(np.mean(np.any(top == labels[:, None], axis=1)))
+
+
+def classification_metrics(scores, labels):
+    """top-1, top-5 and mAP (all in [0, 1]) of ``scores`` (N, C) against ``labels`` (N,)."""
+    labels = np.asarray(labels).reshape(-1)
+    return {
+        "top1": top_k_accuracy(scores, labels, 1),
+        "top5": top_k_accuracy(scores, labels, 5),
+        "mAP": mean_average_precision(scores, labels),
+    }

@@ -1,0 +1,87 @@
+"""Classification models: preprocessing, backbone, embedding neck, head.
+
+``build_models`` returns the training model (image + label -> margin logits)
+and the label-free inference model (image -> logits) sharing its weights.
+"""
+
+import dataclasses
+
+import keras
+from keras import layers
+
+from tfmargin.backbones import build_backbone
+from tfmargin.heads import ArcMarginLayer
+
+LOSSES = ("softmax", "arcface", "cosface", "sphereface", "combined", "normface")
+# Per-channel statistics of CIFAR-10 training images, on the 0..255 scale.
+CIFAR_MEAN = [125.3, 123.0, 113.9]
+CIFAR_VARIANCE = [63.0**2, 62.1**2, 66.7**2]
+
+
+@dataclasses.dataclass
+class Models:
+    train: keras.Model  # what model.fit trains
+    inference: keras.Model  # image -> logits, no label input
+    embedding: keras.Model  # image -> unnormalised embedding
+    head: keras.layers.Layer  # ArcMarginLayer or Dense
+
+    @property
+    def uses_label_input(self):
+        return isinstance(self.head, ArcMarginLayer)
+
+
+def build_models(backbone, num_classes, loss="arcface", image_size=32, embedding_dim=512,
+                 scale="auto", margin=0.2, fallback="monotonic", sub_centers=1, ce_weight=0.0,
+                 dropout=0.0):
+    """Build training and inference models for one backbone and head.
+
+    Args:
+        backbone: a name from ``tfmargin.backbones.BACKBONES``.
+        num_classes: C.
+        loss: ``softmax`` (Dense head) or a margin type of ``ArcMarginLayer``.
+        embedding_dim: size of the projected embedding; 0 keeps the pooled
+            backbone features.
+        scale, margin, fallback, sub_centers: passed to ``ArcMarginLayer``.
+        ce_weight: lambda of the mixed objective
+            ``(1 - lambda) * CE(margin logits) + lambda * CE(s * cos theta)``;
+            with lambda > 0 the training model has outputs ``margin`` and
+            ``plain``, to be weighted by ``loss_weights``.
+        dropout: dropout rate before the projection.
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"Unknown loss {loss!r}; choose one of {', '.join(LOSSES)}.")
+    if int(embedding_dim) != embedding_dim or embedding_dim < 0:
+        raise ValueError(f"embedding_dim must be an integer >= 1 (or 0 for the pooled "
+                         f"features), got {embedding_dim!r}.")
+    if not 0.0 <= ce_weight < 1.0:
+        raise ValueError(f"ce_weight must be in [0, 1), got {ce_weight}.")
+    image = keras.Input((image_size, image_size, 3), name="image")
+    x = layers.Rescaling(1.0, name="to_float")(image)
+    x = layers.Normalization(mean=CIFAR_MEAN, variance=CIFAR_VARIANCE, name="normalize")(x)
+    x = build_backbone(backbone, (image_size, image_size, 3))(x)
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    if dropout:
+        x = layers.Dropout(dropout, name="dropout")(x)
+    if embedding_dim:
+        x = layers.Dense(embedding_dim, use_bias=False, name="projection")(x)
+        x = layers.BatchNormalization(momentum=0.9, name="embedding_bn")(x)
+    embedding = layers.Activation("linear", dtype="float32", name="embedding")(x)
+    embedding_model = keras.Model(image, embedding, name="embedding_model")
+
+    if loss == "softmax":
+        head = layers.Dense(num_classes, dtype="float32", name="head")
+        logits = head(embedding)
+        inference = keras.Model(image, logits, name="inference")
+        return Models(inference, inference, embedding_model, head)
+
+    head = ArcMarginLayer(num_classes, margin_type=loss, margin=margin, scale=scale,
+                          fallback=fallback, sub_centers=sub_centers, name="head")
+    inference = keras.Model(image, head(embedding), name="inference")
+    label = keras.Input((), dtype="int32", name="label")
+    margin_logits = head(embedding, labels=label)
+    outputs = margin_logits
+    if ce_weight:
+        plain = layers.Identity(name="plain")(inference.output)
+        outputs = {"margin": layers.Identity(name="margin")(margin_logits), "plain": plain}
+    train = keras.Model({"image": image, "label": label}, outputs, name="train")
+    return Models(train, inference, embedding_model, head)

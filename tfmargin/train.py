@@ -1,0 +1,298 @@
+"""One training run: data, models, ``model.fit`` under a tf.distribute strategy, metrics.
+
+Everything a run writes goes to ``runs/<name>/``: ``config.json``,
+``metrics.json``, ``log.csv``, TensorBoard ``logs/``, ``checkpoints/``.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfmargin.data import AUGMENTATIONS, load_dataset, make_pipeline
+from tfmargin.margins import FALLBACKS
+from tfmargin.metrics import classification_metrics
+from tfmargin.models import LOSSES, build_models
+
+STRATEGIES = ("mirrored", "default", "multiworker")
+OPTIMIZERS = ("sgd", "adamw")
+
+
+class ConfigError(ValueError):
+    """An impossible run configuration, with a message saying how to fix it."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN; the message names the epoch and what to try."""
+
+
+@dataclasses.dataclass
+class RunConfig:
+    backbone: str = "mobilenetv2"
+    loss: str = "arcface"
+    dataset: str = "cifar10"
+    epochs: int = 30
+    batch_size: int = 128  # per replica
+    scale: object = 16.0  # float or "auto"
+    margin: object = 0.2
+    fallback: str = "monotonic"
+    sub_centers: int = 1
+    ce_weight: float = 0.0
+    embedding_dim: int = 512
+    optimizer: str = "sgd"
+    learning_rate: float = 0.1
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.0
+    augment: str = "standard"
+    mixed_precision: bool = False
+    jit_compile: bool = False
+    strategy: str = "mirrored"
+    limit_train: int = 0
+    validation_freq: int = 1
+    val_split: float = 0.1
+    image_size: int = 32
+    seed: int = 0
+    deterministic: bool = False
+    name: str = ""
+    runs_dir: str = "runs"
+
+    def run_name(self):
+        if self.name:
+            return self.name
+        data = os.path.basename(os.path.normpath(self.dataset))
+        head = self.loss
+        if self.loss != "softmax":
+            margin = "-".join(str(m) for m in self.margin) if isinstance(
+                self.margin, (list, tuple)) else self.margin
+            head += f"-s{self.scale}-m{margin}-{self.fallback}"
+            if self.ce_weight:
+                head += f"-ce{self.ce_weight}"
+        budget = f"e{self.epochs}" + (f"-n{self.limit_train}" if self.limit_train else "")
+        return f"{data}-{self.backbone}-{head}-{budget}"
+
+    def validate(self):
+        def need(ok, message):
+            if not ok:
+                raise ConfigError(message)
+
+        need(self.loss in LOSSES, f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        need(self.fallback in FALLBACKS,
+             f"unknown fallback {self.fallback!r}; choose one of {', '.join(FALLBACKS)}")
+        need(self.optimizer in OPTIMIZERS,
+             f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        need(self.strategy in STRATEGIES,
+             f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        need(self.augment in AUGMENTATIONS,
+             f"unknown augmentation {self.augment!r}; choose one of {', '.join(AUGMENTATIONS)}")
+        need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
+        need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        need(self.embedding_dim >= 1 or self.embedding_dim == 0,
+             f"--embedding-dim must be >= 1 (0: pooled features), got {self.embedding_dim}")
+        need(self.learning_rate > 0, f"--learning-rate must be > 0, got {self.learning_rate}")
+        need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        need(0 <= self.label_smoothing < 1,
+             f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        need(self.validation_freq >= 1,
+             f"--validation-freq must be >= 1, got {self.validation_freq}")
+        need(self.limit_train >= 0, f"--limit-train must be >= 0, got {self.limit_train}")
+        need(self.image_size >= 32, f"--image-size must be >= 32, got {self.image_size}")
+        if self.loss != "softmax":
+            from tfmargin.heads import ArcMarginLayer
+
+            try:  # the head's own checks, before any data is read
+                ArcMarginLayer(1000, margin_type=self.loss, margin=self.margin,
+                               scale=self.scale, fallback=self.fallback,
+                               sub_centers=self.sub_centers)
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
+            need(0 <= self.ce_weight < 1, f"--ce-weight must be in [0, 1), got {self.ce_weight}")
+
+
+def make_strategy(name):
+    """``mirrored``: all visible GPUs (all logical CPUs when there is no GPU)."""
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "multiworker":
+        if "TF_CONFIG" not in os.environ:
+            raise ConfigError("--strategy multiworker needs TF_CONFIG set on every worker "
+                              "(see README, 'Fault tolerance and scaling out')")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    gpus = tf.config.list_logical_devices("GPU")
+    devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+    return tf.distribute.MirroredStrategy(devices)
+
+
+class Throughput(keras.callbacks.Callback):
+    """Training images/s, timing only the training part of each epoch."""
+
+    def __init__(self, global_batch):
+        super().__init__()
+        self.global_batch = global_batch
+        self.seconds = 0.0
+        self.batches = 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if batch == 0:
+            self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._last = time.perf_counter()
+        self._count = batch + 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds += self._last - self._start
+        self.batches += self._count
+
+    @property
+    def images_per_second(self):
+        return self.batches * self.global_batch / self.seconds if self.seconds else 0.0
+
+
+def _write_json(path, data):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _compile(models, config, steps_per_epoch):
+    total = steps_per_epoch * config.epochs
+    warmup = min(int(config.warmup_epochs * steps_per_epoch), total // 2)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        0.0 if warmup else config.learning_rate, max(total - warmup, 1),
+        warmup_target=config.learning_rate if warmup else None, warmup_steps=warmup)
+    if config.optimizer == "sgd":
+        optimizer = keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True,
+                                         weight_decay=config.weight_decay)
+    else:
+        optimizer = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
+    # Decay on BatchNorm parameters and biases only fights the normalisation.
+    optimizer.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
+    if config.label_smoothing:
+        loss = keras.losses.CategoricalCrossentropy(from_logits=True,
+                                                    label_smoothing=config.label_smoothing)
+        metrics = [keras.metrics.CategoricalAccuracy(name="accuracy"),
+                   keras.metrics.TopKCategoricalAccuracy(5, name="top5")]
+    else:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+                   keras.metrics.SparseTopKCategoricalAccuracy(5, name="top5")]
+    loss_weights = None
+    if isinstance(models.train.output, dict):
+        loss = {"margin": loss, "plain": loss}
+        loss_weights = {"margin": 1.0 - config.ce_weight, "plain": config.ce_weight}
+        metrics = {"plain": metrics}
+    models.train.compile(optimizer=optimizer, loss=loss, loss_weights=loss_weights,
+                         metrics=metrics, jit_compile=config.jit_compile)
+
+
+def _targets(config, num_classes, multi_output):
+    def fn(inputs, labels):
+        y = tf.one_hot(labels, num_classes) if config.label_smoothing else labels
+        return inputs, ({"margin": y, "plain": y} if multi_output else y)
+
+    return fn
+
+
+def predict_scores(model, split, batch_size):
+    """Logits and labels of a split through the label-free inference model."""
+    batches = split.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y))
+    scores = model.predict(batches.map(lambda x, y: x), verbose=0)
+    labels = np.concatenate([y.numpy() for _, y in batches])
+    return scores, labels
+
+
+def prepare_run_dir(config, resume=False, overwrite=False):
+    """``runs/<name>``: refuses to silently replace a finished run."""
+    run_dir = os.path.join(config.runs_dir, config.run_name())
+    finished = os.path.exists(os.path.join(run_dir, "metrics.json"))
+    if finished and not (resume or overwrite):
+        raise ConfigError(f"run directory {run_dir!r} already holds a finished run; pass "
+                          "--resume to keep it or --overwrite to train again")
+    if overwrite and os.path.isdir(run_dir):
+        shutil.rmtree(run_dir)
+    return run_dir, finished and resume
+
+
+def train(config, resume=False, overwrite=False, callbacks=()):
+    """Train and evaluate one run; returns the final metrics dict."""
+    config.validate()
+    run_dir, already_done = prepare_run_dir(config, resume, overwrite)
+    if already_done:
+        with open(os.path.join(run_dir, "metrics.json")) as f:
+            return json.load(f)
+    keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    if config.mixed_precision:
+        keras.config.set_dtype_policy("mixed_float16" if tf.config.list_logical_devices("GPU")
+                                      else "mixed_bfloat16")
+    strategy = make_strategy(config.strategy)
+    replicas = strategy.num_replicas_in_sync
+    global_batch = config.batch_size * replicas
+    data = load_dataset(config.dataset, config.image_size, config.limit_train or None,
+                        config.val_split, config.seed)
+    steps_per_epoch = data.train_size // global_batch
+    if steps_per_epoch < 1:
+        raise ConfigError(f"the training split has {data.train_size} images, fewer than one "
+                          f"global batch of {global_batch}; lower --batch-size")
+    with strategy.scope():
+        models = build_models(config.backbone, data.num_classes, config.loss, config.image_size,
+                              config.embedding_dim, config.scale, config.margin, config.fallback,
+                              config.sub_centers, config.ce_weight)
+        _compile(models, config, steps_per_epoch)
+    multi = isinstance(models.train.output, dict)
+    pipeline = dict(batch_size=global_batch, with_label_input=models.uses_label_input)
+    train_ds = make_pipeline(data.train, training=True, augment=config.augment,
+                             seed=config.seed, **pipeline)
+    test_ds = make_pipeline(data.test, training=False, **pipeline)
+    to_targets = _targets(config, data.num_classes, multi)
+    train_ds, test_ds = train_ds.map(to_targets), test_ds.map(to_targets)
+
+    os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+    resolved = dataclasses.asdict(config) | {
+        "run_dir": run_dir, "num_classes": data.num_classes, "class_names": data.class_names,
+        "train_size": data.train_size, "test_size": data.test_size, "replicas": replicas,
+        "global_batch": global_batch, "data_source": data.source,
+        "head_scale": getattr(models.head, "scale_value", None)}
+    _write_json(os.path.join(run_dir, "config.json"), resolved)
+    monitor = "val_plain_accuracy" if multi else "val_accuracy"
+    throughput = Throughput(global_batch)
+    all_callbacks = [
+        keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup")),
+        keras.callbacks.TensorBoard(os.path.join(run_dir, "logs")),
+        keras.callbacks.ModelCheckpoint(os.path.join(run_dir, "checkpoints", "best.weights.h5"),
+                                        monitor=monitor, save_best_only=True,
+                                        save_weights_only=True),
+        keras.callbacks.CSVLogger(os.path.join(run_dir, "log.csv"), append=True),
+        keras.callbacks.TerminateOnNaN(),
+        throughput,
+        *callbacks,
+    ]
+    start = time.perf_counter()
+    history = models.train.fit(train_ds, validation_data=test_ds, epochs=config.epochs,
+                               callbacks=all_callbacks, validation_freq=config.validation_freq,
+                               shuffle=False, verbose=2 if os.environ.get("CI") else 1)
+    wall = time.perf_counter() - start
+    losses = history.history.get("loss", [])
+    if losses and not math.isfinite(losses[-1]):
+        raise TrainingDiverged(
+            f"loss became NaN in epoch {len(losses)}; the best checkpoint before it is in "
+            f"{os.path.join(run_dir, 'checkpoints')}. Try a smaller --learning-rate or --scale.")
+    scores, labels = predict_scores(models.inference, data.test, global_batch)
+    metrics = classification_metrics(scores, labels)
+    train_accuracy = history.history.get("plain_accuracy" if multi else "accuracy", [None])
+    metrics.update(
+        epochs=config.epochs, wall_seconds=wall, train_images_per_second=
+        throughput.images_per_second, train_accuracy_last_epoch=train_accuracy[-1],
+        test_size=int(len(labels)))
+    models.inference.save(os.path.join(run_dir, "inference.keras"))
+    _write_json(os.path.join(run_dir, "metrics.json"), metrics)
+    return metrics
