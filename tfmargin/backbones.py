@@ -106,8 +106,23 @@ def efficientnetb0(input_shape=(32, 32, 3)):
     return _adapt_application(base, changes, "efficientnetb0")
 
 
-BACKBONES = {"resnet18": resnet18, "mobilenetv2": mobilenetv2, "efficientnetb0": efficientnetb0}
-FEATURE_MAP_SIZE = {"resnet18": 4, "mobilenetv2": 4, "efficientnetb0": 4}
+def tinycnn(input_shape=(32, 32, 3)):
+    """Three 3x3 convs (32/64/128 filters, strides 1/2/2), no BatchNorm.
+
+    For tests and smoke runs: fast on a CPU, and free of per-replica batch
+    statistics, so distributed and single-device runs agree numerically.
+    A 32x32 input gives an 8x8x128 feature map.
+    """
+    inputs = keras.Input(input_shape)
+    x = inputs
+    for i, (filters, stride) in enumerate(((32, 1), (64, 2), (128, 2))):
+        x = layers.Conv2D(filters, 3, stride, padding="same", activation="relu",
+                          name=f"conv{i + 1}")(x)
+    return keras.Model(inputs, x, name="tinycnn")
+
+
+BACKBONES = {"resnet18": resnet18, "mobilenetv2": mobilenetv2, "efficientnetb0": efficientnetb0,
+             "tinycnn": tinycnn}
 
 
 def build_backbone(name, input_shape=(32, 32, 3)):
@@ -115,3 +130,29 @@ def build_backbone(name, input_shape=(32, 32, 3)):
     if name not in BACKBONES:
         raise ValueError(f"Unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}.")
     return BACKBONES[name](input_shape)
+
+
+def recalibrate_batchnorm(model, images, num_batches=20):
+    """Replace every BatchNorm's moving statistics by exact averages over batches.
+
+    "Precise BN" (Wu & Johnson, 2021): after a short run, exponential moving
+    averages still carry their initial values and those of much older
+    weights, so inference-mode outputs drift from training-mode ones. This
+    recomputes them as the plain mean over ``num_batches`` batches of
+    ``images`` under the final weights. Trainable weights are untouched.
+    """
+    layers_bn = [layer for layer in model._flatten_layers()
+                 if isinstance(layer, layers.BatchNormalization)]
+    if not layers_bn:
+        return 0
+    momenta = [layer.momentum for layer in layers_bn]
+    seen = 0
+    try:
+        for seen, batch in enumerate(images.take(num_batches)):
+            for layer in layers_bn:
+                layer.momentum = seen / (seen + 1.0)  # running mean of per-batch statistics
+            model(batch, training=True)
+    finally:
+        for layer, momentum in zip(layers_bn, momenta, strict=True):
+            layer.momentum = momentum
+    return seen + 1

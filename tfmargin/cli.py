@@ -32,6 +32,8 @@ _HELP = {
     "strategy": "mirrored (all GPUs, else all CPUs), default (no distribution), multiworker "
                 "(MultiWorkerMirroredStrategy from TF_CONFIG)",
     "limit_train": "use only the first N training images (0: all), for small budgets",
+    "precise_bn_batches": "after training, recompute BatchNorm statistics exactly over N "
+                          "training batches (0: keep the moving averages)",
     "validation_freq": "validate on the test split every N epochs (and after the last)",
     "val_split": "held-out fraction per class when the folder has no train/ and test/",
     "image_size": "input size; images are resized to it",

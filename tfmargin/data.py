@@ -66,14 +66,18 @@ def _find_unreadable(paths):
     return None
 
 
+def _fill_cache(ds):
+    """Iterate a cached dataset once (the decoding epoch 1 would do); returns its size."""
+    return sum(int(y.shape[0]) for _, y in ds.batch(1024).prefetch(2))
+
+
 def _materialise(paths, labels, image_size):
     """Decode every image once into a cached dataset; name the file that fails."""
     ds = tf.data.Dataset.from_tensor_slices((paths, np.asarray(labels, np.int32)))
     ds = ds.map(lambda p, y: _decode(p, y, image_size), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.cache()
     try:
-        for _ in ds.batch(1024).prefetch(2):
-            pass
+        _fill_cache(ds)
     except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as error:
         bad = _find_unreadable(paths)
         where = f"{bad!r} is corrupt, truncated or not an image" if bad else str(error)
@@ -133,6 +137,13 @@ def load_image_folder(folder, image_size=32, val_split=0.1, limit_train=None, se
                    len(pairs["test"]), source=os.path.abspath(folder))
 
 
+def _check_reachable(url):
+    """One request, honouring proxies: TFDS itself retries for minutes when offline."""
+    import requests
+
+    requests.head(url, timeout=10, allow_redirects=False)
+
+
 def load_tfds(name, image_size=32, limit_train=None, data_dir=None):
     """A TFDS image-classification dataset with ``train`` and ``test`` splits."""
     import tensorflow_datasets as tfds
@@ -145,6 +156,8 @@ def load_tfds(name, image_size=32, limit_train=None, data_dir=None):
             "image-classification name (cifar10, cifar100, ...) or a path to an image folder."
         ) from None
     try:
+        if not builder.is_prepared():
+            _check_reachable(builder.info.homepage)
         builder.download_and_prepare()
     except Exception as error:  # TFDS raises many types when offline
         raise DatasetError(
@@ -156,18 +169,18 @@ def load_tfds(name, image_size=32, limit_train=None, data_dir=None):
     if not keys or "label" not in builder.info.features:
         raise DatasetError(f"{name!r} is not an image-classification dataset.")
     class_names = list(builder.info.features["label"].names)
-    train_split = f"train[:{limit_train}]" if limit_train else "train"
     splits = {}
-    for key, split in (("train", train_split), ("test", "test")):
-        ds = builder.as_dataset(split=split, as_supervised=True)
+    for key in ("train", "test"):
+        ds = builder.as_dataset(split=key, as_supervised=True)
+        if key == "train" and limit_train:
+            ds = ds.take(limit_train)
         ds = ds.map(
             lambda x, y: (tf.image.resize(x, (image_size, image_size)) if
                           x.shape[0] != image_size else x, tf.cast(y, tf.int32)),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
-        ds = ds.map(lambda x, y: (tf.cast(x, tf.uint8), y)).cache()
-        splits[key] = ds
-    sizes = [builder.info.splits[s].num_examples for s in (train_split, "test")]
+        splits[key] = ds.map(lambda x, y: (tf.cast(x, tf.uint8), y)).cache()
+    sizes = [_fill_cache(splits[key]) for key in ("train", "test")]
     return Dataset(splits["train"], splits["test"], class_names, sizes[0], sizes[1],
                    source=f"tfds:{name}")
 
@@ -198,15 +211,19 @@ def build_augmenter(kind, image_size, seed=None):
 
 
 def make_pipeline(split, batch_size, training, with_label_input, augment="standard",
-                  shuffle_buffer=10_000, seed=None):
+                  shuffle_buffer=50_000, seed=None):
     """Cached decoded split -> shuffled, augmented, batched, prefetched batches.
 
+    Training batches repeat forever: pass ``steps_per_epoch`` to ``fit``.
     Yields ``(inputs, labels)``; ``inputs`` is ``{"image", "label"}`` for a
     margin head's training model (labels as its second input), else the image.
     """
     ds = split
     if training:
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        # One endless stream shuffled once (fit gets steps_per_epoch): with
+        # reshuffle_each_iteration a distributed copy of the dataset draws a
+        # different order than the plain one, so strategies would not agree.
+        ds = ds.repeat().shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
     ds = ds.batch(batch_size, drop_remainder=training)
     augmenter = build_augmenter(augment, split.element_spec[0].shape[0], seed) if training \
         else None

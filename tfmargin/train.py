@@ -15,6 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfmargin.backbones import recalibrate_batchnorm
 from tfmargin.data import AUGMENTATIONS, load_dataset, make_pipeline
 from tfmargin.margins import FALLBACKS
 from tfmargin.metrics import classification_metrics
@@ -55,6 +56,7 @@ class RunConfig:
     jit_compile: bool = False
     strategy: str = "mirrored"
     limit_train: int = 0
+    precise_bn_batches: int = 20
     validation_freq: int = 1
     val_split: float = 0.1
     image_size: int = 32
@@ -82,6 +84,10 @@ class RunConfig:
             if not ok:
                 raise ConfigError(message)
 
+        from tfmargin.backbones import BACKBONES
+
+        need(self.backbone in BACKBONES,
+             f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
         need(self.loss in LOSSES, f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
         need(self.fallback in FALLBACKS,
              f"unknown fallback {self.fallback!r}; choose one of {', '.join(FALLBACKS)}")
@@ -99,6 +105,8 @@ class RunConfig:
         need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
         need(0 <= self.label_smoothing < 1,
              f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        need(self.precise_bn_batches >= 0,
+             f"--precise-bn-batches must be >= 0, got {self.precise_bn_batches}")
         need(self.validation_freq >= 1,
              f"--validation-freq must be >= 1, got {self.validation_freq}")
         need(self.limit_train >= 0, f"--limit-train must be >= 0, got {self.limit_train}")
@@ -278,7 +286,7 @@ def train(config, resume=False, overwrite=False, callbacks=()):
     ]
     start = time.perf_counter()
     history = models.train.fit(train_ds, validation_data=test_ds, epochs=config.epochs,
-                               callbacks=all_callbacks, validation_freq=config.validation_freq,
+                               steps_per_epoch=steps_per_epoch, callbacks=all_callbacks, validation_freq=config.validation_freq,
                                shuffle=False, verbose=2 if os.environ.get("CI") else 1)
     wall = time.perf_counter() - start
     losses = history.history.get("loss", [])
@@ -286,6 +294,10 @@ def train(config, resume=False, overwrite=False, callbacks=()):
         raise TrainingDiverged(
             f"loss became NaN in epoch {len(losses)}; the best checkpoint before it is in "
             f"{os.path.join(run_dir, 'checkpoints')}. Try a smaller --learning-rate or --scale.")
+    if config.precise_bn_batches:
+        augmented = train_ds.map(lambda inputs, y: inputs["image"] if isinstance(inputs, dict)
+                                 else inputs)
+        recalibrate_batchnorm(models.embedding, augmented, config.precise_bn_batches)
     scores, labels = predict_scores(models.inference, data.test, global_batch)
     metrics = classification_metrics(scores, labels)
     train_accuracy = history.history.get("plain_accuracy" if multi else "accuracy", [None])

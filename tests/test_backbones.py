@@ -1,0 +1,41 @@
+import keras
+import numpy as np
+import pytest
+
+from tfmargin.backbones import BACKBONES, build_backbone
+from tfmargin.models import build_models
+
+
+@pytest.mark.parametrize("name,size,channels", [
+    ("resnet18", 4, 512), ("mobilenetv2", 4, 1280), ("efficientnetb0", 4, 1280),
+    ("tinycnn", 8, 128)])
+def test_backbone_feature_map_matches_its_docstring(name, size, channels):
+    model = build_backbone(name)
+    assert tuple(model.output.shape[1:]) == (size, size, channels)
+    assert f"{size}x{size}x{channels}" in BACKBONES[name].__doc__
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv2", "efficientnetb0"])
+def test_backbone_trains_a_step_with_a_margin_head(name):
+    models = build_models(name, 3, "arcface", embedding_dim=16, scale=8.0, margin=0.3)
+    models.train.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    labels = np.array([0, 1, 2, 0])
+    before = [w.numpy().copy() for w in models.head.weights]
+    logs = models.train.train_on_batch({"image": images, "label": labels}, labels,
+                                       return_dict=True)
+    assert np.isfinite(logs["loss"]) and 0.0 < logs["theta_y_mean"] < 180.0
+    assert not np.allclose(before[0], models.head.weights[0].numpy())
+    assert models.inference.predict(images, verbose=0).shape == (4, 3)
+
+
+def test_batchnorm_momentum_is_lowered_everywhere():
+    for name in ("mobilenetv2", "efficientnetb0", "resnet18"):
+        momenta = {layer.momentum for layer in build_backbone(name).layers
+                   if isinstance(layer, keras.layers.BatchNormalization)}
+        assert momenta == {0.9}, (name, momenta)
+
+
+def test_unknown_backbone_names_the_choices():
+    with pytest.raises(ValueError, match="Unknown backbone 'vgg'; choose one of resnet18"):
+        build_backbone("vgg")

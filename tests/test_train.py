@@ -1,0 +1,133 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from synthetic import write_image_folder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = os.path.join(ROOT, "experiments", "run.py")
+
+
+def run_cli(*args, env=None, cwd=None):
+    return subprocess.run([sys.executable, RUN, *args], capture_output=True, text=True,
+                          env={**os.environ, "CI": "1", **(env or {})}, cwd=cwd, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("shapes"), num_classes=4, per_class=48,
+                              test_per_class=16)
+
+
+def test_cli_end_to_end_writes_the_run_directory(shapes, tmp_path):
+    result = run_cli("--backbone", "tinycnn", "--loss", "arcface", "--dataset", shapes,
+                     "--epochs", "2", "--batch-size", "32", "--runs-dir", str(tmp_path),
+                     "--name", "smoke")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "smoke"
+    config = json.loads((run_dir / "config.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert config["backbone"] == "tinycnn" and config["num_classes"] == 4
+    assert config["class_names"] == ["class_0", "class_1", "class_2", "class_3"]
+    assert config["train_size"] == 192 and config["global_batch"] == 32
+    assert metrics["epochs"] == 2 and metrics["test_size"] == 64
+    for key in ("top1", "top5", "mAP"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["top5"] == 1.0  # 4 classes
+    assert metrics["train_images_per_second"] > 0 and metrics["wall_seconds"] > 0
+    log = (run_dir / "log.csv").read_text().splitlines()
+    assert log[0].startswith("epoch") and "theta_y_mean" in log[0] and len(log) == 3
+    assert os.listdir(run_dir / "logs")
+    assert "top1" in result.stdout and "smoke" in result.stdout
+
+
+def test_arcface_learns_shapes_and_inference_mode_holds_up(shapes, tmp_path):
+    """MobileNetV2 with its real BatchNorms: test accuracy far above chance (25%)."""
+    result = run_cli("--backbone", "mobilenetv2", "--dataset", shapes, "--epochs", "4",
+                     "--batch-size", "32", "--runs-dir", str(tmp_path), "--name", "learn",
+                     "--learning-rate", "0.05")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "learn" / "metrics.json").read_text())
+    assert metrics["top1"] >= 0.9, metrics
+    assert metrics["mAP"] >= 0.9, metrics
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--backbone", "vgg"], "unknown backbone 'vgg'; choose one of resnet18"),
+    (["--margin", "3.2"], "margin for 'arcface' must be in [0, pi)"),
+    (["--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
+])
+def test_invalid_flags_exit_2_with_one_line(args, message, tmp_path):
+    result = run_cli(*args, "--runs-dir", str(tmp_path))
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("run.py: error:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_offline_cifar10_is_one_line_not_a_traceback(tmp_path):
+    # A proxy on a closed loopback port: no traffic leaves the machine.
+    closed = "http://127.0.0.1:9"
+    result = run_cli("--runs-dir", str(tmp_path / "runs"),
+                     env={"TFDS_DATA_DIR": str(tmp_path / "tfds"), "HTTP_PROXY": closed,
+                          "HTTPS_PROXY": closed, "https_proxy": closed, "http_proxy": closed,
+                          "NO_PROXY": "", "no_proxy": ""})
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    error = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(error) == 1 and "Cannot download 'cifar10'" in error[0]
+    assert "manual" in error[0] and "--dataset <folder>" in error[0]
+    assert not os.path.exists(tmp_path / "runs")
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(loss="triplet"), "unknown loss 'triplet'"),
+    (dict(scale=0.0), "scale must be a finite float > 0"),
+    (dict(margin=-1.0), "margin must be >= 0"),
+    (dict(embedding_dim=-3), "--embedding-dim must be >= 1"),
+    (dict(strategy="tpu"), "unknown strategy 'tpu'"),
+    (dict(ce_weight=1.0), "--ce-weight must be in [0, 1)"),
+])
+def test_config_validation_messages(changes, message):
+    from tfmargin.train import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")
+                       .replace(")", r"\)")):
+        RunConfig(**changes).validate()
+
+
+MIRRORED = r"""
+import json, sys, tensorflow as tf
+tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
+    [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras, numpy as np
+from tfmargin.train import RunConfig, train
+results = {}
+for strategy, batch in (("default", 16), ("mirrored", 8)):
+    config = RunConfig(backbone="tinycnn", dataset=sys.argv[1], epochs=2, batch_size=batch,
+                       strategy=strategy, augment="none", runs_dir=sys.argv[2], name=strategy,
+                       embedding_dim=0, learning_rate=0.05)
+    metrics = train(config)
+    model = keras.saving.load_model(f"{sys.argv[2]}/{strategy}/inference.keras")
+    probe = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    results[strategy] = {"metrics": metrics, "logits": model.predict(probe, verbose=0).tolist(),
+                         "replicas": json.load(open(f"{sys.argv[2]}/{strategy}/config.json"))
+                         ["replicas"]}
+print("RESULT" + json.dumps(results))
+"""
+
+
+def test_mirrored_over_two_cpus_matches_one_device(shapes, tmp_path):
+    import numpy as np
+
+    result = subprocess.run([sys.executable, "-c", MIRRORED, shapes, str(tmp_path)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600,
+                            env={**os.environ, "CI": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.split("RESULT", 1)[1])
+    assert out["default"]["replicas"] == 1 and out["mirrored"]["replicas"] == 2
+    np.testing.assert_allclose(out["mirrored"]["logits"], out["default"]["logits"], atol=1e-3)
+    assert out["mirrored"]["metrics"]["top1"] == pytest.approx(
+        out["default"]["metrics"]["top1"], abs=1 / 64)
