@@ -286,8 +286,9 @@ def train(config, resume=False, overwrite=False, callbacks=()):
     ]
     start = time.perf_counter()
     history = models.train.fit(train_ds, validation_data=test_ds, epochs=config.epochs,
-                               steps_per_epoch=steps_per_epoch, callbacks=all_callbacks, validation_freq=config.validation_freq,
-                               shuffle=False, verbose=2 if os.environ.get("CI") else 1)
+                               steps_per_epoch=steps_per_epoch, callbacks=all_callbacks,
+                               validation_freq=config.validation_freq, shuffle=False,
+                               verbose=2 if os.environ.get("CI") else 1)
     wall = time.perf_counter() - start
     losses = history.history.get("loss", [])
     if losses and not math.isfinite(losses[-1]):
