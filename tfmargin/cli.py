@@ -39,6 +39,11 @@ _HELP = {
     "image_size": "input size; images are resized to it",
     "seed": "random seed",
     "deterministic": "deterministic ops (bit-identical reruns on CPU)",
+    "projector_samples": "validation images in the TensorBoard projector (0: no projector)",
+    "projector_every": "also write the projector every N epochs (0: only at the end)",
+    "export": "comma-separated exports written to --export-dir/<run name>: savedmodel, keras, "
+              "onnx; or none",
+    "export_dir": "where exports go",
     "name": "run name (default: derived from the settings)",
     "runs_dir": "where run directories go",
 }

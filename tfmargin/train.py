@@ -15,8 +15,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfmargin.backbones import recalibrate_batchnorm
+from tfmargin.callbacks import EmbeddingProjector, PreciseBatchNorm, Throughput
 from tfmargin.data import AUGMENTATIONS, load_dataset, make_pipeline
+from tfmargin.export import EXPORT_FORMATS, export_models
 from tfmargin.margins import FALLBACKS
 from tfmargin.metrics import classification_metrics
 from tfmargin.models import LOSSES, build_models
@@ -62,8 +63,15 @@ class RunConfig:
     image_size: int = 32
     seed: int = 0
     deterministic: bool = False
+    projector_samples: int = 1000
+    projector_every: int = 0
+    export: str = "savedmodel,keras"
+    export_dir: str = "saved_models"
     name: str = ""
     runs_dir: str = "runs"
+
+    def export_formats(self):
+        return tuple(f for f in self.export.split(",") if f and f != "none")
 
     def run_name(self):
         if self.name:
@@ -105,6 +113,11 @@ class RunConfig:
         need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
         need(0 <= self.label_smoothing < 1,
              f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        unknown = set(self.export_formats()) - set(EXPORT_FORMATS)
+        need(not unknown, f"unknown --export format(s) {', '.join(sorted(unknown))}; choose "
+             f"from {', '.join(EXPORT_FORMATS)} (comma-separated) or none")
+        need(self.projector_samples >= 0,
+             f"--projector-samples must be >= 0, got {self.projector_samples}")
         need(self.precise_bn_batches >= 0,
              f"--precise-bn-batches must be >= 0, got {self.precise_bn_batches}")
         need(self.validation_freq >= 1,
@@ -135,32 +148,6 @@ def make_strategy(name):
     gpus = tf.config.list_logical_devices("GPU")
     devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
     return tf.distribute.MirroredStrategy(devices)
-
-
-class Throughput(keras.callbacks.Callback):
-    """Training images/s, timing only the training part of each epoch."""
-
-    def __init__(self, global_batch):
-        super().__init__()
-        self.global_batch = global_batch
-        self.seconds = 0.0
-        self.batches = 0
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if batch == 0:
-            self._start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._last = time.perf_counter()
-        self._count = batch + 1
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds += self._last - self._start
-        self.batches += self._count
-
-    @property
-    def images_per_second(self):
-        return self.batches * self.global_batch / self.seconds if self.seconds else 0.0
 
 
 def _write_json(path, data):
@@ -282,8 +269,17 @@ def train(config, resume=False, overwrite=False, callbacks=()):
         keras.callbacks.CSVLogger(os.path.join(run_dir, "log.csv"), append=True),
         keras.callbacks.TerminateOnNaN(),
         throughput,
-        *callbacks,
     ]
+    if config.precise_bn_batches:
+        images = train_ds.map(lambda inputs, y: inputs["image"] if isinstance(inputs, dict)
+                              else inputs)
+        all_callbacks.append(PreciseBatchNorm(models.embedding, images,
+                                              config.precise_bn_batches))
+    if config.projector_samples:  # after PreciseBatchNorm: it embeds in inference mode
+        all_callbacks.append(EmbeddingProjector(
+            os.path.join(run_dir, "logs", "projector"), models, data.test, data.class_names,
+            config.projector_samples, config.projector_every))
+    all_callbacks += list(callbacks)
     start = time.perf_counter()
     history = models.train.fit(train_ds, validation_data=test_ds, epochs=config.epochs,
                                steps_per_epoch=steps_per_epoch, callbacks=all_callbacks,
@@ -295,10 +291,6 @@ def train(config, resume=False, overwrite=False, callbacks=()):
         raise TrainingDiverged(
             f"loss became NaN in epoch {len(losses)}; the best checkpoint before it is in "
             f"{os.path.join(run_dir, 'checkpoints')}. Try a smaller --learning-rate or --scale.")
-    if config.precise_bn_batches:
-        augmented = train_ds.map(lambda inputs, y: inputs["image"] if isinstance(inputs, dict)
-                                 else inputs)
-        recalibrate_batchnorm(models.embedding, augmented, config.precise_bn_batches)
     scores, labels = predict_scores(models.inference, data.test, global_batch)
     metrics = classification_metrics(scores, labels)
     train_accuracy = history.history.get("plain_accuracy" if multi else "accuracy", [None])
@@ -307,5 +299,26 @@ def train(config, resume=False, overwrite=False, callbacks=()):
         throughput.images_per_second, train_accuracy_last_epoch=train_accuracy[-1],
         test_size=int(len(labels)))
     models.inference.save(os.path.join(run_dir, "inference.keras"))
+    if config.export_formats():
+        metrics["export"] = export_models(
+            models, data.class_names, os.path.join(config.export_dir, config.run_name()),
+            config.export_formats(), config.image_size)
+    log_hparams(os.path.join(run_dir, "logs"), resolved, metrics)
     _write_json(os.path.join(run_dir, "metrics.json"), metrics)
     return metrics
+
+
+HPARAM_KEYS = ("backbone", "loss", "scale", "margin", "fallback", "ce_weight", "dataset",
+               "epochs", "global_batch", "limit_train", "learning_rate", "optimizer")
+
+
+def log_hparams(log_dir, resolved, metrics):
+    """One HParams session per run: its settings and final test metrics."""
+    from tensorboard.plugins.hparams import api as hp
+
+    hparams = {key: resolved[key] if isinstance(resolved[key], (int, float, bool))
+               else str(resolved[key]) for key in HPARAM_KEYS}
+    with tf.summary.create_file_writer(os.path.join(log_dir, "hparams")).as_default():
+        hp.hparams(hparams, trial_id=os.path.basename(resolved["run_dir"]))
+        for key in ("top1", "top5", "mAP"):
+            tf.summary.scalar(f"test/{key}", metrics[key], step=resolved["epochs"])

@@ -1,0 +1,174 @@
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from unittest import mock
+
+import keras
+import numpy as np
+import pytest
+from synthetic import write_image_folder
+
+from tfmargin.train import RunConfig, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+POINTS = "embeddings/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    data = write_image_folder(tmp / "shapes", num_classes=3, per_class=32, test_per_class=10)
+    config = RunConfig(backbone="tinycnn", dataset=data, epochs=1, batch_size=16,
+                       embedding_dim=8, runs_dir=str(tmp / "runs"), export_dir=str(tmp / "sm"),
+                       name="tiny", projector_samples=24)
+    metrics = train(config)
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    return {"tmp": tmp, "metrics": metrics, "export": tmp / "sm" / "tiny",
+            "run": tmp / "runs" / "tiny", "images": images, "data": data}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url):
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return response.read()
+
+
+def test_tensorboard_serves_the_projector(finished_run):
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(finished_run["tmp"] / "runs"),
+         "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        output = ""
+        while f":{port}" not in output and time.monotonic() < deadline:
+            ready, _, _ = select.select([server.stdout], [], [], 5)
+            if ready:
+                output += server.stdout.readline()
+        assert f":{port}" in output, output
+        base = f"http://127.0.0.1:{port}/data/plugin/projector"
+        runs = json.loads(get(f"{base}/runs"))
+        assert "tiny/logs/projector" in runs
+        info = json.loads(get(f"{base}/info?run=tiny/logs/projector"))
+        shapes = {e["tensorName"]: e["tensorShape"] for e in info["embeddings"]}
+        assert shapes[POINTS] == [24, 8]
+        assert shapes["class_centres/.ATTRIBUTES/VARIABLE_VALUE"] == [3, 8]
+        query = f"run=tiny/logs/projector&name={POINTS}"
+        tensor = np.frombuffer(get(f"{base}/tensor?{query}"), np.float32)
+        assert tensor.size == 24 * 8
+        np.testing.assert_allclose(np.linalg.norm(tensor.reshape(24, 8), axis=1), 1.0, atol=1e-5)
+        metadata = get(f"{base}/metadata?{query}").decode().splitlines()
+        assert len(metadata) == 25
+        assert metadata[0] == "class\tlabel\tpredicted\tcorrect\tangle_to_centre"
+        assert sorted(row.split("\t")[0] for row in metadata[1:]).count("class_0") == 8
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+FRESH = r"""
+import json, sys
+import numpy as np, tensorflow as tf
+assert "tfmargin" not in sys.modules
+model = tf.saved_model.load(sys.argv[1])
+signature = model.signatures["serving_default"]
+images = np.load(sys.argv[2])
+out = {k: v.numpy() for k, v in model.serve(tf.constant(images)).items()}
+print("RESULT" + json.dumps({
+    "inputs": sorted(signature.structured_input_signature[1]),
+    "outputs": sorted(out), "probabilities": out["probabilities"].tolist(),
+    "names": [n.decode() for n in out["class_name"]], "loaded_tfmargin": "tfmargin" in sys.modules,
+}))
+"""
+
+
+def test_saved_model_in_a_fresh_process_matches_keras(finished_run):
+    npy = finished_run["tmp"] / "images.npy"
+    np.save(npy, finished_run["images"])
+    result = subprocess.run(
+        [sys.executable, "-c", FRESH, str(finished_run["export"] / "savedmodel"), str(npy)],
+        capture_output=True, text=True, timeout=300, cwd=str(finished_run["tmp"]))
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.split("RESULT", 1)[1])
+    assert out["inputs"] == ["images"] and not out["loaded_tfmargin"]
+    assert out["outputs"] == ["class_id", "class_name", "cosine", "embedding", "logits",
+                              "probabilities"]
+    model = keras.saving.load_model(finished_run["export"] / "model.keras")
+    expected = keras.ops.softmax(model.predict(finished_run["images"].astype("float32"),
+                                               verbose=0)).numpy()
+    np.testing.assert_allclose(out["probabilities"], expected, atol=1e-5)
+    assert out["names"] == [f"class_{i}" for i in expected.argmax(axis=1)]
+
+
+def test_keras_file_reloads_with_identical_outputs(finished_run):
+    model = keras.saving.load_model(finished_run["export"] / "model.keras")
+    run_copy = keras.saving.load_model(finished_run["run"] / "inference.keras")
+    x = finished_run["images"].astype("float32")
+    np.testing.assert_array_equal(model.predict(x, verbose=0), run_copy.predict(x, verbose=0))
+    assert [i.name for i in model.inputs] == ["image"]  # no label input
+
+
+def test_onnx_export_agrees(finished_run, tmp_path):
+    pytest.importorskip("tf2onnx", reason="optional dependency: pip install -e '.[onnx]'")
+    ort = pytest.importorskip("onnxruntime", reason="optional dependency: pip install -e '.[onnx]'")
+    import tensorflow as tf
+
+    from tfmargin.export import _to_onnx
+
+    path = str(tmp_path / "model.onnx")
+    _to_onnx(str(finished_run["export"] / "savedmodel"), path)
+    session = ort.InferenceSession(path)
+    names = [o.name for o in session.get_outputs()]
+    got = dict(zip(names, session.run(None, {"images": finished_run["images"]}), strict=True))
+    loaded = tf.saved_model.load(str(finished_run["export"] / "savedmodel"))
+    expected = loaded.serve(tf.constant(finished_run["images"]))["probabilities"].numpy()
+    np.testing.assert_allclose(got["probabilities"], expected, atol=1e-4)
+
+
+def test_crash_during_export_leaves_nothing(finished_run, tmp_path):
+    from tfmargin.export import export_models
+    from tfmargin.models import build_models
+
+    models = build_models("tinycnn", 3, embedding_dim=4, scale=4.0)
+    target = tmp_path / "sm" / "crashed"
+    # Fails after the SavedModel is already in the temporary folder.
+    with mock.patch.object(models.inference, "save", side_effect=OSError("disk full")):
+        with pytest.raises(OSError, match="disk full"):
+            export_models(models, ["a", "b", "c"], str(target))
+    assert os.listdir(tmp_path / "sm") == []
+
+
+def test_predict_script_prints_class_names(finished_run):
+    image = os.path.join(finished_run["data"], "test", "class_1", "0000.png")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "predict.py"),
+                             str(finished_run["export"]), image, "--top-k", "2"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = result.stdout.strip().splitlines()[-1]
+    assert line.startswith(image + ": class_")
+    assert line.split(": ", 1)[1].count("class_") == 2
+
+
+def test_hparams_and_metrics_are_logged(finished_run):
+    import tensorflow as tf
+    from tensorboard.backend.event_processing import event_accumulator
+
+    events = event_accumulator.EventAccumulator(str(finished_run["run"] / "logs" / "hparams"))
+    events.Reload()
+    tags = events.Tags()["tensors"]
+    assert {"test/top1", "test/top5", "test/mAP"} <= set(tags)
+    top1 = events.Tensors("test/top1")[0]
+    value = float(tf.make_ndarray(top1.tensor_proto))
+    assert value == pytest.approx(finished_run["metrics"]["top1"], abs=1e-6)
+    assert "_hparams_/session_start_info" in tags

@@ -1,0 +1,99 @@
+"""Exports of the label-free inference model: SavedModel, .keras, optionally ONNX.
+
+Everything is written under a temporary name and renamed into place, so a
+crash never leaves a half-written ``saved_models/<name>/``.
+"""
+
+import contextlib
+import os
+import shutil
+import tempfile
+
+import keras
+import tensorflow as tf
+
+EXPORT_FORMATS = ("savedmodel", "keras", "onnx")
+
+
+def serving_outputs(models, class_names, images):
+    """The serving dict for uint8 ``images`` (N, H, W, 3); no label input anywhere."""
+    embedding = models.embedding(tf.cast(images, tf.float32), training=False)
+    normalized = tf.math.l2_normalize(embedding, axis=-1, epsilon=1e-12)
+    head = models.head
+    weights = tf.math.l2_normalize(head.kernel, axis=0, epsilon=1e-12)
+    if hasattr(head, "cosine"):
+        cosine = head.cosine(embedding)
+        logits = head.scale_value * cosine
+    else:  # softmax head: logits from the Dense layer, cosine to its class weights
+        cosine = tf.matmul(normalized, weights)
+        logits = head(embedding)
+    class_id = tf.argmax(logits, axis=-1, output_type=tf.int32)
+    return {
+        "probabilities": tf.nn.softmax(logits),
+        "logits": logits,
+        "cosine": cosine,
+        "embedding": normalized,
+        "class_id": class_id,
+        "class_name": tf.gather(tf.constant(class_names), class_id),
+    }
+
+
+@contextlib.contextmanager
+def atomic_directory(final_path):
+    """Yield a temporary sibling directory; rename it to ``final_path`` on success."""
+    parent = os.path.dirname(os.path.abspath(final_path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final_path)}.", dir=parent)
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would survive the rename
+    try:
+        yield tmp
+        if os.path.isdir(final_path):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(final_path)}.old.", dir=parent)
+            os.replace(final_path, os.path.join(old, "x"))
+            os.replace(tmp, final_path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final_path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_models(models, class_names, export_path, formats=("savedmodel", "keras"),
+                  image_size=32):
+    """Write ``export_path/{savedmodel/, model.keras, model.onnx, class_names.txt}``."""
+    unknown = set(formats) - set(EXPORT_FORMATS)
+    if unknown:
+        raise ValueError(f"Unknown export format(s) {sorted(unknown)}; choose from "
+                         f"{', '.join(EXPORT_FORMATS)}.")
+    signature = tf.TensorSpec((None, image_size, image_size, 3), tf.uint8, name="images")
+    with atomic_directory(export_path) as tmp:
+        with open(os.path.join(tmp, "class_names.txt"), "w") as f:
+            f.write("".join(f"{name}\n" for name in class_names))
+        if "savedmodel" in formats or "onnx" in formats:
+            archive = keras.export.ExportArchive()
+            archive.track(models.embedding)
+            archive.track(models.inference)
+            archive.add_endpoint(
+                "serve", lambda images: serving_outputs(models, class_names, images),
+                input_signature=[signature])
+            archive.write_out(os.path.join(tmp, "savedmodel"), verbose=False)
+        if "keras" in formats:
+            models.inference.save(os.path.join(tmp, "model.keras"))
+        if "onnx" in formats:
+            _to_onnx(os.path.join(tmp, "savedmodel"), os.path.join(tmp, "model.onnx"))
+    return export_path
+
+
+def _to_onnx(saved_model_dir, onnx_path):
+    try:
+        import tf2onnx
+    except ImportError:
+        raise ValueError("--export onnx needs the optional dependency: "
+                         "pip install -e '.[onnx]'") from None
+    loaded = tf.saved_model.load(saved_model_dir)
+    function = loaded.signatures["serving_default"]
+    tf2onnx.convert.from_function(
+        function, input_signature=[tf.TensorSpec((None, *function.structured_input_signature[1]
+                                                  ["images"].shape[1:]), tf.uint8,
+                                                 name="images")],
+        opset=17, output_path=onnx_path)
