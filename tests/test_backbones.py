@@ -18,12 +18,14 @@ def test_backbone_feature_map_matches_its_docstring(name, size, channels):
 @pytest.mark.parametrize("name", ["resnet18", "mobilenetv2", "efficientnetb0"])
 def test_backbone_trains_a_step_with_a_margin_head(name):
     models = build_models(name, 3, "arcface", embedding_dim=16, scale=8.0, margin=0.3)
-    models.train.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    models.train.compile("sgd", {"margin": ce, "plain": ce}, loss_weights={"margin": 1.0,
+                                                                          "plain": 0.0})
     images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
     labels = np.array([0, 1, 2, 0])
     before = [w.numpy().copy() for w in models.head.weights]
-    logs = models.train.train_on_batch({"image": images, "label": labels}, labels,
-                                       return_dict=True)
+    logs = models.train.train_on_batch({"image": images, "label": labels},
+                                       {"margin": labels, "plain": labels}, return_dict=True)
     assert np.isfinite(logs["loss"]) and 0.0 < logs["theta_y_mean"] < 180.0
     assert not np.allclose(before[0], models.head.weights[0].numpy())
     assert models.inference.predict(images, verbose=0).shape == (4, 3)
@@ -39,3 +41,24 @@ def test_batchnorm_momentum_is_lowered_everywhere():
 def test_unknown_backbone_names_the_choices():
     with pytest.raises(ValueError, match="Unknown backbone 'vgg'; choose one of resnet18"):
         build_backbone("vgg")
+
+
+@pytest.mark.parametrize("ce_weight", [0.0, 0.3])
+def test_mixed_objective_weights_margin_and_plain_cross_entropy(ce_weight):
+    models = build_models("tinycnn", 4, "arcface", embedding_dim=8, scale=8.0, margin=0.5,
+                          ce_weight=ce_weight)
+    ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    models.train.compile("sgd", {"margin": ce, "plain": ce},
+                         loss_weights={"margin": 1 - ce_weight, "plain": ce_weight})
+    images = np.random.default_rng(1).uniform(0, 255, (6, 32, 32, 3)).astype("float32")
+    labels = np.array([0, 1, 2, 3, 0, 1])
+    inputs = {"image": images, "label": labels}
+    got = models.train.evaluate(inputs, {"margin": labels, "plain": labels}, verbose=0,
+                                return_dict=True)["loss"]
+    # Evaluation uses the label-free path for both outputs; the margin enters in training:
+    margin = models.head(models.embedding(images), labels=labels, training=True)
+    plain = models.inference(images)
+    assert got == pytest.approx(float(ce(labels, plain)), rel=1e-5)
+    expected_train = (1 - ce_weight) * float(ce(labels, margin)) + ce_weight * float(
+        ce(labels, plain))
+    assert expected_train > float(ce(labels, plain))  # the margin makes training harder

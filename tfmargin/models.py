@@ -43,9 +43,9 @@ def build_models(backbone, num_classes, loss="arcface", image_size=32, embedding
             backbone features.
         scale, margin, fallback, sub_centers: passed to ``ArcMarginLayer``.
         ce_weight: lambda of the mixed objective
-            ``(1 - lambda) * CE(margin logits) + lambda * CE(s * cos theta)``;
-            with lambda > 0 the training model has outputs ``margin`` and
-            ``plain``, to be weighted by ``loss_weights``.
+            ``(1 - lambda) * CE(margin logits) + lambda * CE(s * cos theta)``.
+            A margin head's training model has outputs ``margin`` and
+            ``plain``, to be weighted by ``loss_weights`` (1 - lambda, lambda).
         dropout: dropout rate before the projection.
     """
     if loss not in LOSSES:
@@ -78,10 +78,10 @@ def build_models(backbone, num_classes, loss="arcface", image_size=32, embedding
                           fallback=fallback, sub_centers=sub_centers, name="head")
     inference = keras.Model(image, head(embedding), name="inference")
     label = keras.Input((), dtype="int32", name="label")
-    margin_logits = head(embedding, labels=label)
-    outputs = margin_logits
-    if ce_weight:
-        plain = layers.Identity(name="plain")(inference.output)
-        outputs = {"margin": layers.Identity(name="margin")(margin_logits), "plain": plain}
+    # Two outputs: the margin logits carry the loss; the plain logits s*cos(theta)
+    # carry lambda of it (the mixed objective, lambda may be 0) and the training
+    # accuracy, which on margin logits would understate what the model predicts.
+    outputs = {"margin": layers.Identity(name="margin")(head(embedding, labels=label)),
+               "plain": layers.Identity(name="plain")(inference.output)}
     train = keras.Model({"image": image, "label": label}, outputs, name="train")
     return Models(train, inference, embedding_model, head)

@@ -48,7 +48,7 @@ class RunConfig:
     ce_weight: float = 0.0
     embedding_dim: int = 512
     optimizer: str = "sgd"
-    learning_rate: float = 0.1
+    learning_rate: float = 0.05  # for a global batch of 128; see docs/results.md
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.0
@@ -180,7 +180,7 @@ def _compile(models, config, steps_per_epoch):
         metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
                    keras.metrics.SparseTopKCategoricalAccuracy(5, name="top5")]
     loss_weights = None
-    if isinstance(models.train.output, dict):
+    if models.uses_label_input:
         loss = {"margin": loss, "plain": loss}
         loss_weights = {"margin": 1.0 - config.ce_weight, "plain": config.ce_weight}
         metrics = {"plain": metrics}
@@ -243,7 +243,7 @@ def train(config, resume=False, overwrite=False, callbacks=()):
                               config.embedding_dim, config.scale, config.margin, config.fallback,
                               config.sub_centers, config.ce_weight)
         _compile(models, config, steps_per_epoch)
-    multi = isinstance(models.train.output, dict)
+    multi = models.uses_label_input
     pipeline = dict(batch_size=global_batch, with_label_input=models.uses_label_input)
     train_ds = make_pipeline(data.train, training=True, augment=config.augment,
                              seed=config.seed, **pipeline)
