@@ -131,3 +131,31 @@ def test_mirrored_over_two_cpus_matches_one_device(shapes, tmp_path):
     np.testing.assert_allclose(out["mirrored"]["logits"], out["default"]["logits"], atol=1e-3)
     assert out["mirrored"]["metrics"]["top1"] == pytest.approx(
         out["default"]["metrics"]["top1"], abs=1 / 64)
+
+
+def test_nan_loss_stops_with_advice_and_keeps_no_bad_checkpoint(shapes, tmp_path):
+    result = run_cli("--backbone", "tinycnn", "--dataset", shapes, "--epochs", "3",
+                     "--batch-size", "32", "--learning-rate", "1e12", "--runs-dir",
+                     str(tmp_path), "--name", "nan", "--export", "none")
+    assert result.returncode == 3
+    error = [line for line in result.stderr.splitlines() if line.startswith("run.py: error:")]
+    assert len(error) == 1 and "loss became NaN in epoch 1" in error[0]
+    assert "Try a smaller --learning-rate or --scale" in error[0]
+    assert "no epoch finished before it" in error[0]
+    assert not (tmp_path / "nan" / "checkpoints" / "best.weights.h5").exists()
+    assert not (tmp_path / "nan" / "metrics.json").exists()
+    assert not (tmp_path / "nan" / "backup").exists()  # a rerun starts afresh
+
+
+def test_finished_run_is_not_overwritten_silently(shapes, tmp_path):
+    args = ["--backbone", "tinycnn", "--dataset", shapes, "--epochs", "1", "--batch-size", "32",
+            "--runs-dir", str(tmp_path), "--name", "once", "--export", "none",
+            "--projector-samples", "0"]
+    assert run_cli(*args).returncode == 0
+    metrics = (tmp_path / "once" / "metrics.json").read_text()
+    again = run_cli(*args)
+    assert again.returncode == 2
+    assert "already holds a finished run; pass --resume to keep it or --overwrite" in again.stderr
+    resumed = run_cli(*args, "--resume")
+    assert resumed.returncode == 0
+    assert (tmp_path / "once" / "metrics.json").read_text() == metrics

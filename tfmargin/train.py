@@ -258,13 +258,16 @@ def train(config, resume=False, overwrite=False, callbacks=()):
         "global_batch": global_batch, "data_source": data.source,
         "head_scale": getattr(models.head, "scale_value", None)}
     _write_json(os.path.join(run_dir, "config.json"), resolved)
-    monitor = "val_plain_accuracy" if multi else "val_accuracy"
+    # Lowest validation loss: a NaN never compares as better, so a diverged
+    # epoch cannot replace the last good checkpoint.
+    monitor = "val_plain_loss" if multi else "val_loss"
     throughput = Throughput(global_batch)
     all_callbacks = [
         keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup")),
         keras.callbacks.TensorBoard(os.path.join(run_dir, "logs")),
         keras.callbacks.ModelCheckpoint(os.path.join(run_dir, "checkpoints", "best.weights.h5"),
-                                        monitor=monitor, save_best_only=True,
+                                        monitor=monitor, mode="min", save_best_only=True,
+                                        initial_value_threshold=math.inf,
                                         save_weights_only=True),
         keras.callbacks.CSVLogger(os.path.join(run_dir, "log.csv"), append=True),
         keras.callbacks.TerminateOnNaN(),
@@ -288,9 +291,13 @@ def train(config, resume=False, overwrite=False, callbacks=()):
     wall = time.perf_counter() - start
     losses = history.history.get("loss", [])
     if losses and not math.isfinite(losses[-1]):
-        raise TrainingDiverged(
-            f"loss became NaN in epoch {len(losses)}; the best checkpoint before it is in "
-            f"{os.path.join(run_dir, 'checkpoints')}. Try a smaller --learning-rate or --scale.")
+        # The backup holds the diverged weights: a rerun must not resume from them.
+        shutil.rmtree(os.path.join(run_dir, "backup"), ignore_errors=True)
+        best = os.path.join(run_dir, "checkpoints", "best.weights.h5")
+        kept = f"the last good checkpoint is {best}" if os.path.exists(best) else \
+            "no epoch finished before it, so there is no checkpoint"
+        raise TrainingDiverged(f"loss became NaN in epoch {len(losses)}; {kept}. "
+                               "Try a smaller --learning-rate or --scale.")
     scores, labels = predict_scores(models.inference, data.test, global_batch)
     metrics = classification_metrics(scores, labels)
     train_accuracy = history.history.get("plain_accuracy" if multi else "accuracy", [None])

@@ -1,0 +1,84 @@
+"""Results tables from run directories: ``runs/*/{config,metrics}.json`` to Markdown."""
+
+import datetime
+import glob
+import json
+import os
+
+# The paper's "mAP" (percent), cross-entropy / angular margin (s=1, m=0.1).
+PAPER = {
+    "cifar10": {"resnet18": (65.2, 65.4), "efficientnetb0": (84.66, 85.2),
+                "mobilenetv2": (59.01, 58.88)},
+    "cifar100": {"resnet18": (60.16, 59.8), "efficientnetb0": (62.2, 63.01),
+                 "mobilenetv2": (58.94, 59.05)},
+}
+COMMAND_FLAGS = ("backbone", "loss", "dataset", "epochs", "limit_train", "batch_size",
+                 "optimizer", "learning_rate", "validation_freq")
+HEAD_FLAGS = ("scale", "margin", "fallback", "ce_weight")
+
+
+def load_runs(runs_dir):
+    """Finished runs (those with metrics.json), sorted by name."""
+    runs = []
+    for path in sorted(glob.glob(os.path.join(runs_dir, "*", "metrics.json"))):
+        run_dir = os.path.dirname(path)
+        with open(path) as f:
+            metrics = json.load(f)
+        with open(os.path.join(run_dir, "config.json")) as f:
+            config = json.load(f)
+        finished = datetime.datetime.fromtimestamp(os.path.getmtime(path), datetime.UTC)
+        runs.append({"name": os.path.basename(run_dir), "config": config, "metrics": metrics,
+                     "finished": finished.strftime("%Y-%m-%d %H:%M UTC")})
+    return runs
+
+
+def command(config):
+    """The run.py command line that reproduces a run's settings."""
+    flags = COMMAND_FLAGS + (HEAD_FLAGS if config["loss"] != "softmax" else ())
+    parts = ["python experiments/run.py"]
+    for key in flags:
+        value = config[key]
+        if isinstance(value, list):
+            value = " ".join(str(v) for v in value)
+        parts.append(f"--{key.replace('_', '-')} {value}")
+    return " ".join(parts)
+
+
+def runs_table(runs):
+    header = ("| run | backbone | loss | s | m | fallback | train images | epochs | test top-1 "
+              "| test mAP | train acc. (last epoch) | train img/s | wall (s) | finished |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    rows = []
+    for run in runs:
+        c, m = run["config"], run["metrics"]
+        margin = c["loss"] != "softmax"
+        train_acc = m.get("train_accuracy_last_epoch")
+        rows.append(
+            f"| {run['name']} | {c['backbone']} | {c['loss']} | "
+            f"{c['head_scale'] if margin else '-'} | {c['margin'] if margin else '-'} | "
+            f"{c['fallback'] if margin else '-'} | {c['train_size']} | {m['epochs']} | "
+            f"{100 * m['top1']:.2f} | {100 * m['mAP']:.2f} | "
+            f"{'-' if train_acc is None else f'{100 * train_acc:.2f}'} | "
+            f"{m['train_images_per_second']:.1f} | {m['wall_seconds']:.0f} | {run['finished']} |")
+    return header + "\n".join(rows) + "\n"
+
+
+def paper_table(runs, dataset_key):
+    """Paper layout: rows = loss, columns = backbone; our mAP beside the paper's."""
+    backbones = ("resnet18", "efficientnetb0", "mobilenetv2")
+    ours = {}
+    for run in runs:
+        c = run["config"]
+        head = "softmax" if c["loss"] == "softmax" else f"{c['loss']} s={c['head_scale']:.3g} " \
+            f"m={c['margin']} {c['fallback']}"
+        ours.setdefault(head, {})[c["backbone"]] = 100 * run["metrics"]["mAP"]
+    lines = ["| head | " + " | ".join(backbones) + " |", "|---|---|---|---|"]
+    paper = PAPER[dataset_key]
+    lines.append("| paper: cross-entropy | " + " | ".join(f"{paper[b][0]}" for b in backbones)
+                 + " |")
+    lines.append("| paper: angular margin (s=1, m=0.1) | "
+                 + " | ".join(f"{paper[b][1]}" for b in backbones) + " |")
+    for head in sorted(ours):
+        cells = [f"{ours[head][b]:.2f}" if b in ours[head] else "not run" for b in backbones]
+        lines.append(f"| ours: {head} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
