@@ -5,12 +5,7 @@ import math
 import keras
 from keras import ops
 
-from tfmargin.margins import (
-    FALLBACKS,
-    auto_scale,
-    resolve_margins,
-    target_logit,
-)
+from tfmargin.margins import check_head_arguments, target_logit
 
 
 def check_labels(labels, num_classes):
@@ -145,21 +140,8 @@ class ArcMarginLayer(keras.layers.Layer):
     ):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        if int(num_classes) != num_classes or num_classes < 2:
-            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}.")
-        self.m1, self.m2, self.m3 = resolve_margins(margin_type, margin)
-        if scale == "auto":
-            self.scale_value = auto_scale(num_classes)
-        elif isinstance(scale, str) or not float(scale) > 0.0 or not math.isfinite(scale):
-            raise ValueError(f"scale must be a finite float > 0 or 'auto', got {scale!r}.")
-        else:
-            self.scale_value = float(scale)
-        if fallback not in FALLBACKS:
-            raise ValueError(
-                f"Unknown fallback {fallback!r}; choose one of {', '.join(FALLBACKS)}."
-            )
-        if int(sub_centers) != sub_centers or sub_centers < 1:
-            raise ValueError(f"sub_centers must be an integer >= 1, got {sub_centers!r}.")
+        (self.m1, self.m2, self.m3), self.scale_value = check_head_arguments(
+            num_classes, margin_type, margin, scale, fallback, sub_centers)
         if not 0.0 < epsilon < 0.1:
             raise ValueError(f"epsilon must be in (0, 0.1), got {epsilon!r}.")
         self.num_classes = int(num_classes)

@@ -78,6 +78,30 @@ def resolve_margins(margin_type, margin):
     return 1.0, 0.0, 0.0  # normface
 
 
+def check_head_arguments(num_classes, margin_type, margin, scale, fallback, sub_centers):
+    """Validate a head's arguments; returns ``((m1, m2, m3), scale_value)``.
+
+    Pure Python, so a command line can be checked before TensorFlow starts.
+
+    Raises:
+        ValueError: naming the argument and its allowed range.
+    """
+    if int(num_classes) != num_classes or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}.")
+    margins = resolve_margins(margin_type, margin)
+    if scale == "auto":
+        scale_value = auto_scale(num_classes)
+    elif isinstance(scale, str) or not float(scale) > 0.0 or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float > 0 or 'auto', got {scale!r}.")
+    else:
+        scale_value = float(scale)
+    if fallback not in FALLBACKS:
+        raise ValueError(f"Unknown fallback {fallback!r}; choose one of {', '.join(FALLBACKS)}.")
+    if int(sub_centers) != sub_centers or sub_centers < 1:
+        raise ValueError(f"sub_centers must be an integer >= 1, got {sub_centers!r}.")
+    return margins, scale_value
+
+
 def _fallback_offset(m1, m2):
     """Offset c of the monotonic branch ``cos(theta) - m3 - c``.
 

@@ -18,7 +18,7 @@ import tensorflow as tf
 from tfmargin.callbacks import EmbeddingProjector, PreciseBatchNorm, Throughput
 from tfmargin.data import AUGMENTATIONS, load_dataset, make_pipeline
 from tfmargin.export import EXPORT_FORMATS, export_models
-from tfmargin.margins import FALLBACKS
+from tfmargin.margins import FALLBACKS, check_head_arguments
 from tfmargin.metrics import classification_metrics
 from tfmargin.models import LOSSES, build_models
 
@@ -125,12 +125,9 @@ class RunConfig:
         need(self.limit_train >= 0, f"--limit-train must be >= 0, got {self.limit_train}")
         need(self.image_size >= 32, f"--image-size must be >= 32, got {self.image_size}")
         if self.loss != "softmax":
-            from tfmargin.heads import ArcMarginLayer
-
-            try:  # the head's own checks, before any data is read
-                ArcMarginLayer(1000, margin_type=self.loss, margin=self.margin,
-                               scale=self.scale, fallback=self.fallback,
-                               sub_centers=self.sub_centers)
+            try:  # the head's own checks, before any data is read or TF starts
+                check_head_arguments(1000, self.loss, self.margin, self.scale, self.fallback,
+                                     self.sub_centers)
             except ValueError as error:
                 raise ConfigError(str(error)) from None
             need(0 <= self.ce_weight < 1, f"--ce-weight must be in [0, 1), got {self.ce_weight}")
@@ -223,13 +220,14 @@ def train(config, resume=False, overwrite=False, callbacks=()):
     if already_done:
         with open(os.path.join(run_dir, "metrics.json")) as f:
             return json.load(f)
+    # MultiWorkerMirroredStrategy must exist before any other TensorFlow op runs.
+    strategy = make_strategy(config.strategy)
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     if config.mixed_precision:
         keras.config.set_dtype_policy("mixed_float16" if tf.config.list_logical_devices("GPU")
                                       else "mixed_bfloat16")
-    strategy = make_strategy(config.strategy)
     replicas = strategy.num_replicas_in_sync
     global_batch = config.batch_size * replicas
     data = load_dataset(config.dataset, config.image_size, config.limit_train or None,
