@@ -79,3 +79,31 @@ def test_multiworker_two_processes_end_with_identical_weights(shapes, tmp_path):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     np.testing.assert_array_equal(models[0].predict(probe, verbose=0),
                                   models[1].predict(probe, verbose=0))
+
+
+def test_sigkill_mid_epoch_then_same_command_resumes(shapes, tmp_path):
+    import signal
+
+    args = tiny_args(shapes, tmp_path, "--seed", "1")
+    args[args.index("--epochs") + 1] = "3"
+    env = {**os.environ, "CI": "1", "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             env=env)
+    seen = []
+    for line in first.stdout:  # epoch 1 is backed up once "Epoch 2/3" starts
+        seen.append(line)
+        if line.startswith("Epoch 2/3"):
+            first.send_signal(signal.SIGKILL)
+            break
+    first.wait(timeout=120)
+    assert first.returncode == -signal.SIGKILL, "".join(seen)[-2000:]
+    run_dir = tmp_path / "r"
+    assert (run_dir / "backup").is_dir() and not (run_dir / "metrics.json").exists()
+
+    second = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "Epoch 1/3" not in second.stdout and "Epoch 2/3" in second.stdout
+    epochs = [line.split(",")[0] for line in (run_dir / "log.csv").read_text().splitlines()[1:]]
+    assert epochs == ["0", "1", "2"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["epochs"] == 3 and metrics["test_size"] == 24
