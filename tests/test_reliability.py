@@ -107,3 +107,39 @@ def test_sigkill_mid_epoch_then_same_command_resumes(shapes, tmp_path):
     assert epochs == ["0", "1", "2"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["epochs"] == 3 and metrics["test_size"] == 24
+
+
+def broken_jpeg(root):
+    path = write_image_folder(root, num_classes=2, per_class=4, fmt="jpg")
+    bad = os.path.join(path, "class_0", "0001.jpg")
+    with open(bad, "r+b") as f:
+        f.truncate(40)
+    return path, "0001.jpg' is corrupt, truncated or not an image"
+
+
+def one_class(root):
+    return write_image_folder(root, num_classes=1, per_class=4), "needs at least 2"
+
+
+def empty(root):
+    os.makedirs(root)
+    return str(root), "has 0 class folder(s)"
+
+
+def unknown_name(root):
+    return "cifar11", "Unknown dataset 'cifar11': not a TFDS name and not a folder"
+
+
+@pytest.mark.parametrize("make", [broken_jpeg, one_class, empty, unknown_name])
+def test_bad_data_is_one_line_and_leaves_nothing(make, tmp_path):
+    dataset, message = make(tmp_path / "data")
+    runs, exports = tmp_path / "runs", tmp_path / "exports"
+    result = subprocess.run(
+        [sys.executable, RUN, "--backbone", "tinycnn", "--dataset", dataset, "--runs-dir",
+         str(runs), "--export-dir", str(exports)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "CI": "1"})
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("run.py: error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not runs.exists() and not exports.exists()
