@@ -24,7 +24,7 @@ def shapes(tmp_path_factory):
 def test_cli_end_to_end_writes_the_run_directory(shapes, tmp_path):
     result = run_cli("--backbone", "tinycnn", "--loss", "arcface", "--dataset", shapes,
                      "--epochs", "2", "--batch-size", "32", "--runs-dir", str(tmp_path),
-                     "--name", "smoke")
+                     "--name", "smoke", "--export-dir", str(tmp_path / "exports"))
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "smoke"
     config = json.loads((run_dir / "config.json").read_text())
@@ -41,12 +41,15 @@ def test_cli_end_to_end_writes_the_run_directory(shapes, tmp_path):
     assert log[0].startswith("epoch") and "theta_y_mean" in log[0] and len(log) == 3
     assert os.listdir(run_dir / "logs")
     assert "top1" in result.stdout and "smoke" in result.stdout
+    assert sorted(os.listdir(tmp_path / "exports" / "smoke")) == [
+        "class_names.txt", "model.keras", "savedmodel"]
 
 
 def test_arcface_learns_shapes_and_inference_mode_holds_up(shapes, tmp_path):
     """MobileNetV2 with its real BatchNorms: test accuracy far above chance (25%)."""
     result = run_cli("--backbone", "mobilenetv2", "--dataset", shapes, "--epochs", "4",
                      "--batch-size", "32", "--runs-dir", str(tmp_path), "--name", "learn",
+                     "--export", "none",
                      "--learning-rate", "0.05")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "learn" / "metrics.json").read_text())
@@ -108,7 +111,7 @@ results = {}
 for strategy, batch in (("default", 16), ("mirrored", 8)):
     config = RunConfig(backbone="tinycnn", dataset=sys.argv[1], epochs=2, batch_size=batch,
                        strategy=strategy, augment="none", runs_dir=sys.argv[2], name=strategy,
-                       embedding_dim=0, learning_rate=0.05)
+                       embedding_dim=0, learning_rate=0.05, export="none")
     metrics = train(config)
     model = keras.saving.load_model(f"{sys.argv[2]}/{strategy}/inference.keras")
     probe = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
