@@ -239,3 +239,12 @@ def test_help_shows_formula_arguments_and_example():
     doc = ArcMarginLayer.__doc__
     for text in ("cos(theta + m)", "Args:", "Example:", "sqrt(2) * ln(C - 1)"):
         assert text in doc
+
+
+def test_docstring_example_runs():
+    import doctest
+
+    import tfmargin.heads
+
+    result = doctest.testmod(tfmargin.heads)
+    assert result.attempted >= 6 and result.failed == 0

@@ -121,9 +121,9 @@ class ArcMarginLayer(keras.layers.Layer):
     >>> head = ArcMarginLayer(10, margin_type="arcface", margin=0.1, scale=1.0)
     >>> x = np.random.rand(4, 64).astype("float32")
     >>> y = np.array([0, 3, 9, 1])
-    >>> head(x, labels=y, training=True).shape   # margin on the target class
+    >>> tuple(head(x, labels=y, training=True).shape)  # margin on the target
     (4, 10)
-    >>> head(x).shape                             # label-free inference path
+    >>> tuple(head(x).shape)                            # label-free inference path
     (4, 10)
     """
 
