@@ -6,7 +6,13 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tfmargin.report import command, load_runs, paper_table, runs_table  # noqa: E402
+from tfmargin.report import (  # noqa: E402
+    command,
+    load_runs,
+    paper_table,
+    plot_margin_sweep,
+    runs_table,
+)
 
 INTRO = """# Results
 
@@ -45,6 +51,11 @@ def main(argv=None):
         parts.append("\n### Commands\n\n" + "\n".join(
             f"- `{run['name']}`: `{command(run['config'])}`" for run in group) + "\n")
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
+    figure = os.path.join(os.path.dirname(args.output) or ".", "figure2.png")
+    if plot_margin_sweep(runs, figure):
+        parts.append("\n## Margin sweep\n\n![mAP and top-1 against m](figure2.png)\n\n"
+                     "Solid: monotonic fallback; dashed: raw cos(theta + m) (the paper's). "
+                     "The dotted line marks m = 2, where the paper saw no convergence.\n")
     with open(args.output, "w") as f:
         f.write("".join(parts))
     print(f"wrote {args.output} from {len(runs)} runs")

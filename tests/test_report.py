@@ -36,3 +36,32 @@ def test_report_copies_the_metrics_files(tmp_path):
     assert "| ours: softmax | 43.22 | not run | not run |" in text
     assert "--backbone resnet18 --loss arcface --dataset /data/cifar10-jpeg --epochs 3" in text
     assert "unfinished" not in text
+
+
+def test_sweep_runs_skips_finished_and_reports_a_figure(tmp_path):
+    from synthetic import write_image_folder
+
+    data = write_image_folder(tmp_path / "shapes", num_classes=3, per_class=16, test_per_class=6)
+    runs = tmp_path / "runs"
+    sweep = [sys.executable, os.path.join(ROOT, "experiments", "sweep.py"), "figure2",
+             "--dataset", data, "--backbones", "tinycnn", "--margins", "0.1,2.0", "--epochs",
+             "1", "--batch-size", "16", "--runs-dir", str(runs)]
+    env = {**os.environ, "CI": "1"}
+    first = subprocess.run(sweep, capture_output=True, text=True, timeout=900, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert len(os.listdir(runs)) == 8  # 2 margins x 2 fallbacks x 2 scales
+    assert "8 runs in grid figure2 (0 already finished)" in first.stdout
+    again = subprocess.run(sweep, capture_output=True, text=True, timeout=900, env=env)
+    assert "8 runs in grid figure2 (8 already finished)" in again.stdout
+    assert "Epoch 1/1" not in again.stdout
+
+    out = tmp_path / "docs" / "results.md"
+    report = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "report.py"),
+                             "--runs-dir", str(runs), "--output", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-2000:]
+    png = tmp_path / "docs" / "figure2.png"
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+    text = out.read_text()
+    assert "![mAP and top-1 against m](figure2.png)" in text
+    assert text.count("| shapes-tinycnn-arcface-") == 8

@@ -82,3 +82,49 @@ def paper_table(runs, dataset_key):
         cells = [f"{ours[head][b]:.2f}" if b in ours[head] else "not run" for b in backbones]
         lines.append(f"| ours: {head} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def margin_curves(runs):
+    """ArcFace runs grouped into curves over m: {(backbone, fallback, s, budget): [(m, run)]}."""
+    curves = {}
+    for run in runs:
+        c = run["config"]
+        if c["loss"] != "arcface" or c.get("ce_weight"):
+            continue
+        key = (c["backbone"], c["fallback"], c["head_scale"], c["train_size"],
+               run["metrics"]["epochs"])
+        curves.setdefault(key, []).append((float(c["margin"]), run))
+    return {k: sorted(v, key=lambda p: p[0]) for k, v in curves.items() if len(v) > 1}
+
+
+def plot_margin_sweep(runs, path):
+    """mAP and top-1 vs m, one line per backbone x fallback x scale; False if nothing to plot."""
+    curves = margin_curves(runs)
+    if not curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    for (backbone, fallback, scale, _, _), points in sorted(curves.items()):
+        margins = [m for m, _ in points]
+        style = "-" if fallback == "monotonic" else "--"
+        label = f"{backbone}, {fallback}, s={scale:.3g}"
+        for ax, key in zip(axes, ("mAP", "top1"), strict=True):
+            ax.plot(margins, [100 * r["metrics"][key] for _, r in points], style, marker="o",
+                    label=label)
+    for ax, title in zip(axes, ("test mAP (%)", "test top-1 (%)"), strict=True):
+        ax.set_xlabel("margin m (radians)")
+        ax.set_title(title)
+        ax.axvline(2.0, color="grey", lw=0.8, ls=":")
+        ax.grid(alpha=0.3)
+    budgets = sorted({(k[3], k[4]) for k in curves})
+    fig.suptitle("ArcFace margin sweep (" + "; ".join(
+        f"{n} train images x {e} epochs" for n, e in budgets) + ")")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -225,9 +225,8 @@ def train(config, resume=False, overwrite=False, callbacks=()):
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
-    if config.mixed_precision:
-        keras.config.set_dtype_policy("mixed_float16" if tf.config.list_logical_devices("GPU")
-                                      else "mixed_bfloat16")
+    mixed = "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"
+    keras.config.set_dtype_policy(mixed if config.mixed_precision else "float32")
     replicas = strategy.num_replicas_in_sync
     global_batch = config.batch_size * replicas
     data = load_dataset(config.dataset, config.image_size, config.limit_train or None,
