@@ -92,3 +92,17 @@ def test_tfds_offline_says_how_to_place_the_archive(tmp_path):
 def test_unknown_dataset_name():
     with pytest.raises(DatasetError, match="Unknown dataset 'cifar11': not a TFDS name"):
         load_dataset("cifar11")
+
+
+@pytest.mark.parametrize("mix", ["mixup", "cutmix"])
+def test_mixup_and_cutmix_give_soft_targets_and_the_dominant_label(tmp_path, mix):
+    root = write_image_folder(tmp_path / "d", num_classes=3, per_class=8, test_per_class=2)
+    data = load_dataset(root)
+    ds = make_pipeline(data.train, batch_size=8, training=True, with_label_input=True, seed=3,
+                       mix=mix, num_classes=3)
+    inputs, targets = next(iter(ds))
+    targets = targets.numpy()
+    assert targets.shape == (8, 3)
+    np.testing.assert_allclose(targets.sum(axis=1), 1.0, atol=1e-5)
+    assert np.any((targets > 0.01) & (targets < 0.99))  # mixed, not one-hot
+    np.testing.assert_array_equal(inputs["label"], targets.argmax(axis=1))

@@ -23,8 +23,9 @@ def shapes(tmp_path_factory):
 
 def test_cli_end_to_end_writes_the_run_directory(shapes, tmp_path):
     result = run_cli("--backbone", "tinycnn", "--loss", "arcface", "--dataset", shapes,
-                     "--epochs", "2", "--batch-size", "32", "--runs-dir", str(tmp_path),
-                     "--name", "smoke", "--export-dir", str(tmp_path / "exports"))
+                     "--mix", "cutmix", "--epochs", "2", "--batch-size", "32",
+                     "--runs-dir", str(tmp_path), "--name", "smoke",
+                     "--export-dir", str(tmp_path / "exports"))
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "smoke"
     config = json.loads((run_dir / "config.json").read_text())

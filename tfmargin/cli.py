@@ -8,7 +8,7 @@ import sys
 from tfmargin.margins import FALLBACKS
 
 _HELP = {
-    "backbone": "backbone name: resnet18, mobilenetv2, efficientnetb0",
+    "backbone": "backbone name: resnet18, mobilenetv2, efficientnetb0 (tinycnn: smoke tests)",
     "loss": "softmax (Dense head) or a margin head: arcface, cosface, sphereface, "
             "combined, normface",
     "dataset": "TFDS name (cifar10, cifar100, ...) or an image folder with class sub-folders "
@@ -27,6 +27,8 @@ _HELP = {
     "warmup_epochs": "linear warm-up length in epochs",
     "label_smoothing": "label smoothing of the cross-entropy",
     "augment": "standard (pad-4 shift + flip), randaugment (standard + RandAugment) or none",
+    "mix": "none, mixup or cutmix (Keras core layers; soft targets, the margin goes to the "
+           "dominant class)",
     "mixed_precision": "mixed precision (float16 on GPU, bfloat16 on CPU); the head stays float32",
     "jit_compile": "compile the train step with XLA",
     "strategy": "mirrored (all GPUs, else all CPUs), default (no distribution), multiworker "

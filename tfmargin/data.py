@@ -14,6 +14,7 @@ import tensorflow as tf
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 AUGMENTATIONS = ("standard", "randaugment", "none")
+MIXES = ("none", "mixup", "cutmix")
 
 
 class DatasetError(ValueError):
@@ -210,11 +211,22 @@ def build_augmenter(kind, image_size, seed=None):
     return keras.Sequential(steps, name=f"augment_{kind}")
 
 
+def build_mixer(kind, seed=None):
+    """Keras core MixUp or CutMix, acting on ``{"images", "labels"}`` with one-hot labels."""
+    if kind not in MIXES:
+        raise ValueError(f"Unknown mix {kind!r}; choose one of {', '.join(MIXES)}.")
+    if kind == "none":
+        return None
+    return keras.layers.MixUp(seed=seed) if kind == "mixup" else keras.layers.CutMix(seed=seed)
+
+
 def make_pipeline(split, batch_size, training, with_label_input, augment="standard",
-                  shuffle_buffer=50_000, seed=None):
+                  shuffle_buffer=50_000, seed=None, mix="none", num_classes=None):
     """Cached decoded split -> shuffled, augmented, batched, prefetched batches.
 
     Training batches repeat forever: pass ``steps_per_epoch`` to ``fit``.
+    With ``mix`` (``mixup``/``cutmix``, needs ``num_classes``) the targets are
+    soft one-hot vectors and the label input is the dominant class.
     Yields ``(inputs, labels)``; ``inputs`` is ``{"image", "label"}`` for a
     margin head's training model (labels as its second input), else the image.
     """
@@ -228,12 +240,20 @@ def make_pipeline(split, batch_size, training, with_label_input, augment="standa
     augmenter = build_augmenter(augment, split.element_spec[0].shape[0], seed) if training \
         else None
 
+    mixer = build_mixer(mix, seed) if training else None
+
     def to_model(images, labels):
         images = tf.cast(images, tf.float32)
         if augmenter is not None:
             images = augmenter(images, training=True)
+        targets = labels
+        if mixer is not None:  # soft targets; the margin goes to the dominant class
+            mixed = mixer({"images": images, "labels": tf.one_hot(labels, num_classes)},
+                          training=True)
+            images, targets = mixed["images"], mixed["labels"]
+            labels = tf.argmax(targets, axis=-1, output_type=tf.int32)
         inputs = {"image": images, "label": labels} if with_label_input else images
-        return inputs, labels
+        return inputs, targets
 
     ds = ds.map(to_model, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)

@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfmargin.callbacks import EmbeddingProjector, PreciseBatchNorm, Throughput
-from tfmargin.data import AUGMENTATIONS, load_dataset, make_pipeline
+from tfmargin.data import AUGMENTATIONS, MIXES, load_dataset, make_pipeline
 from tfmargin.export import EXPORT_FORMATS, export_models
 from tfmargin.margins import FALLBACKS, check_head_arguments
 from tfmargin.metrics import classification_metrics
@@ -53,6 +53,7 @@ class RunConfig:
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.0
     augment: str = "standard"
+    mix: str = "none"
     mixed_precision: bool = False
     jit_compile: bool = False
     strategy: str = "mirrored"
@@ -105,6 +106,7 @@ class RunConfig:
              f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         need(self.augment in AUGMENTATIONS,
              f"unknown augmentation {self.augment!r}; choose one of {', '.join(AUGMENTATIONS)}")
+        need(self.mix in MIXES, f"unknown mix {self.mix!r}; choose one of {', '.join(MIXES)}")
         need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         need(self.embedding_dim >= 1 or self.embedding_dim == 0,
@@ -167,7 +169,7 @@ def _compile(models, config, steps_per_epoch):
         optimizer = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
     # Decay on BatchNorm parameters and biases only fights the normalisation.
     optimizer.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
-    if config.label_smoothing:
+    if soft_targets(config):
         loss = keras.losses.CategoricalCrossentropy(from_logits=True,
                                                     label_smoothing=config.label_smoothing)
         metrics = [keras.metrics.CategoricalAccuracy(name="accuracy"),
@@ -185,9 +187,15 @@ def _compile(models, config, steps_per_epoch):
                          metrics=metrics, jit_compile=config.jit_compile)
 
 
+def soft_targets(config):
+    return bool(config.label_smoothing) or config.mix != "none"
+
+
 def _targets(config, num_classes, multi_output):
     def fn(inputs, labels):
-        y = tf.one_hot(labels, num_classes) if config.label_smoothing else labels
+        y = labels
+        if soft_targets(config) and labels.dtype.is_integer:
+            y = tf.one_hot(labels, num_classes)
         return inputs, ({"margin": y, "plain": y} if multi_output else y)
 
     return fn
@@ -243,7 +251,8 @@ def train(config, resume=False, overwrite=False, callbacks=()):
     multi = models.uses_label_input
     pipeline = dict(batch_size=global_batch, with_label_input=models.uses_label_input)
     train_ds = make_pipeline(data.train, training=True, augment=config.augment,
-                             seed=config.seed, **pipeline)
+                             seed=config.seed, mix=config.mix, num_classes=data.num_classes,
+                             **pipeline)
     test_ds = make_pipeline(data.test, training=False, **pipeline)
     to_targets = _targets(config, data.num_classes, multi)
     train_ds, test_ds = train_ds.map(to_targets), test_ds.map(to_targets)
