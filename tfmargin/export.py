@@ -85,15 +85,17 @@ def export_models(models, class_names, export_path, formats=("savedmodel", "kera
 
 
 def _to_onnx(saved_model_dir, onnx_path):
-    try:
-        import tf2onnx
-    except ImportError:
+    """tf2onnx's own SavedModel converter (it freezes the variables)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("tf2onnx") is None:
         raise ValueError("--export onnx needs the optional dependency: "
-                         "pip install -e '.[onnx]'") from None
-    loaded = tf.saved_model.load(saved_model_dir)
-    function = loaded.signatures["serving_default"]
-    tf2onnx.convert.from_function(
-        function, input_signature=[tf.TensorSpec((None, *function.structured_input_signature[1]
-                                                  ["images"].shape[1:]), tf.uint8,
-                                                 name="images")],
-        opset=17, output_path=onnx_path)
+                         "pip install -e '.[onnx]'")
+    done = subprocess.run(
+        [sys.executable, "-m", "tf2onnx.convert", "--saved-model", saved_model_dir,
+         "--signature_def", "serve", "--opset", "17", "--output", onnx_path],
+        capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"tf2onnx failed: {done.stderr.strip().splitlines()[-1]}")
