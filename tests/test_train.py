@@ -163,3 +163,7 @@ def test_finished_run_is_not_overwritten_silently(shapes, tmp_path):
     resumed = run_cli(*args, "--resume")
     assert resumed.returncode == 0
     assert (tmp_path / "once" / "metrics.json").read_text() == metrics
+    # --overwrite with data that fails keeps the finished run
+    broken = run_cli(*[a if a != shapes else shapes + "-missing/" for a in args], "--overwrite")
+    assert broken.returncode == 2 and "does not exist" in broken.stderr
+    assert (tmp_path / "once" / "metrics.json").read_text() == metrics

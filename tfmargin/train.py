@@ -216,8 +216,6 @@ def prepare_run_dir(config, resume=False, overwrite=False):
     if finished and not (resume or overwrite):
         raise ConfigError(f"run directory {run_dir!r} already holds a finished run; pass "
                           "--resume to keep it or --overwrite to train again")
-    if overwrite and os.path.isdir(run_dir):
-        shutil.rmtree(run_dir)
     return run_dir, finished and resume
 
 
@@ -244,9 +242,13 @@ def train(config, resume=False, overwrite=False, callbacks=()):
         raise ConfigError(f"the training split has {data.train_size} images, fewer than one "
                           f"global batch of {global_batch}; lower --batch-size")
     with strategy.scope():
-        models = build_models(config.backbone, data.num_classes, config.loss, config.image_size,
-                              config.embedding_dim, config.scale, config.margin, config.fallback,
-                              config.sub_centers, config.ce_weight)
+        try:  # e.g. scale="auto" on a 2-class folder
+            models = build_models(config.backbone, data.num_classes, config.loss,
+                                  config.image_size, config.embedding_dim, config.scale,
+                                  config.margin, config.fallback, config.sub_centers,
+                                  config.ce_weight)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         _compile(models, config, steps_per_epoch)
     multi = models.uses_label_input
     pipeline = dict(batch_size=global_batch, with_label_input=models.uses_label_input)
@@ -257,6 +259,8 @@ def train(config, resume=False, overwrite=False, callbacks=()):
     to_targets = _targets(config, data.num_classes, multi)
     train_ds, test_ds = train_ds.map(to_targets), test_ds.map(to_targets)
 
+    if overwrite and os.path.isdir(run_dir):  # only now that data and model are sound
+        shutil.rmtree(run_dir)
     os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
     resolved = dataclasses.asdict(config) | {
         "run_dir": run_dir, "num_classes": data.num_classes, "class_names": data.class_names,
