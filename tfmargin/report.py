@@ -94,7 +94,9 @@ def margin_curves(runs):
         key = (c["backbone"], c["fallback"], c["head_scale"], c["train_size"],
                run["metrics"]["epochs"])
         curves.setdefault(key, []).append((float(c["margin"]), run))
-    return {k: sorted(v, key=lambda p: p[0]) for k, v in curves.items() if len(v) > 1}
+    if all(len(v) < 2 for v in curves.values()):
+        return {}  # no margin was varied: nothing to draw
+    return {k: sorted(v, key=lambda p: p[0]) for k, v in curves.items()}
 
 
 def plot_margin_sweep(runs, path):
