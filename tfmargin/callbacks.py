@@ -7,6 +7,7 @@ import time
 import keras
 import numpy as np
 import tensorflow as tf
+from keras import ops
 
 from tfmargin.backbones import recalibrate_batchnorm
 
@@ -120,10 +121,10 @@ class EmbeddingProjector(keras.callbacks.Callback):
         from tensorboard.plugins import projector
 
         os.makedirs(self.log_dir, exist_ok=True)
-        embeddings = normalize_rows(self.models.embedding.predict(
-            self.images.astype("float32"), verbose=0))
-        predicted = np.argmax(self.models.inference.predict(
-            self.images.astype("float32"), verbose=0), axis=1)
+        raw = self.models.embedding.predict(self.images.astype("float32"), verbose=0)
+        # The head on the embeddings: one backbone pass serves points and predictions.
+        predicted = np.argmax(ops.convert_to_numpy(self.models.head(raw)), axis=1)
+        embeddings = normalize_rows(raw)
         centres = self.class_centres()
         cosine = np.clip(np.sum(embeddings * centres[self.labels], axis=1), -1.0, 1.0)
         angles = np.degrees(np.arccos(cosine))

@@ -20,11 +20,11 @@ def serving_outputs(models, class_names, images):
     embedding = models.embedding(tf.cast(images, tf.float32), training=False)
     normalized = tf.math.l2_normalize(embedding, axis=-1, epsilon=1e-12)
     head = models.head
-    weights = tf.math.l2_normalize(head.kernel, axis=0, epsilon=1e-12)
     if hasattr(head, "cosine"):
         cosine = head.cosine(embedding)
         logits = head.scale_value * cosine
     else:  # softmax head: logits from the Dense layer, cosine to its class weights
+        weights = tf.math.l2_normalize(head.kernel, axis=0, epsilon=1e-12)
         cosine = tf.matmul(normalized, weights)
         logits = head(embedding)
     class_id = tf.argmax(logits, axis=-1, output_type=tf.int32)

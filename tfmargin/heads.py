@@ -182,9 +182,8 @@ class ArcMarginLayer(keras.layers.Layer):
         self.target_angle.update_state(ops.stop_gradient(theta_y) * (180.0 / math.pi))
         if not training:
             return self.scale_value * cos
-        psi = target_logit(
-            cos_y, self.margin_type, self.m1, self.m2, self.m3, self.fallback, self.epsilon
-        )
+        psi = target_logit(cos_y, self.margin_type, self.m1, self.m2, self.m3, self.fallback,
+                           self.epsilon, theta=theta_y)
         return self.scale_value * (cos + one_hot * ops.expand_dims(psi - cos_y, -1))
 
     def compute_output_spec(self, embeddings, labels=None, training=None):

@@ -117,11 +117,13 @@ def _fallback_offset(m1, m2):
     return max(m2 * math.sin(m2), 1.0 + math.cos(theta0))
 
 
-def target_logit(cos_t, margin_type, m1, m2, m3, fallback="monotonic", epsilon=1e-7):
+def target_logit(cos_t, margin_type, m1, m2, m3, fallback="monotonic", epsilon=1e-7,
+                 theta=None):
     """psi(theta) for the target class, elementwise over float32 ``cos_t``.
 
     ``cos_t`` is clipped to ``[-1 + epsilon, 1 - epsilon]`` before arccos so
-    the gradient stays finite at cos = +-1.
+    the gradient stays finite at cos = +-1. A caller that already holds
+    ``theta = arccos(clipped cos_t)`` passes it to skip the second arccos.
     """
     if margin_type == "normface":
         return cos_t
@@ -129,7 +131,8 @@ def target_logit(cos_t, margin_type, m1, m2, m3, fallback="monotonic", epsilon=1
     if margin_type == "cosface":
         psi = cos_t - m3
     else:
-        theta = ops.arccos(cos_t)
+        if theta is None:
+            theta = ops.arccos(cos_t)
         if margin_type == "sphereface":
             k = ops.floor(m1 * theta / math.pi)
             sign = 1.0 - 2.0 * ops.mod(k, 2.0)
