@@ -1,5 +1,7 @@
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -81,32 +83,96 @@ def test_multiworker_two_processes_end_with_identical_weights(shapes, tmp_path):
                                   models[1].predict(probe, verbose=0))
 
 
-def test_sigkill_mid_epoch_then_same_command_resumes(shapes, tmp_path):
-    import signal
-
+@pytest.mark.parametrize("torn_backup", [False, True])
+def test_sigkill_mid_epoch_then_same_command_resumes(shapes, tmp_path, torn_backup):
     args = tiny_args(shapes, tmp_path, "--seed", "1")
     args[args.index("--epochs") + 1] = "3"
     env = {**os.environ, "CI": "1", "PYTHONUNBUFFERED": "1"}
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                              env=env)
     seen = []
-    for line in first.stdout:  # epoch 1 is backed up once "Epoch 2/3" starts
+    for line in first.stdout:  # epochs 1 and 2 are backed up once "Epoch 3/3" starts
         seen.append(line)
-        if line.startswith("Epoch 2/3"):
+        if line.startswith("Epoch 3/3"):
             first.send_signal(signal.SIGKILL)
             break
     first.wait(timeout=120)
     assert first.returncode == -signal.SIGKILL, "".join(seen)[-2000:]
     run_dir = tmp_path / "r"
-    assert (run_dir / "backup").is_dir() and not (run_dir / "metrics.json").exists()
+    backup = run_dir / "backup"
+    assert backup.is_dir() and not (run_dir / "metrics.json").exists()
+    if torn_backup:  # as if the kill had hit the write of epoch 2's backup
+        with open(backup / "latest.weights.h5", "r+b") as f:
+            f.truncate(100)
 
     second = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert second.returncode == 0, second.stderr[-2000:]
-    assert "Epoch 1/3" not in second.stdout and "Epoch 2/3" in second.stdout
+    resumed_at = 2 if torn_backup else 3  # the previous backup is epoch 1's
+    started = [line.split()[1] for line in second.stdout.splitlines()
+               if line.startswith("Epoch ")]
+    assert started[0] == f"{resumed_at}/3", second.stdout[-2000:]
     epochs = [line.split(",")[0] for line in (run_dir / "log.csv").read_text().splitlines()[1:]]
-    assert epochs == ["0", "1", "2"]
+    assert epochs == ["0", "1"] + ["1"] * torn_backup + ["2"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["epochs"] == 3 and metrics["test_size"] == 24
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["best.weights.h5"]
+
+
+def test_checkpoint_write_that_dies_keeps_the_previous_best(tmp_path):
+    import keras
+
+    from tfmargin.callbacks import AtomicModelCheckpoint
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    path = tmp_path / "best.weights.h5"
+    checkpoint = AtomicModelCheckpoint(str(path), monitor="val_loss", save_best_only=True,
+                                       save_weights_only=True)
+    checkpoint.set_model(model)
+    checkpoint.on_epoch_end(0, {"val_loss": 1.0})
+    saved = [w.numpy() for w in model.weights]
+
+    def dies_mid_write(filepath, overwrite=True):
+        with open(filepath, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("killed")
+
+    model.layers[0].kernel.assign(np.ones((3, 2)))
+    model.save_weights = dies_mid_write
+    with pytest.raises(OSError, match="killed"):
+        checkpoint.on_epoch_end(1, {"val_loss": 0.5})
+    assert os.listdir(tmp_path) == ["best.weights.h5"]
+    restored = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    restored.load_weights(str(path))
+    for a, b in zip(saved, restored.weights, strict=True):
+        np.testing.assert_array_equal(a, b.numpy())
+
+
+def without_root_override():
+    """In the child: drop the capabilities that let root write through permission bits."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_read_only_runs_dir_is_refused_before_training(tmp_path):
+    data = write_image_folder(tmp_path / "data", num_classes=2, per_class=4)
+    read_only = tmp_path / "read-only"
+    read_only.mkdir(mode=0o555)
+    read_only.chmod(0o555)
+    result = subprocess.run(
+        [sys.executable, RUN, "--backbone", "tinycnn", "--dataset", data, "--runs-dir",
+         str(read_only / "runs"), "--export", "none"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "CI": "1"},
+        preexec_fn=without_root_override if os.geteuid() == 0 else None)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("run.py: error:")]
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert len(errors) == 1, result.stderr[-2000:]
+    assert f"cannot write under {str(read_only)!r} (Permission denied)" in errors[0]
+    assert "pass a writable folder to --runs-dir" in errors[0]
+    assert os.listdir(read_only) == []
 
 
 def broken_jpeg(root):
@@ -126,11 +192,23 @@ def empty(root):
     return str(root), "has 0 class folder(s)"
 
 
+def classes_beyond_train(root):
+    path = write_image_folder(root, num_classes=2, per_class=4, test_per_class=2)
+    shutil.copytree(os.path.join(path, "test", "class_0"), os.path.join(path, "test", "extra"))
+    return path, "has classes missing from train/: extra"
+
+
+def fewer_images_than_a_batch(root):
+    return write_image_folder(root, num_classes=2, per_class=4), \
+        "fewer than one global batch of 128; lower --batch-size"
+
+
 def unknown_name(root):
     return "cifar11", "Unknown dataset 'cifar11': not a TFDS name and not a folder"
 
 
-@pytest.mark.parametrize("make", [broken_jpeg, one_class, empty, unknown_name])
+@pytest.mark.parametrize("make", [broken_jpeg, one_class, empty, classes_beyond_train,
+                                  fewer_images_than_a_batch, unknown_name])
 def test_bad_data_is_one_line_and_leaves_nothing(make, tmp_path):
     dataset, message = make(tmp_path / "data")
     runs, exports = tmp_path / "runs", tmp_path / "exports"

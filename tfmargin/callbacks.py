@@ -1,4 +1,4 @@
-"""Keras callbacks of a run: precise BatchNorm, embedding projector, throughput."""
+"""Keras callbacks of a run: precise BatchNorm, embedding projector, throughput, checkpoint."""
 
 import math
 import os
@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from tfmargin.atomic import atomic_file
 from tfmargin.backbones import recalibrate_batchnorm
 
 
@@ -27,6 +28,24 @@ class PreciseBatchNorm(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         recalibrate_batchnorm(self.embedding_model, self.images, self.num_batches)
+
+
+class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    """``ModelCheckpoint`` whose file is replaced atomically.
+
+    Keras writes the file in place, so a crash during the write would destroy
+    the previous best checkpoint; here it is written aside and renamed.
+    Takes a fixed ``filepath`` (no ``{epoch}`` placeholders).
+    """
+
+    def _save_model(self, epoch, batch, logs):
+        final = self.filepath
+        with atomic_file(final) as tmp:
+            self.filepath = tmp
+            try:
+                super()._save_model(epoch, batch, logs)
+            finally:
+                self.filepath = final
 
 
 class Throughput(keras.callbacks.Callback):

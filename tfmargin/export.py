@@ -4,13 +4,12 @@ Everything is written under a temporary name and renamed into place, so a
 crash never leaves a half-written ``saved_models/<name>/``.
 """
 
-import contextlib
 import os
-import shutil
-import tempfile
 
 import keras
 import tensorflow as tf
+
+from tfmargin.atomic import atomic_directory
 
 EXPORT_FORMATS = ("savedmodel", "keras", "onnx")
 
@@ -36,26 +35,6 @@ def serving_outputs(models, class_names, images):
         "class_id": class_id,
         "class_name": tf.gather(tf.constant(class_names), class_id),
     }
-
-
-@contextlib.contextmanager
-def atomic_directory(final_path):
-    """Yield a temporary sibling directory; rename it to ``final_path`` on success."""
-    parent = os.path.dirname(os.path.abspath(final_path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final_path)}.", dir=parent)
-    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would survive the rename
-    try:
-        yield tmp
-        if os.path.isdir(final_path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(final_path)}.old.", dir=parent)
-            os.replace(final_path, os.path.join(old, "x"))
-            os.replace(tmp, final_path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final_path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def export_models(models, class_names, export_path, formats=("savedmodel", "keras"),

@@ -15,7 +15,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfmargin.callbacks import EmbeddingProjector, PreciseBatchNorm, Throughput
+from tfmargin.atomic import atomic_file, check_writable
+from tfmargin.callbacks import (
+    AtomicModelCheckpoint,
+    EmbeddingProjector,
+    PreciseBatchNorm,
+    Throughput,
+)
 from tfmargin.data import AUGMENTATIONS, MIXES, load_dataset, make_pipeline
 from tfmargin.export import EXPORT_FORMATS, export_models
 from tfmargin.margins import FALLBACKS, check_head_arguments
@@ -150,10 +156,8 @@ def make_strategy(name):
 
 
 def _write_json(path, data):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def _compile(models, config, steps_per_epoch):
@@ -226,6 +230,9 @@ def train(config, resume=False, overwrite=False, callbacks=()):
     if already_done:
         with open(os.path.join(run_dir, "metrics.json")) as f:
             return json.load(f)
+    check_writable(config.runs_dir, "--runs-dir")
+    if config.export_formats():
+        check_writable(config.export_dir, "--export-dir")
     # MultiWorkerMirroredStrategy must exist before any other TensorFlow op runs.
     strategy = make_strategy(config.strategy)
     keras.utils.set_random_seed(config.seed)
@@ -273,12 +280,13 @@ def train(config, resume=False, overwrite=False, callbacks=()):
     monitor = "val_plain_loss" if multi else "val_loss"
     throughput = Throughput(global_batch)
     all_callbacks = [
-        keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup")),
+        # double_checkpoint: a backup torn by a crash falls back to the one before it.
+        keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup"),
+                                         double_checkpoint=True),
         keras.callbacks.TensorBoard(os.path.join(run_dir, "logs")),
-        keras.callbacks.ModelCheckpoint(os.path.join(run_dir, "checkpoints", "best.weights.h5"),
-                                        monitor=monitor, mode="min", save_best_only=True,
-                                        initial_value_threshold=math.inf,
-                                        save_weights_only=True),
+        AtomicModelCheckpoint(os.path.join(run_dir, "checkpoints", "best.weights.h5"),
+                              monitor=monitor, mode="min", save_best_only=True,
+                              initial_value_threshold=math.inf, save_weights_only=True),
         keras.callbacks.CSVLogger(os.path.join(run_dir, "log.csv"), append=True),
         keras.callbacks.TerminateOnNaN(),
         throughput,
@@ -315,7 +323,8 @@ def train(config, resume=False, overwrite=False, callbacks=()):
         epochs=config.epochs, wall_seconds=wall, train_images_per_second=
         throughput.images_per_second, train_accuracy_last_epoch=train_accuracy[-1],
         test_size=int(len(labels)))
-    models.inference.save(os.path.join(run_dir, "inference.keras"))
+    with atomic_file(os.path.join(run_dir, "inference.keras")) as tmp:
+        models.inference.save(tmp)
     if config.export_formats():
         metrics["export"] = export_models(
             models, data.class_names, os.path.join(config.export_dir, config.run_name()),
