@@ -8,9 +8,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from tfmargin.report import (  # noqa: E402
     command,
+    load_predictions,
     load_runs,
     paper_table,
     plot_margin_sweep,
+    plot_run_diagnostics,
     runs_table,
 )
 
@@ -25,6 +27,28 @@ shuffle (`--limit-train`) for a few epochs on 2 CPU cores. They show that traini
 work and how the heads compare at that budget; they are far from converged and not comparable
 with the paper's fully trained numbers.
 """
+
+
+def diagnostics_section(runs, runs_dir, docs_dir):
+    """One confusion matrix + angle histogram PNG per run; inline where m >= 2."""
+    lines, inline = [], []
+    for run in runs:
+        predictions = load_predictions(run, runs_dir)
+        if predictions is None:
+            lines.append(f"- {run['name']}: no `test_predictions.npz` and no data to compute it")
+            continue
+        relative = os.path.join("runs", f"{run['name']}.png")
+        os.makedirs(os.path.join(docs_dir, "runs"), exist_ok=True)
+        plot_run_diagnostics(run, predictions, os.path.join(docs_dir, relative))
+        lines.append(f"- [{run['name']}]({relative})")
+        margin = run["config"]["margin"]
+        if run["config"]["loss"] == "arcface" and isinstance(margin, float) and margin >= 2:
+            inline.append(f"![{run['name']}]({relative})")
+    return ("\n## Per-run diagnostics\n\nConfusion matrix of the test split (row-normalised) "
+            "and, for margin heads, the histogram of each test image's angle to its own class "
+            "centre, correct and wrong predictions apart.\n\n" + "\n".join(lines) + "\n"
+            + ("\nAt m >= 2, where the paper saw no convergence:\n\n" + "\n\n".join(inline)
+               + "\n" if inline else ""))
 
 
 def main(argv=None):
@@ -56,6 +80,7 @@ def main(argv=None):
         parts.append("\n## Margin sweep\n\n![mAP and top-1 against m](figure2.png)\n\n"
                      "Solid: monotonic fallback; dashed: raw cos(theta + m) (the paper's). "
                      "The dotted line marks m = 2, where the paper saw no convergence.\n")
+    parts.append(diagnostics_section(runs, args.runs_dir, os.path.dirname(args.output) or "."))
     with open(args.output, "w") as f:
         f.write("".join(parts))
     print(f"wrote {args.output} from {len(runs)} runs")

@@ -1,6 +1,7 @@
 """Run a named grid of runs through the same code path as run.py.
 
     python experiments/sweep.py table1 --dataset path/to/cifar10 --epochs 3 --limit-train 5000
+    python experiments/sweep.py many-classes --dataset /tmp/glyphs200 --backbones tinycnn
 
 Finished runs are skipped, so a sweep can be stopped and restarted.
 """
@@ -31,11 +32,9 @@ def grid(name, backbones=None, margins=FIGURE2_MARGINS):
                      dataset="cifar10")
                 for b in backbones or ("efficientnetb0", "mobilenetv2")
                 for f in ("monotonic", "none") for s in (1.0, 16.0) for m in margins]
-    if name == "many-classes":
-        heads = (dict(loss="arcface", scale=1.0, margin=0.1),
-                 dict(loss="arcface", scale="auto", margin=0.1),
-                 dict(loss="arcface", scale=1.0, margin=0.1, ce_weight=0.5),
-                 dict(loss="softmax"))
+    if name == "many-classes":  # the paper's s=1 against scale="auto", each with the CE mix
+        heads = tuple(dict(loss="arcface", scale=s, margin=0.1, ce_weight=ce)
+                      for s in (1.0, "auto") for ce in (0.0, 0.5)) + (dict(loss="softmax"),)
         return [dict(backbone=b, **h) for b in backbones or ("resnet18",) for h in heads]
     raise ValueError(f"unknown grid {name!r}; choose one of {', '.join(GRIDS)}")
 
@@ -61,6 +60,9 @@ def main(argv=None):
 
     from tfmargin.train import RunConfig, train
 
+    if args.grid == "many-classes" and not args.dataset:
+        parser.error("many-classes needs --dataset: a folder with hundreds of classes, e.g. "
+                     "from python experiments/make_glyphs.py /tmp/glyphs200")
     margins = tuple(float(m) for m in args.margins.split(",")) if args.margins \
         else FIGURE2_MARGINS
     settings = grid(args.grid, args.backbones.split(",") if args.backbones else None, margins)

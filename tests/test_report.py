@@ -65,3 +65,18 @@ def test_sweep_runs_skips_finished_and_reports_a_figure(tmp_path):
     text = out.read_text()
     assert "![mAP and top-1 against m](figure2.png)" in text
     assert text.count("| shapes-tinycnn-arcface-") == 8
+
+
+def test_glyph_folder_has_distinct_classes_and_loads(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import numpy as np
+    from make_glyphs import glyph_classes, write_glyphs
+
+    shapes, colours = glyph_classes(300, np.random.default_rng(0))
+    assert len({s.tobytes() for s in shapes}) == 300 and colours.shape == (300, 3)
+
+    from tfmargin.data import load_dataset
+
+    data = load_dataset(write_glyphs(str(tmp_path / "g"), 5, 3, 2))
+    assert data.class_names == [f"glyph_{i:03d}" for i in range(5)]
+    assert (data.train_size, data.test_size) == (15, 10)

@@ -31,6 +31,8 @@ _HELP = {
            "dominant class)",
     "mixed_precision": "mixed precision (float16 on GPU, bfloat16 on CPU); the head stays float32",
     "jit_compile": "compile the train step with XLA",
+    "steps_per_execution": "training steps per call into the compiled step (fewer Python "
+                           "round trips)",
     "strategy": "mirrored (all GPUs, else all CPUs), default (no distribution), multiworker "
                 "(MultiWorkerMirroredStrategy from TF_CONFIG)",
     "limit_train": "use only the first N training images (0: all), for small budgets",

@@ -45,3 +45,19 @@ def classification_metrics(scores, labels):
         "top5": top_k_accuracy(scores, labels, 5),
         "mAP": mean_average_precision(scores, labels),
     }
+
+
+def prediction_summary(scores, labels, scale=None):
+    """What a confusion matrix and an angle histogram need, per test image.
+
+    ``target_angle_deg`` is the angle between the embedding and its class's
+    centre, ``arccos(logit_y / s)``, for margin heads (whose logits are
+    ``s cos theta``); NaN for a softmax head (``scale=None``).
+    """
+    labels = np.asarray(labels).reshape(-1)
+    target = scores[np.arange(len(labels)), labels]
+    angle = (np.degrees(np.arccos(np.clip(target / scale, -1.0, 1.0))) if scale
+             else np.full(len(labels), np.nan))
+    return {"labels": labels.astype(np.int32),
+            "predicted": np.argmax(scores, axis=1).astype(np.int32),
+            "target_angle_deg": angle.astype(np.float32)}

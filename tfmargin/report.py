@@ -110,10 +110,13 @@ def plot_margin_sweep(runs, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
-    for (backbone, fallback, scale, _, _), points in sorted(curves.items()):
+    several_budgets = len({k[3:] for k in curves}) > 1
+    for (backbone, fallback, scale, size, epochs), points in sorted(curves.items()):
         margins = [m for m, _ in points]
         style = "-" if fallback == "monotonic" else "--"
         label = f"{backbone}, {fallback}, s={scale:.3g}"
+        if several_budgets:
+            label += f" ({size} x {epochs})"
         for ax, key in zip(axes, ("mAP", "top1"), strict=True):
             ax.plot(margins, [100 * r["metrics"][key] for _, r in points], style, marker="o",
                     label=label)
@@ -130,3 +133,84 @@ def plot_margin_sweep(runs, path):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def load_predictions(run, runs_dir):
+    """A run's ``test_predictions.npz``; recomputed from ``inference.keras`` and its image
+    folder (and cached) for runs that predate the file. None if neither is possible."""
+    run_dir = os.path.join(runs_dir, run["name"])
+    path = os.path.join(run_dir, "test_predictions.npz")
+    model_path = os.path.join(run_dir, "inference.keras")
+    dataset = run["config"]["dataset"]
+    if not os.path.exists(path):
+        if not (os.path.exists(model_path) and os.path.isdir(dataset)):
+            return None
+        import keras
+        import numpy as np
+
+        from tfmargin.atomic import atomic_file
+        from tfmargin.data import load_dataset
+        from tfmargin.metrics import prediction_summary
+        from tfmargin.train import predict_scores
+
+        print(f"computing test predictions of {run['name']}", flush=True)
+        c = run["config"]
+        data = load_dataset(dataset, c["image_size"], limit_train=1, val_split=c["val_split"],
+                            seed=c["seed"])
+        scores, labels = predict_scores(keras.saving.load_model(model_path), data.test,
+                                        c["global_batch"])
+        with atomic_file(path) as tmp:
+            np.savez_compressed(tmp, **prediction_summary(scores, labels, c["head_scale"]))
+    import numpy as np
+
+    with np.load(path) as f:
+        return dict(f)
+
+
+def plot_run_diagnostics(run, predictions, path):
+    """Confusion matrix (row-normalised) and, for margin heads, target-angle histograms."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = run["config"]["class_names"]
+    labels, predicted = predictions["labels"], predictions["predicted"]
+    confusion = np.zeros((len(names), len(names)))
+    np.add.at(confusion, (labels, predicted), 1)
+    confusion /= np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+    angles = predictions["target_angle_deg"]
+    has_angles = not np.all(np.isnan(angles))
+    fig, axes = plt.subplots(1, 2 if has_angles else 1, figsize=(11 if has_angles else 5.5, 4.6),
+                             squeeze=False)
+    ax = axes[0, 0]
+    ax.imshow(confusion, cmap="Blues", vmin=0, vmax=1)
+    if len(names) <= 20:
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        for (i, j), value in np.ndenumerate(confusion):
+            if value >= 0.05:
+                ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center", fontsize=6,
+                        color="white" if value > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"confusion (% of each true class), top-1 {100 * run['metrics']['top1']:.1f}%")
+    if has_angles:
+        ax = axes[0, 1]
+        bins = np.linspace(0, 180, 61)
+        correct = labels == predicted
+        ax.hist(angles[correct], bins=bins, alpha=0.7, label="correct")
+        ax.hist(angles[~correct], bins=bins, alpha=0.7, label="wrong")
+        margin = run["config"]["margin"]
+        if isinstance(margin, (int, float)) and run["config"]["loss"] == "arcface":
+            ax.axvline(180 - np.degrees(margin), color="grey", ls=":",
+                       label="pi - m (fallback starts)")
+        ax.set_xlabel("angle to own class centre (degrees)")
+        ax.set_ylabel("test images")
+        ax.set_title("target angles theta_y")
+        ax.legend(fontsize=7)
+    fig.suptitle(run["name"], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

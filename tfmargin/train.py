@@ -1,7 +1,8 @@
 """One training run: data, models, ``model.fit`` under a tf.distribute strategy, metrics.
 
 Everything a run writes goes to ``runs/<name>/``: ``config.json``,
-``metrics.json``, ``log.csv``, TensorBoard ``logs/``, ``checkpoints/``.
+``metrics.json``, ``log.csv``, TensorBoard ``logs/``, ``checkpoints/``,
+``inference.keras`` and ``test_predictions.npz``.
 """
 
 import dataclasses
@@ -25,10 +26,11 @@ from tfmargin.callbacks import (
 from tfmargin.data import AUGMENTATIONS, MIXES, load_dataset, make_pipeline
 from tfmargin.export import EXPORT_FORMATS, export_models
 from tfmargin.margins import FALLBACKS, check_head_arguments
-from tfmargin.metrics import classification_metrics
+from tfmargin.metrics import classification_metrics, prediction_summary
 from tfmargin.models import LOSSES, build_models
 
 STRATEGIES = ("mirrored", "default", "multiworker")
+PREDICTIONS = "test_predictions.npz"  # labels, predictions, target angles of the test split
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -62,6 +64,7 @@ class RunConfig:
     mix: str = "none"
     mixed_precision: bool = False
     jit_compile: bool = False
+    steps_per_execution: int = 1
     strategy: str = "mirrored"
     limit_train: int = 0
     precise_bn_batches: int = 20
@@ -115,6 +118,8 @@ class RunConfig:
         need(self.mix in MIXES, f"unknown mix {self.mix!r}; choose one of {', '.join(MIXES)}")
         need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        need(self.steps_per_execution >= 1,
+             f"--steps-per-execution must be >= 1, got {self.steps_per_execution}")
         need(self.embedding_dim >= 1 or self.embedding_dim == 0,
              f"--embedding-dim must be >= 1 (0: pooled features), got {self.embedding_dim}")
         need(self.learning_rate > 0, f"--learning-rate must be > 0, got {self.learning_rate}")
@@ -160,7 +165,24 @@ def _write_json(path, data):
         json.dump(data, f, indent=2, sort_keys=True)
 
 
-def _compile(models, config, steps_per_epoch):
+def set_precision(config):
+    """Global dtype policy: float16 on GPU, bfloat16 on CPU with --mixed-precision."""
+    mixed = "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"
+    keras.config.set_dtype_policy(mixed if config.mixed_precision else "float32")
+
+
+def build_run_models(config, num_classes):
+    """``build_models`` with a run's settings; call inside the strategy's scope."""
+    try:  # e.g. scale="auto" on a 2-class folder
+        return build_models(config.backbone, num_classes, config.loss, config.image_size,
+                            config.embedding_dim, config.scale, config.margin, config.fallback,
+                            config.sub_centers, config.ce_weight)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def compile_models(models, config, steps_per_epoch):
+    """Compile the training model as ``train`` does: schedule, optimizer, losses, metrics."""
     total = steps_per_epoch * config.epochs
     warmup = min(int(config.warmup_epochs * steps_per_epoch), total // 2)
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -188,21 +210,30 @@ def _compile(models, config, steps_per_epoch):
         loss_weights = {"margin": 1.0 - config.ce_weight, "plain": config.ce_weight}
         metrics = {"plain": metrics}
     models.train.compile(optimizer=optimizer, loss=loss, loss_weights=loss_weights,
-                         metrics=metrics, jit_compile=config.jit_compile)
+                         metrics=metrics, jit_compile=config.jit_compile,
+                         steps_per_execution=config.steps_per_execution)
 
 
 def soft_targets(config):
     return bool(config.label_smoothing) or config.mix != "none"
 
 
-def _targets(config, num_classes, multi_output):
-    def fn(inputs, labels):
+def make_datasets(config, data, models, global_batch):
+    """Training and validation batches in the form the compiled training model takes."""
+    multi = models.uses_label_input
+
+    def to_targets(inputs, labels):
         y = labels
         if soft_targets(config) and labels.dtype.is_integer:
-            y = tf.one_hot(labels, num_classes)
-        return inputs, ({"margin": y, "plain": y} if multi_output else y)
+            y = tf.one_hot(labels, data.num_classes)
+        return inputs, ({"margin": y, "plain": y} if multi else y)
 
-    return fn
+    pipeline = dict(batch_size=global_batch, with_label_input=multi)
+    train_ds = make_pipeline(data.train, training=True, augment=config.augment,
+                             seed=config.seed, mix=config.mix, num_classes=data.num_classes,
+                             **pipeline)
+    test_ds = make_pipeline(data.test, training=False, **pipeline)
+    return train_ds.map(to_targets), test_ds.map(to_targets)
 
 
 def predict_scores(model, split, batch_size):
@@ -238,8 +269,7 @@ def train(config, resume=False, overwrite=False, callbacks=()):
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
-    mixed = "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"
-    keras.config.set_dtype_policy(mixed if config.mixed_precision else "float32")
+    set_precision(config)
     replicas = strategy.num_replicas_in_sync
     global_batch = config.batch_size * replicas
     data = load_dataset(config.dataset, config.image_size, config.limit_train or None,
@@ -249,22 +279,10 @@ def train(config, resume=False, overwrite=False, callbacks=()):
         raise ConfigError(f"the training split has {data.train_size} images, fewer than one "
                           f"global batch of {global_batch}; lower --batch-size")
     with strategy.scope():
-        try:  # e.g. scale="auto" on a 2-class folder
-            models = build_models(config.backbone, data.num_classes, config.loss,
-                                  config.image_size, config.embedding_dim, config.scale,
-                                  config.margin, config.fallback, config.sub_centers,
-                                  config.ce_weight)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
-        _compile(models, config, steps_per_epoch)
+        models = build_run_models(config, data.num_classes)
+        compile_models(models, config, steps_per_epoch)
     multi = models.uses_label_input
-    pipeline = dict(batch_size=global_batch, with_label_input=models.uses_label_input)
-    train_ds = make_pipeline(data.train, training=True, augment=config.augment,
-                             seed=config.seed, mix=config.mix, num_classes=data.num_classes,
-                             **pipeline)
-    test_ds = make_pipeline(data.test, training=False, **pipeline)
-    to_targets = _targets(config, data.num_classes, multi)
-    train_ds, test_ds = train_ds.map(to_targets), test_ds.map(to_targets)
+    train_ds, test_ds = make_datasets(config, data, models, global_batch)
 
     if overwrite and os.path.isdir(run_dir):  # only now that data and model are sound
         shutil.rmtree(run_dir)
@@ -325,6 +343,8 @@ def train(config, resume=False, overwrite=False, callbacks=()):
         test_size=int(len(labels)))
     with atomic_file(os.path.join(run_dir, "inference.keras")) as tmp:
         models.inference.save(tmp)
+    with atomic_file(os.path.join(run_dir, PREDICTIONS)) as tmp:
+        np.savez_compressed(tmp, **prediction_summary(scores, labels, resolved["head_scale"]))
     if config.export_formats():
         metrics["export"] = export_models(
             models, data.class_names, os.path.join(config.export_dir, config.run_name()),
