@@ -51,10 +51,6 @@ def free_ports(n):
     return ports
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Keras 3 model.fit cannot consume MultiWorkerMirroredStrategy's distributed dataset "
-    "('Attempt to convert a value ... PerReplica'), keras-team/keras#20585; strict, so this "
-    "test fails loudly once an upgrade fixes it"))
 def test_multiworker_two_processes_end_with_identical_weights(shapes, tmp_path):
     workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
     processes = []
@@ -72,7 +68,12 @@ def test_multiworker_two_processes_end_with_identical_weights(shapes, tmp_path):
                for i in range(2)]
     assert [c["replicas"] for c in configs] == [2, 2]
     assert [c["global_batch"] for c in configs] == [32, 32]
+    metrics = [json.loads((tmp_path / f"worker{i}" / "r" / "metrics.json").read_text())
+               for i in range(2)]
+    assert metrics[0]["top1"] == metrics[1]["top1"] and metrics[0]["test_size"] == 24
     import keras
+
+    import tfmargin  # noqa: F401  (registers ArcMarginLayer for loading)
 
     probe = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
     models = [keras.saving.load_model(tmp_path / f"worker{i}" / "r" / "inference.keras")

@@ -154,6 +154,9 @@ def make_strategy(name):
         if "TF_CONFIG" not in os.environ:
             raise ConfigError("--strategy multiworker needs TF_CONFIG set on every worker "
                               "(see README, 'Fault tolerance and scaling out')")
+        from tfmargin.multiworker import patch_keras
+
+        patch_keras()  # until keras-team/keras#20585 is fixed
         return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
