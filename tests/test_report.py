@@ -30,8 +30,9 @@ def test_report_copies_the_metrics_files(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     text = out.read_text()
-    assert "| a | resnet18 | softmax | - | - | - | 5000 | 3 | 41.23 | 43.22 |" in text
-    assert "| b | resnet18 | arcface | 16.0 | 0.2 | monotonic | 5000 | 3 | 38.77 | 40.00 |" in text
+    assert "| a | resnet18 | softmax | - | - | - | - | 5000 | 3 | 41.23 | 43.22 |" in text
+    assert ("| b | resnet18 | arcface | 16.0 | 0.2 | monotonic | 0.0 | 5000 | 3 | 38.77 | 40.00 |"
+            in text)
     assert "| paper: cross-entropy | 65.2 | 84.66 | 59.01 |" in text
     assert "| ours: softmax | 43.22 | not run | not run |" in text
     assert "--backbone resnet18 --loss arcface --dataset /data/cifar10-jpeg --epochs 3" in text

@@ -45,9 +45,9 @@ def command(config):
 
 
 def runs_table(runs):
-    header = ("| run | backbone | loss | s | m | fallback | train images | epochs | test top-1 "
-              "| test mAP | train acc. (last epoch) | train img/s | wall (s) | finished |\n"
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    header = ("| run | backbone | loss | s | m | fallback | CE weight | train images | epochs "
+              "| test top-1 | test mAP | train acc. (last epoch) | train img/s | wall (s) "
+              "| finished |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     rows = []
     for run in runs:
         c, m = run["config"], run["metrics"]
@@ -56,7 +56,8 @@ def runs_table(runs):
         rows.append(
             f"| {run['name']} | {c['backbone']} | {c['loss']} | "
             f"{c['head_scale'] if margin else '-'} | {c['margin'] if margin else '-'} | "
-            f"{c['fallback'] if margin else '-'} | {c['train_size']} | {m['epochs']} | "
+            f"{c['fallback'] if margin else '-'} | {c['ce_weight'] if margin else '-'} | "
+            f"{c['train_size']} | {m['epochs']} | "
             f"{100 * m['top1']:.2f} | {100 * m['mAP']:.2f} | "
             f"{'-' if train_acc is None else f'{100 * train_acc:.2f}'} | "
             f"{m['train_images_per_second']:.1f} | {m['wall_seconds']:.0f} | {run['finished']} |")
@@ -94,9 +95,8 @@ def margin_curves(runs):
         key = (c["backbone"], c["fallback"], c["head_scale"], c["train_size"],
                run["metrics"]["epochs"])
         curves.setdefault(key, []).append((float(c["margin"]), run))
-    if all(len(v) < 2 for v in curves.values()):
-        return {}  # no margin was varied: nothing to draw
-    return {k: sorted(v, key=lambda p: p[0]) for k, v in curves.items()}
+    # A curve needs a varied margin; single runs are in the tables.
+    return {k: sorted(v, key=lambda p: p[0]) for k, v in curves.items() if len(v) >= 2}
 
 
 def plot_margin_sweep(runs, path):
