@@ -35,6 +35,7 @@ def test_report_copies_the_metrics_files(tmp_path):
             in text)
     assert "| paper: cross-entropy | 65.2 | 84.66 | 59.01 |" in text
     assert "| ours: softmax | 43.22 | not run | not run |" in text
+    assert "| ours: arcface s=16 m=0.2 monotonic | 40.00 (-3.22, loses) | not run |" in text
     assert "--backbone resnet18 --loss arcface --dataset /data/cifar10-jpeg --epochs 3" in text
     assert "unfinished" not in text
 
