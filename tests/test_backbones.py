@@ -62,3 +62,22 @@ def test_mixed_objective_weights_margin_and_plain_cross_entropy(ce_weight):
     expected_train = (1 - ce_weight) * float(ce(labels, margin)) + ce_weight * float(
         ce(labels, plain))
     assert expected_train > float(ce(labels, plain))  # the margin makes training harder
+
+
+def test_mixed_precision_training_model_gives_losses_and_metrics_float32():
+    from tfmargin.train import RunConfig, compile_models, set_precision
+
+    config = RunConfig(backbone="tinycnn", mixed_precision=True, embedding_dim=8)
+    set_precision(config)
+    try:
+        models = build_models("tinycnn", 6, "arcface", embedding_dim=8, scale=8.0)
+        compile_models(models, config, steps_per_epoch=2)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert {o.dtype for o in models.train.outputs} == {"float32"}
+    assert models.embedding.get_layer("projection").compute_dtype == "bfloat16"
+    images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    labels = np.array([0, 1, 2, 5])
+    logs = models.train.train_on_batch({"image": images, "label": labels},
+                                       {"margin": labels, "plain": labels}, return_dict=True)
+    assert np.isfinite(logs["loss"]) and 0.0 <= logs["plain_top5"] <= 1.0

@@ -81,7 +81,9 @@ def build_models(backbone, num_classes, loss="arcface", image_size=32, embedding
     # Two outputs: the margin logits carry the loss; the plain logits s*cos(theta)
     # carry lambda of it (the mixed objective, lambda may be 0) and the training
     # accuracy, which on margin logits would understate what the model predicts.
-    outputs = {"margin": layers.Identity(name="margin")(head(embedding, labels=label)),
-               "plain": layers.Identity(name="plain")(inference.output)}
+    # float32 like the head: under a mixed policy the losses and metrics see full precision.
+    outputs = {"margin": layers.Identity(name="margin", dtype="float32")(
+                   head(embedding, labels=label)),
+               "plain": layers.Identity(name="plain", dtype="float32")(inference.output)}
     train = keras.Model({"image": image, "label": label}, outputs, name="train")
     return Models(train, inference, embedding_model, head)
