@@ -284,13 +284,13 @@ def bench_targets(report, data, tfds_data, args):
     # 3. Against plain Keras scripts on MobileNetV2, same batch and images.
     ours = RunSetup(data, steps, backbone="mobilenetv2", loss="arcface", batch_size=batch)
     images, labels = as_arrays(data.train, steps * batch)
+    our_flops = training_flops_per_image(ours.models.train)
     for label, backbone_model in (
             ("same adapted network", build_backbone("mobilenetv2", (32, 32, 3))),
             ("stock keras.applications", stock_mobilenetv2())):
         plain = plain_keras_model(backbone_model, data.num_classes)
         result = paired(ours.rate, partial(plain_rate, plain, images, labels, batch), rounds)
         plain_flops = training_flops_per_image(plain)
-        our_flops = training_flops_per_image(ours.models.train)
         report.add("vs plain", f"mobilenetv2 run.py training / plain Keras ({label})",
                    result["ratio"], "x", ">= 1.0", result["ratio"] >= 1.0,
                    f"{result['a']:.1f} vs {result['b']:.1f} img/s; GFLOP/image "

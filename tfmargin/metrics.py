@@ -1,6 +1,12 @@
-"""Test metrics computed exactly from scores: top-k accuracy and mAP."""
+"""Test metrics computed exactly from scores (top-k accuracy, mAP) and per-image summaries."""
+
+import os
 
 import numpy as np
+
+from tfmargin.atomic import atomic_file
+
+PREDICTIONS_FILE = "test_predictions.npz"  # per test image: label, prediction, target angle
 
 
 def average_precision(scores, positives):
@@ -61,3 +67,9 @@ def prediction_summary(scores, labels, scale=None):
     return {"labels": labels.astype(np.int32),
             "predicted": np.argmax(scores, axis=1).astype(np.int32),
             "target_angle_deg": angle.astype(np.float32)}
+
+
+def save_prediction_summary(run_dir, scores, labels, scale=None):
+    """Write :func:`prediction_summary` to ``run_dir/test_predictions.npz`` atomically."""
+    with atomic_file(os.path.join(run_dir, PREDICTIONS_FILE)) as tmp:
+        np.savez_compressed(tmp, **prediction_summary(scores, labels, scale))

@@ -5,6 +5,8 @@ import glob
 import json
 import os
 
+import numpy as np
+
 # The paper's "mAP" (percent), cross-entropy / angular margin (s=1, m=0.1).
 PAPER = {
     "cifar10": {"resnet18": (65.2, 65.4), "efficientnetb0": (84.66, 85.2),
@@ -148,19 +150,18 @@ def plot_margin_sweep(runs, path):
 def load_predictions(run, runs_dir):
     """A run's ``test_predictions.npz``; recomputed from ``inference.keras`` and its image
     folder (and cached) for runs that predate the file. None if neither is possible."""
+    from tfmargin.metrics import PREDICTIONS_FILE, save_prediction_summary
+
     run_dir = os.path.join(runs_dir, run["name"])
-    path = os.path.join(run_dir, "test_predictions.npz")
+    path = os.path.join(run_dir, PREDICTIONS_FILE)
     model_path = os.path.join(run_dir, "inference.keras")
     dataset = run["config"]["dataset"]
     if not os.path.exists(path):
         if not (os.path.exists(model_path) and os.path.isdir(dataset)):
             return None
         import keras
-        import numpy as np
 
-        from tfmargin.atomic import atomic_file
         from tfmargin.data import load_dataset
-        from tfmargin.metrics import prediction_summary
         from tfmargin.train import predict_scores
 
         print(f"computing test predictions of {run['name']}", flush=True)
@@ -169,10 +170,7 @@ def load_predictions(run, runs_dir):
                             seed=c["seed"])
         scores, labels = predict_scores(keras.saving.load_model(model_path), data.test,
                                         c["global_batch"])
-        with atomic_file(path) as tmp:
-            np.savez_compressed(tmp, **prediction_summary(scores, labels, c["head_scale"]))
-    import numpy as np
-
+        save_prediction_summary(run_dir, scores, labels, c["head_scale"])
     with np.load(path) as f:
         return dict(f)
 
@@ -183,7 +181,6 @@ def plot_run_diagnostics(run, predictions, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     names = run["config"]["class_names"]
     labels, predicted = predictions["labels"], predictions["predicted"]

@@ -26,11 +26,10 @@ from tfmargin.callbacks import (
 from tfmargin.data import AUGMENTATIONS, MIXES, load_dataset, make_pipeline
 from tfmargin.export import EXPORT_FORMATS, export_models
 from tfmargin.margins import FALLBACKS, check_head_arguments
-from tfmargin.metrics import classification_metrics, prediction_summary
+from tfmargin.metrics import classification_metrics, save_prediction_summary
 from tfmargin.models import LOSSES, build_models
 
 STRATEGIES = ("mirrored", "default", "multiworker")
-PREDICTIONS = "test_predictions.npz"  # labels, predictions, target angles of the test split
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -346,8 +345,7 @@ def train(config, resume=False, overwrite=False, callbacks=()):
         test_size=int(len(labels)))
     with atomic_file(os.path.join(run_dir, "inference.keras")) as tmp:
         models.inference.save(tmp)
-    with atomic_file(os.path.join(run_dir, PREDICTIONS)) as tmp:
-        np.savez_compressed(tmp, **prediction_summary(scores, labels, resolved["head_scale"]))
+    save_prediction_summary(run_dir, scores, labels, resolved["head_scale"])
     if config.export_formats():
         metrics["export"] = export_models(
             models, data.class_names, os.path.join(config.export_dir, config.run_name()),
