@@ -12,7 +12,6 @@ import argparse
 import os
 
 import numpy as np
-from PIL import Image
 
 
 def glyph_classes(num_classes, rng, cells=6):
@@ -35,15 +34,15 @@ def draw(shape, colour, rng, size=32, zoom=4):
 
 
 def write_glyphs(root, num_classes=200, train_per_class=40, test_per_class=10, seed=0):
+    from tfmargin.data import write_image_folder
+
     rng = np.random.default_rng(seed)
     shapes, colours = glyph_classes(num_classes, rng)
+    names = [f"glyph_{label:03d}" for label in range(num_classes)]
     for split, count in (("train", train_per_class), ("test", test_per_class)):
-        for label in range(num_classes):
-            folder = os.path.join(root, split, f"glyph_{label:03d}")
-            os.makedirs(folder, exist_ok=True)
-            for i in range(count):
-                Image.fromarray(draw(shapes[label], colours[label], rng)).save(
-                    os.path.join(folder, f"{i:04d}.png"))
+        labels = np.repeat(np.arange(num_classes), count)
+        images = [draw(shapes[label], colours[label], rng) for label in labels]
+        write_image_folder(os.path.join(root, split), images, labels, names)
     return root
 
 

@@ -2,8 +2,9 @@
 
     python experiments/predict.py saved_models/<run> image.png ...
 
-
 Uses only TensorFlow and the SavedModel (no tfmargin import): what a client has.
+The export's ``serve_encoded`` endpoint decodes and resizes the image bytes with
+the same function the training data went through.
 """
 
 import argparse
@@ -27,16 +28,16 @@ def main(argv=None):
     import tensorflow as tf
 
     model = tf.saved_model.load(saved_model)
-    size = model.serve.input_signature[0].shape[1]
-    batch = []
+    outputs = None
     for path in args.images:
+        # One image per call: the export decodes and resizes exactly as training did.
         try:
-            image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-        except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError):
+            with open(path, "rb") as f:
+                one = model.serve_encoded(tf.constant([f.read()]))
+        except (OSError, tf.errors.InvalidArgumentError):
             parser.exit(2, f"predict.py: error: cannot read image {path!r}\n")
-        image = tf.image.resize(image, (size, size), antialias=True)
-        batch.append(tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8))
-    outputs = model.serve(tf.stack(batch))
+        outputs = one if outputs is None else {
+            k: tf.concat([outputs[k], v], 0) for k, v in one.items()}
     with open(os.path.join(args.export, "class_names.txt")) as f:
         names = f.read().splitlines()
     probabilities = outputs["probabilities"].numpy()

@@ -5,17 +5,10 @@ The paper's setting: ``--loss arcface --scale 1 --margin 0.1 --fallback none``.
 
 import dataclasses
 import os
-import sys
+
+from tfmargin.cli import OneLineParser, add_run_arguments, config_from_args, exit_with
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from tfmargin.cli import (  # noqa: E402
-    OneLineParser,
-    add_run_arguments,
-    config_from_args,
-    exit_with,
-)
 
 
 def main(argv=None):
@@ -28,7 +21,8 @@ def main(argv=None):
 
         metrics = train(config, resume=args.resume, overwrite=args.overwrite)
         print(f"{config.run_name()}: " + ", ".join(
-            f"{k} {metrics[k]:.4f}" for k in ("top1", "top5", "mAP")))
+            f"{k} {metrics[k]:.4f}" for k in ("top1", "top5", "mAP", "precision_at_1",
+                                               "map_at_r")))
     return dataclasses.asdict(config)
 
 

@@ -10,6 +10,10 @@ import shutil
 import tempfile
 
 
+class UnwritablePath(OSError):
+    """A folder given on the command line that cannot be written; says which flag."""
+
+
 @contextlib.contextmanager
 def atomic_file(final_path):
     """Yield a temporary sibling path; if it was written, rename it to ``final_path``."""
@@ -49,7 +53,7 @@ def atomic_directory(final_path):
 
 
 def check_writable(path, flag):
-    """Raise ``PermissionError`` naming ``flag`` unless a folder can be created at ``path``.
+    """Raise ``UnwritablePath`` naming ``flag`` unless a folder can be created at ``path``.
 
     Tries a real write in the nearest existing ancestor (``os.access`` says yes
     to root on read-only folders) and leaves nothing behind.
@@ -58,10 +62,10 @@ def check_writable(path, flag):
     while not os.path.isdir(ancestor):
         parent = os.path.dirname(ancestor)
         if os.path.exists(ancestor) or parent == ancestor:
-            raise NotADirectoryError(f"{path!r} is not a folder; pass a folder to {flag}")
+            raise UnwritablePath(f"{path!r} is not a folder; pass a folder to {flag}")
         ancestor = parent
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=ancestor))
     except OSError as error:
-        raise PermissionError(f"cannot write under {ancestor!r} ({error.strerror}); pass a "
+        raise UnwritablePath(f"cannot write under {ancestor!r} ({error.strerror}); pass a "
                               f"writable folder to {flag}") from None

@@ -7,6 +7,8 @@ Each builder returns a ``keras.Model`` mapping normalised images
 import keras
 from keras import layers
 
+from tfmargin.config import BACKBONE_NAMES
+
 # Short runs need BatchNorm inference statistics that keep up with the
 # weights: Keras Applications' MobileNetV2 uses momentum 0.999, whose moving
 # averages still mostly hold their initial values after a few hundred steps
@@ -47,18 +49,31 @@ def resnet18(input_shape=(32, 32, 3)):
     return keras.Model(inputs, x, name="resnet18")
 
 
-def _adapt_application(model, changes, name):
+def _adapt_application(model, name, by_name, by_class=None):
     """Rebuild a Keras Application with per-layer config changes.
 
-    Every BatchNormalization gets ``BN_MOMENTUM``. Layers named in
-    ``changes`` get those config entries replaced.
+    Every BatchNormalization gets ``BN_MOMENTUM``. ``by_name`` changes the
+    layers Keras Applications names explicitly; ``by_class`` changes every
+    layer of a class (for layers with auto-generated names such as
+    ``rescaling_1``, which depend on how many were built before in the
+    process). A change that matches no layer is an error, never a no-op.
     """
+    by_class = by_class or {}
     config = model.get_config()
+    used = set()
     for layer in config["layers"]:
         layer_config = layer["config"]
         if layer["class_name"] == "BatchNormalization":
             layer_config["momentum"] = BN_MOMENTUM
-        layer_config.update(changes.get(layer_config["name"], {}))
+        for key, changes in ((layer_config["name"], by_name),
+                             (layer["class_name"], by_class)):
+            if key in changes:
+                layer_config.update(changes[key])
+                used.add(key)
+    unused = (set(by_name) | set(by_class)) - used
+    if unused:
+        raise ValueError(f"{model.name}: no layer matches {sorted(unused)}; the Keras "
+                         f"Applications model changed, update the adaptation of {name}.")
     config["name"] = name
     return keras.Model.from_config(config)
 
@@ -81,7 +96,7 @@ def mobilenetv2(input_shape=(32, 32, 3)):
         "block_1_pad": _SAME_PAD_3X3,
         "block_1_depthwise": {"strides": (1, 1)},
     }
-    return _adapt_application(base, changes, "mobilenetv2")
+    return _adapt_application(base, "mobilenetv2", changes)
 
 
 def efficientnetb0(input_shape=(32, 32, 3)):
@@ -96,14 +111,15 @@ def efficientnetb0(input_shape=(32, 32, 3)):
     base = keras.applications.EfficientNetB0(input_shape=input_shape, include_top=False,
                                              weights=None)
     changes = {
-        "rescaling": {"scale": 1.0, "offset": 0.0},
-        "normalization": {"mean": 0.0, "variance": 1.0},
         "stem_conv_pad": _SAME_PAD_3X3,
         "stem_conv": {"strides": (1, 1)},
         "block2a_dwconv_pad": _SAME_PAD_3X3,
         "block2a_dwconv": {"strides": (1, 1)},
     }
-    return _adapt_application(base, changes, "efficientnetb0")
+    # Its auto-named Rescaling(1/255) and Normalization, matched by class.
+    identity = {"Rescaling": {"scale": 1.0, "offset": 0.0},
+                "Normalization": {"mean": 0.0, "variance": 1.0}}
+    return _adapt_application(base, "efficientnetb0", changes, identity)
 
 
 def tinycnn(input_shape=(32, 32, 3)):
@@ -123,6 +139,8 @@ def tinycnn(input_shape=(32, 32, 3)):
 
 BACKBONES = {"resnet18": resnet18, "mobilenetv2": mobilenetv2, "efficientnetb0": efficientnetb0,
              "tinycnn": tinycnn}
+if tuple(BACKBONES) != BACKBONE_NAMES:  # the CLI validates against the TF-free name list
+    raise ImportError("tfmargin.config.BACKBONE_NAMES and backbones.BACKBONES disagree")
 
 
 def build_backbone(name, input_shape=(32, 32, 3)):
@@ -130,29 +148,3 @@ def build_backbone(name, input_shape=(32, 32, 3)):
     if name not in BACKBONES:
         raise ValueError(f"Unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}.")
     return BACKBONES[name](input_shape)
-
-
-def recalibrate_batchnorm(model, images, num_batches=20):
-    """Replace every BatchNorm's moving statistics by exact averages over batches.
-
-    "Precise BN" (Wu & Johnson, 2021): after a short run, exponential moving
-    averages still carry their initial values and those of much older
-    weights, so inference-mode outputs drift from training-mode ones. This
-    recomputes them as the plain mean over ``num_batches`` batches of
-    ``images`` under the final weights. Trainable weights are untouched.
-    """
-    layers_bn = [layer for layer in model._flatten_layers()
-                 if isinstance(layer, layers.BatchNormalization)]
-    if not layers_bn:
-        return 0
-    momenta = [layer.momentum for layer in layers_bn]
-    seen = 0
-    try:
-        for seen, batch in enumerate(images.take(num_batches)):
-            for layer in layers_bn:
-                layer.momentum = seen / (seen + 1.0)  # running mean of per-batch statistics
-            model(batch, training=True)
-    finally:
-        for layer, momentum in zip(layers_bn, momenta, strict=True):
-            layer.momentum = momentum
-    return seen + 1

@@ -1,5 +1,6 @@
-"""Keras callbacks of a run: precise BatchNorm, embedding projector, throughput, checkpoint."""
+"""Keras callbacks of a run: best-weights checkpoint, throughput, embedding projector."""
 
+import json
 import math
 import os
 import time
@@ -10,42 +11,38 @@ import tensorflow as tf
 from keras import ops
 
 from tfmargin.atomic import atomic_file
-from tfmargin.backbones import recalibrate_batchnorm
 
 
-class PreciseBatchNorm(keras.callbacks.Callback):
-    """At the end of training, recompute BatchNorm statistics exactly.
+class BestWeights(keras.callbacks.Callback):
+    """Keep the weights of the epoch with the lowest ``monitor`` (a validation loss).
 
-    See :func:`tfmargin.backbones.recalibrate_batchnorm`. Place it before
-    callbacks whose ``on_train_end`` uses the model in inference mode.
+    Written under a temporary name and renamed (``atomic_file``), so a crash
+    during the write never destroys the previous best; ``<path>.json`` holds
+    its epoch and value, so a resumed run keeps comparing against it. A NaN
+    never compares as lower, so a diverged epoch cannot replace it.
     """
 
-    def __init__(self, embedding_model, images, num_batches=20):
+    def __init__(self, filepath, monitor):
         super().__init__()
-        self.embedding_model = embedding_model
-        self.images = images
-        self.num_batches = num_batches
+        self.filepath = filepath
+        self.monitor = monitor
+        self.record_path = filepath + ".json"
+        self.best = math.inf
 
-    def on_train_end(self, logs=None):
-        recalibrate_batchnorm(self.embedding_model, self.images, self.num_batches)
+    def on_train_begin(self, logs=None):
+        if os.path.exists(self.record_path):
+            with open(self.record_path) as f:
+                self.best = json.load(f)[self.monitor]
 
-
-class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
-    """``ModelCheckpoint`` whose file is replaced atomically.
-
-    Keras writes the file in place, so a crash during the write would destroy
-    the previous best checkpoint; here it is written aside and renamed.
-    Takes a fixed ``filepath`` (no ``{epoch}`` placeholders).
-    """
-
-    def _save_model(self, epoch, batch, logs):
-        final = self.filepath
-        with atomic_file(final) as tmp:
-            self.filepath = tmp
-            try:
-                super()._save_model(epoch, batch, logs)
-            finally:
-                self.filepath = final
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None or not value < self.best:  # no validation this epoch, or not better
+            return
+        with atomic_file(self.filepath) as tmp:
+            self.model.save_weights(tmp)
+        with atomic_file(self.record_path) as tmp, open(tmp, "w") as f:
+            json.dump({"epoch": epoch, self.monitor: float(value)}, f)
+        self.best = float(value)
 
 
 class Throughput(keras.callbacks.Callback):
@@ -56,18 +53,20 @@ class Throughput(keras.callbacks.Callback):
         self.global_batch = global_batch
         self.seconds = 0.0
         self.batches = 0
+        self.epoch_start = self.last_batch_end = 0.0
+        self.epoch_batches = 0
 
     def on_train_batch_begin(self, batch, logs=None):
         if batch == 0:
-            self._start = time.perf_counter()
+            self.epoch_start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
-        self._last = time.perf_counter()
-        self._count = batch + 1
+        self.last_batch_end = time.perf_counter()
+        self.epoch_batches = batch + 1
 
     def on_epoch_end(self, epoch, logs=None):
-        self.seconds += self._last - self._start
-        self.batches += self._count
+        self.seconds += self.last_batch_end - self.epoch_start
+        self.batches += self.epoch_batches
 
     @property
     def images_per_second(self):
@@ -75,15 +74,19 @@ class Throughput(keras.callbacks.Callback):
 
 
 def stratified_sample(split, num_samples, num_classes, seed=0):
-    """Up to ``num_samples`` (image, label) pairs, about equally many per class."""
-    images, labels = zip(*((x.numpy(), int(y)) for x, y in split), strict=True)
-    labels = np.array(labels)
+    """Up to ``num_samples`` (image, label) pairs, about equally many per class.
+
+    Reads the labels first and keeps only the chosen images, so the split is
+    never held in memory whole.
+    """
+    labels = np.array([int(y) for y in split.map(lambda x, y: y)])
     rng = np.random.default_rng(seed)
     per_class = max(1, num_samples // num_classes)
     index = np.concatenate([
         rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(num_classes)])
-    index = np.sort(index)[:num_samples]
-    return np.stack([images[i] for i in index]), labels[index]
+    chosen = set(np.sort(index)[:num_samples].tolist())
+    images = [x.numpy() for i, (x, _) in enumerate(split) if i in chosen]
+    return np.stack(images), labels[sorted(chosen)]
 
 
 def _sprite(images):
@@ -104,14 +107,15 @@ def normalize_rows(x):
 class EmbeddingProjector(keras.callbacks.Callback):
     """Writes L2-normalised embeddings and class centres for TensorBoard's projector.
 
-    At the end of training (and every ``every`` epochs if > 0) it embeds a
-    fixed stratified sample of validation images and writes, into
-    ``log_dir`` (a run of its own, ``<run>/logs/projector``): a checkpoint
-    with tensors ``embeddings`` (N x D) and
-    ``class_centres`` (C x D, the head's normalised class weights),
-    ``metadata.tsv`` (class, label, predicted, correct, angle to the true
-    centre in degrees), ``centres.tsv``, ``sprite.png`` and
-    ``projector_config.pbtxt``. Points and centres lie on the same sphere.
+    Every ``every`` epochs if > 0, and when ``write`` is called (``train``
+    calls it after recalibrating BatchNorm), it embeds a fixed stratified
+    sample of validation images and writes, into ``log_dir`` (a run of its
+    own, ``<run>/logs/projector``): a checkpoint with tensors ``embeddings``
+    (N x D) and ``class_centres`` (C*K x D, the head's normalised class
+    weights, K sub-centres per class), ``metadata.tsv`` (class, label,
+    predicted, correct, angle to the nearest centre of the true class in
+    degrees), ``centres.tsv``, ``sprite.png`` and ``projector_config.pbtxt``.
+    Points and centres lie on the same sphere.
     """
 
     def __init__(self, log_dir, models, split, class_names, num_samples=1000, every=0):
@@ -126,14 +130,11 @@ class EmbeddingProjector(keras.callbacks.Callback):
         if self.every and (epoch + 1) % self.every == 0:
             self.write(epoch + 1)
 
-    def on_train_end(self, logs=None):
-        self.write(self.params.get("epochs", 0) if self.params else 0)
-
     def class_centres(self):
-        kernel = self.models.head.kernel.numpy()
+        """(C, K, D) normalised centres; a Dense head's columns count as K = 1."""
+        kernel = ops.convert_to_numpy(self.models.head.kernel)
         sub_centers = getattr(self.models.head, "sub_centers", 1)
-        centres = kernel.T.reshape(len(self.class_names), sub_centers, -1)[:, 0]
-        return normalize_rows(centres)
+        return normalize_rows(kernel.T.reshape(len(self.class_names), sub_centers, -1))
 
     def write(self, step):
         from PIL import Image
@@ -145,15 +146,19 @@ class EmbeddingProjector(keras.callbacks.Callback):
         predicted = np.argmax(ops.convert_to_numpy(self.models.head(raw)), axis=1)
         embeddings = normalize_rows(raw)
         centres = self.class_centres()
-        cosine = np.clip(np.sum(embeddings * centres[self.labels], axis=1), -1.0, 1.0)
-        angles = np.degrees(np.arccos(cosine))
-        with open(os.path.join(self.log_dir, "metadata.tsv"), "w") as f:
+        # The nearest sub-centre of the true class, as the head's max over sub-centres.
+        cosine = np.einsum("nd,nkd->nk", embeddings, centres[self.labels]).max(axis=1)
+        angles = np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0)))
+        centres = centres.reshape(-1, centres.shape[-1])
+        with atomic_file(os.path.join(self.log_dir, "metadata.tsv")) as tmp, open(tmp, "w") as f:
             f.write("class\tlabel\tpredicted\tcorrect\tangle_to_centre\n")
             for y, p, a in zip(self.labels, predicted, angles, strict=True):
                 f.write(f"{self.class_names[y]}\t{y}\t{self.class_names[p]}\t{int(y == p)}"
                         f"\t{a:.2f}\n")
-        with open(os.path.join(self.log_dir, "centres.tsv"), "w") as f:
-            f.write("".join(f"{name}\n" for name in self.class_names))
+        sub_centers = len(centres) // len(self.class_names)
+        with atomic_file(os.path.join(self.log_dir, "centres.tsv")) as tmp, open(tmp, "w") as f:
+            f.write("class\tsub_centre\n" + "".join(
+                f"{name}\t{k}\n" for name in self.class_names for k in range(sub_centers)))
         Image.fromarray(_sprite(self.images)).save(os.path.join(self.log_dir, "sprite.png"))
         checkpoint = tf.train.Checkpoint(embeddings=tf.Variable(embeddings),
                                          class_centres=tf.Variable(centres))
@@ -173,4 +178,3 @@ class EmbeddingProjector(keras.callbacks.Callback):
             tf.summary.scalar("projector/points", len(self.labels), step=step)
             tf.summary.scalar("projector/mean_angle_to_centre", float(np.mean(angles)),
                               step=step)
-        self.written_at = step

@@ -1,29 +1,37 @@
-"""Command-line plumbing shared by the experiment scripts."""
+"""Command-line plumbing shared by the experiment scripts.
+
+Imports no TensorFlow: ``--help`` and flag errors are answered before it starts.
+"""
 
 import argparse
 import contextlib
 import dataclasses
 import sys
 
-from tfmargin.margins import FALLBACKS
+from tfmargin.config import ConfigError, RunConfig
+from tfmargin.margins import FALLBACKS, MARGIN_TYPES
 
 _HELP = {
     "backbone": "backbone name: resnet18, mobilenetv2, efficientnetb0 (tinycnn: smoke tests)",
     "loss": "softmax (Dense head) or a margin head: arcface, cosface, sphereface, "
             "combined, normface",
-    "dataset": "TFDS name (cifar10, cifar100, ...) or an image folder with class sub-folders "
-               "(optionally under train/ and test/)",
+    "dataset": "tfds:<name> (or a bare TFDS name: cifar10, cifar100, ...) or an image folder "
+               "with class sub-folders (optionally under train/ and test/)",
     "epochs": "training epochs",
     "batch_size": "batch size per replica (global batch = this x replicas)",
     "scale": "head scale s (float) or 'auto' = sqrt(2)*ln(C-1)",
-    "margin": "margin m in radians (sphereface: multiplier); combined: three values m1 m2 m3",
+    "margin": "margin m in radians (sphereface: multiplier); combined: three values m1 m2 m3; "
+              "default per loss: " + ", ".join(f"{name} {spec.default_margin}" for name, spec
+                                              in MARGIN_TYPES.items() if name != "normface"),
     "fallback": f"what ArcFace does past theta > pi - m: {', '.join(FALLBACKS)}",
     "sub_centers": "K centres per class (Sub-center ArcFace)",
     "ce_weight": "lambda of the mixed objective (1-lambda) CE(margin) + lambda CE(s cos theta)",
     "embedding_dim": "embedding size before the head (0 keeps the pooled backbone features)",
     "optimizer": "sgd (Nesterov momentum 0.9) or adamw",
-    "learning_rate": "peak learning rate after warm-up (cosine decay to 0)",
-    "weight_decay": "decoupled weight decay (not on BatchNorm or biases)",
+    "learning_rate": "peak learning rate after warm-up (cosine decay to 0), per 128 images: "
+                     "scaled linearly with the global batch",
+    "weight_decay": "weight decay of kernels: coupled L2 for sgd (as PyTorch's SGD), "
+                    "decoupled for adamw",
     "warmup_epochs": "linear warm-up length in epochs",
     "label_smoothing": "label smoothing of the cross-entropy",
     "augment": "standard (pad-4 shift + flip), randaugment (standard + RandAugment) or none",
@@ -38,8 +46,10 @@ _HELP = {
     "limit_train": "use only the first N training images (0: all), for small budgets",
     "precise_bn_batches": "after training, recompute BatchNorm statistics exactly over N "
                           "training batches (0: keep the moving averages)",
-    "validation_freq": "validate on the test split every N epochs (and after the last)",
-    "val_split": "held-out fraction per class when the folder has no train/ and test/",
+    "validation_freq": "validate on the validation split every N epochs",
+    "val_split": "fraction of the training data held out for validation (per class)",
+    "test_split": "fraction per class held out as the test split when a folder has no "
+                  "train/ and test/",
     "image_size": "input size; images are resized to it",
     "seed": "random seed",
     "deterministic": "deterministic ops (bit-identical reruns on CPU)",
@@ -72,8 +82,6 @@ def _scale(text):
 
 def add_run_arguments(parser):
     """One flag per ``RunConfig`` field, defaults from ``RunConfig``."""
-    from tfmargin.train import RunConfig
-
     defaults = RunConfig()
     for field in dataclasses.fields(RunConfig):
         flag = "--" + field.name.replace("_", "-")
@@ -83,7 +91,7 @@ def add_run_arguments(parser):
         elif field.name == "scale":
             parser.add_argument(flag, type=_scale, default=default, help=_HELP[field.name])
         elif field.name == "margin":
-            parser.add_argument(flag, type=float, nargs="+", default=[default],
+            parser.add_argument(flag, type=float, nargs="+", default=None,
                                 help=_HELP[field.name])
         else:
             parser.add_argument(flag, type=type(default), default=default,
@@ -95,11 +103,10 @@ def add_run_arguments(parser):
 
 
 def config_from_args(parser, args):
-    from tfmargin.train import ConfigError, RunConfig
-
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)}
     margin = values["margin"]
-    values["margin"] = tuple(margin) if len(margin) > 1 else margin[0]
+    if margin is not None:
+        values["margin"] = tuple(margin) if len(margin) > 1 else margin[0]
     config = RunConfig(**values)
     try:
         config.validate()
@@ -115,9 +122,11 @@ def fail(parser, message, code=2):
 
 @contextlib.contextmanager
 def exit_with(parser):
-    """Known failures become one line on stderr and a non-zero exit."""
+    """Known failures become one line on stderr and a non-zero exit; anything else keeps
+    its traceback."""
+    from tfmargin.atomic import UnwritablePath
     from tfmargin.data import DatasetError
-    from tfmargin.train import ConfigError, TrainingDiverged
+    from tfmargin.train import TrainingDiverged
 
     try:
         yield
@@ -125,5 +134,5 @@ def exit_with(parser):
         fail(parser, str(error), 2)
     except TrainingDiverged as error:
         fail(parser, str(error), 3)
-    except OSError as error:
-        fail(parser, f"{error.strerror or error}: {error.filename or ''}".rstrip(": "), 1)
+    except UnwritablePath as error:
+        fail(parser, str(error), 1)

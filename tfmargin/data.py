@@ -1,7 +1,9 @@
 """Datasets as tf.data pipelines: TFDS names or image folders, one input pipeline.
 
-``load_dataset`` returns decoded ``(uint8 image, int label)`` splits;
-``make_pipeline`` turns a split into batches for ``model.fit``.
+``load_dataset`` returns decoded ``(uint8 image, int label)`` splits: ``train``,
+``val`` (held out from the training data; everything that is chosen is chosen
+on it) and ``test`` (touched once, for the reported numbers). ``make_pipeline``
+turns a split into batches for ``model.fit``.
 """
 
 import dataclasses
@@ -12,9 +14,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfmargin.config import AUGMENTATIONS, MIXES
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
-AUGMENTATIONS = ("standard", "randaugment", "none")
-MIXES = ("none", "mixup", "cutmix")
+TFDS_PREFIX = "tfds:"
 
 
 class DatasetError(ValueError):
@@ -24,15 +27,60 @@ class DatasetError(ValueError):
 @dataclasses.dataclass
 class Dataset:
     train: tf.data.Dataset  # (uint8 HxWx3, int32), decoded and cached
+    val: tf.data.Dataset  # held out from the training data
     test: tf.data.Dataset
     class_names: list
-    train_size: int
-    test_size: int
+    sizes: dict  # images per split: {"train": n, "val": n, "test": n}
     source: str
 
     @property
     def num_classes(self):
         return len(self.class_names)
+
+    @property
+    def train_size(self):
+        return self.sizes["train"]
+
+
+def resize_image(image, image_size):
+    """The one resize of every path (folders, TFDS, the serving endpoint): antialiased
+    bilinear to ``image_size`` squared, rounded and clipped back to uint8."""
+    image = tf.image.resize(image, (image_size, image_size), antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def decode_image(encoded, image_size):
+    """Encoded JPEG/PNG/BMP/GIF bytes to a uint8 ``(image_size, image_size, 3)`` image."""
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    image = resize_image(image, image_size)
+    image.set_shape((image_size, image_size, 3))
+    return image
+
+
+def channel_statistics(split):
+    """Per-channel mean and variance of a split's images on the 0..255 scale (float64)."""
+    count, total, total_sq = 0, np.zeros(3), np.zeros(3)
+    for images, _ in split.batch(1024):
+        pixels = images.numpy().reshape(-1, 3).astype(np.float64)
+        count += len(pixels)
+        total += pixels.sum(axis=0)
+        total_sq += np.square(pixels).sum(axis=0)
+    mean = total / count
+    return mean.tolist(), np.maximum(total_sq / count - mean**2, 1e-6).tolist()
+
+
+def write_image_folder(root, images, labels, class_names, fmt="png"):
+    """Write ``root/<class name>/NNNN.<fmt>`` for uint8 ``images`` and their ``labels``."""
+    from PIL import Image
+
+    counts = {}
+    for image, label in zip(images, labels, strict=True):
+        folder = os.path.join(root, class_names[label])
+        os.makedirs(folder, exist_ok=True)
+        index = counts[label] = counts.get(label, -1) + 1
+        Image.fromarray(np.asarray(image, np.uint8)).save(
+            os.path.join(folder, f"{index:04d}.{fmt}"))
+    return str(root)
 
 
 def _list_images(folder):
@@ -48,14 +96,6 @@ def _list_images(folder):
         for c in classes
     }
     return {c: fs for c, fs in files.items() if fs}
-
-
-def _decode(path, label, image_size):
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    image = tf.image.resize(image, (image_size, image_size), antialias=True)
-    image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-    image.set_shape((image_size, image_size, 3))
-    return image, label
 
 
 def _find_unreadable(paths):
@@ -75,7 +115,8 @@ def _fill_cache(ds):
 def _materialise(paths, labels, image_size):
     """Decode every image once into a cached dataset; name the file that fails."""
     ds = tf.data.Dataset.from_tensor_slices((paths, np.asarray(labels, np.int32)))
-    ds = ds.map(lambda p, y: _decode(p, y, image_size), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(lambda p, y: (decode_image(tf.io.read_file(p), image_size), y),
+                num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.cache()
     try:
         _fill_cache(ds)
@@ -86,14 +127,37 @@ def _materialise(paths, labels, image_size):
     return ds
 
 
-def load_image_folder(folder, image_size=32, val_split=0.1, limit_train=None, seed=0):
+def _stratified_split(files, fraction, rng):
+    """Split ``{class: [file]}`` into (kept, held out) pair lists, ``fraction`` per class."""
+    kept, held_out = [], []
+    for c, fs in files.items():
+        fs = list(fs)
+        rng.shuffle(fs)
+        n_out = max(1, round(len(fs) * fraction)) if len(fs) > 1 else 0
+        held_out += [(f, c) for f in fs[:n_out]]
+        kept += [(f, c) for f in fs[n_out:]]
+    return kept, held_out
+
+
+def _by_class(pairs):
+    files = {}
+    for f, c in pairs:
+        files.setdefault(c, []).append(f)
+    return files
+
+
+def load_image_folder(folder, image_size=32, val_split=0.1, test_split=0.1, limit_train=None,
+                      seed=0):
     """Class sub-folders (``folder/<class>/*.jpg``), or ``train/`` and ``test/`` of them.
 
-    Without ``train/``+``test/``, a stratified ``val_split`` of each class is
-    held out as the test split. Class ids are the sorted folder names.
+    Without ``train/``+``test/``, a stratified ``test_split`` of each class is
+    held out as the test split. Then a stratified ``val_split`` of the training
+    images is held out for validation; ``limit_train`` keeps the first N of the
+    rest (in a fixed shuffled order). Class ids are the sorted folder names.
     """
     if not os.path.isdir(folder):
         raise DatasetError(f"Dataset folder {folder!r} does not exist.")
+    rng = random.Random(seed)
     split_dirs = [os.path.join(folder, s) for s in ("train", "test")]
     if all(os.path.isdir(d) for d in split_dirs):
         train_files, test_files = (_list_images(d) for d in split_dirs)
@@ -102,40 +166,33 @@ def load_image_folder(folder, image_size=32, val_split=0.1, limit_train=None, se
             raise DatasetError(
                 f"{split_dirs[1]!r} has classes missing from train/: {', '.join(unknown)}."
             )
-        pairs = {"train": [], "test": []}
-        for split, files in (("train", train_files), ("test", test_files)):
-            for c, fs in files.items():
-                pairs[split] += [(f, c) for f in fs]
+        test = [(f, c) for c, fs in test_files.items() for f in fs]
     else:
         train_files = _list_images(folder)
-        if not 0.0 < val_split < 1.0:
-            raise DatasetError(f"val_split must be in (0, 1), got {val_split}.")
-        pairs = {"train": [], "test": []}
-        rng = random.Random(seed)
-        for c, fs in train_files.items():
-            fs = list(fs)
-            rng.shuffle(fs)
-            n_test = max(1, round(len(fs) * val_split)) if len(fs) > 1 else 0
-            pairs["test"] += [(f, c) for f in fs[:n_test]]
-            pairs["train"] += [(f, c) for f in fs[n_test:]]
+        kept, test = _stratified_split(train_files, test_split, rng)
+        train_files = _by_class(kept)
     class_names = sorted(train_files)
     if len(class_names) < 2:
         raise DatasetError(
             f"{folder!r} has {len(class_names)} class folder(s) with images; a classifier "
             "needs at least 2 (layout: <folder>/<class>/<image>.jpg)."
         )
-    if not pairs["test"]:
-        raise DatasetError(f"{folder!r} leaves no images for the test split.")
+    train, val = _stratified_split(train_files, val_split, rng)
+    pairs = {"train": train, "val": val, "test": test}
+    for split, ps in pairs.items():
+        if not ps:
+            raise DatasetError(f"{folder!r} leaves no images for the {split} split.")
     index = {c: i for i, c in enumerate(class_names)}
-    random.Random(seed).shuffle(pairs["train"])
+    rng.shuffle(pairs["train"])
     if limit_train:
         pairs["train"] = pairs["train"][:limit_train]
     splits = {
         name: _materialise([p for p, _ in ps], [index[c] for _, c in ps], image_size)
         for name, ps in pairs.items()
     }
-    return Dataset(splits["train"], splits["test"], class_names, len(pairs["train"]),
-                   len(pairs["test"]), source=os.path.abspath(folder))
+    return Dataset(splits["train"], splits["val"], splits["test"], class_names,
+                   {name: len(ps) for name, ps in pairs.items()},
+                   source=os.path.abspath(folder))
 
 
 def _check_reachable(url):
@@ -145,8 +202,14 @@ def _check_reachable(url):
     requests.head(url, timeout=10, allow_redirects=False)
 
 
-def load_tfds(name, image_size=32, limit_train=None, data_dir=None):
-    """A TFDS image-classification dataset with ``train`` and ``test`` splits."""
+def _offline_errors():
+    import requests
+
+    return ConnectionError, TimeoutError, requests.exceptions.RequestException
+
+
+def load_tfds(name, image_size=32, limit_train=None, val_split=0.1, data_dir=None):
+    """A TFDS image-classification dataset; validation is the last ``val_split`` of train."""
     import tensorflow_datasets as tfds
 
     try:
@@ -160,7 +223,7 @@ def load_tfds(name, image_size=32, limit_train=None, data_dir=None):
         if not builder.is_prepared():
             _check_reachable(builder.info.homepage)
         builder.download_and_prepare()
-    except Exception as error:  # TFDS raises many types when offline
+    except _offline_errors() as error:
         raise DatasetError(
             f"Cannot download {name!r} ({type(error).__name__}). Offline? Place the official "
             f"archive in {os.path.join(builder.data_dir_root, 'downloads', 'manual')} "
@@ -170,27 +233,30 @@ def load_tfds(name, image_size=32, limit_train=None, data_dir=None):
     if not keys or "label" not in builder.info.features:
         raise DatasetError(f"{name!r} is not an image-classification dataset.")
     class_names = list(builder.info.features["label"].names)
+    n_train = builder.info.splits["train"].num_examples
+    n_fit = n_train - max(1, round(n_train * val_split))
+    limit = min(limit_train or n_fit, n_fit)
     splits = {}
-    for key in ("train", "test"):
-        ds = builder.as_dataset(split=key, as_supervised=True)
-        if key == "train" and limit_train:
-            ds = ds.take(limit_train)
-        ds = ds.map(
-            lambda x, y: (tf.image.resize(x, (image_size, image_size)) if
-                          x.shape[0] != image_size else x, tf.cast(y, tf.int32)),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        )
-        splits[key] = ds.map(lambda x, y: (tf.cast(x, tf.uint8), y)).cache()
-    sizes = [_fill_cache(splits[key]) for key in ("train", "test")]
-    return Dataset(splits["train"], splits["test"], class_names, sizes[0], sizes[1],
+    for key, spec in (("train", f"train[:{limit}]"), ("val", f"train[{n_fit}:]"),
+                      ("test", "test")):
+        ds = builder.as_dataset(split=spec, as_supervised=True)
+        ds = ds.map(lambda x, y: (resize_image(x, image_size), tf.cast(y, tf.int32)),
+                    num_parallel_calls=tf.data.AUTOTUNE)
+        splits[key] = ds.cache()
+    sizes = {key: _fill_cache(ds) for key, ds in splits.items()}
+    return Dataset(splits["train"], splits["val"], splits["test"], class_names, sizes,
                    source=f"tfds:{name}")
 
 
-def load_dataset(name, image_size=32, limit_train=None, val_split=0.1, seed=0, data_dir=None):
-    """A folder path or a TFDS name to a :class:`Dataset`."""
-    if os.path.sep in name or os.path.isdir(name):
-        return load_image_folder(name, image_size, val_split, limit_train, seed)
-    return load_tfds(name, image_size, limit_train, data_dir)
+def load_dataset(name, image_size=32, limit_train=None, val_split=0.1, test_split=0.1, seed=0,
+                 data_dir=None):
+    """``tfds:<name>`` (or a bare TFDS name that is not a folder) or a folder path."""
+    if name.startswith(TFDS_PREFIX):
+        return load_tfds(name.removeprefix(TFDS_PREFIX), image_size, limit_train, val_split,
+                         data_dir)
+    if os.path.isdir(name) or os.path.sep in name:
+        return load_image_folder(name, image_size, val_split, test_split, limit_train, seed)
+    return load_tfds(name, image_size, limit_train, val_split, data_dir)
 
 
 def build_augmenter(kind, image_size, seed=None):
@@ -200,14 +266,16 @@ def build_augmenter(kind, image_size, seed=None):
                          f"{', '.join(AUGMENTATIONS)}.")
     if kind == "none":
         return None
+    # Each random layer its own seed: layers seeded alike draw the same random numbers.
+    seeds = [None] * 3 if seed is None else [seed, seed + 1, seed + 2]
     shift = 4 / image_size  # the classic CIFAR pad-4-and-crop, as a per-image shift
     steps = [
         keras.layers.RandomTranslation(shift, shift, fill_mode="constant",
-                                       interpolation="nearest", seed=seed),
-        keras.layers.RandomFlip("horizontal", seed=seed),
+                                       interpolation="nearest", seed=seeds[0]),
+        keras.layers.RandomFlip("horizontal", seed=seeds[1]),
     ]
     if kind == "randaugment":
-        steps.append(keras.layers.RandAugment(value_range=(0, 255), seed=seed))
+        steps.append(keras.layers.RandAugment(value_range=(0, 255), seed=seeds[2]))
     return keras.Sequential(steps, name=f"augment_{kind}")
 
 
@@ -217,26 +285,42 @@ def build_mixer(kind, seed=None):
         raise ValueError(f"Unknown mix {kind!r}; choose one of {', '.join(MIXES)}.")
     if kind == "none":
         return None
+    seed = None if seed is None else seed + 3  # apart from the augmenter's seeds
     return keras.layers.MixUp(seed=seed) if kind == "mixup" else keras.layers.CutMix(seed=seed)
 
 
+def epoch_permutations(split, batch_size, seed=None):
+    """Endless batches where each epoch is one fresh permutation of ``split``.
+
+    Shuffling the whole split *before* ``repeat`` makes every epoch a
+    permutation (shuffling after it mixes epochs: some images come 2-3 times
+    in an "epoch", others not at all). With a seed the sequence of
+    permutations is fixed, and a distribution strategy's copy of the dataset
+    draws the same one (tested). The last partial batch of each epoch is
+    dropped, so an epoch is exactly ``len(split) // batch_size`` steps.
+    """
+    size = int(split.cardinality())
+    if size < 0:  # unknown after a filter, say: count once (the split is cached)
+        size = int(split.reduce(0, lambda n, _: n + 1))
+    return split.shuffle(max(size, 1), seed=seed, reshuffle_each_iteration=True).batch(
+        batch_size, drop_remainder=True).repeat()
+
+
 def make_pipeline(split, batch_size, training, with_label_input, augment="standard",
-                  shuffle_buffer=50_000, seed=None, mix="none", num_classes=None):
+                  seed=None, mix="none", num_classes=None):
     """Cached decoded split -> shuffled, augmented, batched, prefetched batches.
 
-    Training batches repeat forever: pass ``steps_per_epoch`` to ``fit``.
+    Training batches repeat forever, one permutation per epoch: pass
+    ``steps_per_epoch = len(split) // batch_size`` to ``fit``.
     With ``mix`` (``mixup``/``cutmix``, needs ``num_classes``) the targets are
     soft one-hot vectors and the label input is the dominant class.
     Yields ``(inputs, labels)``; ``inputs`` is ``{"image", "label"}`` for a
     margin head's training model (labels as its second input), else the image.
     """
-    ds = split
     if training:
-        # One endless stream shuffled once (fit gets steps_per_epoch): with
-        # reshuffle_each_iteration a distributed copy of the dataset draws a
-        # different order than the plain one, so strategies would not agree.
-        ds = ds.repeat().shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
-    ds = ds.batch(batch_size, drop_remainder=training)
+        ds = epoch_permutations(split, batch_size, seed)
+    else:
+        ds = split.batch(batch_size)
     augmenter = build_augmenter(augment, split.element_spec[0].shape[0], seed) if training \
         else None
 

@@ -10,8 +10,8 @@ import keras
 import tensorflow as tf
 
 from tfmargin.atomic import atomic_directory
-
-EXPORT_FORMATS = ("savedmodel", "keras", "onnx")
+from tfmargin.config import EXPORT_FORMATS
+from tfmargin.data import decode_image
 
 
 def serving_outputs(models, class_names, images):
@@ -21,7 +21,7 @@ def serving_outputs(models, class_names, images):
     head = models.head
     if hasattr(head, "cosine"):
         cosine = head.cosine(embedding)
-        logits = head.scale_value * cosine
+        logits = head.scale * cosine
     else:  # softmax head: logits from the Dense layer, cosine to its class weights
         weights = tf.math.l2_normalize(head.kernel, axis=0, epsilon=1e-12)
         cosine = tf.matmul(normalized, weights)
@@ -39,7 +39,13 @@ def serving_outputs(models, class_names, images):
 
 def export_models(models, class_names, export_path, formats=("savedmodel", "keras"),
                   image_size=32):
-    """Write ``export_path/{savedmodel/, model.keras, model.onnx, class_names.txt}``."""
+    """Write ``export_path/{savedmodel/, model.keras, model.onnx, class_names.txt}``.
+
+    The SavedModel has two endpoints with the same outputs: ``serve``
+    (uint8 images ``(N, image_size, image_size, 3)``) and ``serve_encoded``
+    (JPEG/PNG/BMP/GIF bytes ``(N,)`` of any size, decoded and resized by
+    ``tfmargin.data.decode_image``, the function training decoded with).
+    """
     unknown = set(formats) - set(EXPORT_FORMATS)
     if unknown:
         raise ValueError(f"Unknown export format(s) {sorted(unknown)}; choose from "
@@ -55,6 +61,13 @@ def export_models(models, class_names, export_path, formats=("savedmodel", "kera
             archive.add_endpoint(
                 "serve", lambda images: serving_outputs(models, class_names, images),
                 input_signature=[signature])
+            archive.add_endpoint(
+                "serve_encoded", lambda encoded: serving_outputs(
+                    models, class_names, tf.map_fn(
+                        lambda e: decode_image(e, image_size), encoded,
+                        fn_output_signature=tf.TensorSpec((image_size, image_size, 3),
+                                                          tf.uint8))),
+                input_signature=[tf.TensorSpec((None,), tf.string, name="encoded")])
             archive.write_out(os.path.join(tmp, "savedmodel"), verbose=False)
         if "keras" in formats:
             models.inference.save(os.path.join(tmp, "model.keras"))

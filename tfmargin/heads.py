@@ -5,14 +5,16 @@ import math
 import keras
 from keras import ops
 
-from tfmargin.margins import check_head_arguments, target_logit
+from tfmargin.margins import DEFAULT_SCALE, check_head_arguments, target_logit
 
 
 def check_labels(labels, num_classes):
     """Fail the step with a readable error when a label is outside [0, C).
 
     A one-hot or gather with an out-of-range label silently yields a zero row
-    or another class's column; the margin would then be applied nowhere.
+    or another class's column; the margin would then be applied nowhere. The
+    check needs TensorFlow's graph assertions (dropped under XLA); other
+    backends get no check.
     """
     message = (
         f"labels must lie in [0, {num_classes}): the dataset has more classes than "
@@ -30,11 +32,6 @@ def check_labels(labels, num_classes):
             ]
         ):
             return tf.identity(labels)
-    if not ops.is_tensor(labels) or not hasattr(labels, "__array__"):
-        return labels
-    values = ops.convert_to_numpy(labels)
-    if values.size and (values.min() < 0 or values.max() >= num_classes):
-        raise ValueError(message)
     return labels
 
 
@@ -94,26 +91,39 @@ class ArcMarginLayer(keras.layers.Layer):
       ``cos(theta) - c`` with ``c = max(m*sin(m), 1 - cos(m))``; this is
       InsightFace's ``cos(theta) - m*sin(m)`` for m <= 2.33 and stays
       non-increasing beyond (general form for ``combined``).
-    * ``"easy"``: apply the margin only where ``cos(theta) > 0``.
+    * ``"easy"``: apply the margin only where ``cos(theta) > 0`` (InsightFace's
+      ``easy_margin`` for ArcFace). Not monotonic: psi jumps up at 90 degrees
+      (by 0.48 for ArcFace m = 0.5); here it applies to every margin type.
     * ``"none"``: the raw formula, as the paper used it.
 
     Args:
-        num_classes: number of classes C, >= 2.
-        margin_type: one of `arcface`, `cosface`, `sphereface`, `combined`,
-            `normface`.
-        margin: m in radians (a multiplier for `sphereface`, a triple
-            ``(m1, m2, m3)`` for `combined`). ArcFace needs ``0 <= m < pi``.
-        scale: s > 0, or ``"auto"`` for the AdaCos fixed scale
-            ``sqrt(2) * ln(C - 1)`` (3.11 for C=10, 6.50 for C=100).
-        fallback: `monotonic`, `easy` or `none`, see above.
-        sub_centers: K >= 1 centres per class; the class cosine is the max
+        num_classes: int. Number of classes C, >= 2.
+        margin_type: str. One of `arcface`, `cosface`, `sphereface`,
+            `combined`, `normface`.
+        margin: float, triple or None. m in radians (a multiplier of theta for
+            `sphereface`, ``(m1, m2, m3)`` for `combined`). ArcFace needs
+            ``0 <= m < pi``. None takes the type's published default from
+            ``tfmargin.margins.MARGIN_TYPES`` (ArcFace 0.5, CosFace 0.35,
+            SphereFace 1.35, combined (1, 0.3, 0.2)).
+        scale: float or ``"auto"``. s > 0 (default 16), or the AdaCos fixed
+            scale ``sqrt(2) * ln(C - 1)`` (3.11 for C=10, 6.50 for C=100),
+            resolved to a float once, at construction.
+        fallback: str. `monotonic`, `easy` or `none`, see above.
+        sub_centers: int. K >= 1 centres per class; the class cosine is the max
             over its K centres (Sub-center ArcFace).
-        epsilon: cos(theta) is clipped to ``[-1 + eps, 1 - eps]`` before arccos.
+        epsilon: float. cos(theta) is clipped to ``[-1 + eps, 1 - eps]``
+            before arccos, so gradients stay finite at cos = +-1.
+        kernel_initializer: initializer of the class weights ``W`` (D, C*K).
         **kwargs: base ``Layer`` arguments. ``dtype`` defaults to ``"float32"``
             so the head computes in float32 under mixed-precision policies.
 
-    Inputs: embeddings ``(batch, dim)``; optional integer ``labels`` ``(batch,)``
-    or ``(batch, 1)``. Output: logits ``(batch, num_classes)``, float32.
+    Call arguments:
+        embeddings: float tensor ``(batch, dim)``.
+        labels: optional int tensor ``(batch,)`` or ``(batch, 1)``, used only
+            when ``training`` is true.
+        training: bool. The margin is applied only in training.
+
+    Returns: logits ``(batch, num_classes)``, float32.
 
     Example:
 
@@ -125,29 +135,41 @@ class ArcMarginLayer(keras.layers.Layer):
     (4, 10)
     >>> tuple(head(x).shape)                            # label-free inference path
     (4, 10)
+
+    References:
+        - Deng et al., ArcFace: Additive Angular Margin Loss for Deep Face
+          Recognition, CVPR 2019 (arXiv 1801.07698).
+        - Wang et al., CosFace: Large Margin Cosine Loss, CVPR 2018 (arXiv 1801.09414).
+        - Liu et al., SphereFace: Deep Hypersphere Embedding, CVPR 2017 (arXiv 1704.08063).
+        - Wang et al., NormFace: L2 Hypersphere Embedding, ACM MM 2017 (arXiv 1704.06369).
+        - Zhang et al., AdaCos: Adaptively Scaling Cosine Logits, CVPR 2019 (arXiv 1905.00292).
+        - Deng et al., Sub-center ArcFace, ECCV 2020.
     """
 
     def __init__(
         self,
         num_classes,
         margin_type="arcface",
-        margin=0.5,
-        scale="auto",
+        margin=None,
+        scale=DEFAULT_SCALE,
         fallback="monotonic",
         sub_centers=1,
         epsilon=1e-7,
+        kernel_initializer="glorot_uniform",
         **kwargs,
     ):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        (self.m1, self.m2, self.m3), self.scale_value = check_head_arguments(
+        (self.m1, self.m2, self.m3), self.scale = check_head_arguments(
             num_classes, margin_type, margin, scale, fallback, sub_centers)
         if not 0.0 < epsilon < 0.1:
             raise ValueError(f"epsilon must be in (0, 0.1), got {epsilon!r}.")
         self.num_classes = int(num_classes)
         self.margin_type = margin_type
-        self.margin = tuple(margin) if margin_type == "combined" else float(margin)
-        self.scale = scale
+        # The margin as the user gives it (m, or (m1, m2, m3) for combined).
+        self.margin = (self.m1, self.m2, self.m3) if margin_type == "combined" else \
+            {"arcface": self.m2, "cosface": self.m3, "sphereface": self.m1}.get(margin_type, 0.0)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.fallback = fallback
         self.sub_centers = int(sub_centers)
         self.epsilon = float(epsilon)
@@ -157,7 +179,7 @@ class ArcMarginLayer(keras.layers.Layer):
         self.kernel = self.add_weight(
             name="kernel",
             shape=(embeddings_shape[-1], self.num_classes * self.sub_centers),
-            initializer="glorot_uniform",
+            initializer=self.kernel_initializer,
         )
 
     def cosine(self, embeddings):
@@ -174,17 +196,17 @@ class ArcMarginLayer(keras.layers.Layer):
     def call(self, embeddings, labels=None, training=None):
         cos = self.cosine(embeddings)
         if labels is None:
-            return self.scale_value * cos
+            return self.scale * cos
         labels = check_labels(ops.reshape(ops.cast(labels, "int32"), (-1,)), self.num_classes)
         one_hot = ops.one_hot(labels, self.num_classes, dtype=cos.dtype)
         cos_y = ops.sum(cos * one_hot, axis=-1)
         theta_y = ops.arccos(ops.clip(cos_y, -1.0 + self.epsilon, 1.0 - self.epsilon))
         self.target_angle.update_state(ops.stop_gradient(theta_y) * (180.0 / math.pi))
         if not training:
-            return self.scale_value * cos
+            return self.scale * cos
         psi = target_logit(cos_y, self.margin_type, self.m1, self.m2, self.m3, self.fallback,
                            self.epsilon, theta=theta_y)
-        return self.scale_value * (cos + one_hot * ops.expand_dims(psi - cos_y, -1))
+        return self.scale * (cos + one_hot * ops.expand_dims(psi - cos_y, -1))
 
     def compute_output_spec(self, embeddings, labels=None, training=None):
         return keras.KerasTensor((embeddings.shape[0], self.num_classes), dtype=self.compute_dtype)
@@ -199,5 +221,6 @@ class ArcMarginLayer(keras.layers.Layer):
             fallback=self.fallback,
             sub_centers=self.sub_centers,
             epsilon=self.epsilon,
+            kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
         )
         return config

@@ -4,15 +4,49 @@ Every head in this family scores class j by ``s * cos(theta_j)`` with the
 embedding and the class weight L2-normalised; they differ only in what the
 *target* class's cosine becomes during training. This module holds that one
 function, ``psi(theta)``, for every member, written once on top of the general
-combined margin ``cos(m1 * theta + m2) - m3``.
+combined margin ``cos(m1 * theta + m2) - m3``, and the one registry of margin
+types with their default margins.
+
+It imports no deep-learning framework at module level, so a command line can
+check head arguments before TensorFlow starts.
 """
 
+import dataclasses
 import math
 
-from keras import ops
 
-MARGIN_TYPES = ("arcface", "cosface", "sphereface", "combined", "normface")
+@dataclasses.dataclass(frozen=True)
+class MarginType:
+    """One member of the family: its default margin and where that value comes from."""
+
+    default_margin: object
+    source: str
+
+
+# The one registry: a new margin type is added here (and to ``resolve_margins``).
+MARGIN_TYPES = {
+    "arcface": MarginType(0.5, "ArcFace, Deng et al. 2019 (arXiv 1801.07698), m = 0.5"),
+    "cosface": MarginType(0.35, "CosFace, Wang et al. 2018 (arXiv 1801.09414), m = 0.35"),
+    "sphereface": MarginType(1.35, "normalised SphereFace as compared in ArcFace (Deng et "
+                                   "al. 2019, Table 2), m = 1.35"),
+    "combined": MarginType((1.0, 0.3, 0.2), "combined margin CM1 of ArcFace (Deng et al. "
+                                            "2019), (m1, m2, m3) = (1, 0.3, 0.2)"),
+    "normface": MarginType(0.0, "NormFace, Wang et al. 2017 (arXiv 1704.06369): no margin"),
+}
+# s = 16: a cosine head's best-case target probability 1 / (1 + (C-1) exp(-s C/(C-1)))
+# is 0.9999 up to C = 1000, so the scale never caps confidence for the class counts this
+# project trains; face recognition's s = 64 was set for 10^4-10^5 classes.
+DEFAULT_SCALE = 16.0
 FALLBACKS = ("monotonic", "easy", "none")
+
+
+def default_margin(margin_type):
+    """The registry's default margin of ``margin_type`` (see ``MARGIN_TYPES``)."""
+    if margin_type not in MARGIN_TYPES:
+        raise ValueError(
+            f"Unknown margin_type {margin_type!r}; choose one of {', '.join(MARGIN_TYPES)}."
+        )
+    return MARGIN_TYPES[margin_type].default_margin
 
 
 def auto_scale(num_classes):
@@ -25,8 +59,10 @@ def auto_scale(num_classes):
     return math.sqrt(2.0) * math.log(num_classes - 1)
 
 
-def resolve_margins(margin_type, margin):
+def resolve_margins(margin_type, margin=None):
     """Map ``(margin_type, margin)`` to the combined form ``(m1, m2, m3)``.
+
+    ``margin=None`` takes the type's default from ``MARGIN_TYPES``.
 
     SphereFace is returned as ``(m, 0, 0)``; its piecewise psi is applied by
     :func:`target_logit`, not by the combined formula.
@@ -34,10 +70,8 @@ def resolve_margins(margin_type, margin):
     Raises:
         ValueError: naming the argument and its allowed range.
     """
-    if margin_type not in MARGIN_TYPES:
-        raise ValueError(
-            f"Unknown margin_type {margin_type!r}; choose one of {', '.join(MARGIN_TYPES)}."
-        )
+    if margin is None:
+        margin = default_margin(margin_type)
     if margin_type == "combined":
         try:
             m1, m2, m3 = (float(v) for v in margin)
@@ -125,6 +159,8 @@ def target_logit(cos_t, margin_type, m1, m2, m3, fallback="monotonic", epsilon=1
     the gradient stays finite at cos = +-1. A caller that already holds
     ``theta = arccos(clipped cos_t)`` passes it to skip the second arccos.
     """
+    from keras import ops
+
     if margin_type == "normface":
         return cos_t
     cos_t = ops.clip(cos_t, -1.0 + epsilon, 1.0 - epsilon)

@@ -10,12 +10,9 @@ import keras
 from keras import layers
 
 from tfmargin.backbones import build_backbone
+from tfmargin.config import LOSSES
 from tfmargin.heads import ArcMarginLayer
-
-LOSSES = ("softmax", "arcface", "cosface", "sphereface", "combined", "normface")
-# Per-channel statistics of CIFAR-10 training images, on the 0..255 scale.
-CIFAR_MEAN = [125.3, 123.0, 113.9]
-CIFAR_VARIANCE = [63.0**2, 62.1**2, 66.7**2]
+from tfmargin.margins import DEFAULT_SCALE
 
 
 @dataclasses.dataclass
@@ -29,10 +26,15 @@ class Models:
     def uses_label_input(self):
         return isinstance(self.head, ArcMarginLayer)
 
+    def evaluation_model(self):
+        """image -> (logits, embedding) in one backbone pass, label-free."""
+        return keras.Model(self.inference.input,
+                           [self.inference.output, self.embedding.output], name="evaluation")
+
 
 def build_models(backbone, num_classes, loss="arcface", image_size=32, embedding_dim=512,
-                 scale="auto", margin=0.2, fallback="monotonic", sub_centers=1, ce_weight=0.0,
-                 dropout=0.0):
+                 scale=DEFAULT_SCALE, margin=None, fallback="monotonic", sub_centers=1,
+                 ce_weight=0.0, mean=(127.5,) * 3, variance=(127.5**2,) * 3):
     """Build training and inference models for one backbone and head.
 
     Args:
@@ -41,12 +43,15 @@ def build_models(backbone, num_classes, loss="arcface", image_size=32, embedding
         loss: ``softmax`` (Dense head) or a margin type of ``ArcMarginLayer``.
         embedding_dim: size of the projected embedding; 0 keeps the pooled
             backbone features.
-        scale, margin, fallback, sub_centers: passed to ``ArcMarginLayer``.
+        scale, margin, fallback, sub_centers: passed to ``ArcMarginLayer``
+            (``margin=None``: the type's default).
         ce_weight: lambda of the mixed objective
             ``(1 - lambda) * CE(margin logits) + lambda * CE(s * cos theta)``.
             A margin head's training model has outputs ``margin`` and
             ``plain``, to be weighted by ``loss_weights`` (1 - lambda, lambda).
-        dropout: dropout rate before the projection.
+        mean, variance: per-channel statistics of the training images on the
+            0..255 scale (``tfmargin.data.channel_statistics``); they become
+            part of every model and export.
     """
     if loss not in LOSSES:
         raise ValueError(f"Unknown loss {loss!r}; choose one of {', '.join(LOSSES)}.")
@@ -56,12 +61,11 @@ def build_models(backbone, num_classes, loss="arcface", image_size=32, embedding
     if not 0.0 <= ce_weight < 1.0:
         raise ValueError(f"ce_weight must be in [0, 1), got {ce_weight}.")
     image = keras.Input((image_size, image_size, 3), name="image")
-    x = layers.Rescaling(1.0, name="to_float")(image)
-    x = layers.Normalization(mean=CIFAR_MEAN, variance=CIFAR_VARIANCE, name="normalize")(x)
+    # float32 under any policy: 0..255 inputs lose precision in bfloat16.
+    x = layers.Normalization(mean=list(mean), variance=list(variance), dtype="float32",
+                             name="normalize")(image)
     x = build_backbone(backbone, (image_size, image_size, 3))(x)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
-    if dropout:
-        x = layers.Dropout(dropout, name="dropout")(x)
     if embedding_dim:
         x = layers.Dense(embedding_dim, use_bias=False, name="projection")(x)
         x = layers.BatchNormalization(momentum=0.9, name="embedding_bn")(x)

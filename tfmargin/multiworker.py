@@ -17,9 +17,12 @@ Keras 3.15 on TensorFlow 2.21 cannot train under MultiWorkerMirroredStrategy
 ``tests/test_reliability.py`` trains two real workers and compares weights.
 """
 
+import keras
 from keras.src import tree
 from keras.src.backend.tensorflow import trainer as tf_trainer
 
+# The private functions replaced below were read in these Keras releases.
+TESTED_KERAS = ("3.15.",)
 _original_reduce_per_replica = tf_trainer.reduce_per_replica
 
 
@@ -40,5 +43,12 @@ def _reduce_per_replica(values, strategy, reduction="auto"):
 
 
 def patch_keras():
+    """Install both fixes; refuses a Keras release whose internals were not checked."""
+    if not keras.__version__.startswith(TESTED_KERAS):
+        raise RuntimeError(
+            f"--strategy multiworker patches private Keras internals checked only for Keras "
+            f"{', '.join(v + 'x' for v in TESTED_KERAS)}; this is {keras.__version__}. Check "
+            "tfmargin/multiworker.py against it (keras-team/keras#20585) and extend "
+            "TESTED_KERAS.")
     tf_trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
     tf_trainer.reduce_per_replica = _reduce_per_replica

@@ -1,0 +1,158 @@
+"""A run's whole configuration, its identity, and its checks: pure Python.
+
+Nothing here imports TensorFlow or Keras, so ``--help`` and every flag error
+are answered before the framework starts.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+
+from tfmargin.margins import DEFAULT_SCALE, FALLBACKS, MARGIN_TYPES, check_head_arguments
+
+BACKBONE_NAMES = ("resnet18", "mobilenetv2", "efficientnetb0", "tinycnn")
+LOSSES = ("softmax", *MARGIN_TYPES)
+AUGMENTATIONS = ("standard", "randaugment", "none")
+MIXES = ("none", "mixup", "cutmix")
+EXPORT_FORMATS = ("savedmodel", "keras", "onnx")
+STRATEGIES = ("mirrored", "default", "multiworker")
+OPTIMIZERS = ("sgd", "adamw")
+# The learning rate is given for this many images per step and scaled linearly with the
+# global batch (Goyal et al. 2017, "Accurate, Large Minibatch SGD").
+REFERENCE_BATCH = 128
+# Settings that change neither the trained weights nor the reported metrics: they are left
+# out of a run's identity.
+NOT_IDENTITY = ("name", "runs_dir", "export", "export_dir", "projector_samples",
+                "projector_every")
+
+
+class ConfigError(ValueError):
+    """An impossible run configuration, with a message saying how to fix it."""
+
+
+@dataclasses.dataclass
+class RunConfig:
+    backbone: str = "mobilenetv2"
+    loss: str = "arcface"
+    dataset: str = "cifar10"
+    epochs: int = 30
+    batch_size: int = 128  # per replica
+    scale: object = DEFAULT_SCALE  # float or "auto"
+    margin: object = None  # None: the margin type's default (tfmargin.margins.MARGIN_TYPES)
+    fallback: str = "monotonic"
+    sub_centers: int = 1
+    ce_weight: float = 0.0
+    embedding_dim: int = 512
+    optimizer: str = "sgd"
+    learning_rate: float = 0.05  # per REFERENCE_BATCH images; see docs/recipe.md
+    weight_decay: float = 5e-4  # SGD: coupled L2, as the PyTorch CIFAR recipes
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.0
+    augment: str = "standard"
+    mix: str = "none"
+    mixed_precision: bool = False
+    jit_compile: bool = False
+    steps_per_execution: int = 1
+    strategy: str = "mirrored"
+    limit_train: int = 0
+    precise_bn_batches: int = 20
+    validation_freq: int = 1
+    val_split: float = 0.1
+    test_split: float = 0.1
+    image_size: int = 32
+    seed: int = 0
+    deterministic: bool = False
+    projector_samples: int = 1000
+    projector_every: int = 0
+    export: str = "savedmodel,keras"
+    export_dir: str = "saved_models"
+    name: str = ""
+    runs_dir: str = "runs"
+
+    def export_formats(self):
+        return tuple(f for f in self.export.split(",") if f and f != "none")
+
+    def resolved_margin(self):
+        """The margin the head uses: the given one, or the type's registry default."""
+        if self.loss == "softmax":
+            return None
+        return MARGIN_TYPES[self.loss].default_margin if self.margin is None else self.margin
+
+    def identity(self):
+        """Every setting that changes the results, as JSON-ready values."""
+        values = dataclasses.asdict(self)
+        values["margin"] = self.resolved_margin()
+        return json.loads(json.dumps({k: v for k, v in values.items()
+                                      if k not in NOT_IDENTITY}))
+
+    def identity_hash(self):
+        text = json.dumps(self.identity(), sort_keys=True)
+        return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+    def run_name(self):
+        """Readable head and budget, then a hash of the whole identity (timm-style)."""
+        if self.name:
+            return self.name
+        data = os.path.basename(os.path.normpath(self.dataset.removeprefix("tfds:")))
+        head = self.loss
+        if self.loss != "softmax":
+            margin = self.resolved_margin()
+            head += f"-s{self.scale}"
+            if self.loss != "normface":
+                head += "-m" + ("-".join(str(m) for m in margin)
+                                if isinstance(margin, (list, tuple)) else str(margin))
+            if self.loss in ("arcface", "combined") or self.fallback == "easy":
+                head += f"-{self.fallback}"
+            if self.ce_weight:
+                head += f"-ce{self.ce_weight}"
+        budget = f"e{self.epochs}" + (f"-n{self.limit_train}" if self.limit_train else "")
+        return f"{data}-{self.backbone}-{head}-{budget}-{self.identity_hash()}"
+
+    def differences(self, stored):
+        """``"key stored -> new"`` for each identity setting that differs from ``stored``."""
+        return [f"{key} {stored.get(key)!r} -> {value!r}"
+                for key, value in self.identity().items() if stored.get(key) != value]
+
+    def validate(self):
+        """Raise ``ConfigError`` naming the first impossible setting and its allowed values."""
+        def need(ok, message):
+            if not ok:
+                raise ConfigError(message)
+
+        for flag, value, allowed in (
+                ("backbone", self.backbone, BACKBONE_NAMES), ("loss", self.loss, LOSSES),
+                ("fallback", self.fallback, FALLBACKS), ("optimizer", self.optimizer, OPTIMIZERS),
+                ("strategy", self.strategy, STRATEGIES),
+                ("augmentation", self.augment, AUGMENTATIONS), ("mix", self.mix, MIXES)):
+            need(value in allowed, f"unknown {flag} {value!r}; choose one of {', '.join(allowed)}")
+        for flag, value, low in (("epochs", self.epochs, 1), ("batch-size", self.batch_size, 1),
+                                 ("steps-per-execution", self.steps_per_execution, 1),
+                                 ("validation-freq", self.validation_freq, 1),
+                                 ("projector-samples", self.projector_samples, 0),
+                                 ("precise-bn-batches", self.precise_bn_batches, 0),
+                                 ("limit-train", self.limit_train, 0),
+                                 ("image-size", self.image_size, 32)):
+            need(value >= low, f"--{flag} must be >= {low}, got {value}")
+        need(self.embedding_dim >= 1 or self.embedding_dim == 0,
+             f"--embedding-dim must be >= 1 (0: pooled features), got {self.embedding_dim}")
+        need(self.learning_rate > 0, f"--learning-rate must be > 0, got {self.learning_rate}")
+        need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        need(0 <= self.label_smoothing < 1,
+             f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        for flag, value in (("val-split", self.val_split), ("test-split", self.test_split)):
+            need(0 < value < 1, f"--{flag} must be in (0, 1), got {value}")
+        unknown = set(self.export_formats()) - set(EXPORT_FORMATS)
+        need(not unknown, f"unknown --export format(s) {', '.join(sorted(unknown))}; choose "
+             f"from {', '.join(EXPORT_FORMATS)} (comma-separated) or none")
+        if self.loss != "softmax":
+            self.check_head(1000)  # the real class count is checked again once data is read
+            need(0 <= self.ce_weight < 1, f"--ce-weight must be in [0, 1), got {self.ce_weight}")
+
+    def check_head(self, num_classes):
+        """The head's own argument checks for ``num_classes``, as a ``ConfigError``."""
+        try:
+            check_head_arguments(num_classes, self.loss, self.margin, self.scale, self.fallback,
+                                 self.sub_centers)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
