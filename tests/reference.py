@@ -13,7 +13,19 @@ EPS = 1e-7
 LOW, HIGH = float(np.float32(-1.0 + EPS)), float(np.float32(1.0 - EPS))
 
 
-def _psi(cos_t, margin_type, margin, fallback):
+def _fallback_offset(m1, m2, m3, points=200_001):
+    """The offset c of the branch ``cos(theta) - m3 - c``, found numerically.
+
+    InsightFace's ``c = m2 * sin(m2)``, unless the branch would then start above
+    the lowest value the margin curve reached before the turn (found on a dense
+    grid): then the smallest c that starts it there.
+    """
+    turn = (math.pi - m2) / m1
+    lowest = min(math.cos(m1 * turn * i / (points - 1) + m2) - m3 for i in range(points))
+    return max(m2 * math.sin(m2), math.cos(turn) - m3 - lowest)
+
+
+def psi(cos_t, margin_type, margin, fallback):
     c = min(max(cos_t, LOW), HIGH)
     theta = math.acos(c)
     if margin_type == "normface":
@@ -27,11 +39,17 @@ def _psi(cos_t, margin_type, margin, fallback):
         m1, m2, m3 = (1.0, margin, 0.0) if margin_type == "arcface" else margin
         value = math.cos(m1 * theta + m2) - m3
         if fallback == "monotonic" and (m1 > 1 or m2 > 0) and m1 * theta + m2 > math.pi:
-            turn = (math.pi - m2) / m1
-            value = c - m3 - max(m2 * math.sin(m2), 1.0 + math.cos(turn))
+            value = c - m3 - _fallback_offset(m1, m2, m3)
     if fallback == "easy" and not c > 0:
         value = c
     return value
+
+
+def psi_slope(cos_t, margin_type, margin, fallback, h=1e-7):
+    """|d psi / d cos| from below: how much a float32 error in cos moves psi."""
+    c = min(max(cos_t, LOW), HIGH)
+    return abs(psi(c, margin_type, margin, fallback) - psi(c - h, margin_type, margin,
+                                                            fallback)) / h
 
 
 def margin_logits(x, w, labels, margin_type, margin, scale, fallback="monotonic", sub_centers=1):
@@ -48,6 +66,6 @@ def margin_logits(x, w, labels, margin_type, margin, scale, fallback="monotonic"
                 dot = sum(float(a) * float(b) for a, b in zip(xi, wj, strict=True))
                 best = max(best, dot)
             if labels is not None and j == labels[i]:
-                best = _psi(best, margin_type, margin, fallback)
+                best = psi(best, margin_type, margin, fallback)
             out[i, j] = scale * best
     return out

@@ -43,25 +43,48 @@ def test_unknown_backbone_names_the_choices():
         build_backbone("vgg")
 
 
+def test_efficientnet_is_adapted_however_many_are_built():
+    from tfmargin.backbones import efficientnetb0
+
+    for _ in range(3):  # auto-named layers become rescaling_1, rescaling_2, ...
+        model = efficientnetb0()
+        assert len([layer for layer in model.layers if isinstance(
+            layer, (keras.layers.Rescaling, keras.layers.Normalization))]) == 2
+        # Its built-in x/255 and normalisation are identities: the stem sees the input.
+        x = np.random.default_rng(0).normal(size=(1, 32, 32, 3)).astype("float32")
+        stem = keras.Model(model.input, model.get_layer("stem_conv").input)(x)
+        np.testing.assert_allclose(stem.numpy()[0, 1:-1, 1:-1], x[0], atol=1e-5)
+        assert model.get_layer("stem_conv").strides == (1, 1)
+
+
+def test_adaptation_that_matches_no_layer_fails_loudly():
+    from tfmargin.backbones import _adapt_application
+
+    base = keras.applications.MobileNetV2(input_shape=(32, 32, 3), include_top=False,
+                                          weights=None)
+    with pytest.raises(ValueError, match=r"no layer matches \['Conv9'\]"):
+        _adapt_application(base, "mobilenetv2", {"Conv9": {"strides": (1, 1)}})
+
+
 @pytest.mark.parametrize("ce_weight", [0.0, 0.3])
 def test_mixed_objective_weights_margin_and_plain_cross_entropy(ce_weight):
+    from tfmargin.train import RunConfig, compile_models
+
     models = build_models("tinycnn", 4, "arcface", embedding_dim=8, scale=8.0, margin=0.5,
                           ce_weight=ce_weight)
-    ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    models.train.compile("sgd", {"margin": ce, "plain": ce},
-                         loss_weights={"margin": 1 - ce_weight, "plain": ce_weight})
+    compile_models(models, RunConfig(ce_weight=ce_weight, learning_rate=1e-9, epochs=1,
+                                     warmup_epochs=0), steps_per_epoch=1)
     images = np.random.default_rng(1).uniform(0, 255, (6, 32, 32, 3)).astype("float32")
     labels = np.array([0, 1, 2, 3, 0, 1])
-    inputs = {"image": images, "label": labels}
-    got = models.train.evaluate(inputs, {"margin": labels, "plain": labels}, verbose=0,
-                                return_dict=True)["loss"]
-    # Evaluation uses the label-free path for both outputs; the margin enters in training:
-    margin = models.head(models.embedding(images), labels=labels, training=True)
-    plain = models.inference(images)
-    assert got == pytest.approx(float(ce(labels, plain)), rel=1e-5)
-    expected_train = (1 - ce_weight) * float(ce(labels, margin)) + ce_weight * float(
-        ce(labels, plain))
-    assert expected_train > float(ce(labels, plain))  # the margin makes training harder
+    ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    embedding = models.embedding(images, training=True)
+    margin = models.head(embedding, labels=labels, training=True)
+    plain = models.head(embedding)
+    expected = (1 - ce_weight) * float(ce(labels, margin)) + ce_weight * float(ce(labels, plain))
+    logs = models.train.train_on_batch({"image": images, "label": labels},
+                                       {"margin": labels, "plain": labels}, return_dict=True)
+    assert logs["loss"] == pytest.approx(expected, rel=1e-4)
+    assert float(ce(labels, margin)) > float(ce(labels, plain))  # the margin makes it harder
 
 
 def test_mixed_precision_training_model_gives_losses_and_metrics_float32():

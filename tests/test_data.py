@@ -1,39 +1,129 @@
 import os
+import subprocess
+import sys
 from unittest import mock
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 from synthetic import write_image_folder
 
-from tfmargin.data import DatasetError, load_dataset, make_pipeline
+from tfmargin.data import (
+    DatasetError,
+    build_augmenter,
+    decode_image,
+    epoch_permutations,
+    load_dataset,
+    make_pipeline,
+    resize_image,
+)
 
 
-def test_image_folder_with_train_and_test(tmp_path):
-    root = write_image_folder(tmp_path / "d", num_classes=3, per_class=5, test_per_class=2)
-    data = load_dataset(root)
+def labels_of(split):
+    return sorted(int(y) for _, y in split)
+
+
+def test_image_folder_with_train_and_test_holds_out_validation_from_train(tmp_path):
+    root = write_image_folder(tmp_path / "d", num_classes=3, per_class=10, test_per_class=2)
+    data = load_dataset(root, val_split=0.2)
     assert data.class_names == ["class_0", "class_1", "class_2"]
-    assert (data.train_size, data.test_size) == (15, 6)
+    assert data.sizes == {"train": 24, "val": 6, "test": 6}
     images, labels = next(iter(data.test.batch(6)))
     assert images.dtype.name == "uint8" and tuple(images.shape) == (6, 32, 32, 3)
     assert sorted(labels.numpy().tolist()) == [0, 0, 1, 1, 2, 2]
+    assert labels_of(data.val) == [0, 0, 1, 1, 2, 2]  # stratified
+    train_pixels = {x.numpy().tobytes() for x, _ in data.train}
+    assert not train_pixels & {x.numpy().tobytes() for x, _ in data.val}
 
 
-def test_flat_jpeg_folder_gets_a_stratified_held_out_split(tmp_path):
-    root = write_image_folder(tmp_path / "d", num_classes=2, per_class=10, fmt="jpg", size=40)
-    data = load_dataset(root, val_split=0.2)
-    assert (data.train_size, data.test_size) == (16, 4)
-    test_labels = [int(y) for _, y in data.test]
-    assert sorted(test_labels) == [0, 0, 1, 1]
+def test_flat_jpeg_folder_gets_stratified_test_and_validation_splits(tmp_path):
+    root = write_image_folder(tmp_path / "d", num_classes=2, per_class=20, fmt="jpg", size=40)
+    data = load_dataset(root, val_split=0.25, test_split=0.2)
+    assert data.sizes == {"train": 24, "val": 8, "test": 8}
+    assert labels_of(data.test) == [0] * 4 + [1] * 4
+    assert labels_of(data.val) == [0] * 4 + [1] * 4
     image, _ = next(iter(data.train))
     assert tuple(image.shape) == (32, 32, 3)  # resized from 40x40
+
+
+def test_every_epoch_is_one_permutation_and_epochs_differ():
+    split = tf.data.Dataset.from_tensor_slices((tf.zeros((10, 1)), tf.range(10))).cache()
+    batches = iter(epoch_permutations(split, batch_size=3, epochs=4, seed=5))
+    epochs = [np.concatenate([next(batches)[1].numpy() for _ in range(3)]) for _ in range(4)]
+    for order in epochs:  # 3 batches of 3: 9 distinct images, one dropped per epoch
+        assert len(set(order.tolist())) == 9
+    assert len({tuple(order) for order in epochs}) == 4
+    with pytest.raises(StopIteration):  # exactly 4 epochs of 3 steps
+        next(batches)
+    again = iter(epoch_permutations(split, batch_size=3, epochs=4, seed=5))
+    np.testing.assert_array_equal(next(again)[1], epochs[0][:3])  # a seed fixes the order
+
+
+SAME_ORDER_DISTRIBUTED = r"""
+import tensorflow as tf
+tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
+    [tf.config.LogicalDeviceConfiguration()] * 2)
+tf.random.set_seed(0)
+from tfmargin.data import epoch_permutations
+split = tf.data.Dataset.from_tensor_slices((tf.zeros((10, 1)), tf.range(10))).cache()
+plain = iter(epoch_permutations(split, 4, 3, seed=0))
+plain = [next(plain)[1].numpy().tolist() for _ in range(6)]
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+distributed = strategy.experimental_distribute_dataset(epoch_permutations(split, 4, 3, seed=0))
+iter(distributed)  # fit opens one iterator to build the model: it must not shift the order
+shared = iter(distributed)
+shared = [sum((v.numpy().tolist() for v in strategy.experimental_local_results(next(shared)[1])),
+              []) for _ in range(6)]
+print(plain == shared, plain)
+"""
+
+
+def test_mirrored_strategy_sees_the_same_epoch_order_as_one_device():
+    done = subprocess.run([sys.executable, "-c", SAME_ORDER_DISTRIBUTED], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("True"), done.stdout
+
+
+def test_augmentation_layers_draw_independently():
+    """Shared seeds made the first batch's flip decision equal the sign of its shift."""
+    x = np.arange(32, dtype="float32")
+    ramps = np.stack([np.broadcast_to(x, (32, 32)), np.broadcast_to(x[:, None], (32, 32)),
+                      np.zeros((32, 32))], axis=-1)
+    images = np.repeat(ramps[None] + 1.0, 64, axis=0)  # +1: fill (0) differs from content
+    out = build_augmenter("standard", 32, seed=0)(images, training=True).numpy()
+    flipped = out[:, 16, 20, 0] < out[:, 16, 10, 0]
+    shift = 21.0 - out[:, 20, 16, 1]  # rows the vertical ramp moved
+    combinations = {(bool(f), int(np.sign(d))) for f, d in zip(flipped, shift, strict=True)
+                    if d != 0}
+    # One shared seed gave only [(False, 1), (True, -1)]: flip decided by the shift's sign.
+    assert combinations == {(False, -1), (False, 1), (True, -1), (True, 1)}
+
+
+def test_one_decode_for_folders_and_tfds(tmp_path):
+    """Folders and TFDS resize with the same function (the export's too, in test_export)."""
+    root = write_image_folder(tmp_path / "d", num_classes=2, per_class=4, size=40)
+    data = load_dataset(root, val_split=0.25, test_split=0.25)
+    loaded = {x.numpy().tobytes() for split in (data.train, data.val, data.test)
+              for x, _ in split}
+    for name in sorted(os.listdir(os.path.join(root, "class_0"))):
+        pixels = tf.io.decode_png(tf.io.read_file(os.path.join(root, "class_0", name)))
+        assert resize_image(pixels, 32).numpy().tobytes() in loaded
+    with tfds.testing.mock_data(num_examples=6), mock.patch("tfmargin.data._check_reachable"):
+        raw = [x for x, _ in tfds.load("cifar10", split="test", as_supervised=True)]
+        data = load_dataset("cifar10", image_size=48, limit_train=2, val_split=0.5)
+        resized = [x for x, _ in data.test]
+    assert resized[0].shape == (48, 48, 3) and resized[0].dtype == tf.uint8
+    for got, pixels in zip(resized, raw, strict=True):
+        np.testing.assert_array_equal(got, resize_image(pixels, 48))
 
 
 def test_pipeline_batches_augments_and_feeds_labels_as_second_input(tmp_path):
     root = write_image_folder(tmp_path / "d", num_classes=2, per_class=8, test_per_class=2)
     data = load_dataset(root)
     ds = make_pipeline(data.train, batch_size=4, training=True, with_label_input=True, seed=1)
-    assert ds.cardinality() == -1  # endless: fit takes steps_per_epoch
+    assert ds.cardinality() == 4  # one epoch of 16 // 4 steps: fit takes steps_per_epoch
     inputs, labels = next(iter(ds))
     assert set(inputs) == {"image", "label"}
     assert inputs["image"].shape == (4, 32, 32, 3) and inputs["image"].dtype.name == "float32"
@@ -68,15 +158,17 @@ def test_folder_with_one_class_or_none_is_refused(tmp_path):
         load_dataset(str(tmp_path / "missing") + "/")
 
 
-def test_tfds_path_with_mock_data():
+@pytest.mark.parametrize("name", ["cifar10", "tfds:cifar10", "tfds:cifar100"])
+def test_tfds_path_with_mock_data(name):
     # mock_data replaces the download and the files; only our network probe is left.
-    with tfds.testing.mock_data(num_examples=12), mock.patch("tfmargin.data._check_reachable"):
-        data = load_dataset("cifar10", limit_train=8)
-    assert data.num_classes == 10 and len(data.class_names) == 10
-    assert data.test_size == 12 and data.train_size == 8
+    with tfds.testing.mock_data(num_examples=20), mock.patch("tfmargin.data._check_reachable"):
+        data = load_dataset(name, limit_train=8, val_split=0.2)
+    classes = 100 if name.endswith("100") else 10
+    assert data.num_classes == classes and len(data.class_names) == classes
+    assert data.sizes == {"train": 8, "val": 4, "test": 20}
     image, label = next(iter(data.train))
     assert image.dtype.name == "uint8" and tuple(image.shape) == (32, 32, 3)
-    assert 0 <= int(label) < 10
+    assert 0 <= int(label) < classes
 
 
 def test_tfds_offline_says_how_to_place_the_archive(tmp_path):

@@ -32,10 +32,12 @@ def test_cli_end_to_end_writes_the_run_directory(shapes, tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert config["backbone"] == "tinycnn" and config["num_classes"] == 4
     assert config["class_names"] == ["class_0", "class_1", "class_2", "class_3"]
-    assert config["train_size"] == 192 and config["global_batch"] == 32
+    # 48 per class, 10 % (5 per class) held out for validation
+    assert config["split_sizes"] == {"train": 172, "val": 20, "test": 64}
+    assert config["global_batch"] == 32 and config["peak_learning_rate"] == 0.05 / 4
     assert metrics["epochs"] == 2 and metrics["test_size"] == 64
-    for key in ("top1", "top5", "mAP"):
-        assert 0.0 <= metrics[key] <= 1.0
+    for key in ("top1", "top5", "mAP", "precision_at_1", "map_at_r"):
+        assert 0.0 <= metrics[key] <= 1.0 and 0.0 <= metrics["val"][key] <= 1.0
     assert metrics["top5"] == 1.0  # 4 classes
     assert metrics["train_images_per_second"] > 0 and metrics["wall_seconds"] > 0
     log = (run_dir / "log.csv").read_text().splitlines()
@@ -171,3 +173,134 @@ def test_finished_run_is_not_overwritten_silently(shapes, tmp_path):
     broken = run_cli(*[a if a != shapes else shapes + "-missing/" for a in args], "--overwrite")
     assert broken.returncode == 2 and "does not exist" in broken.stderr
     assert (tmp_path / "once" / "metrics.json").read_text() == metrics
+
+
+EVERY_LOSS = r"""
+import runpy, sys
+from tfmargin.config import LOSSES
+for loss in LOSSES:
+    sys.argv = ["run.py", "--loss", loss, "--backbone", "tinycnn", "--dataset", sys.argv[1],
+                "--epochs", "1", "--batch-size", "32", "--embedding-dim", "8", "--export", "none",
+                "--projector-samples", "0", "--runs-dir", sys.argv[2]]
+    runpy.run_path("experiments/run.py", run_name="__main__")
+"""
+
+
+def test_every_loss_runs_with_its_defaults(shapes, tmp_path):
+    done = subprocess.run([sys.executable, "-c", EVERY_LOSS, shapes, str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, "CI": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = sorted(os.listdir(tmp_path))
+    assert len(names) == 6 and all((tmp_path / n / "metrics.json").exists() for n in names)
+    margins = {json.loads((tmp_path / n / "config.json").read_text())["loss"]:
+               json.loads((tmp_path / n / "config.json").read_text())["margin"] for n in names}
+    assert margins == {"softmax": None, "arcface": 0.5, "cosface": 0.35, "sphereface": 1.35,
+                       "combined": [1.0, 0.3, 0.2], "normface": 0.0}
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--epochs", "x"], ["--loss", "triplet"]])
+def test_help_and_flag_errors_do_not_import_tensorflow(args):
+    probe = ("import runpy, sys\nsys.argv = ['run.py'] + sys.argv[1:]\ntry:\n"
+             "    runpy.run_path('experiments/run.py', run_name='__main__')\n"
+             "except SystemExit as e:\n    code = e.code\n"
+             "print('EXIT', code, 'tensorflow' in sys.modules, 'keras' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == \
+        f"EXIT {0 if args == ['--help'] else 2} False False", done.stdout + done.stderr
+
+
+def test_a_sweep_at_another_learning_rate_trains_new_runs_and_a_name_clash_is_refused(
+        shapes, tmp_path):
+    sweep = os.path.join(ROOT, "experiments", "sweep.py")
+    common = ["many-classes", "--dataset", shapes, "--backbones", "tinycnn", "--epochs", "1",
+              "--runs-dir", str(tmp_path), "--batch-size", "32"]
+    env = {**os.environ, "CI": "1"}
+    first = subprocess.run([sys.executable, sweep, *common], capture_output=True, text=True,
+                           env=env, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = set(os.listdir(tmp_path))
+    again = subprocess.run([sys.executable, sweep, *common, "--learning-rate", "0.01"],
+                           capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "5 runs in grid many-classes (0 already finished)" in again.stdout
+    new = set(os.listdir(tmp_path)) - before
+    assert len(new) == 5 and {json.loads((tmp_path / n / "config.json").read_text())
+                              ["learning_rate"] for n in new} == {0.01}
+    # The same --name with another setting: refused, naming the setting, nothing changed.
+    args = ["--backbone", "tinycnn", "--dataset", shapes, "--epochs", "1", "--batch-size", "32",
+            "--runs-dir", str(tmp_path), "--name", "fixed", "--export", "none",
+            "--projector-samples", "0"]
+    assert run_cli(*args).returncode == 0
+    metrics = (tmp_path / "fixed" / "metrics.json").read_text()
+    clash = run_cli(*args, "--learning-rate", "0.2", "--resume")
+    assert clash.returncode == 2
+    error = [line for line in clash.stderr.splitlines() if line.startswith("run.py: error:")]
+    assert len(error) == 1 and "was made with other settings (learning_rate 0.05 -> 0.2)" \
+        in error[0], clash.stderr[-2000:]
+    assert (tmp_path / "fixed" / "metrics.json").read_text() == metrics
+
+
+def test_learning_rate_scales_linearly_with_the_global_batch():
+    from tfmargin.models import build_models
+    from tfmargin.train import RunConfig, compile_models
+
+    config = RunConfig(learning_rate=0.05, epochs=2, warmup_epochs=1)
+    peaks = []
+    for global_batch in (128, 512):
+        models = build_models("tinycnn", 3, "softmax", embedding_dim=0)
+        compile_models(models, config, steps_per_epoch=10, global_batch=global_batch)
+        peaks.append(float(models.train.optimizer.learning_rate_schedule(10)))
+    assert peaks == pytest.approx([0.05, 0.2])
+
+
+def test_sgd_weight_decay_is_coupled_l2_as_in_pytorch():
+    """Two Nesterov steps against PyTorch's SGD rule written out in NumPy."""
+    import keras
+
+    from tfmargin.optimizers import L2SGD
+
+    lr, mu, wd = 0.1, 0.9, 0.05
+    w0, b0 = np.array([[1.0, -2.0], [0.5, 3.0]]), np.array([1.0, 1.0])
+    grads = [(np.array([[0.1, 0.2], [-0.3, 0.4]]), np.array([0.5, -0.5]))] * 2
+    kernel, bias = keras.Variable(w0), keras.Variable(b0)
+    optimizer = L2SGD(lr, l2=wd, momentum=mu, nesterov=True)
+    for g, gb in grads:
+        optimizer.apply([keras.ops.convert_to_tensor(g), keras.ops.convert_to_tensor(gb)],
+                        [kernel, bias])
+    w, b, buf_w, buf_b = w0.copy(), b0.copy(), None, None
+    for g, gb in grads:  # torch.optim.SGD: d = g + wd*w; buf = mu*buf + d; d += mu*buf
+        d = g + wd * w  # coupled: through the momentum; biases (rank 1) do not decay
+        buf_w = d if buf_w is None else mu * buf_w + d
+        buf_b = gb if buf_b is None else mu * buf_b + gb
+        w = w - lr * (d + mu * buf_w)
+        b = b - lr * (gb + mu * buf_b)
+    np.testing.assert_allclose(kernel.numpy(), w, rtol=1e-6)
+    np.testing.assert_allclose(bias.numpy(), b, rtol=1e-6)
+
+
+PAIRING = r"""
+import tensorflow as tf
+tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
+    [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras, numpy as np
+from tfmargin.models import build_models
+from tfmargin.train import predict_split
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    models = build_models("tinycnn", 10, "softmax", embedding_dim=0)
+labels = np.arange(50) % 10
+images = np.zeros((50, 32, 32, 3), np.uint8) + (labels * 20)[:, None, None, None].astype(np.uint8)
+split = tf.data.Dataset.from_tensor_slices((images, labels)).shuffle(50, seed=1)
+logits, embeddings, got = predict_split(models, split, batch_size=8)  # 7 batches
+again = models.inference.predict(np.stack([x for x, _ in split]).astype("float32"), verbose=0)
+print("PAIRED", np.allclose(logits, again, atol=1e-5), got.tolist() == [int(y) for _, y in split])
+"""
+
+
+def test_predictions_stay_paired_with_their_labels_over_many_batches():
+    done = subprocess.run([sys.executable, "-c", PAIRING], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "PAIRED True True", done.stdout

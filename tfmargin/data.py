@@ -233,18 +233,18 @@ def load_tfds(name, image_size=32, limit_train=None, val_split=0.1, data_dir=Non
     if not keys or "label" not in builder.info.features:
         raise DatasetError(f"{name!r} is not an image-classification dataset.")
     class_names = list(builder.info.features["label"].names)
-    n_train = builder.info.splits["train"].num_examples
+
+    def decoded(split):
+        return builder.as_dataset(split=split, as_supervised=True).map(
+            lambda x, y: (resize_image(x, image_size), tf.cast(y, tf.int32)),
+            num_parallel_calls=tf.data.AUTOTUNE).cache()
+
+    full_train, test = decoded("train"), decoded("test")
+    n_train = _fill_cache(full_train)
     n_fit = n_train - max(1, round(n_train * val_split))
     limit = min(limit_train or n_fit, n_fit)
-    splits = {}
-    for key, spec in (("train", f"train[:{limit}]"), ("val", f"train[{n_fit}:]"),
-                      ("test", "test")):
-        ds = builder.as_dataset(split=spec, as_supervised=True)
-        ds = ds.map(lambda x, y: (resize_image(x, image_size), tf.cast(y, tf.int32)),
-                    num_parallel_calls=tf.data.AUTOTUNE)
-        splits[key] = ds.cache()
-    sizes = {key: _fill_cache(ds) for key, ds in splits.items()}
-    return Dataset(splits["train"], splits["val"], splits["test"], class_names, sizes,
+    sizes = {"train": limit, "val": n_train - n_fit, "test": _fill_cache(test)}
+    return Dataset(full_train.take(limit), full_train.skip(n_fit), test, class_names, sizes,
                    source=f"tfds:{name}")
 
 
@@ -289,28 +289,36 @@ def build_mixer(kind, seed=None):
     return keras.layers.MixUp(seed=seed) if kind == "mixup" else keras.layers.CutMix(seed=seed)
 
 
-def epoch_permutations(split, batch_size, seed=None):
-    """Endless batches where each epoch is one fresh permutation of ``split``.
+def epoch_permutations(split, batch_size, epochs, seed=None):
+    """Batches of ``epochs`` epochs, each one permutation of ``split`` with its own seed.
 
-    Shuffling the whole split *before* ``repeat`` makes every epoch a
-    permutation (shuffling after it mixes epochs: some images come 2-3 times
-    in an "epoch", others not at all). With a seed the sequence of
-    permutations is fixed, and a distribution strategy's copy of the dataset
-    draws the same one (tested). The last partial batch of each epoch is
-    dropped, so an epoch is exactly ``len(split) // batch_size`` steps.
+    Every epoch is a permutation (shuffling after ``repeat`` mixes epochs: some
+    images come 2-3 times in an "epoch", others not at all). Epoch e is a
+    shuffle with the fixed seed ``(seed, e)``, so the order does not depend on
+    how many iterators are opened: ``fit`` under a distribution strategy opens
+    an extra one to build the model, which would advance a reshuffling seed
+    generator and start that run on the second permutation. The last partial
+    batch of each epoch is dropped, so an epoch is ``len(split) // batch_size``
+    steps.
     """
     size = int(split.cardinality())
     if size < 0:  # unknown after a filter, say: count once (the split is cached)
         size = int(split.reduce(0, lambda n, _: n + 1))
-    return split.shuffle(max(size, 1), seed=seed, reshuffle_each_iteration=True).batch(
-        batch_size, drop_remainder=True).repeat()
+    steps = size // batch_size
+    per_epoch = [split.shuffle(max(size, 1), seed=None if seed is None else seed * 100_003 + e,
+                               reshuffle_each_iteration=False).batch(batch_size,
+                                                                     drop_remainder=True)
+                 for e in range(epochs)]
+    order = tf.data.Dataset.range(epochs).flat_map(
+        lambda e: tf.data.Dataset.from_tensors(e).repeat(steps))
+    return tf.data.Dataset.choose_from_datasets(per_epoch, order)
 
 
 def make_pipeline(split, batch_size, training, with_label_input, augment="standard",
-                  seed=None, mix="none", num_classes=None):
+                  seed=None, mix="none", num_classes=None, epochs=1):
     """Cached decoded split -> shuffled, augmented, batched, prefetched batches.
 
-    Training batches repeat forever, one permutation per epoch: pass
+    Training batches cover ``epochs`` epochs, one permutation each: pass
     ``steps_per_epoch = len(split) // batch_size`` to ``fit``.
     With ``mix`` (``mixup``/``cutmix``, needs ``num_classes``) the targets are
     soft one-hot vectors and the label input is the dominant class.
@@ -318,7 +326,7 @@ def make_pipeline(split, batch_size, training, with_label_input, augment="standa
     margin head's training model (labels as its second input), else the image.
     """
     if training:
-        ds = epoch_permutations(split, batch_size, seed)
+        ds = epoch_permutations(split, batch_size, epochs, seed)
     else:
         ds = split.batch(batch_size)
     augmenter = build_augmenter(augment, split.element_spec[0].shape[0], seed) if training \

@@ -116,7 +116,7 @@ def make_datasets(config, data, uses_label_input, global_batch):
     pipeline = dict(batch_size=global_batch, with_label_input=uses_label_input)
     train_ds = make_pipeline(data.train, training=True, augment=config.augment,
                              seed=config.seed, mix=config.mix, num_classes=data.num_classes,
-                             **pipeline)
+                             epochs=config.epochs, **pipeline)
     val_ds = make_pipeline(data.val, training=False, **pipeline)
     return train_ds.map(to_targets), val_ds.map(to_targets)
 
