@@ -27,8 +27,6 @@ from unittest import mock
 
 import numpy as np
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
@@ -36,11 +34,10 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from tfmargin.backbones import build_backbone  # noqa: E402
-from tfmargin.data import load_dataset  # noqa: E402
+from tfmargin.data import load_dataset, write_image_folder  # noqa: E402
 from tfmargin.train import (  # noqa: E402
     RunConfig,
     build_run_models,
-    compile_models,
     make_datasets,
     set_precision,
     train,
@@ -131,16 +128,12 @@ def training_flops_per_image(model, batch_size=2):
 
 def write_random_folder(root, num_classes=10, per_class=64, test_per_class=8, size=32):
     """JPEG class folders of random images: speed does not depend on what they show."""
-    from PIL import Image
-
     rng = np.random.default_rng(0)
+    names = [f"class_{label}" for label in range(num_classes)]
     for split, count in (("train", per_class), ("test", test_per_class)):
-        for label in range(num_classes):
-            folder = os.path.join(root, split, f"class_{label}")
-            os.makedirs(folder, exist_ok=True)
-            for i in range(count):
-                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(os.path.join(folder, f"{i:04d}.jpg"))
+        labels = np.repeat(np.arange(num_classes), count)
+        images = rng.integers(0, 256, (len(labels), size, size, 3), dtype=np.uint8)
+        write_image_folder(os.path.join(root, split), images, labels, names, fmt="jpg")
     return root
 
 
@@ -161,9 +154,11 @@ class RunSetup:
         self.config = RunConfig(export="none", projector_samples=0, **settings)
         self.config.validate()
         set_precision(self.config)
-        self.models = build_run_models(self.config, data.num_classes)
-        compile_models(self.models, self.config, steps_per_epoch=1000)
-        self.batches, _ = make_datasets(self.config, data, self.models, self.config.batch_size)
+        batch = self.config.batch_size
+        self.models = build_run_models(self.config, data, tf.distribute.get_strategy(), batch)
+        # Repeated: every measurement round starts a fit over the same batches.
+        self.batches = make_datasets(self.config, data, self.models.uses_label_input,
+                                     batch)[0].repeat()
         keras.config.set_dtype_policy("float32")
         self.steps = steps * self.config.steps_per_execution
 

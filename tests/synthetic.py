@@ -3,7 +3,8 @@
 import os
 
 import numpy as np
-from PIL import Image
+
+from tfmargin.data import write_image_folder as write_folder
 
 COLOURS = [(230, 40, 40), (40, 200, 40), (40, 80, 230), (230, 210, 40), (200, 40, 200),
            (40, 210, 210)]
@@ -24,11 +25,9 @@ def write_image_folder(root, num_classes=3, per_class=12, test_per_class=None, s
     rng = np.random.default_rng(seed)
     splits = {"": per_class} if test_per_class is None else {"train": per_class,
                                                             "test": test_per_class}
+    names = [f"class_{label}" for label in range(num_classes)]
     for split, count in splits.items():
-        for label in range(num_classes):
-            folder = os.path.join(root, split, f"class_{label}")
-            os.makedirs(folder, exist_ok=True)
-            for i in range(count):
-                Image.fromarray(shape_image(label, rng, size)).save(
-                    os.path.join(folder, f"{i:04d}.{fmt}"))
+        labels = np.repeat(np.arange(num_classes), count)
+        images = [shape_image(label, rng, size) for label in labels]
+        write_folder(os.path.join(root, split), images, labels, names, fmt)
     return str(root)

@@ -12,7 +12,6 @@ from synthetic import write_image_folder
 from tfmargin.data import (
     DatasetError,
     build_augmenter,
-    decode_image,
     epoch_permutations,
     load_dataset,
     make_pipeline,

@@ -22,7 +22,8 @@ POINTS = "embeddings/.ATTRIBUTES/VARIABLE_VALUE"
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export")
-    data = write_image_folder(tmp / "shapes", num_classes=3, per_class=32, test_per_class=10)
+    # 80 per class: 10 % (8 per class) held out for validation, the projector's sample.
+    data = write_image_folder(tmp / "shapes", num_classes=3, per_class=80, test_per_class=10)
     config = RunConfig(backbone="tinycnn", dataset=data, epochs=1, batch_size=16,
                        embedding_dim=8, runs_dir=str(tmp / "runs"), export_dir=str(tmp / "sm"),
                        name="tiny", projector_samples=24)
@@ -167,8 +168,37 @@ def test_hparams_and_metrics_are_logged(finished_run):
     events = event_accumulator.EventAccumulator(str(finished_run["run"] / "logs" / "hparams"))
     events.Reload()
     tags = events.Tags()["tensors"]
-    assert {"test/top1", "test/top5", "test/mAP"} <= set(tags)
+    assert {f"{split}/{key}" for split in ("test", "val") for key in (
+        "top1", "top5", "mAP", "precision_at_1", "map_at_r")} <= set(tags)
     top1 = events.Tensors("test/top1")[0]
     value = float(tf.make_ndarray(top1.tensor_proto))
     assert value == pytest.approx(finished_run["metrics"]["top1"], abs=1e-6)
     assert "_hparams_/session_start_info" in tags
+
+
+def test_encoded_endpoint_decodes_as_training_did(finished_run, tmp_path):
+    """Any-size image bytes through ``serve_encoded`` == training's decode, then ``serve``."""
+    import tensorflow as tf
+    from PIL import Image
+
+    from tfmargin.data import decode_image
+
+    path = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(
+        path)
+    encoded = path.read_bytes()
+    loaded = tf.saved_model.load(str(finished_run["export"] / "savedmodel"))
+    got = loaded.serve_encoded(tf.constant([encoded, encoded]))["probabilities"].numpy()
+    images = tf.stack([decode_image(tf.constant(encoded), 32)] * 2)
+    expected = loaded.serve(images)["probabilities"].numpy()
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_projector_angle_uses_the_nearest_sub_centre():
+    from tfmargin.callbacks import angle_to_nearest_centre, normalize_rows
+
+    centres = normalize_rows(np.array([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]],
+                                       [[0.0, 0.0, 1.0], [0.0, -1.0, 0.0]]]))
+    embeddings = normalize_rows(np.array([[0.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, -1.0, 0.0]]))
+    angles = angle_to_nearest_centre(embeddings, centres, np.array([0, 0, 1]))
+    np.testing.assert_allclose(angles, [0.0, 45.0, 0.0], atol=1e-6)  # sub-centre 0 says 90

@@ -26,6 +26,7 @@ def tiny_args(shapes, runs, *extra):
             "--export", "none", "--runs-dir", str(runs), "--name", "r", *extra]
 
 
+@pytest.mark.slow
 def test_seed_and_deterministic_give_bit_identical_metrics(shapes, tmp_path):
     results = []
     for i in range(2):
@@ -51,6 +52,7 @@ def free_ports(n):
     return ports
 
 
+@pytest.mark.slow
 def test_multiworker_two_processes_end_with_identical_weights(shapes, tmp_path):
     workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
     processes = []
@@ -73,7 +75,7 @@ def test_multiworker_two_processes_end_with_identical_weights(shapes, tmp_path):
     assert metrics[0]["top1"] == metrics[1]["top1"] and metrics[0]["test_size"] == 24
     import keras
 
-    import tfmargin  # noqa: F401  (registers ArcMarginLayer for loading)
+    import tfmargin.heads  # noqa: F401  (registers ArcMarginLayer for loading)
 
     probe = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
     models = [keras.saving.load_model(tmp_path / f"worker{i}" / "r" / "inference.keras")
@@ -84,6 +86,7 @@ def test_multiworker_two_processes_end_with_identical_weights(shapes, tmp_path):
                                   models[1].predict(probe, verbose=0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("torn_backup", [False, True])
 def test_sigkill_mid_epoch_then_same_command_resumes(shapes, tmp_path, torn_backup):
     args = tiny_args(shapes, tmp_path, "--seed", "1")
@@ -116,21 +119,24 @@ def test_sigkill_mid_epoch_then_same_command_resumes(shapes, tmp_path, torn_back
     assert epochs == ["0", "1"] + ["1"] * torn_backup + ["2"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["epochs"] == 3 and metrics["test_size"] == 24
-    assert sorted(os.listdir(run_dir / "checkpoints")) == ["best.weights.h5"]
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["best.weights.h5",
+                                                           "best.weights.h5.json"]
 
 
 def test_checkpoint_write_that_dies_keeps_the_previous_best(tmp_path):
     import keras
 
-    from tfmargin.callbacks import AtomicModelCheckpoint
+    from tfmargin.callbacks import BestWeights
 
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     path = tmp_path / "best.weights.h5"
-    checkpoint = AtomicModelCheckpoint(str(path), monitor="val_loss", save_best_only=True,
-                                       save_weights_only=True)
+    checkpoint = BestWeights(str(path), monitor="val_loss")
     checkpoint.set_model(model)
+    checkpoint.on_train_begin()
     checkpoint.on_epoch_end(0, {"val_loss": 1.0})
     saved = [w.numpy() for w in model.weights]
+    checkpoint.on_epoch_end(1, {"val_loss": float("nan")})  # never replaces the best
+    checkpoint.on_epoch_end(2, {"loss": 0.1})  # no validation this epoch
 
     def dies_mid_write(filepath, overwrite=True):
         with open(filepath, "wb") as f:
@@ -140,12 +146,15 @@ def test_checkpoint_write_that_dies_keeps_the_previous_best(tmp_path):
     model.layers[0].kernel.assign(np.ones((3, 2)))
     model.save_weights = dies_mid_write
     with pytest.raises(OSError, match="killed"):
-        checkpoint.on_epoch_end(1, {"val_loss": 0.5})
-    assert os.listdir(tmp_path) == ["best.weights.h5"]
+        checkpoint.on_epoch_end(3, {"val_loss": 0.5})
+    assert sorted(os.listdir(tmp_path)) == ["best.weights.h5", "best.weights.h5.json"]
     restored = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     restored.load_weights(str(path))
     for a, b in zip(saved, restored.weights, strict=True):
         np.testing.assert_array_equal(a, b.numpy())
+    resumed = BestWeights(str(path), monitor="val_loss")  # a resumed run compares with it
+    resumed.on_train_begin()
+    assert resumed.best == 1.0
 
 
 def without_root_override():

@@ -3,17 +3,20 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def fake_run(runs, name, backbone, loss, top1, mAP):
     os.makedirs(runs / name)
-    config = {"backbone": backbone, "loss": loss, "dataset": "/data/cifar10-jpeg", "epochs": 3,
-              "limit_train": 5000, "batch_size": 128, "optimizer": "sgd",
-              "learning_rate": 0.05, "validation_freq": 3, "scale": 16.0, "margin": 0.2,
-              "fallback": "monotonic", "ce_weight": 0.0, "head_scale": 16.0,
-              "train_size": 5000}
-    metrics = {"top1": top1, "top5": 0.9, "mAP": mAP, "epochs": 3, "wall_seconds": 100.0,
+    config = {"backbone": backbone, "loss": loss, "dataset": "data/cifar10-jpeg", "epochs": 3,
+              "limit_train": 5000, "batch_size": 128, "optimizer": "sgd", "seed": 0,
+              "learning_rate": 0.05, "validation_freq": 3, "scale": 16.0,
+              "margin": None if loss == "softmax" else 0.2, "fallback": "monotonic",
+              "ce_weight": 0.0, "head_scale": 16.0, "train_size": 5000}
+    metrics = {"top1": top1, "top5": 0.9, "mAP": mAP, "precision_at_1": 0.3,
+               "map_at_r": 0.125, "val": {"top1": 0.5}, "epochs": 3, "wall_seconds": 100.0,
                "train_images_per_second": 50.0, "train_accuracy_last_epoch": 0.4}
     (runs / name / "config.json").write_text(json.dumps(config))
     (runs / name / "metrics.json").write_text(json.dumps(metrics))
@@ -30,16 +33,24 @@ def test_report_copies_the_metrics_files(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     text = out.read_text()
-    assert "| a | resnet18 | softmax | - | - | - | - | 5000 | 3 | 41.23 | 43.22 |" in text
-    assert ("| b | resnet18 | arcface | 16.0 | 0.2 | monotonic | 0.0 | 5000 | 3 | 38.77 | 40.00 |"
-            in text)
+    assert ("| a | resnet18 | softmax | - | - | - | - | 0 | 5000 | 3 | 50.00 | 41.23 | 43.22 "
+            "| 30.00 | 12.50 | 40.00 |") in text
+    assert ("| b | resnet18 | arcface | 16 | 0.2 | monotonic | 0.0 | 0 | 5000 | 3 | 50.00 "
+            "| 38.77 | 40.00 |") in text
     assert "| paper: cross-entropy | 65.2 | 84.66 | 59.01 |" in text
     assert "| ours: softmax | 43.22 | not run | not run |" in text
     assert "| ours: arcface s=16 m=0.2 monotonic | 40.00 (-3.22, loses) | not run |" in text
-    assert "--backbone resnet18 --loss arcface --dataset /data/cifar10-jpeg --epochs 3" in text
+    assert "| ours: arcface s=16 m=0.2 monotonic | 38.77 (-2.47, loses) | not run |" in text
+    # The exact command: every setting that differs from run.py's defaults, nothing else.
+    assert ("`python experiments/run.py --backbone resnet18 --loss arcface --dataset "
+            "data/cifar10-jpeg --epochs 3 --margin 0.2 --limit-train 5000 --validation-freq 3`"
+            in text)
+    assert "Table 2, CIFAR-100" in text and "| paper: cross-entropy | 60.16 | 62.2 | 58.94 |" \
+        in text and "python experiments/sweep.py table2" in text
     assert "unfinished" not in text
 
 
+@pytest.mark.slow
 def test_sweep_runs_skips_finished_and_reports_a_figure(tmp_path):
     from synthetic import write_image_folder
 
@@ -81,4 +92,4 @@ def test_glyph_folder_has_distinct_classes_and_loads(tmp_path):
 
     data = load_dataset(write_glyphs(str(tmp_path / "g"), 5, 3, 2))
     assert data.class_names == [f"glyph_{i:03d}" for i in range(5)]
-    assert (data.train_size, data.test_size) == (15, 10)
+    assert data.sizes == {"train": 10, "val": 5, "test": 10}

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from synthetic import write_image_folder
 
@@ -48,6 +49,7 @@ def test_cli_end_to_end_writes_the_run_directory(shapes, tmp_path):
         "class_names.txt", "model.keras", "savedmodel"]
 
 
+@pytest.mark.slow
 def test_arcface_learns_shapes_and_inference_mode_holds_up(shapes, tmp_path):
     """MobileNetV2 with its real BatchNorms: test accuracy far above chance (25%).
 
@@ -109,38 +111,54 @@ def test_config_validation_messages(changes, message):
 
 
 MIRRORED = r"""
-import json, sys, tensorflow as tf
+import csv, json, sys, tensorflow as tf
 tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
     [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras, numpy as np
 from tfmargin.train import RunConfig, train
-results = {}
+results, loss = {}, sys.argv[3]
 for strategy, batch in (("default", 16), ("mirrored", 8)):
-    config = RunConfig(backbone="tinycnn", dataset=sys.argv[1], epochs=2, batch_size=batch,
-                       strategy=strategy, augment="none", runs_dir=sys.argv[2], name=strategy,
-                       embedding_dim=0, learning_rate=0.05, export="none")
+    name = f"{loss}-{strategy}"
+    config = RunConfig(backbone="tinycnn", loss=loss, dataset=sys.argv[1], epochs=2,
+                       batch_size=batch, strategy=strategy, augment="none",
+                       runs_dir=sys.argv[2], name=name, embedding_dim=0,
+                       learning_rate=0.05, export="none", projector_samples=0)
     metrics = train(config)
-    model = keras.saving.load_model(f"{sys.argv[2]}/{strategy}/inference.keras")
+    model = keras.saving.load_model(f"{sys.argv[2]}/{name}/inference.keras")
     probe = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
-    results[strategy] = {"metrics": metrics, "logits": model.predict(probe, verbose=0).tolist(),
-                         "replicas": json.load(open(f"{sys.argv[2]}/{strategy}/config.json"))
-                         ["replicas"]}
+    log = list(csv.DictReader(open(f"{sys.argv[2]}/{name}/log.csv")))
+    results[name] = {"metrics": metrics, "logits": model.predict(probe, verbose=0).tolist(),
+                     "first_epoch_loss": float(log[0]["loss"]),
+                     "replicas": json.load(open(f"{sys.argv[2]}/{name}/config.json"))
+                     ["replicas"]}
 print("RESULT" + json.dumps(results))
 """
 
 
+@pytest.mark.slow
 def test_mirrored_over_two_cpus_matches_one_device(shapes, tmp_path):
-    import numpy as np
+    """Same data order, labels and updates with two replicas as with one device.
 
-    result = subprocess.run([sys.executable, "-c", MIRRORED, shapes, str(tmp_path)],
-                            capture_output=True, text=True, cwd=ROOT, timeout=600,
-                            env={**os.environ, "CI": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.split("RESULT", 1)[1])
-    assert out["default"]["replicas"] == 1 and out["mirrored"]["replicas"] == 2
-    np.testing.assert_allclose(out["mirrored"]["logits"], out["default"]["logits"], atol=1e-3)
-    assert out["mirrored"]["metrics"]["top1"] == pytest.approx(
-        out["default"]["metrics"]["top1"], abs=1 / 64)
+    Softmax logits agree tightly after two epochs. A margin head's training is
+    too sensitive for that (arccos gradients near cos = 1 are ~1e3 * s, so a
+    float32 reduction-order difference can move the end point); its label
+    input through the distributed pipeline is checked on the first epoch's
+    loss and on the test top-1.
+    """
+    out = {}
+    for loss in ("softmax", "arcface"):  # (TF's collective keys clash across models)
+        result = subprocess.run([sys.executable, "-c", MIRRORED, shapes, str(tmp_path), loss],
+                                capture_output=True, text=True, cwd=ROOT, timeout=600,
+                                env={**os.environ, "CI": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        out |= json.loads(result.stdout.split("RESULT", 1)[1])
+    for loss in ("softmax", "arcface"):
+        one, two = out[f"{loss}-default"], out[f"{loss}-mirrored"]
+        assert one["replicas"] == 1 and two["replicas"] == 2
+        assert two["first_epoch_loss"] == pytest.approx(one["first_epoch_loss"], rel=2e-3)
+        assert two["metrics"]["top1"] == pytest.approx(one["metrics"]["top1"], abs=1 / 64)
+    np.testing.assert_allclose(out["softmax-mirrored"]["logits"],
+                               out["softmax-default"]["logits"], atol=1e-3)
 
 
 def test_nan_loss_stops_with_advice_and_keeps_no_bad_checkpoint(shapes, tmp_path):
@@ -178,14 +196,16 @@ def test_finished_run_is_not_overwritten_silently(shapes, tmp_path):
 EVERY_LOSS = r"""
 import runpy, sys
 from tfmargin.config import LOSSES
-for loss in LOSSES:
-    sys.argv = ["run.py", "--loss", loss, "--backbone", "tinycnn", "--dataset", sys.argv[1],
+dataset, runs = sys.argv[1:3]
+for loss in LOSSES:  # no head flag: each loss with its registry defaults
+    sys.argv = ["run.py", "--loss", loss, "--backbone", "tinycnn", "--dataset", dataset,
                 "--epochs", "1", "--batch-size", "32", "--embedding-dim", "8", "--export", "none",
-                "--projector-samples", "0", "--runs-dir", sys.argv[2]]
+                "--projector-samples", "0", "--runs-dir", runs]
     runpy.run_path("experiments/run.py", run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_every_loss_runs_with_its_defaults(shapes, tmp_path):
     done = subprocess.run([sys.executable, "-c", EVERY_LOSS, shapes, str(tmp_path)],
                           capture_output=True, text=True, cwd=ROOT, timeout=600,
@@ -211,6 +231,7 @@ def test_help_and_flag_errors_do_not_import_tensorflow(args):
         f"EXIT {0 if args == ['--help'] else 2} False False", done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_a_sweep_at_another_learning_rate_trains_new_runs_and_a_name_clash_is_refused(
         shapes, tmp_path):
     sweep = os.path.join(ROOT, "experiments", "sweep.py")
@@ -243,16 +264,12 @@ def test_a_sweep_at_another_learning_rate_trains_new_runs_and_a_name_clash_is_re
 
 
 def test_learning_rate_scales_linearly_with_the_global_batch():
-    from tfmargin.models import build_models
-    from tfmargin.train import RunConfig, compile_models
+    from tfmargin.train import RunConfig, learning_rate_schedule
 
     config = RunConfig(learning_rate=0.05, epochs=2, warmup_epochs=1)
-    peaks = []
-    for global_batch in (128, 512):
-        models = build_models("tinycnn", 3, "softmax", embedding_dim=0)
-        compile_models(models, config, steps_per_epoch=10, global_batch=global_batch)
-        peaks.append(float(models.train.optimizer.learning_rate_schedule(10)))
-    assert peaks == pytest.approx([0.05, 0.2])
+    peaks = [float(learning_rate_schedule(config, 10, global_batch)(10))  # end of warm-up
+             for global_batch in (64, 128, 512)]
+    assert peaks == pytest.approx([0.025, 0.05, 0.2])
 
 
 def test_sgd_weight_decay_is_coupled_l2_as_in_pytorch():
@@ -292,7 +309,8 @@ with strategy.scope():
     models = build_models("tinycnn", 10, "softmax", embedding_dim=0)
 labels = np.arange(50) % 10
 images = np.zeros((50, 32, 32, 3), np.uint8) + (labels * 20)[:, None, None, None].astype(np.uint8)
-split = tf.data.Dataset.from_tensor_slices((images, labels)).shuffle(50, seed=1)
+split = tf.data.Dataset.from_tensor_slices((images, labels)).shuffle(
+    50, seed=1, reshuffle_each_iteration=False)
 logits, embeddings, got = predict_split(models, split, batch_size=8)  # 7 batches
 again = models.inference.predict(np.stack([x for x, _ in split]).astype("float32"), verbose=0)
 print("PAIRED", np.allclose(logits, again, atol=1e-5), got.tolist() == [int(y) for _, y in split])

@@ -104,6 +104,13 @@ def normalize_rows(x):
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def angle_to_nearest_centre(embeddings, centres, labels):
+    """Degrees between each normalised embedding and the nearest of its class's K centres
+    (``centres``: (C, K, D), normalised), as the head takes the max over sub-centres."""
+    cosine = np.einsum("nd,nkd->nk", embeddings, centres[labels]).max(axis=1)
+    return np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0)))
+
+
 class EmbeddingProjector(keras.callbacks.Callback):
     """Writes L2-normalised embeddings and class centres for TensorBoard's projector.
 
@@ -146,9 +153,7 @@ class EmbeddingProjector(keras.callbacks.Callback):
         predicted = np.argmax(ops.convert_to_numpy(self.models.head(raw)), axis=1)
         embeddings = normalize_rows(raw)
         centres = self.class_centres()
-        # The nearest sub-centre of the true class, as the head's max over sub-centres.
-        cosine = np.einsum("nd,nkd->nk", embeddings, centres[self.labels]).max(axis=1)
-        angles = np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0)))
+        angles = angle_to_nearest_centre(embeddings, centres, self.labels)
         centres = centres.reshape(-1, centres.shape[-1])
         with atomic_file(os.path.join(self.log_dir, "metadata.tsv")) as tmp, open(tmp, "w") as f:
             f.write("class\tlabel\tpredicted\tcorrect\tangle_to_centre\n")

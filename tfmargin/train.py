@@ -68,14 +68,19 @@ def peak_learning_rate(config, global_batch):
     return config.learning_rate * global_batch / REFERENCE_BATCH
 
 
-def compile_models(models, config, steps_per_epoch, global_batch=REFERENCE_BATCH):
-    """Compile the training model as ``train`` does: schedule, optimizer, losses, metrics."""
+def learning_rate_schedule(config, steps_per_epoch, global_batch=REFERENCE_BATCH):
+    """Linear warm-up to the (batch-scaled) peak, then cosine decay to 0."""
     total = steps_per_epoch * config.epochs
     warmup = min(int(config.warmup_epochs * steps_per_epoch), total // 2)
     peak = peak_learning_rate(config, global_batch)
-    schedule = keras.optimizers.schedules.CosineDecay(
+    return keras.optimizers.schedules.CosineDecay(
         0.0 if warmup else peak, max(total - warmup, 1),
         warmup_target=peak if warmup else None, warmup_steps=warmup)
+
+
+def compile_models(models, config, steps_per_epoch, global_batch=REFERENCE_BATCH):
+    """Compile the training model as ``train`` does: schedule, optimizer, losses, metrics."""
+    schedule = learning_rate_schedule(config, steps_per_epoch, global_batch)
     if config.optimizer == "sgd":
         optimizer = L2SGD(schedule, l2=config.weight_decay, momentum=0.9, nesterov=True)
     else:

@@ -7,16 +7,9 @@ import os
 
 import numpy as np
 
-# The paper's "mAP" (percent), cross-entropy / angular margin (s=1, m=0.1).
-PAPER = {
-    "cifar10": {"resnet18": (65.2, 65.4), "efficientnetb0": (84.66, 85.2),
-                "mobilenetv2": (59.01, 58.88)},
-    "cifar100": {"resnet18": (60.16, 59.8), "efficientnetb0": (62.2, 63.01),
-                 "mobilenetv2": (58.94, 59.05)},
-}
-COMMAND_FLAGS = ("backbone", "loss", "dataset", "epochs", "limit_train", "batch_size",
-                 "optimizer", "learning_rate", "validation_freq")
-HEAD_FLAGS = ("scale", "margin", "fallback", "ce_weight")
+from tfmargin.config import RunConfig
+
+BACKBONE_COLUMNS = ("resnet18", "efficientnetb0", "mobilenetv2")
 
 
 def load_runs(runs_dir):
@@ -35,52 +28,69 @@ def load_runs(runs_dir):
 
 
 def command(config):
-    """The run.py command line that reproduces a run's settings."""
-    flags = COMMAND_FLAGS + (HEAD_FLAGS if config["loss"] != "softmax" else ())
-    parts = ["python experiments/run.py"]
-    for key in flags:
-        value = config[key]
+    """The run.py command line that reproduces a run: every setting of its identity that
+    differs from run.py's defaults."""
+    defaults = RunConfig(loss=config["loss"]).identity()
+    parts = ["python experiments/run.py", f"--backbone {config['backbone']}",
+             f"--loss {config['loss']}", f"--dataset {config['dataset']}"]
+    for key, default in defaults.items():
+        value = config.get(key, default)
+        if key in ("backbone", "loss", "dataset") or value == default:
+            continue
+        flag = f"--{key.replace('_', '-')}"
         if isinstance(value, list):
-            value = " ".join(str(v) for v in value)
-        parts.append(f"--{key.replace('_', '-')} {value}")
+            value = " ".join(map(str, value))
+        parts.append(flag if isinstance(value, bool) else f"{flag} {value}")
     return " ".join(parts)
 
 
+def _percent(value):
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
 def runs_table(runs):
-    header = ("| run | backbone | loss | s | m | fallback | CE weight | train images | epochs "
-              "| test top-1 | test mAP | train acc. (last epoch) | train img/s | wall (s) "
-              "| finished |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    header = ("| run | backbone | loss | s | m | fallback | CE weight | seed | train images "
+              "| epochs | val top-1 | test top-1 | test mAP | test P@1 | test MAP@R "
+              "| train acc. (last epoch) | train img/s | wall (s) | finished |\n"
+              "|" + "---|" * 19 + "\n")
     rows = []
     for run in runs:
         c, m = run["config"], run["metrics"]
-        margin = c["loss"] != "softmax"
-        train_acc = m.get("train_accuracy_last_epoch")
-        rows.append(
-            f"| {run['name']} | {c['backbone']} | {c['loss']} | "
-            f"{c['head_scale'] if margin else '-'} | {c['margin'] if margin else '-'} | "
-            f"{c['fallback'] if margin else '-'} | {c['ce_weight'] if margin else '-'} | "
-            f"{c['train_size']} | {m['epochs']} | "
-            f"{100 * m['top1']:.2f} | {100 * m['mAP']:.2f} | "
-            f"{'-' if train_acc is None else f'{100 * train_acc:.2f}'} | "
-            f"{m['train_images_per_second']:.1f} | {m['wall_seconds']:.0f} | {run['finished']} |")
+        head = ("-", "-", "-", "-") if c["loss"] == "softmax" else (
+            f"{c['head_scale']:.3g}", c["margin"], c["fallback"], c["ce_weight"])
+        cells = [run["name"], c["backbone"], c["loss"], *head, c["seed"], c["train_size"],
+                 m["epochs"], *(_percent(v) for v in (
+                     m["val"]["top1"], m["top1"], m["mAP"], m["precision_at_1"], m["map_at_r"],
+                     m.get("train_accuracy_last_epoch"))),
+                 f"{m['train_images_per_second']:.1f}", f"{m['wall_seconds']:.0f}",
+                 run["finished"]]
+        rows.append("| " + " | ".join(str(cell) for cell in cells) + " |")
     return header + "\n".join(rows) + "\n"
 
 
-def paper_table(runs, dataset_key):
-    """Paper layout: rows = loss, columns = backbone; our mAP beside the paper's."""
-    backbones = ("resnet18", "efficientnetb0", "mobilenetv2")
+def head_label(config):
+    """A short name of a run's head: ``softmax`` or ``arcface s=16 m=0.5 monotonic``."""
+    if config["loss"] == "softmax":
+        return "softmax"
+    label = f"{config['loss']} s={config['head_scale']:.3g} m={config['margin']}"
+    label += f" {config['fallback']}" if config["loss"] in ("arcface", "combined") else ""
+    return label + (f" CE {config['ce_weight']}" if config.get("ce_weight") else "")
+
+
+def paper_table(runs, paper, metric="mAP"):
+    """Paper layout: rows = heads, columns = backbones; ours beside the paper's numbers.
+
+    ``paper``: ``{backbone: (cross-entropy, angular margin)}`` in percent.
+    """
     ours = {}
     for run in runs:
-        c = run["config"]
-        head = "softmax" if c["loss"] == "softmax" else f"{c['loss']} s={c['head_scale']:.3g} " \
-            f"m={c['margin']} {c['fallback']}"
-        ours.setdefault(head, {})[c["backbone"]] = 100 * run["metrics"]["mAP"]
-    lines = ["| head | " + " | ".join(backbones) + " |", "|---|---|---|---|"]
-    paper = PAPER[dataset_key]
-    lines.append("| paper: cross-entropy | " + " | ".join(f"{paper[b][0]}" for b in backbones)
-                 + " |")
-    lines.append("| paper: angular margin (s=1, m=0.1) | "
-                 + " | ".join(f"{paper[b][1]}" for b in backbones) + " |")
+        ours.setdefault(head_label(run["config"]), {})[run["config"]["backbone"]] = \
+            100 * run["metrics"][metric]
+    lines = ["| head | " + " | ".join(BACKBONE_COLUMNS) + " |", "|---|---|---|---|",
+             "| paper: cross-entropy | " + " | ".join(f"{paper[b][0]}" for b in BACKBONE_COLUMNS)
+             + " |",
+             "| paper: angular margin (s=1, m=0.1) | "
+             + " | ".join(f"{paper[b][1]}" for b in BACKBONE_COLUMNS) + " |"]
     softmax = ours.get("softmax", {})
 
     def cell(head, b):
@@ -92,9 +102,11 @@ def paper_table(runs, dataset_key):
         return f"{ours[head][b]:.2f} ({delta:+.2f}{', loses' if delta < 0 else ''})"
 
     for head in sorted(ours):
-        lines.append(f"| ours: {head} | " + " | ".join(cell(head, b) for b in backbones) + " |")
-    return ("\n".join(lines) + "\n\nIn brackets: our margin head's mAP minus our softmax's on "
-            "the same backbone and budget; \"loses\" where it is lower.\n")
+        lines.append(f"| ours: {head} | " + " | ".join(cell(head, b) for b in BACKBONE_COLUMNS)
+                     + " |")
+    return ("\n".join(lines) + "\n\nIn brackets: our head's value minus our softmax head's on "
+            "the same backbone and budget; \"loses\" where it is lower. One seed per cell: a "
+            "difference of a few points at this budget is an anecdote, not a result.\n")
 
 
 def margin_curves(runs):
@@ -148,29 +160,12 @@ def plot_margin_sweep(runs, path):
 
 
 def load_predictions(run, runs_dir):
-    """A run's ``test_predictions.npz``; recomputed from ``inference.keras`` and its image
-    folder (and cached) for runs that predate the file. None if neither is possible."""
-    from tfmargin.metrics import PREDICTIONS_FILE, save_prediction_summary
+    """A run's ``test_predictions.npz`` (labels, predictions, target angles), or None."""
+    from tfmargin.metrics import PREDICTIONS_FILE
 
-    run_dir = os.path.join(runs_dir, run["name"])
-    path = os.path.join(run_dir, PREDICTIONS_FILE)
-    model_path = os.path.join(run_dir, "inference.keras")
-    dataset = run["config"]["dataset"]
+    path = os.path.join(runs_dir, run["name"], PREDICTIONS_FILE)
     if not os.path.exists(path):
-        if not (os.path.exists(model_path) and os.path.isdir(dataset)):
-            return None
-        import keras
-
-        from tfmargin.data import load_dataset
-        from tfmargin.train import predict_scores
-
-        print(f"computing test predictions of {run['name']}", flush=True)
-        c = run["config"]
-        data = load_dataset(dataset, c["image_size"], limit_train=1, val_split=c["val_split"],
-                            seed=c["seed"])
-        scores, labels = predict_scores(keras.saving.load_model(model_path), data.test,
-                                        c["global_batch"])
-        save_prediction_summary(run_dir, scores, labels, c["head_scale"])
+        return None
     with np.load(path) as f:
         return dict(f)
 
