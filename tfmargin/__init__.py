@@ -15,6 +15,7 @@ _EXPORTS = {
     "BACKBONES": "tfmargin.backbones",
     "build_backbone": "tfmargin.backbones",
     "build_models": "tfmargin.models",
+    "MarginClassifier": "tfmargin.classifier",
     "load_dataset": "tfmargin.data",
     "RunConfig": "tfmargin.config",
 }

@@ -197,6 +197,16 @@ class ArcMarginLayer(keras.layers.Layer):
         cos = self.cosine(embeddings)
         if labels is None:
             return self.scale * cos
+        return self.margin_logits(cos, labels, training)
+
+    def margin_logits(self, cos, labels, training=True):
+        """Logits from the cosines ``(batch, num_classes)``: ``s * psi(theta_y)`` for the
+        target class when ``training``, ``s * cos(theta_j)`` everywhere else.
+
+        Also records theta_y in the ``theta_y_mean``/``theta_y_std`` metric. A model
+        that computes ``s * cos(theta)`` label-free can apply the margin later, in its
+        loss, by passing ``logits / scale`` here (``MarginClassifier`` does).
+        """
         labels = check_labels(ops.reshape(ops.cast(labels, "int32"), (-1,)), self.num_classes)
         one_hot = ops.one_hot(labels, self.num_classes, dtype=cos.dtype)
         cos_y = ops.sum(cos * one_hot, axis=-1)

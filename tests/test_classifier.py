@@ -1,0 +1,68 @@
+import keras
+import numpy as np
+import pytest
+
+from tfmargin.classifier import MarginClassifier
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    labels = np.arange(24) % 3
+    images = rng.uniform(0, 60, (24, 64, 64, 3))
+    for i, label in enumerate(labels):  # class = which third of the image is bright
+        images[i, :, label * 21:(label + 1) * 21] += 180
+    return images.astype("float32"), labels
+
+
+def small_applications_backbone():
+    return keras.applications.MobileNetV2(input_shape=(64, 64, 3), alpha=0.35,
+                                          include_top=False, weights=None)
+
+
+def test_fit_with_plain_labels_applies_the_margin_only_in_the_loss(data):
+    images, labels = data
+    model = MarginClassifier(small_applications_backbone(), 3, margin=0.5, scale=8.0,
+                             embedding_dim=16)
+    ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(keras.optimizers.SGD(1e-9), ce, metrics=["accuracy"])
+    assert [i.name for i in model.inputs] == ["image"]  # no label input anywhere
+    logs = model.train_on_batch(images[:8], labels[:8], return_dict=True)
+    embeddings = model.embed(images[:8])  # BatchNorm in inference mode, as the check below
+    cos = keras.ops.convert_to_numpy(model.head.cosine(embeddings))
+    theta = np.arccos(np.clip(cos[np.arange(8), labels[:8]], -1 + 1e-7, 1 - 1e-7))
+    margin = 8.0 * cos.copy()
+    margin[np.arange(8), labels[:8]] = 8.0 * np.cos(np.minimum(theta + 0.5, np.pi))
+    # Training mode (batch statistics) differs from this inference-mode check only through
+    # BatchNorm; the loss must be the margin one, clearly above the plain one.
+    plain = float(ce(labels[:8], 8.0 * cos))
+    assert logs["loss"] > plain + 0.5 * (float(ce(labels[:8], margin)) - plain)
+
+
+def test_trains_saves_and_reloads_with_identical_label_free_predictions(data, tmp_path):
+    images, labels = data
+    model = MarginClassifier(small_applications_backbone(), 3, margin=0.2, embedding_dim=16,
+                             mean=images.reshape(-1, 3).mean(0), variance=images.reshape(
+                                 -1, 3).var(0))
+    model.compile(keras.optimizers.SGD(0.05, momentum=0.9),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    history = model.fit(images, labels, batch_size=8, epochs=3, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert "theta_y_mean" in history.history  # the head's angle metric, from the loss path
+    before = model.predict(images, verbose=0)
+    path = tmp_path / "classifier.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded, MarginClassifier) and loaded.head.m2 == 0.2
+    np.testing.assert_array_equal(loaded.predict(images, verbose=0), before)
+    assert loaded.get_config()["mean"] == pytest.approx(list(images.reshape(-1, 3).mean(0)))
+
+
+def test_docstring_example_runs():
+    import doctest
+
+    import tfmargin.classifier
+
+    result = doctest.testmod(tfmargin.classifier)
+    assert result.attempted >= 5 and result.failed == 0
