@@ -311,7 +311,7 @@ labels = np.arange(50) % 10
 images = np.zeros((50, 32, 32, 3), np.uint8) + (labels * 20)[:, None, None, None].astype(np.uint8)
 split = tf.data.Dataset.from_tensor_slices((images, labels)).shuffle(
     50, seed=1, reshuffle_each_iteration=False)
-logits, embeddings, got = predict_split(models, split, batch_size=8)  # 7 batches
+logits, embeddings, got = predict_split(models.evaluation_model(), split, 8)  # 7 batches
 again = models.inference.predict(np.stack([x for x, _ in split]).astype("float32"), verbose=0)
 print("PAIRED", np.allclose(logits, again, atol=1e-5), got.tolist() == [int(y) for _, y in split])
 """

@@ -126,13 +126,13 @@ def make_datasets(config, data, uses_label_input, global_batch):
     return train_ds.map(to_targets), val_ds.map(to_targets)
 
 
-def predict_split(models, split, batch_size):
+def predict_split(model, split, batch_size):
     """Logits, embeddings and labels of a split, each batch's outputs with its own labels.
 
-    A plain per-batch loop on this worker (no distributed ``predict``, whose
-    gathered order need not match a separate pass over the labels).
+    ``model``: ``Models.evaluation_model()``. A plain per-batch loop on this
+    worker (no distributed ``predict``, whose gathered order need not match a
+    separate pass over the labels).
     """
-    model = models.evaluation_model()
     step = tf.function(lambda x: model(tf.cast(x, tf.float32), training=False),
                        reduce_retracing=True)
     logits, embeddings, labels = [], [], []
@@ -144,9 +144,9 @@ def predict_split(models, split, batch_size):
     return np.concatenate(logits), np.concatenate(embeddings), np.concatenate(labels)
 
 
-def evaluate_split(models, split, batch_size):
+def evaluate_split(model, split, batch_size):
     """Classification and retrieval metrics of a split, plus its logits and labels."""
-    logits, embeddings, labels = predict_split(models, split, batch_size)
+    logits, embeddings, labels = predict_split(model, split, batch_size)
     metrics = classification_metrics(logits, labels) | retrieval_metrics(embeddings, labels)
     return metrics, logits, labels
 
@@ -278,10 +278,11 @@ def check_diverged(history, run_dir):
                                "Try a smaller --learning-rate or --scale.")
 
 
-def evaluate(config, data, models, global_batch, run_dir, resolved):
+def evaluate(data, models, global_batch, run_dir, resolved):
     """Validation and test metrics of the final model; the test split is read here only."""
-    val_metrics, _, _ = evaluate_split(models, data.val, global_batch)
-    metrics, logits, labels = evaluate_split(models, data.test, global_batch)
+    model = models.evaluation_model()
+    val_metrics, _, _ = evaluate_split(model, data.val, global_batch)
+    metrics, logits, labels = evaluate_split(model, data.test, global_batch)
     save_prediction_summary(run_dir, logits, labels, resolved["head_scale"])
     return metrics | {"val": val_metrics, "test_size": int(len(labels))}
 
@@ -318,7 +319,7 @@ def train(config, resume=False, overwrite=False, callbacks=()):
             lambda x, y: x), config.precise_bn_batches)
     if projector:  # after recalibration: it embeds in inference mode
         projector.write(config.epochs)
-    metrics = evaluate(config, data, models, global_batch, run_dir, resolved)
+    metrics = evaluate(data, models, global_batch, run_dir, resolved)
     train_accuracy = history.history.get(
         "plain_accuracy" if models.uses_label_input else "accuracy", [None])
     metrics |= {"epochs": config.epochs, "wall_seconds": wall,
