@@ -70,9 +70,10 @@ class MarginClassifier(keras.Model):
         self.embedding_dim = embedding_dim
         self.mean, self.variance = list(mean), list(variance)
 
-    def embed(self, images):
-        """The embeddings (before normalisation) of ``images``, label-free."""
-        return keras.Model(self.input, self.get_layer("embedding").output)(images)
+    def embed(self, images, training=False):
+        """The embeddings (before L2 normalisation) of ``images``, label-free."""
+        return keras.Model(self.input, self.get_layer("embedding").output)(images,
+                                                                           training=training)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         if training and y is not None:
