@@ -68,10 +68,11 @@ data. On a machine with internet access this fills the cells:
 # What each data folder is, for the caption of its section.
 DATA_NOTES = {
     "glyphs200": "A generated folder with **200 classes** (`python experiments/make_glyphs.py "
-                 "/tmp/glyphs200`: one random 6x6 glyph per class in its own colour, drawn at "
-                 "random positions on noise; 40 training and 10 test images per class), for "
-                 "what the head's scale does with hundreds of classes, where the paper could "
-                 "not train (ImageNet). Backbone `tinycnn` to fit the CPU budget.",
+                 "data/glyphs200`: one random 6x6 glyph per class in its own colour, drawn at "
+                 "random positions on noise; 40 training images per class, of which 4 are held "
+                 "out for validation, and 10 test images per class), for what the head's scale "
+                 "does with hundreds of classes, where the paper could not train (ImageNet). "
+                 "Backbone `tinycnn` to fit the CPU budget; one seed per run.",
 }
 
 

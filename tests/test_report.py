@@ -8,13 +8,13 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def fake_run(runs, name, backbone, loss, top1, mAP):
+def fake_run(runs, name, backbone, loss, top1, mAP, **changes):
     os.makedirs(runs / name)
     config = {"backbone": backbone, "loss": loss, "dataset": "data/cifar10-jpeg", "epochs": 3,
               "limit_train": 5000, "batch_size": 128, "optimizer": "sgd", "seed": 0,
               "learning_rate": 0.05, "validation_freq": 3, "scale": 16.0,
               "margin": None if loss == "softmax" else 0.2, "fallback": "monotonic",
-              "ce_weight": 0.0, "head_scale": 16.0, "train_size": 5000}
+              "ce_weight": 0.0, "head_scale": 16.0, "train_size": 5000} | changes
     metrics = {"top1": top1, "top5": 0.9, "mAP": mAP, "precision_at_1": 0.3,
                "map_at_r": 0.125, "val": {"top1": 0.5}, "epochs": 3, "wall_seconds": 100.0,
                "train_images_per_second": 50.0, "train_accuracy_last_epoch": 0.4}
@@ -26,6 +26,8 @@ def test_report_copies_the_metrics_files(tmp_path):
     runs = tmp_path / "runs"
     fake_run(runs, "a", "resnet18", "softmax", 0.41234, 0.43219)
     fake_run(runs, "b", "resnet18", "arcface", 0.38765, 0.40001)
+    # Same head, another recipe: its own row, never a Table 1 cell of the default recipe.
+    fake_run(runs, "c", "resnet18", "arcface", 0.5, 0.5, optimizer="adamw", learning_rate=0.002)
     os.makedirs(runs / "unfinished")
     out = tmp_path / "results.md"
     result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "report.py"),
@@ -41,6 +43,7 @@ def test_report_copies_the_metrics_files(tmp_path):
     assert "| ours: softmax | 43.22 | not run | not run |" in text
     assert "| ours: arcface s=16 m=0.2 monotonic | 40.00 (-3.22, loses) | not run |" in text
     assert "| ours: arcface s=16 m=0.2 monotonic | 38.77 (-2.47, loses) | not run |" in text
+    assert "| ours: arcface s=16 m=0.2 monotonic, adamw lr=0.002 | 50.00 (+6.78) |" in text
     # The exact command: every setting that differs from run.py's defaults, nothing else.
     assert ("`python experiments/run.py --backbone resnet18 --loss arcface --dataset "
             "data/cifar10-jpeg --epochs 3 --margin 0.2 --limit-train 5000 --validation-freq 3`"

@@ -68,13 +68,28 @@ def runs_table(runs):
     return header + "\n".join(rows) + "\n"
 
 
+RECIPE_KEYS = ("optimizer", "learning_rate", "weight_decay", "seed")
+
+
+def recipe_label(config):
+    """The recipe settings that differ from run.py's defaults, e.g. ``adamw lr=0.002``."""
+    defaults = RunConfig()
+    names = {"learning_rate": "lr", "weight_decay": "wd"}
+    return " ".join(str(config[key]) if key == "optimizer" else f"{names.get(key, key)}="
+                    f"{config[key]}" for key in RECIPE_KEYS
+                    if key in config and config[key] != getattr(defaults, key))
+
+
 def head_label(config):
-    """A short name of a run's head: ``softmax`` or ``arcface s=16 m=0.5 monotonic``."""
+    """A run's head and non-default recipe: ``softmax``, ``arcface s=16 m=0.5 monotonic``."""
     if config["loss"] == "softmax":
-        return "softmax"
-    label = f"{config['loss']} s={config['head_scale']:.3g} m={config['margin']}"
-    label += f" {config['fallback']}" if config["loss"] in ("arcface", "combined") else ""
-    return label + (f" CE {config['ce_weight']}" if config.get("ce_weight") else "")
+        label = "softmax"
+    else:
+        label = f"{config['loss']} s={config['head_scale']:.3g} m={config['margin']}"
+        label += f" {config['fallback']}" if config["loss"] in ("arcface", "combined") else ""
+        label += f" CE {config['ce_weight']}" if config.get("ce_weight") else ""
+    recipe = recipe_label(config)
+    return f"{label}, {recipe}" if recipe else label
 
 
 def paper_table(runs, paper, metric="mAP"):
@@ -84,8 +99,11 @@ def paper_table(runs, paper, metric="mAP"):
     """
     ours = {}
     for run in runs:
-        ours.setdefault(head_label(run["config"]), {})[run["config"]["backbone"]] = \
-            100 * run["metrics"][metric]
+        head, backbone = head_label(run["config"]), run["config"]["backbone"]
+        cells = ours.setdefault(head, {})
+        if backbone in cells:
+            raise ValueError(f"two runs for one cell of the paper table: {head}, {backbone}")
+        cells[run["config"]["backbone"]] = 100 * run["metrics"][metric]
     lines = ["| head | " + " | ".join(BACKBONE_COLUMNS) + " |", "|---|---|---|---|",
              "| paper: cross-entropy | " + " | ".join(f"{paper[b][0]}" for b in BACKBONE_COLUMNS)
              + " |",
@@ -110,17 +128,20 @@ def paper_table(runs, paper, metric="mAP"):
 
 
 def margin_curves(runs):
-    """ArcFace runs grouped into curves over m: {(backbone, fallback, s, budget): [(m, run)]}."""
+    """ArcFace runs grouped into curves over m: {(backbone, fallback, s, budget): [(m, run)]}.
+
+    Runs with a non-default recipe are left out; a curve needs two margins or more.
+    """
     curves = {}
     for run in runs:
         c = run["config"]
-        if c["loss"] != "arcface" or c.get("ce_weight"):
+        if c["loss"] != "arcface" or c.get("ce_weight") or recipe_label(c):
             continue
         key = (c["backbone"], c["fallback"], c["head_scale"], c["train_size"],
                run["metrics"]["epochs"])
         curves.setdefault(key, []).append((float(c["margin"]), run))
-    # A curve needs a varied margin; single runs are in the tables.
-    return {k: sorted(v, key=lambda p: p[0]) for k, v in curves.items() if len(v) >= 2}
+    return {k: sorted(v, key=lambda p: p[0]) for k, v in curves.items()
+            if len({m for m, _ in v}) >= 2}
 
 
 def plot_margin_sweep(runs, path):
