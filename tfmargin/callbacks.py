@@ -154,13 +154,13 @@ class EmbeddingProjector(keras.callbacks.Callback):
         embeddings = normalize_rows(raw)
         centres = self.class_centres()
         angles = angle_to_nearest_centre(embeddings, centres, self.labels)
+        sub_centers = centres.shape[1]
         centres = centres.reshape(-1, centres.shape[-1])
         with atomic_file(os.path.join(self.log_dir, "metadata.tsv")) as tmp, open(tmp, "w") as f:
             f.write("class\tlabel\tpredicted\tcorrect\tangle_to_centre\n")
             for y, p, a in zip(self.labels, predicted, angles, strict=True):
                 f.write(f"{self.class_names[y]}\t{y}\t{self.class_names[p]}\t{int(y == p)}"
                         f"\t{a:.2f}\n")
-        sub_centers = len(centres) // len(self.class_names)
         with atomic_file(os.path.join(self.log_dir, "centres.tsv")) as tmp, open(tmp, "w") as f:
             f.write("class\tsub_centre\n" + "".join(
                 f"{name}\t{k}\n" for name in self.class_names for k in range(sub_centers)))

@@ -1,11 +1,11 @@
 """An image classifier with an angular-margin head, trained with plain ``fit(images, labels)``."""
 
 import keras
-from keras import layers
 
 from tfmargin.backbones import build_backbone
 from tfmargin.heads import ArcMarginLayer
 from tfmargin.margins import DEFAULT_SCALE
+from tfmargin.models import embedding_neck
 
 
 @keras.saving.register_keras_serializable(package="tfmargin")
@@ -53,15 +53,7 @@ class MarginClassifier(keras.Model):
         if isinstance(backbone, str):
             backbone = build_backbone(backbone, tuple(image_shape))
         image = keras.Input(backbone.input_shape[1:], name="image")
-        x = layers.Normalization(mean=list(mean), variance=list(variance), dtype="float32",
-                                 name="normalize")(image)
-        x = backbone(x)
-        if len(x.shape) == 4:
-            x = layers.GlobalAveragePooling2D(name="pool")(x)
-        if embedding_dim:
-            x = layers.Dense(embedding_dim, use_bias=False, name="projection")(x)
-            x = layers.BatchNormalization(momentum=0.9, name="embedding_bn")(x)
-        embedding = layers.Activation("linear", dtype="float32", name="embedding")(x)
+        embedding = embedding_neck(image, backbone, embedding_dim, mean, variance)
         head = ArcMarginLayer(num_classes, margin_type=margin_type, margin=margin, scale=scale,
                               fallback=fallback, sub_centers=sub_centers, name="head")
         super().__init__(image, head(embedding), **kwargs)

@@ -32,6 +32,24 @@ class Models:
                            [self.inference.output, self.embedding.output], name="evaluation")
 
 
+def embedding_neck(image, backbone, embedding_dim, mean, variance):
+    """image -> normalisation -> backbone -> pooling -> projection + BatchNorm -> embedding.
+
+    ``embedding_dim=0`` keeps the pooled features. Normalisation and the
+    embedding are float32 under any policy (0..255 inputs lose precision in
+    bfloat16; the head computes in float32).
+    """
+    x = layers.Normalization(mean=list(mean), variance=list(variance), dtype="float32",
+                             name="normalize")(image)
+    x = backbone(x)
+    if len(x.shape) == 4:
+        x = layers.GlobalAveragePooling2D(name="pool")(x)
+    if embedding_dim:
+        x = layers.Dense(embedding_dim, use_bias=False, name="projection")(x)
+        x = layers.BatchNormalization(momentum=0.9, name="embedding_bn")(x)
+    return layers.Activation("linear", dtype="float32", name="embedding")(x)
+
+
 def build_models(backbone, num_classes, loss="arcface", image_size=32, embedding_dim=512,
                  scale=DEFAULT_SCALE, margin=None, fallback="monotonic", sub_centers=1,
                  ce_weight=0.0, mean=(127.5,) * 3, variance=(127.5**2,) * 3):
@@ -61,15 +79,8 @@ def build_models(backbone, num_classes, loss="arcface", image_size=32, embedding
     if not 0.0 <= ce_weight < 1.0:
         raise ValueError(f"ce_weight must be in [0, 1), got {ce_weight}.")
     image = keras.Input((image_size, image_size, 3), name="image")
-    # float32 under any policy: 0..255 inputs lose precision in bfloat16.
-    x = layers.Normalization(mean=list(mean), variance=list(variance), dtype="float32",
-                             name="normalize")(image)
-    x = build_backbone(backbone, (image_size, image_size, 3))(x)
-    x = layers.GlobalAveragePooling2D(name="pool")(x)
-    if embedding_dim:
-        x = layers.Dense(embedding_dim, use_bias=False, name="projection")(x)
-        x = layers.BatchNormalization(momentum=0.9, name="embedding_bn")(x)
-    embedding = layers.Activation("linear", dtype="float32", name="embedding")(x)
+    embedding = embedding_neck(image, build_backbone(backbone, (image_size, image_size, 3)),
+                               embedding_dim, mean, variance)
     embedding_model = keras.Model(image, embedding, name="embedding_model")
 
     if loss == "softmax":
