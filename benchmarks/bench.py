@@ -33,7 +33,8 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from tfmargin.backbones import build_backbone  # noqa: E402
+from tfmargin.airbench import airbench  # noqa: E402
+from tfmargin.backbones import BACKBONES, build_backbone  # noqa: E402
 from tfmargin.data import load_dataset, write_image_folder  # noqa: E402
 from tfmargin.train import (  # noqa: E402
     RunConfig,
@@ -149,9 +150,11 @@ def load_mock_tfds(num_examples):
 class RunSetup:
     """A compiled training model and its batches, built as ``train`` builds them."""
 
-    def __init__(self, data, steps, **settings):
-        settings.setdefault("batch_size", 128)
-        self.config = RunConfig(export="none", projector_samples=0, **settings)
+    def __init__(self, data, steps, recipe="standard", **settings):
+        if recipe == "standard":
+            settings.setdefault("batch_size", 128)
+        self.config = RunConfig.for_recipe(recipe, export="none", projector_samples=0,
+                                           **settings)
         self.config.validate()
         set_precision(self.config)
         batch = self.config.batch_size
@@ -322,6 +325,44 @@ def bench_levers(report, data, args):
                    note=f"{result['a']:.1f} vs {result['b']:.1f} img/s (real pipeline)")
 
 
+def bench_airbench(report, data, args):
+    """The airbench recipe: FLOP/s against the matmul peak, and its levers, paired."""
+    steps, rounds = args.steps, args.rounds
+    peak = matmul_peak()
+    report.add("airbench", "fp32 matmul peak (tf.matmul 2048^2)", peak, "GFLOP/s")
+    base = RunSetup(data, steps, "airbench", loss="softmax", batch_size=args.airbench_batch)
+    base_memory = base.cached_batches(steps)
+    flops = training_flops_per_image(base.models.train)
+    pipeline = paired(base.rate, partial(base.rate, base_memory), rounds)
+    rate = pipeline["a"]
+    report.add("airbench", "airbench94 recipe training FLOP/s / matmul peak",
+               100 * flops * rate / 1e9 / peak, "%", ">= 80", flops * rate / 1e9 / peak >= 0.8,
+               f"{flops / 1e9:.3f} GFLOP/image x {rate:.1f} img/s (real pipeline), batch "
+               f"{args.airbench_batch}, GELU, fp32")
+    report.add("airbench", "airbench94 image pipeline / in-memory batches", pipeline["ratio"],
+               "x", ">= 0.95", pipeline["ratio"] >= 0.95,
+               f"{pipeline['a']:.1f} vs {pipeline['b']:.1f} img/s (alternating flip, "
+               "reflect translate)")
+    relu = {"airbench94": partial(airbench, activation="relu")}
+    levers = {
+        "ReLU instead of GELU": (relu, {}),
+        "jit_compile (XLA)": ({}, dict(jit_compile=True)),
+        "mixed_bfloat16": ({}, dict(mixed_precision=True)),
+        "mixed_bfloat16 + ReLU": (relu, dict(mixed_precision=True)),
+        f"batch {args.airbench_batch // 2}": ({}, dict(batch_size=args.airbench_batch // 2)),
+    }
+    for name, (backbones, change) in levers.items():
+        with mock.patch.dict(BACKBONES, backbones):
+            setup = RunSetup(data, steps, "airbench", loss="softmax",
+                             **{"batch_size": args.airbench_batch, **change})
+        memory = setup.cached_batches(steps)
+        result = paired(partial(setup.rate, memory), partial(base.rate, base_memory), rounds)
+        report.add("airbench lever", f"airbench94: {name} / recipe default", result["ratio"],
+                   "x", note=f"{result['a']:.1f} vs {result['b']:.1f} img/s (in-memory "
+                   f"batches); {flops * result['a'] / 1e9 / peak:.0%} of the fp32 peak at the "
+                   "default's FLOPs")
+
+
 def bench_accuracy(report, args, runs_dir):
     """Test accuracy at equal epochs: run.py's training vs the plain stock script."""
     data = load_dataset(args.dataset, limit_train=args.accuracy_train)
@@ -340,6 +381,19 @@ def bench_accuracy(report, args, runs_dir):
                100 * (ours - baseline), "points", ">= 0", ours >= baseline,
                f"{100 * ours:.2f}% vs {100 * baseline:.2f}%, {data.train_size} train images x "
                f"{args.accuracy_epochs} epochs, {data.test_size} test images")
+
+
+def airbench_data(data, args, tmp):
+    """Enough images for the airbench section's batches: the loaded data, or more random
+    JPEGs when it is too small."""
+    needed = args.airbench_batch * (args.steps + 1)
+    if data.train_size >= needed:
+        return data
+    if args.dataset:
+        return load_dataset(args.dataset, limit_train=needed, val_split=0.0)
+    per_class = needed // 10 + 1
+    return load_dataset(write_random_folder(os.path.join(tmp, "airbench"),
+                                            per_class=per_class), val_split=0.0)
 
 
 def machine():
@@ -371,8 +425,10 @@ def main(argv=None):
     parser.add_argument("--accuracy-epochs", type=int, default=3,
                         help="epochs for the accuracy check")
     parser.add_argument("--sections", default=None,
-                        help="comma-separated subset of targets,levers,accuracy (default: "
-                             "targets with --quick, else all three)")
+                        help="comma-separated subset of targets,levers,accuracy,airbench "
+                             "(default: targets with --quick, else the first three)")
+    parser.add_argument("--airbench-batch", type=int, default=1024,
+                        help="batch of the airbench section (its recipe's)")
     parser.add_argument("--json", help="also write the table as JSON here")
     parser.add_argument("--markdown", help="also write the table as Markdown here")
     args = parser.parse_args(argv)
@@ -404,6 +460,8 @@ def main(argv=None):
             bench_targets(report, data, tfds_data, args)
         if "levers" in args.sections:
             bench_levers(report, data, args)
+        if "airbench" in args.sections:
+            bench_airbench(report, airbench_data(data, args, tmp), args)
         if "accuracy" in args.sections and args.dataset:
             bench_accuracy(report, args, os.path.join(tmp, "runs"))
     seconds = time.perf_counter() - started

@@ -6,12 +6,14 @@ import os
 from tfmargin.results import (
     BACKBONE_COLUMNS,
     command,
+    head_name,
     load_predictions,
     load_runs,
     paper_table,
     plot_margin_sweep,
     plot_run_diagnostics,
     runs_table,
+    seed_table,
 )
 
 # The paper's "mAP" (percent), cross-entropy / angular margin (ArcFace formula, s=1, m=0.1).
@@ -76,6 +78,33 @@ DATA_NOTES = {
 }
 
 
+CONVERGED_INTRO = """
+## Converged: the airbench recipe on all 50,000 CIFAR-10 training images
+
+`--recipe airbench` (airbench94's network and training, ported to Keras; `docs/recipe.md`),
+trained on the whole training split (no validation split: nothing is chosen in these runs),
+tested once on the 10,000 test images of the JPEG copy. Each head runs with the same seeds
+(same data order, augmentation and initial backbone weights). *top-1 TTA*: with airbench's
+test-time augmentation (mirror and 1-pixel shifts, 6 views). Mean ± sample s.d. over seeds;
+the differences are paired by seed, with a 95 % t interval; a head "helps" or "hurts" only
+when the whole interval is on one side of 0.
+
+"""
+
+
+def selection_table(runs):
+    """Validation metrics of the selection runs (the test columns are left out: nothing
+    is chosen on them)."""
+    lines = ["| head | seed | train images | epochs | val top-1 | val mAP | val P@1 |",
+             "|---|---|---|---|---|---|---|"]
+    for run in sorted(runs, key=lambda r: -r["metrics"]["val"]["top1"]):
+        c, v = run["config"], run["metrics"]["val"]
+        lines.append(f"| {head_name(c)} | {c['seed']} | {c['train_size']} | {c['epochs']} | "
+                     f"{100 * v['top1']:.2f} | {100 * v['mAP']:.2f} | "
+                     f"{100 * v['precision_at_1']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def budget(run):
     return run["config"]["train_size"], run["metrics"]["epochs"]
 
@@ -120,6 +149,16 @@ def main(argv=None):
     if not runs:
         parser.exit(2, f"report.py: error: no finished runs under {args.runs_dir!r}\n")
     parts = [INTRO]
+    airbench = [run for run in runs if run["config"].get("recipe") == "airbench"]
+    converged = [run for run in airbench if "val" not in run["metrics"]]
+    if converged:
+        parts.append(CONVERGED_INTRO + seed_table(converged) + "\nCommands:\n\n" + "\n".join(
+            f"- `{command(run['config'])}`" for run in converged) + "\n")
+    selection = [run for run in airbench if "val" in run["metrics"]]
+    if selection:
+        parts.append("\n## Choosing each margin head's s and m on validation (airbench "
+                     "recipe)\n\nShort runs with a validation split held out of the training "
+                     "images; sorted by validation top-1.\n\n" + selection_table(selection))
     by_data = {}
     for run in runs:
         by_data.setdefault(os.path.basename(run["config"]["dataset"].rstrip("/")), []).append(run)

@@ -6,7 +6,13 @@ The paper's setting: ``--loss arcface --scale 1 --margin 0.1 --fallback none``.
 import dataclasses
 import os
 
-from tfmargin.cli import OneLineParser, add_run_arguments, config_from_args, exit_with
+from tfmargin.cli import (
+    OneLineParser,
+    add_run_arguments,
+    config_from_args,
+    exit_with,
+    parse_run_args,
+)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -14,7 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 def main(argv=None):
     parser = OneLineParser(description=__doc__)
     add_run_arguments(parser)
-    args = parser.parse_args(argv)
+    args = parse_run_args(parser, argv)
     config = config_from_args(parser, args)
     with exit_with(parser):
         from tfmargin.train import train

@@ -2,6 +2,8 @@
 
     python experiments/sweep.py table1 --dataset path/to/cifar10 --epochs 3 --limit-train 5000
     python experiments/sweep.py many-classes --dataset /tmp/glyphs200 --backbones tinycnn
+    python experiments/sweep.py select --recipe airbench --dataset path/to/cifar10 \
+        --epochs 5 --val-split 0.1      # s and m of the margin heads, on validation
 
 Finished runs are skipped, so a sweep can be stopped and restarted. A run's
 directory name ends in a hash of its whole configuration, so a sweep with other
@@ -16,9 +18,13 @@ BACKBONES = ("resnet18", "efficientnetb0", "mobilenetv2")
 PAPER_HEAD = dict(loss="arcface", scale=1.0, margin=0.1, fallback="none")
 OUR_HEAD = dict(loss="arcface")  # the registry's defaults: s = 16, m = 0.5
 FIGURE2_MARGINS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
+# Ten classes: AdaCos' fixed scale sqrt(2) ln(C - 1) = 3.1 is the low end; face-recognition
+# scales (30-64) were tuned for 1e4-1e5 classes.
+SELECT_SCALES = (4.0, 8.0, 16.0)
+SELECT_MARGINS = (0.1, 0.3)
 
 
-def grid(name, backbones=None, margins=FIGURE2_MARGINS, scales=(1.0, 16.0)):
+def grid(name, backbones=None, margins=None, scales=None):
     """The settings (dicts of RunConfig fields) of a named grid."""
     heads = (dict(loss="softmax"), PAPER_HEAD, OUR_HEAD)
     if name in ("table1", "table2"):
@@ -29,7 +35,13 @@ def grid(name, backbones=None, margins=FIGURE2_MARGINS, scales=(1.0, 16.0)):
         return [dict(backbone=b, loss="arcface", margin=m, fallback=f, scale=s,
                      dataset="cifar10")
                 for b in backbones or ("efficientnetb0", "mobilenetv2")
-                for f in ("monotonic", "none") for s in scales for m in margins]
+                for f in ("monotonic", "none") for s in scales or (1.0, 16.0)
+                for m in margins or FIGURE2_MARGINS]
+    if name == "select":  # each margin head's s and m, on a validation split; softmax beside
+        return [dict(backbone=b, loss="softmax") for b in backbones or ("airbench94",)] + [
+            dict(backbone=b, loss=loss, scale=s, margin=m)
+            for b in backbones or ("airbench94",) for s in scales or SELECT_SCALES
+            for m in margins or SELECT_MARGINS for loss in ("arcface", "cosface")]
     if name == "many-classes":  # the paper's s=1 against scale="auto", each with the CE mix
         heads = tuple(dict(loss="arcface", scale=s, margin=0.1, ce_weight=ce)
                       for s in (1.0, "auto") for ce in (0.0, 0.5)) + (dict(loss="softmax"),)
@@ -37,23 +49,26 @@ def grid(name, backbones=None, margins=FIGURE2_MARGINS, scales=(1.0, 16.0)):
     raise ValueError(f"unknown grid {name!r}; choose one of {', '.join(GRIDS)}")
 
 
-GRIDS = ("table1", "table2", "figure2", "many-classes")
+GRIDS = ("table1", "table2", "figure2", "many-classes", "select")
 
 
 def main(argv=None):
     parser = OneLineParser(description=__doc__)
     parser.add_argument("grid", choices=GRIDS, help="which grid to run")
     parser.add_argument("--dataset", help="override the grid's dataset (a TFDS name or folder)")
-    parser.add_argument("--epochs", type=int, default=30, help="epochs per run")
-    parser.add_argument("--limit-train", type=int, default=0, help="training images per run")
-    parser.add_argument("--batch-size", type=int, default=128, help="per-replica batch size")
-    parser.add_argument("--learning-rate", type=float, default=None,
-                        help="peak learning rate per 128 images (default: run.py's)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of every run")
+    parser.add_argument("--recipe", default="standard", help="training recipe (as run.py)")
+    parser.add_argument("--epochs", type=int, help="epochs per run (default: the recipe's)")
+    parser.add_argument("--limit-train", type=int, help="training images per run")
+    parser.add_argument("--batch-size", type=int, help="per-replica batch size")
+    parser.add_argument("--learning-rate", type=float,
+                        help="peak learning rate per 128 images (default: the recipe's)")
+    parser.add_argument("--val-split", type=float,
+                        help="validation fraction of the training data (default: the recipe's)")
+    parser.add_argument("--seeds", default="0",
+                        help="comma-separated seeds: every setting runs once per seed")
     parser.add_argument("--backbones", help="comma-separated backbones instead of the grid's")
-    parser.add_argument("--margins", help="figure2: comma-separated margins instead of "
-                        + ",".join(map(str, FIGURE2_MARGINS)))
-    parser.add_argument("--scales", help="figure2: comma-separated scales instead of 1,16")
+    parser.add_argument("--margins", help="comma-separated margins instead of the grid's")
+    parser.add_argument("--scales", help="comma-separated scales instead of the grid's")
     parser.add_argument("--runs-dir", default="runs", help="where run directories go")
     parser.add_argument("--export", default="none", help="exports per run (as run.py)")
     args = parser.parse_args(argv)
@@ -62,25 +77,28 @@ def main(argv=None):
 
     from tfmargin.train import RunConfig, train
 
-    common = dict(epochs=args.epochs, limit_train=args.limit_train, batch_size=args.batch_size,
-                  runs_dir=args.runs_dir, export=args.export, validation_freq=args.epochs,
-                  seed=args.seed)
-    if args.learning_rate is not None:
-        common["learning_rate"] = args.learning_rate
+    common = dict(runs_dir=args.runs_dir, export=args.export)
+    for key in ("epochs", "limit_train", "batch_size", "learning_rate", "val_split"):
+        if getattr(args, key) is not None:
+            common[key] = getattr(args, key)
 
     if args.grid == "many-classes" and not args.dataset:
         parser.error("many-classes needs --dataset: a folder with hundreds of classes, e.g. "
                      "from python experiments/make_glyphs.py /tmp/glyphs200")
-    margins = tuple(float(m) for m in args.margins.split(",")) if args.margins \
-        else FIGURE2_MARGINS
-    scales = tuple(float(v) for v in args.scales.split(",")) if args.scales else (1.0, 16.0)
-    settings = grid(args.grid, args.backbones.split(",") if args.backbones else None, margins,
-                    scales)
+
+    def floats(text):
+        return tuple(float(v) for v in text.split(",")) if text else None
+
+    settings = grid(args.grid, args.backbones.split(",") if args.backbones else None,
+                    floats(args.margins), floats(args.scales))
     configs = []
-    for setting in settings:
-        if args.dataset:
-            setting = {**setting, "dataset": args.dataset}
-        configs.append(RunConfig(**setting, **common))
+    for seed in (int(v) for v in args.seeds.split(",")):  # seed-major: all heads per seed
+        for setting in settings:
+            if args.dataset:
+                setting = {**setting, "dataset": args.dataset}
+            config = RunConfig.for_recipe(args.recipe, **setting, **common, seed=seed)
+            config.validation_freq = config.epochs  # validate once, at the end
+            configs.append(config)
     progress = keras.utils.Progbar(len(configs), unit_name="run")
     done = skipped = 0
     with exit_with(parser):

@@ -3,14 +3,19 @@ import numpy as np
 import pytest
 
 from tfmargin.backbones import BACKBONES, build_backbone
+from tfmargin.heads import TargetAngle
 from tfmargin.models import build_models
 
 
 @pytest.mark.parametrize("name,size,channels", [
     ("resnet18", 4, 512), ("mobilenetv2", 4, 1280), ("efficientnetb0", 4, 1280),
-    ("tinycnn", 8, 128)])
+    ("tinycnn", 8, 128), ("airbench94", 1, 256), ("airbench93", 1, 128)])
 def test_backbone_feature_map_matches_its_docstring(name, size, channels):
     model = build_backbone(name)
+    if name.startswith("airbench"):  # pooled inside the backbone
+        assert tuple(model.output.shape[1:]) == (channels,)
+        assert f"{channels}" in BACKBONES[name].__doc__
+        return
     assert tuple(model.output.shape[1:]) == (size, size, channels)
     assert f"{size}x{size}x{channels}" in BACKBONES[name].__doc__
 
@@ -20,7 +25,8 @@ def test_backbone_trains_a_step_with_a_margin_head(name):
     models = build_models(name, 3, "arcface", embedding_dim=16, scale=8.0, margin=0.3)
     ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     models.train.compile("sgd", {"margin": ce, "plain": ce}, loss_weights={"margin": 1.0,
-                                                                          "plain": 0.0})
+                                                                          "plain": 0.0},
+                         metrics={"plain": [TargetAngle(models.head.scale)]})
     images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
     labels = np.array([0, 1, 2, 0])
     before = [w.numpy().copy() for w in models.head.weights]

@@ -58,6 +58,11 @@ def test_trains_saves_and_reloads_with_identical_label_free_predictions(data, tm
     assert isinstance(loaded, MarginClassifier) and loaded.head.m2 == 0.2
     np.testing.assert_array_equal(loaded.predict(images, verbose=0), before)
     assert loaded.get_config()["mean"] == pytest.approx(list(images.reshape(-1, 3).mean(0)))
+    # Compiled as saved (loss, accuracy and the angle metric, once), ready to evaluate.
+    scores = loaded.evaluate(images, labels, verbose=0, return_dict=True)
+    assert sorted(scores) == ["accuracy", "loss", "theta_y_mean", "theta_y_std"]
+    assert scores["accuracy"] == pytest.approx(
+        model.evaluate(images, labels, verbose=0, return_dict=True)["accuracy"])
 
 
 def test_docstring_example_runs():

@@ -96,3 +96,42 @@ def test_glyph_folder_has_distinct_classes_and_loads(tmp_path):
     data = load_dataset(write_glyphs(str(tmp_path / "g"), 5, 3, 2))
     assert data.class_names == [f"glyph_{i:03d}" for i in range(5)]
     assert data.sizes == {"train": 10, "val": 5, "test": 10}
+
+
+def seed_run(name, loss, seed, top1, tta_top1):
+    config = {"backbone": "airbench94", "loss": loss, "dataset": "data/cifar10-jpeg/",
+              "recipe": "airbench", "train_size": 50000, "epochs": 10, "seed": seed,
+              "margin": None if loss == "softmax" else 0.3, "head_scale": 8.0,
+              "fallback": "monotonic", "ce_weight": 0.0}
+    metrics = {"top1": top1, "tta": {"top1": tta_top1}, "mAP": 0.9, "precision_at_1": 0.9,
+               "map_at_r": 0.8, "wall_seconds": 1800.0}
+    return {"name": name, "config": config, "metrics": metrics}
+
+
+def test_seed_table_reports_mean_sd_and_paired_interval():
+    from tfmargin.results import seed_table
+
+    softmax = [0.930, 0.934, 0.931, 0.936, 0.933]
+    arcface = [0.932, 0.933, 0.935, 0.937, 0.936]  # paired by seed
+    runs = [seed_run(f"s{k}", "softmax", k, t, t + 0.002) for k, t in enumerate(softmax)]
+    runs += [seed_run(f"a{k}", "arcface", k, t, t + 0.001) for k, t in enumerate(arcface)]
+    runs.append(seed_run("cos0", "cosface", 0, 0.90, 0.91))  # one seed only
+    text = seed_table(runs)
+    # Hand computation: top-1 percent mean 93.28, s.d. 0.2387 (softmax).
+    assert "| cifar10-jpeg airbench94 airbench 50000 10 | softmax | 0, 1, 2, 3, 4 | 93.28 ± 0.24" \
+        in text
+    # Differences (pp) 0.2, -0.1, 0.4, 0.1, 0.3: mean 0.18, s.d. 0.19235,
+    # t(0.975, 4) = 2.7764 -> half-width 0.2388.
+    assert "| arcface s=8 m=0.3 monotonic | 5 | +0.18 (-0.06, +0.42) |" in text
+    assert "within noise" in text
+    # TTA: arcface +0.001, softmax +0.002, so the TTA difference is 0.1 pp lower.
+    assert "+0.08 (-0.16, +0.32)" in text
+    assert "| cosface s=8 m=0.3 | 1 | -3.00 | -2.20 | one seed: an anecdote |" in text
+
+
+def test_seed_table_refuses_a_seed_run_twice():
+    from tfmargin.results import seed_table
+
+    runs = [seed_run("x", "softmax", 0, 0.9, 0.9), seed_run("y", "softmax", 0, 0.9, 0.9)]
+    with pytest.raises(ValueError, match="two runs of softmax with seed 0: x and y"):
+        seed_table(runs)

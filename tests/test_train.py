@@ -311,7 +311,7 @@ labels = np.arange(50) % 10
 images = np.zeros((50, 32, 32, 3), np.uint8) + (labels * 20)[:, None, None, None].astype(np.uint8)
 split = tf.data.Dataset.from_tensor_slices((images, labels)).shuffle(
     50, seed=1, reshuffle_each_iteration=False)
-logits, embeddings, got = predict_split(models.evaluation_model(), split, 8)  # 7 batches
+logits, embeddings, got, _ = predict_split(models.evaluation_model(), split, 8)  # 7 batches
 again = models.inference.predict(np.stack([x for x, _ in split]).astype("float32"), verbose=0)
 print("PAIRED", np.allclose(logits, again, atol=1e-5), got.tolist() == [int(y) for _, y in split])
 """
@@ -322,3 +322,49 @@ def test_predictions_stay_paired_with_their_labels_over_many_batches():
                           cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "PAIRED True True", done.stdout
+
+
+FRESH_64 = r"""
+import sys, numpy as np, tensorflow as tf
+model = tf.saved_model.load(sys.argv[1])
+spec = model.serve.concrete_functions[0].structured_input_signature[0][0]
+images = np.load(sys.argv[2])
+classes = model.serve(tf.constant(images))["class_id"].numpy().tolist()
+print("SHAPE", tuple(spec.shape), "CLASSES", classes)
+"""
+
+
+@pytest.mark.slow
+def test_a_64_pixel_folder_end_to_end_with_statistics_from_its_images(tmp_path):
+    """--image-size 64: the model, its normalisation (from the training images, not
+    CIFAR-10's) and the SavedModel all at 64x64."""
+    data = write_image_folder(tmp_path / "data", num_classes=3, per_class=30, size=64,
+                              test_per_class=6)
+    result = run_cli("--backbone", "tinycnn", "--loss", "cosface", "--dataset", data,
+                     "--image-size", "64", "--epochs", "2", "--batch-size", "16",
+                     "--runs-dir", str(tmp_path / "runs"), "--name", "px64",
+                     "--export-dir", str(tmp_path / "exports"), "--projector-samples", "12")
+    assert result.returncode == 0, result.stderr[-3000:]
+    import tfmargin
+
+    model = tfmargin.load_model(tmp_path / "runs" / "px64" / "inference.keras")
+    assert model.input_shape == (None, 64, 64, 3)
+    normalize = model.get_layer("normalize")
+    from tfmargin.data import channel_statistics, load_dataset
+
+    train = load_dataset(data, image_size=64).train
+    mean, variance = channel_statistics(train)
+    np.testing.assert_allclose(np.ravel(normalize.mean), mean, rtol=1e-5)
+    np.testing.assert_allclose(np.ravel(normalize.variance), variance, rtol=1e-5)
+    assert abs(mean[0] - 125.3) > 5  # not CIFAR-10's red mean
+
+    images = np.stack([x.numpy() for x, _ in load_dataset(data, image_size=64).test.take(4)])
+    np.save(tmp_path / "images.npy", images)
+    fresh = subprocess.run([sys.executable, "-c", FRESH_64,
+                            str(tmp_path / "exports" / "px64" / "savedmodel"),
+                            str(tmp_path / "images.npy")], capture_output=True, text=True,
+                           timeout=300)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert "SHAPE (None, 64, 64, 3)" in fresh.stdout
+    expected = np.argmax(model.predict(images.astype("float32"), verbose=0), axis=1)
+    assert f"CLASSES {expected.tolist()}" in fresh.stdout

@@ -1,4 +1,4 @@
-"""tfmargin: angular-margin classification heads for Keras 3 on TensorFlow.
+"""tfmargin: angular-margin classification heads for Keras 3.
 
 Names are imported on first use, so ``import tfmargin`` (and the command line's
 argument checks) do not start TensorFlow.
@@ -19,8 +19,23 @@ _EXPORTS = {
     "load_dataset": "tfmargin.data",
     "RunConfig": "tfmargin.config",
 }
-__all__ = list(_EXPORTS)
+__all__ = [*_EXPORTS, "load_model"]
 __version__ = "0.1.0"
+
+
+# Modules whose import registers Keras serializable classes (layers, initializers, metrics,
+# models, optimizers) that saved .keras files may name.
+_REGISTERING = ("tfmargin.heads", "tfmargin.airbench", "tfmargin.classifier",
+                "tfmargin.optimizers")
+
+
+def load_model(path, **kwargs):
+    """``keras.saving.load_model`` with every tfmargin class registered first."""
+    for module in _REGISTERING:
+        importlib.import_module(module)
+    import keras
+
+    return keras.saving.load_model(path, **kwargs)
 
 
 def __getattr__(name):

@@ -7,6 +7,7 @@ Each builder returns a ``keras.Model`` mapping normalised images
 import keras
 from keras import layers
 
+from tfmargin.airbench import airbench93, airbench94
 from tfmargin.config import BACKBONE_NAMES
 
 # Short runs need BatchNorm inference statistics that keep up with the
@@ -138,7 +139,7 @@ def tinycnn(input_shape=(32, 32, 3)):
 
 
 BACKBONES = {"resnet18": resnet18, "mobilenetv2": mobilenetv2, "efficientnetb0": efficientnetb0,
-             "tinycnn": tinycnn}
+             "tinycnn": tinycnn, "airbench94": airbench94, "airbench93": airbench93}
 if tuple(BACKBONES) != BACKBONE_NAMES:  # the CLI validates against the TF-free name list
     raise ImportError("tfmargin.config.BACKBONE_NAMES and backbones.BACKBONES disagree")
 

@@ -1,4 +1,5 @@
-"""Keras callbacks of a run: best-weights checkpoint, throughput, embedding projector."""
+"""Keras callbacks of a run: best-weights checkpoint, lookahead, throughput, embedding
+projector."""
 
 import json
 import math
@@ -43,6 +44,88 @@ class BestWeights(keras.callbacks.Callback):
         with atomic_file(self.record_path) as tmp, open(tmp, "w") as f:
             json.dump({"epoch": epoch, self.monitor: float(value)}, f)
         self.best = float(value)
+
+
+class ResumeEpoch(keras.callbacks.Callback):
+    """Tells the training pipeline which epoch a (resumed) run starts at.
+
+    ``first_epoch`` is a ``tf.Variable`` the pipeline reads as it makes
+    batches (``tfmargin.data.epoch_permutations``); at the start of training,
+    after ``BackupAndRestore`` (listed before this callback) has restored the
+    optimizer, it is set to ``iterations // steps_per_epoch``. Without it a
+    resumed run would start over at epoch 0's permutation and augmentation.
+    """
+
+    def __init__(self, steps_per_epoch):
+        super().__init__()
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.first_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+    def on_train_begin(self, logs=None):
+        step = int(ops.convert_to_numpy(self.model.optimizer.iterations))
+        self.first_epoch.assign(step // self.steps_per_epoch)
+
+
+class Lookahead(keras.callbacks.Callback):
+    """Lookahead averaging of every float weight, BatchNorm statistics included (airbench).
+
+    Every ``every`` optimizer steps: ``slow <- decay * slow + (1 - decay) *
+    fast``, then the model's (fast) weights are reset to ``slow``. ``decay``
+    ramps up cubically, ``base**every * (step / total_steps)**3``, so early
+    training is barely averaged and the end strongly. When training ends the
+    model holds the slow weights. The slow weights are written to
+    ``state_path`` at every epoch end (atomically, with their step), so a run
+    resumed by ``BackupAndRestore`` (listed before this callback) continues
+    them; a missing or stale file restarts them from the restored weights.
+
+    Args:
+        total_steps: optimizer steps of the whole run.
+        every: steps between updates.
+        base: per-step decay at the end of the ramp (airbench: 0.95).
+        state_path: where the slow weights are kept (``.npz``), or None.
+    """
+
+    def __init__(self, total_steps, every=5, base=0.95, state_path=None):
+        super().__init__()
+        self.total_steps, self.every, self.base = int(total_steps), int(every), float(base)
+        self.state_path = state_path
+        self.slow = None
+
+    def decay(self, step):
+        return self.base**self.every * (step / self.total_steps) ** 3
+
+    def _step(self):
+        return int(ops.convert_to_numpy(self.model.optimizer.iterations))
+
+    def _weights(self):
+        return [w for w in self.model.weights if "float" in str(w.dtype)]
+
+    def on_train_begin(self, logs=None):
+        step = self._step()
+        self.slow = [ops.convert_to_numpy(w) for w in self._weights()]
+        if self.state_path and os.path.exists(self.state_path):
+            with np.load(self.state_path) as saved:
+                if int(saved["step"]) == step and len(saved.files) - 1 == len(self.slow):
+                    self.slow = [saved[f"w{i}"] for i in range(len(self.slow))]
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self._step()
+        if step % self.every == 0:
+            self.update(self.decay(step))
+
+    def update(self, decay):
+        for i, weight in enumerate(self._weights()):
+            self.slow[i] = decay * self.slow[i] + (1.0 - decay) * ops.convert_to_numpy(weight)
+            weight.assign(self.slow[i])
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.state_path:
+            step = self._step()
+            with atomic_file(self.state_path) as tmp, open(tmp, "wb") as f:
+                np.savez(f, step=step, **{f"w{i}": w for i, w in enumerate(self.slow)})
+
+    def on_train_end(self, logs=None):
+        self.update(1.0)  # the model ends on the slow weights
 
 
 class Throughput(keras.callbacks.Callback):
@@ -123,6 +206,10 @@ class EmbeddingProjector(keras.callbacks.Callback):
     predicted, correct, angle to the nearest centre of the true class in
     degrees), ``centres.tsv``, ``sprite.png`` and ``projector_config.pbtxt``.
     Points and centres lie on the same sphere.
+
+    ``models``: anything with ``embedding`` (image -> embedding model) and
+    ``head`` (``ArcMarginLayer`` or Dense): ``tfmargin.models.Models`` or a
+    ``MarginClassifier``. ``split``: ``(image, label)`` pairs, unbatched.
     """
 
     def __init__(self, log_dir, models, split, class_names, num_samples=1000, every=0):

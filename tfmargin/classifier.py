@@ -3,7 +3,7 @@
 import keras
 
 from tfmargin.backbones import build_backbone
-from tfmargin.heads import ArcMarginLayer
+from tfmargin.heads import ArcMarginLayer, TargetAngle
 from tfmargin.margins import DEFAULT_SCALE
 from tfmargin.models import embedding_neck
 
@@ -62,10 +62,32 @@ class MarginClassifier(keras.Model):
         self.embedding_dim = embedding_dim
         self.mean, self.variance = list(mean), list(variance)
 
+    @property
+    def embedding(self):
+        """image -> embedding (before L2 normalisation), a model sharing these layers; what
+        ``tfmargin.callbacks.EmbeddingProjector`` reads, with ``head``."""
+        return keras.Model(self.input, self.get_layer("embedding").output,
+                           name="embedding_model")
+
     def embed(self, images, training=False):
         """The embeddings (before L2 normalisation) of ``images``, label-free."""
-        return keras.Model(self.input, self.get_layer("embedding").output)(images,
-                                                                           training=training)
+        return self.embedding(images, training=training)
+
+    def compile(self, optimizer="sgd", loss=None, metrics=None, **kwargs):
+        """``keras.Model.compile``; the loss defaults to sparse cross-entropy on logits and
+        the head's ``TargetAngle`` (``theta_y_mean``, ``theta_y_std``) joins ``metrics``."""
+        loss = loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        metrics = list(metrics or [])
+        if not any(isinstance(m, TargetAngle) for m in metrics):
+            metrics.append(TargetAngle(self.head.scale))
+        super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
+
+    def compile_from_config(self, config):
+        """Compile a loaded model as it was saved (Keras skips this for a custom
+        ``compile`` unless the model defines it)."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         if training and y is not None:

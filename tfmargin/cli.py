@@ -15,6 +15,10 @@ _HELP = {
     "backbone": "backbone name: resnet18, mobilenetv2, efficientnetb0 (tinycnn: smoke tests)",
     "loss": "softmax (Dense head) or a margin head: arcface, cosface, sphereface, "
             "combined, normface",
+    "recipe": "training procedure: standard (docs/recipe.md) or airbench (airbench94's: "
+              "Nesterov 0.85, BatchNorm offsets at 64x lr, warm-up then linear decay, "
+              "lookahead, alternating flip); it also sets the defaults of the other flags "
+              "(python experiments/run.py --recipe airbench --help shows them)",
     "dataset": "tfds:<name> (or a bare TFDS name: cifar10, cifar100, ...) or an image folder "
                "with class sub-folders (optionally under train/ and test/)",
     "epochs": "training epochs",
@@ -32,7 +36,8 @@ _HELP = {
                      "scaled linearly with the global batch",
     "weight_decay": "weight decay of kernels: coupled L2 for sgd (as PyTorch's SGD), "
                     "decoupled for adamw",
-    "warmup_epochs": "linear warm-up length in epochs",
+    "warmup_epochs": "linear warm-up length in epochs (standard recipe; airbench warms up "
+                     "over its first 23 % of steps)",
     "label_smoothing": "label smoothing of the cross-entropy",
     "augment": "standard (pad-4 shift + flip), randaugment (standard + RandAugment) or none",
     "mix": "none, mixup or cutmix (Keras core layers; soft targets, the margin goes to the "
@@ -46,8 +51,11 @@ _HELP = {
     "limit_train": "use only the first N training images (0: all), for small budgets",
     "precise_bn_batches": "after training, recompute BatchNorm statistics exactly over N "
                           "training batches (0: keep the moving averages)",
+    "tta": "test-time augmentation level of the reported tta metrics and the exports: 0 "
+           "none, 1 mirror, 2 mirror + 1-pixel shifts (airbench's weights)",
     "validation_freq": "validate on the validation split every N epochs",
-    "val_split": "fraction of the training data held out for validation (per class)",
+    "val_split": "fraction of the training data held out for validation (per class); 0 "
+                 "trains on all of it (no validation metrics, nothing chosen)",
     "test_split": "fraction per class held out as the test split when a folder has no "
                   "train/ and test/",
     "image_size": "input size; images are resized to it",
@@ -100,6 +108,23 @@ def add_run_arguments(parser):
                         help="if the run directory exists: continue it, or do nothing if done")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete an existing run directory of the same name first")
+
+
+def parse_run_args(parser, argv=None):
+    """Parse twice: first for ``--recipe``, then with that recipe's defaults."""
+    from tfmargin.config import RECIPES
+
+    first = argparse.ArgumentParser(add_help=False)  # so --help shows the recipe's defaults
+    first.add_argument("--recipe", default="standard")
+    recipe = first.parse_known_args(argv)[0].recipe
+    if recipe not in RECIPES:
+        fail(parser, f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    # Every setting some recipe changes goes back to RunConfig's default first, so a parser
+    # used twice does not keep the first recipe's defaults.
+    base = RunConfig()
+    changed = {key: getattr(base, key) for preset in RECIPES.values() for key in preset}
+    parser.set_defaults(**{**changed, **RECIPES[recipe]})
+    return parser.parse_args(argv)
 
 
 def config_from_args(parser, args):

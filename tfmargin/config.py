@@ -11,13 +11,15 @@ import os
 
 from tfmargin.margins import DEFAULT_SCALE, FALLBACKS, MARGIN_TYPES, check_head_arguments
 
-BACKBONE_NAMES = ("resnet18", "mobilenetv2", "efficientnetb0", "tinycnn")
+BACKBONE_NAMES = ("resnet18", "mobilenetv2", "efficientnetb0", "tinycnn", "airbench94",
+                  "airbench93")
 LOSSES = ("softmax", *MARGIN_TYPES)
-AUGMENTATIONS = ("standard", "randaugment", "none")
+AUGMENTATIONS = ("standard", "randaugment", "airbench", "none")
 MIXES = ("none", "mixup", "cutmix")
 EXPORT_FORMATS = ("savedmodel", "keras", "onnx")
 STRATEGIES = ("mirrored", "default", "multiworker")
 OPTIMIZERS = ("sgd", "adamw")
+TTA_LEVELS = (0, 1, 2)  # tfmargin.tta: none, mirror, mirror + 1-pixel shifts
 # The learning rate is given for this many images per step and scaled linearly with the
 # global batch (Goyal et al. 2017, "Accurate, Large Minibatch SGD").
 REFERENCE_BATCH = 128
@@ -25,6 +27,28 @@ REFERENCE_BATCH = 128
 # out of a run's identity.
 NOT_IDENTITY = ("name", "runs_dir", "export", "export_dir", "projector_samples",
                 "projector_every")
+# Settings added after runs existed: left out of the identity at these values, so those
+# runs keep their names (and a sweep still finds them finished).
+ADDED_LATER = {"recipe": "standard", "tta": 0}
+
+
+# A recipe is a training procedure plus the defaults of the flags that go with it; flags
+# given explicitly still win. "standard": docs/recipe.md. "airbench": airbench94's recipe
+# (Jordan 2024; KellerJordan/cifar10-airbench, legacy/airbench94.py) with its numbers
+# restated for a mean (not summed) loss: lr 1.5 per 1,024 images, coupled L2 0.0153 / 11.5.
+# 10 epochs (airbench: 9.9). It trains on the whole training split (val_split 0): nothing is
+# chosen in such a run; choices are made in runs with --val-split 0.1.
+RECIPES = {
+    "standard": {},
+    "airbench": dict(backbone="airbench94", epochs=10, batch_size=1024,
+                     learning_rate=1.5 * REFERENCE_BATCH / 1024, weight_decay=0.0153 / 11.5,
+                     label_smoothing=0.2, augment="airbench", embedding_dim=0,
+                     precise_bn_batches=0, tta=2, val_split=0.0),
+}
+# The parts of the airbench recipe that have no flag of their own (train.compile_models).
+AIRBENCH_TRAINING = dict(momentum=0.85, offset_lr_scale=64.0, whiten_bias_epochs=3,
+                         warmup=0.23, start=0.2, end=0.07, lookahead_every=5,
+                         lookahead_base=0.95)
 
 
 class ConfigError(ValueError):
@@ -35,6 +59,7 @@ class ConfigError(ValueError):
 class RunConfig:
     backbone: str = "mobilenetv2"
     loss: str = "arcface"
+    recipe: str = "standard"
     dataset: str = "cifar10"
     epochs: int = 30
     batch_size: int = 128  # per replica
@@ -57,6 +82,7 @@ class RunConfig:
     strategy: str = "mirrored"
     limit_train: int = 0
     precise_bn_batches: int = 20
+    tta: int = 0
     validation_freq: int = 1
     val_split: float = 0.1
     test_split: float = 0.1
@@ -69,6 +95,13 @@ class RunConfig:
     export_dir: str = "saved_models"
     name: str = ""
     runs_dir: str = "runs"
+
+    @classmethod
+    def for_recipe(cls, recipe="standard", **settings):
+        """A configuration with ``recipe``'s defaults, ``settings`` overriding them."""
+        if recipe not in RECIPES:
+            raise ConfigError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+        return cls(**{**RECIPES[recipe], **settings, "recipe": recipe})
 
     def export_formats(self):
         return tuple(f for f in self.export.split(",") if f and f != "none")
@@ -84,7 +117,8 @@ class RunConfig:
         values = dataclasses.asdict(self)
         values["margin"] = self.resolved_margin()
         return json.loads(json.dumps({k: v for k, v in values.items()
-                                      if k not in NOT_IDENTITY}))
+                                      if k not in NOT_IDENTITY
+                                      and not (k in ADDED_LATER and v == ADDED_LATER[k])}))
 
     def identity_hash(self):
         text = json.dumps(self.identity(), sort_keys=True)
@@ -106,6 +140,8 @@ class RunConfig:
                 head += f"-{self.fallback}"
             if self.ce_weight:
                 head += f"-ce{self.ce_weight}"
+        if self.recipe != "standard":
+            head += f"-{self.recipe}"
         budget = f"e{self.epochs}" + (f"-n{self.limit_train}" if self.limit_train else "")
         return f"{data}-{self.backbone}-{head}-{budget}-{self.identity_hash()}"
 
@@ -122,10 +158,12 @@ class RunConfig:
 
         for flag, value, allowed in (
                 ("backbone", self.backbone, BACKBONE_NAMES), ("loss", self.loss, LOSSES),
+                ("recipe", self.recipe, tuple(RECIPES)), ("tta level", self.tta, TTA_LEVELS),
                 ("fallback", self.fallback, FALLBACKS), ("optimizer", self.optimizer, OPTIMIZERS),
                 ("strategy", self.strategy, STRATEGIES),
                 ("augmentation", self.augment, AUGMENTATIONS), ("mix", self.mix, MIXES)):
-            need(value in allowed, f"unknown {flag} {value!r}; choose one of {', '.join(allowed)}")
+            need(value in allowed,
+                 f"unknown {flag} {value!r}; choose one of {', '.join(map(str, allowed))}")
         for flag, value, low in (("epochs", self.epochs, 1), ("batch-size", self.batch_size, 1),
                                  ("steps-per-execution", self.steps_per_execution, 1),
                                  ("validation-freq", self.validation_freq, 1),
@@ -140,8 +178,8 @@ class RunConfig:
         need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
         need(0 <= self.label_smoothing < 1,
              f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        for flag, value in (("val-split", self.val_split), ("test-split", self.test_split)):
-            need(0 < value < 1, f"--{flag} must be in (0, 1), got {value}")
+        need(0 <= self.val_split < 1, f"--val-split must be in [0, 1), got {self.val_split}")
+        need(0 < self.test_split < 1, f"--test-split must be in (0, 1), got {self.test_split}")
         unknown = set(self.export_formats()) - set(EXPORT_FORMATS)
         need(not unknown, f"unknown --export format(s) {', '.join(sorted(unknown))}; choose "
              f"from {', '.join(EXPORT_FORMATS)} (comma-separated) or none")

@@ -27,7 +27,7 @@ class DatasetError(ValueError):
 @dataclasses.dataclass
 class Dataset:
     train: tf.data.Dataset  # (uint8 HxWx3, int32), decoded and cached
-    val: tf.data.Dataset  # held out from the training data
+    val: tf.data.Dataset  # held out from the training data; None with val_split 0
     test: tf.data.Dataset
     class_names: list
     sizes: dict  # images per split: {"train": n, "val": n, "test": n}
@@ -130,6 +130,8 @@ def _materialise(paths, labels, image_size):
 def _stratified_split(files, fraction, rng):
     """Split ``{class: [file]}`` into (kept, held out) pair lists, ``fraction`` per class."""
     kept, held_out = [], []
+    if not fraction:
+        return [(f, c) for c, fs in files.items() for f in fs], held_out
     for c, fs in files.items():
         fs = list(fs)
         rng.shuffle(fs)
@@ -180,7 +182,7 @@ def load_image_folder(folder, image_size=32, val_split=0.1, test_split=0.1, limi
     train, val = _stratified_split(train_files, val_split, rng)
     pairs = {"train": train, "val": val, "test": test}
     for split, ps in pairs.items():
-        if not ps:
+        if not ps and not (split == "val" and not val_split):
             raise DatasetError(f"{folder!r} leaves no images for the {split} split.")
     index = {c: i for i, c in enumerate(class_names)}
     rng.shuffle(pairs["train"])
@@ -188,7 +190,7 @@ def load_image_folder(folder, image_size=32, val_split=0.1, test_split=0.1, limi
         pairs["train"] = pairs["train"][:limit_train]
     splits = {
         name: _materialise([p for p, _ in ps], [index[c] for _, c in ps], image_size)
-        for name, ps in pairs.items()
+        if ps else None for name, ps in pairs.items()
     }
     return Dataset(splits["train"], splits["val"], splits["test"], class_names,
                    {name: len(ps) for name, ps in pairs.items()},
@@ -241,10 +243,11 @@ def load_tfds(name, image_size=32, limit_train=None, val_split=0.1, data_dir=Non
 
     full_train, test = decoded("train"), decoded("test")
     n_train = _fill_cache(full_train)
-    n_fit = n_train - max(1, round(n_train * val_split))
+    n_fit = n_train - (max(1, round(n_train * val_split)) if val_split else 0)
     limit = min(limit_train or n_fit, n_fit)
     sizes = {"train": limit, "val": n_train - n_fit, "test": _fill_cache(test)}
-    return Dataset(full_train.take(limit), full_train.skip(n_fit), test, class_names, sizes,
+    val = full_train.skip(n_fit) if n_fit < n_train else None
+    return Dataset(full_train.take(limit), val, test, class_names, sizes,
                    source=f"tfds:{name}")
 
 
@@ -264,7 +267,7 @@ def build_augmenter(kind, image_size, seed=None):
     if kind not in AUGMENTATIONS:
         raise ValueError(f"Unknown augmentation {kind!r}; choose one of "
                          f"{', '.join(AUGMENTATIONS)}.")
-    if kind == "none":
+    if kind in ("none", "airbench"):  # airbench: per image, in epoch_permutations
         return None
     # Each random layer its own seed: layers seeded alike draw the same random numbers.
     seeds = [None] * 3 if seed is None else [seed, seed + 1, seed + 2]
@@ -289,7 +292,33 @@ def build_mixer(kind, seed=None):
     return keras.layers.MixUp(seed=seed) if kind == "mixup" else keras.layers.CutMix(seed=seed)
 
 
-def epoch_permutations(split, batch_size, epochs, seed=None):
+def alternating_flip_translate(epoch, seed=0, shift=2):
+    """airbench's augmentation of one image in epoch ``epoch``: ``fn(index, (image, label))``.
+
+    Alternating flip: a fixed random half of the images (drawn from ``seed``
+    and the image's index) is mirrored in even epochs, the other half in odd
+    epochs, so every image is seen both ways in every pair of epochs. Then a
+    translation by up to ``shift`` pixels each way, uniform over the
+    ``(2 shift + 1)^2`` offsets, from the reflect-padded image (the edge not
+    repeated, as PyTorch's reflect padding). Stateless draws: the result
+    depends only on (seed, epoch, index).
+    """
+    def augment(index, element):
+        image, label = element
+        flip_seed = tf.stack([tf.cast(seed, tf.int64), index])
+        mirrored = tf.random.stateless_uniform([], flip_seed) < 0.5
+        if epoch % 2:
+            mirrored = tf.logical_not(mirrored)
+        image = tf.where(mirrored, tf.reverse(image, axis=[1]), image)
+        padded = tf.pad(image, [[shift, shift], [shift, shift], [0, 0]], mode="REFLECT")
+        shift_seed = tf.stack([tf.cast(seed, tf.int64) * 1009 + epoch + 1, index])
+        offset = tf.random.stateless_uniform([2], shift_seed, 0, 2 * shift + 1, tf.int32)
+        return tf.slice(padded, tf.concat([offset, [0]], 0), tf.shape(image)), label
+
+    return augment
+
+
+def epoch_permutations(split, batch_size, epochs, seed=None, per_image=None, first_epoch=None):
     """Batches of ``epochs`` epochs, each one permutation of ``split`` with its own seed.
 
     Every epoch is a permutation (shuffling after ``repeat`` mixes epochs: some
@@ -299,23 +328,34 @@ def epoch_permutations(split, batch_size, epochs, seed=None):
     an extra one to build the model, which would advance a reshuffling seed
     generator and start that run on the second permutation. The last partial
     batch of each epoch is dropped, so an epoch is ``len(split) // batch_size``
-    steps.
+    steps. ``per_image(epoch)``, if given, is mapped over ``(index, (image,
+    label))`` pairs of that epoch (``alternating_flip_translate``).
+    ``first_epoch``, a ``tf.Variable`` read as the batches are made, skips the
+    epochs before it: a resumed run (``ResumeEpoch``) continues with the
+    permutation it would have seen, not epoch 0's.
     """
     size = int(split.cardinality())
     if size < 0:  # unknown after a filter, say: count once (the split is cached)
         size = int(split.reduce(0, lambda n, _: n + 1))
     steps = size // batch_size
-    per_epoch = [split.shuffle(max(size, 1), seed=None if seed is None else seed * 100_003 + e,
-                               reshuffle_each_iteration=False).batch(batch_size,
-                                                                     drop_remainder=True)
-                 for e in range(epochs)]
-    order = tf.data.Dataset.range(epochs).flat_map(
-        lambda e: tf.data.Dataset.from_tensors(e).repeat(steps))
-    return tf.data.Dataset.choose_from_datasets(per_epoch, order)
+
+    def epoch(e):
+        ds = split.enumerate() if per_image else split
+        ds = ds.shuffle(max(size, 1), seed=None if seed is None else seed * 100_003 + e,
+                        reshuffle_each_iteration=False)
+        if per_image:
+            ds = ds.map(per_image(e), num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.batch(batch_size, drop_remainder=True)
+
+    order = tf.data.Dataset.range(epochs)
+    if first_epoch is not None:
+        order = order.filter(lambda e: e >= first_epoch)
+    order = order.flat_map(lambda e: tf.data.Dataset.from_tensors(e).repeat(steps))
+    return tf.data.Dataset.choose_from_datasets([epoch(e) for e in range(epochs)], order)
 
 
 def make_pipeline(split, batch_size, training, with_label_input, augment="standard",
-                  seed=None, mix="none", num_classes=None, epochs=1):
+                  seed=None, mix="none", num_classes=None, epochs=1, first_epoch=None):
     """Cached decoded split -> shuffled, augmented, batched, prefetched batches.
 
     Training batches cover ``epochs`` epochs, one permutation each: pass
@@ -325,12 +365,16 @@ def make_pipeline(split, batch_size, training, with_label_input, augment="standa
     Yields ``(inputs, labels)``; ``inputs`` is ``{"image", "label"}`` for a
     margin head's training model (labels as its second input), else the image.
     """
+    per_image = None
+    if training and augment == "airbench":
+        def per_image(epoch):
+            return alternating_flip_translate(epoch, seed or 0)
     if training:
-        ds = epoch_permutations(split, batch_size, epochs, seed)
+        ds = epoch_permutations(split, batch_size, epochs, seed, per_image, first_epoch)
     else:
         ds = split.batch(batch_size)
     augmenter = build_augmenter(augment, split.element_spec[0].shape[0], seed) if training \
-        else None
+        and not per_image else None
 
     mixer = build_mixer(mix, seed) if training else None
 

@@ -12,15 +12,17 @@ def check_labels(labels, num_classes):
     """Fail the step with a readable error when a label is outside [0, C).
 
     A one-hot or gather with an out-of-range label silently yields a zero row
-    or another class's column; the margin would then be applied nowhere. The
-    check needs TensorFlow's graph assertions (dropped under XLA); other
-    backends get no check.
+    or another class's column; the margin would then be applied nowhere.
+    TensorFlow: graph assertions (dropped under XLA). PyTorch and eager JAX:
+    the values are checked directly. Inside a jitted JAX step the labels have
+    no values yet, so nothing is checked there.
     """
     message = (
         f"labels must lie in [0, {num_classes}): the dataset has more classes than "
         "the head. Rebuild the head with num_classes >= max(label) + 1."
     )
-    if keras.backend.backend() == "tensorflow":
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
         import tensorflow as tf
 
         with tf.control_dependencies(
@@ -32,6 +34,14 @@ def check_labels(labels, num_classes):
             ]
         ):
             return tf.identity(labels)
+    if backend == "jax":
+        import jax
+
+        if isinstance(labels, jax.core.Tracer):
+            return labels
+    values = ops.convert_to_numpy(labels)
+    if values.size and (values.min() < 0 or values.max() >= num_classes):
+        raise ValueError(message)
     return labels
 
 
@@ -39,21 +49,39 @@ def check_labels(labels, num_classes):
 class TargetAngle(keras.metrics.Metric):
     """Mean and spread (degrees) of theta_y, the angle to the true class centre.
 
-    Reported as ``theta_y_mean`` and ``theta_y_std``; the margin acts on this
-    angle, so watching it shrink shows the head doing its work.
+    A compiled metric on a cosine head's label-free logits ``s * cos(theta_j)``:
+    ``theta_y = arccos(logits[y] / s)``. Reported as ``theta_y_mean`` and
+    ``theta_y_std``; the margin acts on this angle, so watching it shrink
+    shows the head doing its work. A plain ``keras.metrics.Metric`` with
+    ``update_state(y_true, y_pred)``, so it runs on every backend.
+
+    Args:
+        scale: the head's ``s`` (``ArcMarginLayer.scale``).
+        name: metric name.
+
+    Call arguments (``update_state``):
+        y_true: int labels ``(batch,)`` or one-hot/soft targets
+            ``(batch, C)`` (the largest entry counts as the class).
+        y_pred: the logits ``s * cos(theta_j)``, ``(batch, C)``.
     """
 
-    def __init__(self, name="theta_y", **kwargs):
+    def __init__(self, scale, name="theta_y", **kwargs):
         super().__init__(name=name, **kwargs)
+        self.scale = float(scale)
         self.total = self.add_variable((), initializer="zeros", name="total")
         self.total_sq = self.add_variable((), initializer="zeros", name="total_sq")
         self.count = self.add_variable((), initializer="zeros", name="count")
 
-    def update_state(self, theta_degrees):
-        theta_degrees = ops.cast(theta_degrees, "float32")
-        self.total.assign_add(ops.sum(theta_degrees))
-        self.total_sq.assign_add(ops.sum(ops.square(theta_degrees)))
-        self.count.assign_add(ops.cast(ops.size(theta_degrees), "float32"))
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        y_pred = ops.cast(y_pred, "float32")
+        if len(y_true.shape) == len(y_pred.shape) and y_true.shape[-1] == y_pred.shape[-1]:
+            y_true = ops.argmax(y_true, axis=-1)
+        labels = ops.reshape(ops.cast(y_true, "int32"), (-1, 1))
+        cos_y = ops.take_along_axis(y_pred, labels, axis=-1)[:, 0] / self.scale
+        theta = ops.arccos(ops.clip(cos_y, -1.0, 1.0)) * (180.0 / math.pi)
+        self.total.assign_add(ops.sum(theta))
+        self.total_sq.assign_add(ops.sum(ops.square(theta)))
+        self.count.assign_add(ops.cast(ops.size(theta), "float32"))
 
     def result(self):
         mean = ops.divide_no_nan(self.total, self.count)
@@ -62,6 +90,9 @@ class TargetAngle(keras.metrics.Metric):
             "theta_y_mean": mean,
             "theta_y_std": ops.sqrt(ops.maximum(variance, 0.0)),
         }
+
+    def get_config(self):
+        return {"scale": self.scale, "name": self.name, "dtype": self.dtype}
 
 
 @keras.saving.register_keras_serializable(package="tfmargin")
@@ -173,7 +204,6 @@ class ArcMarginLayer(keras.layers.Layer):
         self.fallback = fallback
         self.sub_centers = int(sub_centers)
         self.epsilon = float(epsilon)
-        self.target_angle = TargetAngle()
 
     def build(self, embeddings_shape, labels_shape=None):
         self.kernel = self.add_weight(
@@ -203,17 +233,15 @@ class ArcMarginLayer(keras.layers.Layer):
         """Logits from the cosines ``(batch, num_classes)``: ``s * psi(theta_y)`` for the
         target class when ``training``, ``s * cos(theta_j)`` everywhere else.
 
-        Also records theta_y in the ``theta_y_mean``/``theta_y_std`` metric. A model
-        that computes ``s * cos(theta)`` label-free can apply the margin later, in its
+        A model that computes ``s * cos(theta)`` label-free can apply the margin later, in its
         loss, by passing ``logits / scale`` here (``MarginClassifier`` does).
         """
+        if not training:
+            return self.scale * cos
         labels = check_labels(ops.reshape(ops.cast(labels, "int32"), (-1,)), self.num_classes)
         one_hot = ops.one_hot(labels, self.num_classes, dtype=cos.dtype)
         cos_y = ops.sum(cos * one_hot, axis=-1)
         theta_y = ops.arccos(ops.clip(cos_y, -1.0 + self.epsilon, 1.0 - self.epsilon))
-        self.target_angle.update_state(ops.stop_gradient(theta_y) * (180.0 / math.pi))
-        if not training:
-            return self.scale * cos
         psi = target_logit(cos_y, self.margin_type, self.m1, self.m2, self.m3, self.fallback,
                            self.epsilon, theta=theta_y)
         return self.scale * (cos + one_hot * ops.expand_dims(psi - cos_y, -1))

@@ -1,4 +1,5 @@
-"""SGD with coupled L2 weight decay, as the PyTorch CIFAR recipes use it."""
+"""SGD with coupled L2 weight decay, as the PyTorch CIFAR recipes use it, and the
+airbench learning-rate schedule."""
 
 import keras
 from keras import ops
@@ -13,26 +14,76 @@ class L2SGD(keras.optimizers.SGD):
     outside the momentum), which with momentum 0.9 is about 1 / (1 - 0.9) = 10x
     weaker at the same value. The CIFAR recipes this project cites
     (weiaicunzai/pytorch-cifar100: SGD, momentum 0.9, wd 5e-4, batch 128) mean
-    the coupled form. Only kernels (variables of rank >= 2) decay: BatchNorm
-    scales and offsets and biases do not.
+    the coupled form. By default only kernels (variables of rank >= 2) decay.
 
     Args:
         l2: float >= 0, the coupled decay ``wd``.
+        decay_all: decay every variable, biases and BatchNorm offsets too
+            (airbench).
+        offset_lr_scale: learning-rate multiplier of BatchNorm offsets
+            (``beta``); their decay is divided by it, so every variable
+            shrinks by ``lr * l2`` per step (airbench's ``bias_scaler`` 64).
+        frozen_after: ``{variable name: step}``: the learning rate of the
+            variables of that name is 0 from that step on (airbench stops
+            training its whitening bias after 3 epochs).
         **kwargs: ``keras.optimizers.SGD`` arguments (not ``weight_decay``).
     """
 
-    def __init__(self, learning_rate=0.01, l2=0.0, **kwargs):
+    def __init__(self, learning_rate=0.01, l2=0.0, decay_all=False, offset_lr_scale=1.0,
+                 frozen_after=None, **kwargs):
         if kwargs.get("weight_decay"):
             raise ValueError("L2SGD: pass the coupled decay as l2, not weight_decay.")
         super().__init__(learning_rate, **kwargs)
         self.l2 = float(l2)
+        self.decay_all = bool(decay_all)
+        self.offset_lr_scale = float(offset_lr_scale)
+        self.frozen_after = dict(frozen_after or {})
 
     def update_step(self, gradient, variable, learning_rate):
         # The gradient is already aggregated over replicas here, so the decay is added once.
-        if self.l2 and len(variable.shape) >= 2:
-            gradient = gradient + ops.cast(self.l2, gradient.dtype) * ops.convert_to_tensor(
-                variable)
+        # The name, not the path: under tf.distribute this is the backend's variable.
+        name = variable.name.split("/")[-1].split(":")[0]
+        lr_scale = self.offset_lr_scale if name == "beta" else 1.0
+        if self.l2 and (self.decay_all or len(variable.shape) >= 2):
+            gradient = gradient + ops.cast(self.l2 / lr_scale, gradient.dtype) * \
+                ops.convert_to_tensor(variable)
+        learning_rate = learning_rate * lr_scale
+        if name in self.frozen_after:
+            step = self.frozen_after[name]
+            learning_rate = learning_rate * ops.cast(self.iterations < step,
+                                                         learning_rate.dtype)
         super().update_step(gradient, variable, learning_rate)
 
     def get_config(self):
-        return {**super().get_config(), "l2": self.l2}
+        return {**super().get_config(), "l2": self.l2, "decay_all": self.decay_all,
+                "offset_lr_scale": self.offset_lr_scale, "frozen_after": self.frozen_after}
+
+
+@keras.saving.register_keras_serializable(package="tfmargin")
+class WarmupLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear from ``start * peak`` to ``peak`` over ``warmup`` of the steps, then linear
+    to ``end * peak`` at ``total_steps`` (airbench: 0.2, 23 %, 0.07).
+
+    Args:
+        peak: the largest learning rate.
+        total_steps: steps of the whole run.
+        warmup: fraction of ``total_steps`` spent warming up.
+        start, end: first and last learning rate as fractions of ``peak``.
+    """
+
+    def __init__(self, peak, total_steps, warmup=0.23, start=0.2, end=0.07):
+        self.peak, self.total_steps = float(peak), int(total_steps)
+        self.warmup, self.start, self.end = float(warmup), float(start), float(end)
+
+    def __call__(self, step):
+        step = ops.cast(step, "float32")
+        warmup_steps = max(int(self.warmup * self.total_steps), 1)
+        rising = self.start + (1.0 - self.start) * step / warmup_steps
+        falling = 1.0 + (self.end - 1.0) * (step - warmup_steps) / max(
+            self.total_steps - warmup_steps, 1)
+        return self.peak * ops.where(step < warmup_steps, rising, ops.maximum(falling,
+                                                                               self.end))
+
+    def get_config(self):
+        return {"peak": self.peak, "total_steps": self.total_steps, "warmup": self.warmup,
+                "start": self.start, "end": self.end}

@@ -30,12 +30,15 @@ def load_runs(runs_dir):
 def command(config):
     """The run.py command line that reproduces a run: every setting of its identity that
     differs from run.py's defaults."""
-    defaults = RunConfig(loss=config["loss"]).identity()
-    parts = ["python experiments/run.py", f"--backbone {config['backbone']}",
-             f"--loss {config['loss']}", f"--dataset {config['dataset']}"]
+    recipe = config.get("recipe", "standard")
+    defaults = RunConfig.for_recipe(recipe, loss=config["loss"]).identity()
+    parts = ["python experiments/run.py", *([f"--recipe {recipe}"] if recipe != "standard"
+                                            else []),
+             f"--backbone {config['backbone']}", f"--loss {config['loss']}",
+             f"--dataset {config['dataset']}"]
     for key, default in defaults.items():
         value = config.get(key, default)
-        if key in ("backbone", "loss", "dataset") or value == default:
+        if key in ("backbone", "loss", "dataset", "recipe") or value == default:
             continue
         flag = f"--{key.replace('_', '-')}"
         if isinstance(value, list):
@@ -60,7 +63,8 @@ def runs_table(runs):
             f"{c['head_scale']:.3g}", c["margin"], c["fallback"], c["ce_weight"])
         cells = [run["name"], c["backbone"], c["loss"], *head, c["seed"], c["train_size"],
                  m["epochs"], *(_percent(v) for v in (
-                     m["val"]["top1"], m["top1"], m["mAP"], m["precision_at_1"], m["map_at_r"],
+                     m["val"]["top1"] if "val" in m else None, m["top1"], m["mAP"],
+                     m["precision_at_1"], m["map_at_r"],
                      m.get("train_accuracy_last_epoch"))),
                  f"{m['train_images_per_second']:.1f}", f"{m['wall_seconds']:.0f}",
                  run["finished"]]
@@ -80,16 +84,111 @@ def recipe_label(config):
                     if key in config and config[key] != getattr(defaults, key))
 
 
+def head_name(config):
+    """A run's head: ``softmax``, ``arcface s=16 m=0.5 monotonic``, ``cosface s=8 m=0.3``."""
+    if config["loss"] == "softmax":
+        return "softmax"
+    label = f"{config['loss']} s={config['head_scale']:.3g} m={config['margin']}"
+    label += f" {config['fallback']}" if config["loss"] in ("arcface", "combined") else ""
+    return label + (f" CE {config['ce_weight']}" if config.get("ce_weight") else "")
+
+
 def head_label(config):
     """A run's head and non-default recipe: ``softmax``, ``arcface s=16 m=0.5 monotonic``."""
-    if config["loss"] == "softmax":
-        label = "softmax"
-    else:
-        label = f"{config['loss']} s={config['head_scale']:.3g} m={config['margin']}"
-        label += f" {config['fallback']}" if config["loss"] in ("arcface", "combined") else ""
-        label += f" CE {config['ce_weight']}" if config.get("ce_weight") else ""
-    recipe = recipe_label(config)
+    label, recipe = head_name(config), recipe_label(config)
     return f"{label}, {recipe}" if recipe else label
+
+
+SEED_METRICS = (("top1", "top-1"), ("tta_top1", "top-1 TTA"), ("mAP", "mAP"),
+                ("precision_at_1", "P@1"), ("map_at_r", "MAP@R"))
+
+
+def _metric(run, key):
+    metrics = run["metrics"]
+    if key == "tta_top1":
+        return metrics["tta"]["top1"] if "tta" in metrics else None
+    return metrics[key]
+
+
+def seed_arms(runs):
+    """``{(setting without head and seed, head): {seed: run}}``: runs that differ only by
+    seed, grouped per arm; a seed run twice is an error."""
+    arms = {}
+    for run in runs:
+        config = run["config"]
+        setting = (os.path.basename(os.path.normpath(config["dataset"])), config["backbone"],
+                   config.get("recipe", "standard"), config["train_size"], config["epochs"])
+        seeds = arms.setdefault((setting, head_name(config)), {})
+        if config["seed"] in seeds:
+            raise ValueError(f"two runs of {head_name(config)} with seed {config['seed']}: "
+                             f"{seeds[config['seed']]['name']} and {run['name']}")
+        seeds[config["seed"]] = run
+    return arms
+
+
+def paired_difference(a, b, confidence=0.95):
+    """Mean of ``a - b`` over pairs and its two-sided t confidence interval (None for one
+    pair)."""
+    from scipy import stats
+
+    diff = np.asarray(a, float) - np.asarray(b, float)
+    mean = float(diff.mean())
+    if len(diff) < 2:
+        return mean, None
+    half = stats.t.ppf(0.5 + confidence / 2, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(
+        len(diff))
+    return mean, (mean - half, mean + half)
+
+
+def verdict(interval):
+    if interval is None:
+        return "one seed: an anecdote"
+    low, high = interval
+    return "helps" if low > 0 else "hurts" if high < 0 else "within noise"
+
+
+def seed_table(runs, baseline="softmax"):
+    """Per arm: seeds, mean +- s.d. of each metric (percent); then each arm's paired
+    difference from ``baseline`` over their common seeds with a 95 % t interval."""
+    arms = seed_arms(runs)
+    lines = ["| setting | head | seeds | " + " | ".join(name for _, name in SEED_METRICS)
+             + " | wall (min) |", "|" + "---|" * (len(SEED_METRICS) + 4)]
+    diffs = ["| setting | head − " + baseline + " | common seeds | top-1 Δ (95 % CI) | "
+             "top-1 TTA Δ (95 % CI) | verdict (top-1) |", "|---|---|---|---|---|---|"]
+    for (setting, head), seeds in sorted(arms.items()):
+        cells = []
+        for key, _ in SEED_METRICS:
+            values = [_metric(r, key) for r in seeds.values()]
+            if None in values:
+                cells.append("-")
+                continue
+            values = 100 * np.asarray(values)
+            spread = f" ± {values.std(ddof=1):.2f}" if len(values) > 1 else ""
+            cells.append(f"{values.mean():.2f}{spread}")
+        wall = np.mean([r["metrics"]["wall_seconds"] for r in seeds.values()]) / 60
+        name = " ".join(str(part) for part in setting)
+        lines.append(f"| {name} | {head} | {', '.join(map(str, sorted(seeds)))} | "
+                     + " | ".join(cells) + f" | {wall:.1f} |")
+        base = arms.get((setting, baseline))
+        if head == baseline or not base:
+            continue
+        common = sorted(set(seeds) & set(base))
+        if not common:
+            continue
+        row = []
+        for key in ("top1", "tta_top1"):
+            a = [_metric(seeds[k], key) for k in common]
+            b = [_metric(base[k], key) for k in common]
+            if None in a or None in b:
+                row.append(("-", None))
+                continue
+            mean, interval = paired_difference(100 * np.asarray(a), 100 * np.asarray(b))
+            text = f"{mean:+.2f}" + (f" ({interval[0]:+.2f}, {interval[1]:+.2f})"
+                                     if interval else "")
+            row.append((text, interval))
+        diffs.append(f"| {name} | {head} | {len(common)} | {row[0][0]} | {row[1][0]} | "
+                     f"{verdict(row[0][1]) if row[0][0] != '-' else '-'} |")
+    return "\n".join(lines) + "\n\n" + "\n".join(diffs) + "\n"
 
 
 def paper_table(runs, paper, metric="mAP"):

@@ -18,14 +18,29 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfmargin.airbench import PatchWhitening
 from tfmargin.atomic import atomic_file, check_writable
-from tfmargin.callbacks import BestWeights, EmbeddingProjector, Throughput
-from tfmargin.config import REFERENCE_BATCH, ConfigError, RunConfig
+from tfmargin.callbacks import (
+    BestWeights,
+    EmbeddingProjector,
+    Lookahead,
+    ResumeEpoch,
+    Throughput,
+)
+from tfmargin.config import (
+    ADDED_LATER,
+    AIRBENCH_TRAINING,
+    REFERENCE_BATCH,
+    ConfigError,
+    RunConfig,
+)
 from tfmargin.data import channel_statistics, load_dataset, make_pipeline
 from tfmargin.export import export_models
+from tfmargin.heads import TargetAngle
 from tfmargin.metrics import classification_metrics, retrieval_metrics, save_prediction_summary
 from tfmargin.models import build_models
-from tfmargin.optimizers import L2SGD
+from tfmargin.optimizers import L2SGD, WarmupLinearDecay
+from tfmargin.tta import tta_logits
 
 __all__ = ["ConfigError", "RunConfig", "TrainingDiverged", "train"]
 METRIC_KEYS = ("top1", "top5", "mAP", "precision_at_1", "map_at_r")
@@ -69,10 +84,14 @@ def peak_learning_rate(config, global_batch):
 
 
 def learning_rate_schedule(config, steps_per_epoch, global_batch=REFERENCE_BATCH):
-    """Linear warm-up to the (batch-scaled) peak, then cosine decay to 0."""
+    """Linear warm-up to the (batch-scaled) peak, then cosine decay to 0; the airbench
+    recipe: its warm-up from 0.2 x and linear decay to 0.07 x."""
     total = steps_per_epoch * config.epochs
-    warmup = min(int(config.warmup_epochs * steps_per_epoch), total // 2)
     peak = peak_learning_rate(config, global_batch)
+    if config.recipe == "airbench":
+        return WarmupLinearDecay(peak, total, AIRBENCH_TRAINING["warmup"],
+                                 AIRBENCH_TRAINING["start"], AIRBENCH_TRAINING["end"])
+    warmup = min(int(config.warmup_epochs * steps_per_epoch), total // 2)
     return keras.optimizers.schedules.CosineDecay(
         0.0 if warmup else peak, max(total - warmup, 1),
         warmup_target=peak if warmup else None, warmup_steps=warmup)
@@ -81,7 +100,13 @@ def learning_rate_schedule(config, steps_per_epoch, global_batch=REFERENCE_BATCH
 def compile_models(models, config, steps_per_epoch, global_batch=REFERENCE_BATCH):
     """Compile the training model as ``train`` does: schedule, optimizer, losses, metrics."""
     schedule = learning_rate_schedule(config, steps_per_epoch, global_batch)
-    if config.optimizer == "sgd":
+    if config.optimizer == "sgd" and config.recipe == "airbench":
+        optimizer = L2SGD(schedule, l2=config.weight_decay, nesterov=True, decay_all=True,
+                          momentum=AIRBENCH_TRAINING["momentum"],
+                          offset_lr_scale=AIRBENCH_TRAINING["offset_lr_scale"],
+                          frozen_after={"whitening_bias": AIRBENCH_TRAINING[
+                              "whiten_bias_epochs"] * steps_per_epoch})
+    elif config.optimizer == "sgd":
         optimizer = L2SGD(schedule, l2=config.weight_decay, momentum=0.9, nesterov=True)
     else:
         optimizer = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
@@ -100,7 +125,7 @@ def compile_models(models, config, steps_per_epoch, global_batch=REFERENCE_BATCH
     if models.uses_label_input:
         loss = {"margin": loss, "plain": loss}
         loss_weights = {"margin": 1.0 - config.ce_weight, "plain": config.ce_weight}
-        metrics = {"plain": metrics}
+        metrics = {"plain": [*metrics, TargetAngle(models.head.scale)]}
     models.train.compile(optimizer=optimizer, loss=loss, loss_weights=loss_weights,
                          metrics=metrics, jit_compile=config.jit_compile,
                          steps_per_execution=config.steps_per_execution)
@@ -110,8 +135,9 @@ def soft_targets(config):
     return bool(config.label_smoothing) or config.mix != "none"
 
 
-def make_datasets(config, data, uses_label_input, global_batch):
-    """Training and validation batches in the form the compiled training model takes."""
+def make_datasets(config, data, uses_label_input, global_batch, first_epoch=None):
+    """Training and validation batches in the form the compiled training model takes;
+    ``first_epoch``: see ``tfmargin.data.epoch_permutations``."""
     def to_targets(inputs, labels):
         y = labels
         if soft_targets(config) and labels.dtype.is_integer:
@@ -121,33 +147,43 @@ def make_datasets(config, data, uses_label_input, global_batch):
     pipeline = dict(batch_size=global_batch, with_label_input=uses_label_input)
     train_ds = make_pipeline(data.train, training=True, augment=config.augment,
                              seed=config.seed, mix=config.mix, num_classes=data.num_classes,
-                             epochs=config.epochs, **pipeline)
+                             epochs=config.epochs, first_epoch=first_epoch, **pipeline)
+    if data.val is None:  # --val-split 0
+        return train_ds.map(to_targets), None
     val_ds = make_pipeline(data.val, training=False, **pipeline)
     return train_ds.map(to_targets), val_ds.map(to_targets)
 
 
-def predict_split(model, split, batch_size):
+def predict_split(model, split, batch_size, tta=0):
     """Logits, embeddings and labels of a split, each batch's outputs with its own labels.
 
     ``model``: ``Models.evaluation_model()``. A plain per-batch loop on this
     worker (no distributed ``predict``, whose gathered order need not match a
-    separate pass over the labels).
+    separate pass over the labels). ``tta > 0``: also the logits averaged over
+    the test-time augmentation views (``tfmargin.tta``), else None.
     """
-    step = tf.function(lambda x: model(tf.cast(x, tf.float32), training=False),
-                       reduce_retracing=True)
-    logits, embeddings, labels = [], [], []
+    def outputs(x):
+        x = tf.cast(x, tf.float32)
+        logits, embedding = model(x, training=False)
+        averaged = tta_logits(lambda v: model(v, training=False)[0], x, tta) if tta else logits
+        return logits, embedding, averaged
+
+    step = tf.function(outputs, reduce_retracing=True)
+    columns = [[], [], [], []]
     for x, y in split.batch(batch_size).prefetch(2):
-        out = step(x)
-        logits.append(out[0].numpy())
-        embeddings.append(out[1].numpy())
-        labels.append(y.numpy())
-    return np.concatenate(logits), np.concatenate(embeddings), np.concatenate(labels)
+        for column, value in zip(columns, (*step(x), y), strict=True):
+            column.append(value.numpy())
+    logits, embeddings, averaged, labels = (np.concatenate(c) for c in columns)
+    return logits, embeddings, labels, averaged if tta else None
 
 
-def evaluate_split(model, split, batch_size):
-    """Classification and retrieval metrics of a split, plus its logits and labels."""
-    logits, embeddings, labels = predict_split(model, split, batch_size)
+def evaluate_split(model, split, batch_size, tta=0):
+    """Classification and retrieval metrics of a split (with ``tta``: and ``metrics["tta"]``
+    from the averaged logits), plus its logits and labels."""
+    logits, embeddings, labels, averaged = predict_split(model, split, batch_size, tta)
     metrics = classification_metrics(logits, labels) | retrieval_metrics(embeddings, labels)
+    if tta:
+        metrics["tta"] = classification_metrics(averaged, labels) | {"level": tta}
     return metrics, logits, labels
 
 
@@ -213,14 +249,29 @@ def load_run_data(config, global_batch):
     return data
 
 
+def adapt_whitening(models, split, num_images=5000):
+    """Fit every ``PatchWhitening`` layer on the first ``num_images`` training images,
+    normalised as the model normalises them (airbench uses 5,000)."""
+    layers_w = [layer for layer in models.embedding._flatten_layers()
+                if isinstance(layer, PatchWhitening)]
+    if layers_w:
+        images = np.concatenate([x.numpy() for x, _ in split.take(num_images).batch(1024)])
+        normalized = models.embedding.get_layer("normalize")(images.astype("float32"))
+        for layer in layers_w:  # the whitening layer is the backbone's first
+            layer.adapt(normalized)
+    return len(layers_w)
+
+
 def build_run_models(config, data, strategy, global_batch):
-    """Models with normalisation statistics from the training images, compiled."""
+    """Models with normalisation statistics (and whitening filters) from the training
+    images, compiled."""
     mean, variance = channel_statistics(data.train)
     with strategy.scope():
         models = build_models(config.backbone, data.num_classes, config.loss, config.image_size,
                               config.embedding_dim, config.scale, config.margin,
                               config.fallback, config.sub_centers, config.ce_weight, mean,
                               variance)
+        adapt_whitening(models, data.train)
         compile_models(models, config, data.train_size // global_batch, global_batch)
     return models
 
@@ -231,7 +282,7 @@ def start_run_dir(config, run_dir, overwrite, data, models, strategy, global_bat
     if overwrite and os.path.isdir(run_dir):
         shutil.rmtree(run_dir)
     os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-    resolved = config.identity() | {
+    resolved = config.identity() | {key: getattr(config, key) for key in ADDED_LATER} | {
         "name": config.name, "run_dir": run_dir, "num_classes": data.num_classes,
         "class_names": data.class_names, "split_sizes": data.sizes,
         "train_size": data.train_size, "replicas": strategy.num_replicas_in_sync,
@@ -244,12 +295,16 @@ def start_run_dir(config, run_dir, overwrite, data, models, strategy, global_bat
 
 def fit(config, run_dir, data, models, global_batch, projector, extra_callbacks):
     """``model.fit`` with the run's callbacks; returns ``(history, wall, images/s)``."""
-    train_ds, val_ds = make_datasets(config, data, models.uses_label_input, global_batch)
+    steps = data.train_size // global_batch
+    resume = ResumeEpoch(steps)
+    train_ds, val_ds = make_datasets(config, data, models.uses_label_input, global_batch,
+                                     resume.first_epoch)
     throughput = Throughput(global_batch)
     callbacks = [
         # double_checkpoint: a backup torn by a crash falls back to the one before it.
         keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup"),
                                          double_checkpoint=True),
+        resume,  # after BackupAndRestore: reads the restored step
         keras.callbacks.TensorBoard(os.path.join(run_dir, "logs")),
         BestWeights(os.path.join(run_dir, "checkpoints", "best.weights.h5"),
                     "val_plain_loss" if models.uses_label_input else "val_loss"),
@@ -259,6 +314,11 @@ def fit(config, run_dir, data, models, global_batch, projector, extra_callbacks)
         *([projector] if projector else []),
         *extra_callbacks,
     ]
+    if config.recipe == "airbench":  # after BackupAndRestore, which restores the fast weights
+        callbacks.insert(2, Lookahead(
+            config.epochs * (data.train_size // global_batch),
+            AIRBENCH_TRAINING["lookahead_every"], AIRBENCH_TRAINING["lookahead_base"],
+            os.path.join(run_dir, "checkpoints", "lookahead.npz")))
     start = time.perf_counter()
     history = models.train.fit(train_ds, validation_data=val_ds, epochs=config.epochs,
                                steps_per_epoch=data.train_size // global_batch,
@@ -279,12 +339,15 @@ def check_diverged(history, run_dir):
 
 
 def evaluate(data, models, global_batch, run_dir, resolved):
-    """Validation and test metrics of the final model; the test split is read here only."""
+    """Validation and test metrics of the final model, each also under test-time
+    augmentation if ``tta``; the test split is read here only."""
     model = models.evaluation_model()
-    val_metrics, _, _ = evaluate_split(model, data.val, global_batch)
-    metrics, logits, labels = evaluate_split(model, data.test, global_batch)
+    tta = resolved["tta"]
+    metrics, logits, labels = evaluate_split(model, data.test, global_batch, tta)
     save_prediction_summary(run_dir, logits, labels, resolved["head_scale"])
-    return metrics | {"val": val_metrics, "test_size": int(len(labels))}
+    if data.val is not None:
+        metrics["val"] = evaluate_split(model, data.val, global_batch, tta)[0]
+    return metrics | {"test_size": int(len(labels))}
 
 
 def train(config, resume=False, overwrite=False, callbacks=()):
@@ -308,7 +371,9 @@ def train(config, resume=False, overwrite=False, callbacks=()):
     models = build_run_models(config, data, strategy, global_batch)
     resolved = start_run_dir(config, run_dir, overwrite, data, models, strategy, global_batch)
     projector = EmbeddingProjector(
-        os.path.join(run_dir, "logs", "projector"), models, data.val, data.class_names,
+        # Without a validation split (--val-split 0) it shows training images.
+        os.path.join(run_dir, "logs", "projector"), models,
+        data.train if data.val is None else data.val, data.class_names,
         config.projector_samples, config.projector_every) if config.projector_samples else None
 
     history, wall, images_per_second = fit(config, run_dir, data, models, global_batch,
@@ -330,14 +395,14 @@ def train(config, resume=False, overwrite=False, callbacks=()):
     if config.export_formats():
         metrics["export"] = export_models(
             models, data.class_names, os.path.join(config.export_dir, config.run_name()),
-            config.export_formats(), config.image_size)
+            config.export_formats(), config.image_size, config.tta)
     log_hparams(os.path.join(run_dir, "logs"), resolved, metrics)
     _write_json(os.path.join(run_dir, "metrics.json"), metrics)
     return metrics
 
 
-HPARAM_KEYS = ("backbone", "loss", "scale", "margin", "fallback", "ce_weight", "dataset",
-               "epochs", "global_batch", "limit_train", "learning_rate", "optimizer",
+HPARAM_KEYS = ("backbone", "loss", "recipe", "tta", "scale", "margin", "fallback", "ce_weight",
+               "dataset", "epochs", "global_batch", "limit_train", "learning_rate", "optimizer",
                "weight_decay", "seed")
 
 
@@ -351,4 +416,7 @@ def log_hparams(log_dir, resolved, metrics):
         hp.hparams(hparams, trial_id=os.path.basename(resolved["run_dir"]))
         for key in METRIC_KEYS:
             tf.summary.scalar(f"test/{key}", metrics[key], step=resolved["epochs"])
-            tf.summary.scalar(f"val/{key}", metrics["val"][key], step=resolved["epochs"])
+            if "val" in metrics:
+                tf.summary.scalar(f"val/{key}", metrics["val"][key], step=resolved["epochs"])
+        if "tta" in metrics:
+            tf.summary.scalar("test/tta_top1", metrics["tta"]["top1"], step=resolved["epochs"])

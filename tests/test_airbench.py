@@ -1,0 +1,259 @@
+"""The airbench port: whitening, dirac init, optimizer, schedule, lookahead, augmentation,
+test-time augmentation, and the recipe end to end on tiny data."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from synthetic import write_image_folder
+
+from tfmargin.airbench import PartialDirac, PatchWhitening, airbench93
+from tfmargin.callbacks import Lookahead
+from tfmargin.data import alternating_flip_translate
+from tfmargin.optimizers import L2SGD, WarmupLinearDecay
+from tfmargin.tta import tta_logits, tta_views
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def correlated_images(n=64, size=12, seed=0):
+    """Smooth, channel-correlated images: a patch covariance far from the identity."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(n, size + 1, size + 1, 1))
+    smooth = (base[:, 1:, 1:] + base[:, :-1, :-1] + base[:, 1:, :-1]) / 3
+    colour = np.array([1.0, 0.8, 0.5])
+    return smooth * colour + 0.1 * rng.normal(size=(n, size, size, 3))
+
+
+def test_whitened_patches_of_the_init_images_have_identity_covariance():
+    images = correlated_images()
+    layer = PatchWhitening(eps=5e-4)
+    layer.adapt(images)
+    out = keras.ops.convert_to_numpy(layer(images.astype("float32"))).astype(np.float64)
+    assert out.shape == (64, 11, 11, 24)
+    whitened = out[..., :12].reshape(-1, 12)
+    second_moment = whitened.T @ whitened / len(whitened)
+    # Independent of the layer: eigenvalues of the raw patches' second moment, by brute force.
+    patches = np.stack([images[:, i:i + 11, j:j + 11].reshape(-1, 3)
+                        for i in (0, 1) for j in (0, 1)], axis=1).reshape(-1, 12)
+    eigenvalues = np.sort(np.linalg.eigvalsh(patches.T @ patches / len(patches)))[::-1]
+    assert eigenvalues[0] / eigenvalues[-1] > 100  # far from white to start with
+    np.testing.assert_allclose(second_moment, np.diag(eigenvalues / (eigenvalues + 5e-4)),
+                               atol=2e-5)
+    assert np.all(np.abs(np.diag(second_moment) - 1) <= 5e-4 / eigenvalues + 2e-5)
+    np.testing.assert_allclose(out[..., 12:], -out[..., :12], atol=1e-5)  # the negated half
+    assert layer.kernel.trainable is False and layer.bias.trainable is True
+
+
+def test_partial_dirac_passes_the_first_channels_through():
+    x = np.random.default_rng(0).normal(size=(2, 6, 6, 4)).astype("float32")
+    same = keras.layers.Conv2D(4, 3, padding="same", use_bias=False,
+                               kernel_initializer=PartialDirac(seed=1))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(same(x)), x, atol=1e-6)
+    wider = keras.layers.Conv2D(10, 3, padding="same", use_bias=False,
+                                kernel_initializer=PartialDirac(seed=1))
+    y = keras.ops.convert_to_numpy(wider(x))
+    np.testing.assert_allclose(y[..., :4], x, atol=1e-6)
+    rest = keras.ops.convert_to_numpy(wider.kernel)[..., 4:]
+    bound = 1 / np.sqrt(3 * 3 * 4)
+    assert np.abs(rest).max() <= bound and np.abs(rest).max() > 0.8 * bound
+
+
+def test_airbench93_shapes_and_parameters():
+    model = airbench93()
+    assert model.output_shape == (None, 128)
+    assert model.get_layer("block3_bn2").output.shape[1:] == (3, 3, 128)
+    bn = model.get_layer("block1_bn1")
+    assert bn.momentum == 0.6 and bn.epsilon == 1e-12 and bn.scale is False
+
+
+def test_offset_learning_rate_decay_and_freezing():
+    """Momentum 0 makes each step readable: w <- w - lr * k * (g + l2 / k * w)."""
+    beta = keras.Variable(np.ones(3), name="beta")
+    frozen = keras.Variable(np.ones(3), name="whitening_bias")
+    kernel = keras.Variable(np.ones((2, 2)), name="kernel")
+    optimizer = L2SGD(0.1, l2=0.01, decay_all=True, offset_lr_scale=64.0,
+                      frozen_after={"whitening_bias": 2})
+    grads = [np.full(3, 0.5), np.full(3, 0.5), np.full((2, 2), 0.5)]
+    expected = {"beta": np.ones(3), "whitening_bias": np.ones(3), "kernel": np.ones((2, 2))}
+    for step in range(3):
+        optimizer.apply([keras.ops.convert_to_tensor(g) for g in grads], [beta, frozen, kernel])
+        expected["beta"] = expected["beta"] - 0.1 * 64 * (0.5 + 0.01 / 64 * expected["beta"])
+        if step < 2:  # trains for steps 0 and 1, then frozen
+            expected["whitening_bias"] -= 0.1 * (0.5 + 0.01 * expected["whitening_bias"])
+        expected["kernel"] = expected["kernel"] - 0.1 * (0.5 + 0.01 * expected["kernel"])
+    for variable in (beta, frozen, kernel):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(variable),
+                                   expected[variable.name], rtol=1e-6)
+
+
+def test_warmup_linear_decay_endpoints():
+    schedule = WarmupLinearDecay(2.0, 100, warmup=0.23, start=0.2, end=0.07)
+    values = [float(schedule(step)) for step in (0, 23, 100, 200)]
+    assert values == pytest.approx([0.4, 2.0, 0.14, 0.14])
+    assert float(schedule(61)) == pytest.approx(2.0 * (1 - 0.93 * 38 / 77))
+
+
+def test_lookahead_on_a_tiny_model_matches_numpy():
+    """Dense weights and BatchNorm statistics, both lookahead-averaged every 2 steps."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(2.0, 3.0, size=(16, 3)).astype("float32")
+    y = rng.normal(size=(16, 1)).astype("float32")
+    inputs = keras.Input((3,))
+    bn = keras.layers.BatchNormalization(momentum=0.6, center=False, scale=False, epsilon=1e-3)
+    dense = keras.layers.Dense(1, use_bias=False, kernel_initializer="ones")
+    model = keras.Model(inputs, dense(bn(inputs)))
+    lr, total, every = 0.05, 8, 2
+    model.compile(keras.optimizers.SGD(lr), "mse")
+    callback = Lookahead(total, every=every, base=0.9)
+    model.fit(x, y, batch_size=16, epochs=total, shuffle=False, verbose=0, callbacks=[callback])
+
+    # NumPy: the normalised input is fixed (one fixed batch), so this is linear regression.
+    mean, var = x.mean(0), x.var(0)
+    xn = (x - mean) / np.sqrt(var + 1e-3)
+    w, moving_mean = np.ones((3, 1)), np.zeros(3)
+    slow_w, slow_mean = w.copy(), moving_mean.copy()
+    for step in range(1, total + 1):
+        w = w - lr * 2 * xn.T @ (xn @ w - y) / len(x)
+        moving_mean = 0.6 * moving_mean + 0.4 * mean
+        if step % every == 0:
+            decay = 0.9**every * (step / total) ** 3
+            slow_w = decay * slow_w + (1 - decay) * w
+            slow_mean = decay * slow_mean + (1 - decay) * moving_mean
+            w, moving_mean = slow_w.copy(), slow_mean.copy()
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(dense.kernel), w, rtol=1e-4)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(bn.moving_mean), moving_mean,
+                               rtol=1e-4)
+    assert not np.allclose(w, np.ones((3, 1)))
+
+
+def augmented(images, epoch, seed, shift):
+    fn = alternating_flip_translate(epoch, seed, shift)
+    return np.stack([fn(tf.constant(i, tf.int64), (tf.constant(image), 0))[0].numpy()
+                     for i, image in enumerate(images)])
+
+
+def test_alternating_flip_mirrors_each_image_in_every_other_epoch():
+    images = np.random.default_rng(0).integers(0, 255, (200, 8, 8, 3)).astype(np.uint8)
+    epochs = [augmented(images, e, seed=3, shift=0) for e in range(3)]
+    np.testing.assert_array_equal(epochs[1], epochs[0][:, :, ::-1])
+    np.testing.assert_array_equal(epochs[2], epochs[0])
+    flipped = np.mean([not np.array_equal(a, b) for a, b in zip(epochs[0], images,
+                                                                 strict=True)])
+    assert 0.35 < flipped < 0.65
+    assert not np.array_equal(augmented(images, 0, seed=4, shift=0), epochs[0])
+
+
+def test_translation_is_a_crop_of_the_reflect_padded_image_over_all_offsets():
+    images = np.random.default_rng(1).integers(0, 255, (300, 8, 8, 3)).astype(np.uint8)
+    out = augmented(images, 0, seed=0, shift=2)
+    offsets = set()
+    for image, result in zip(images, out, strict=True):
+        found = [(mirror, i, j) for mirror in (0, 1)
+                 for i in range(5) for j in range(5)
+                 if np.array_equal(np.pad(image[:, ::-1] if mirror else image,
+                                          ((2, 2), (2, 2), (0, 0)), mode="reflect")
+                                   [i:i + 8, j:j + 8], result)]
+        assert found, "not a crop of the reflect-padded image"
+        offsets.add(found[0][1:])
+    assert len(offsets) == 25
+
+
+def test_tta_views_match_numpy_reflect_shifts_and_weights():
+    images = np.random.default_rng(0).normal(size=(2, 6, 6, 3)).astype("float32")
+    assert [w for _, w in tta_views(images, 2)] == [0.25, 0.25] + [0.125] * 4
+    padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    views = [images, padded[:, :6, :6], padded[:, 2:, 2:]]
+    expected = sum(w * (v + v[:, :, ::-1]) / 2
+                   for v, w in zip(views, (0.5, 0.25, 0.25), strict=True))
+    got = keras.ops.convert_to_numpy(tta_logits(lambda v: v, images, 2))
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    mirrored = keras.ops.convert_to_numpy(tta_logits(lambda v: v, images, 1))
+    np.testing.assert_allclose(mirrored, (images + images[:, :, ::-1]) / 2, atol=1e-6)
+    with pytest.raises(ValueError, match="TTA level"):
+        tta_views(images, 3)
+
+
+FRESH = r"""
+import sys, numpy as np, tensorflow as tf
+model = tf.saved_model.load(sys.argv[1])
+images = np.load(sys.argv[2])
+out = model.serve(tf.constant(images))
+print("TTA", int(model.tta_level[0].numpy()), out["logits"].shape)
+np.save(sys.argv[3], out["logits"].numpy())
+"""
+
+
+@pytest.mark.slow
+def test_airbench_recipe_end_to_end_with_tta_export(tmp_path):
+    """run.py --recipe airbench on tiny data: recipe defaults, lookahead state, TTA metrics,
+    and a SavedModel that applies (and states) TTA level 2, in a fresh process."""
+    data = write_image_folder(tmp_path / "data", num_classes=3, per_class=40,
+                              test_per_class=8)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "experiments", "run.py"), "--recipe", "airbench",
+         "--backbone", "airbench93", "--loss", "softmax", "--dataset", data, "--epochs", "2",
+         "--batch-size", "32", "--runs-dir", str(tmp_path / "runs"), "--name", "ab",
+         "--export-dir", str(tmp_path / "exports")],
+        capture_output=True, text=True, env={**os.environ, "CI": "1"}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "ab"
+    config = json.loads((run_dir / "config.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert config["recipe"] == "airbench" and config["tta"] == 2
+    assert config["label_smoothing"] == 0.2 and config["augment"] == "airbench"
+    assert config["split_sizes"] == {"train": 120, "val": 0, "test": 24}  # val_split 0
+    assert "val" not in metrics and metrics["tta"]["level"] == 2
+    assert 0 <= metrics["tta"]["top1"] <= 1 and metrics["test_size"] == 24
+    with np.load(run_dir / "checkpoints" / "lookahead.npz") as state:
+        assert int(state["step"]) == 2 * (120 // 32)
+
+    images = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3)).astype(np.uint8)
+    np.save(tmp_path / "images.npy", images)
+    export = tmp_path / "exports" / "ab"
+    fresh = subprocess.run([sys.executable, "-c", FRESH, str(export / "savedmodel"),
+                            str(tmp_path / "images.npy"), str(tmp_path / "logits.npy")],
+                           capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert "TTA 2" in fresh.stdout
+    import tfmargin
+
+    plain = tfmargin.load_model(export / "model.keras")
+    expected = keras.ops.convert_to_numpy(tta_logits(
+        lambda v: plain(v, training=False), images.astype("float32"), 2))
+    np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), expected, atol=1e-4)
+
+
+def test_docstring_example_runs():
+    import doctest
+
+    import tfmargin.airbench
+
+    result = doctest.testmod(tfmargin.airbench)
+    assert result.attempted >= 3 and result.failed == 0
+
+
+def test_recipe_defaults_and_explicit_flags():
+    """--recipe airbench sets its defaults (shown by --help); a flag given explicitly wins."""
+    from tfmargin.cli import OneLineParser, add_run_arguments, config_from_args, parse_run_args
+    from tfmargin.config import RunConfig
+
+    parser = OneLineParser()
+    add_run_arguments(parser)
+    config = config_from_args(parser, parse_run_args(parser, ["--recipe", "airbench",
+                                                             "--epochs", "3"]))
+    assert (config.batch_size, config.epochs, config.tta, config.val_split) == (1024, 3, 2, 0.0)
+    assert config.learning_rate == pytest.approx(1.5 * 128 / 1024)
+    assert config == RunConfig.for_recipe("airbench", epochs=3)
+    standard = config_from_args(parser, parse_run_args(parser, []))  # same parser again
+    assert standard == RunConfig() and "airbench" not in standard.run_name()
+    assert "-airbench-" in config.run_name()
+    help_text = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "run.py"),
+                                "--recipe", "airbench", "--help"], capture_output=True,
+                               text=True, timeout=60).stdout
+    assert "(default: 1024)" in help_text and "(default: airbench94)" in help_text
