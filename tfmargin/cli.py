@@ -37,7 +37,7 @@ _HELP = {
     "weight_decay": "weight decay of kernels: coupled L2 for sgd (as PyTorch's SGD), "
                     "decoupled for adamw",
     "warmup_epochs": "linear warm-up length in epochs (standard recipe; airbench warms up "
-                     "over its first 23 % of steps)",
+                     "over its first 23 percent of steps)",
     "label_smoothing": "label smoothing of the cross-entropy",
     "augment": "standard (pad-4 shift + flip), randaugment (standard + RandAugment) or none",
     "mix": "none, mixup or cutmix (Keras core layers; soft targets, the margin goes to the "

@@ -23,9 +23,9 @@ class L2SGD(keras.optimizers.SGD):
         offset_lr_scale: learning-rate multiplier of BatchNorm offsets
             (``beta``); their decay is divided by it, so every variable
             shrinks by ``lr * l2`` per step (airbench's ``bias_scaler`` 64).
-        frozen_after: ``{variable name: step}``: the learning rate of the
-            variables of that name is 0 from that step on (airbench stops
-            training its whitening bias after 3 epochs).
+        frozen_after: ``{variable name: step}``: the variables of that name
+            stop changing from that step on (airbench stops training its
+            whitening bias after 3 epochs).
         **kwargs: ``keras.optimizers.SGD`` arguments (not ``weight_decay``).
     """
 
@@ -48,11 +48,15 @@ class L2SGD(keras.optimizers.SGD):
             gradient = gradient + ops.cast(self.l2 / lr_scale, gradient.dtype) * \
                 ops.convert_to_tensor(variable)
         learning_rate = learning_rate * lr_scale
-        if name in self.frozen_after:
-            step = self.frozen_after[name]
-            learning_rate = learning_rate * ops.cast(self.iterations < step,
-                                                         learning_rate.dtype)
+        if name not in self.frozen_after:
+            super().update_step(gradient, variable, learning_rate)
+            return
+        # Frozen from that step on: the value is kept outright (a zero learning rate would
+        # still let the momentum move it, as PyTorch's requires_grad=False does not).
+        before = ops.copy(variable)  # a read now, not a reference to the variable
         super().update_step(gradient, variable, learning_rate)
+        self.assign(variable, ops.where(self.iterations < self.frozen_after[name],
+                                        ops.convert_to_tensor(variable), before))
 
     def get_config(self):
         return {**super().get_config(), "l2": self.l2, "decay_all": self.decay_all,
