@@ -85,9 +85,9 @@ def paired(measure_a, measure_b, rounds):
             "a": statistics.median(a), "b": statistics.median(b)}
 
 
-def matmul_peak(n=2048, repeats=10, trials=5):
-    """Best fp32 GFLOP/s of ``tf.matmul`` on n x n matrices (the machine's practical peak)."""
-    x = tf.random.normal((n, n))
+def matmul_peak(n=2048, repeats=10, trials=5, dtype=tf.float32):
+    """Best GFLOP/s of ``tf.matmul`` on n x n matrices (the machine's practical peak)."""
+    x = tf.cast(tf.random.normal((n, n)), dtype)
 
     @tf.function
     def chain(x):
@@ -330,6 +330,8 @@ def bench_airbench(report, data, args):
     steps, rounds = args.steps, args.rounds
     peak = matmul_peak()
     report.add("airbench", "fp32 matmul peak (tf.matmul 2048^2)", peak, "GFLOP/s")
+    bf16_peak = matmul_peak(dtype=tf.bfloat16)
+    report.add("airbench", "bfloat16 matmul peak (tf.matmul 2048^2)", bf16_peak, "GFLOP/s")
     base = RunSetup(data, steps, "airbench", loss="softmax", batch_size=args.airbench_batch)
     base_memory = base.cached_batches(steps)
     flops = training_flops_per_image(base.models.train)
@@ -359,8 +361,61 @@ def bench_airbench(report, data, args):
         result = paired(partial(setup.rate, memory), partial(base.rate, base_memory), rounds)
         report.add("airbench lever", f"airbench94: {name} / recipe default", result["ratio"],
                    "x", note=f"{result['a']:.1f} vs {result['b']:.1f} img/s (in-memory "
-                   f"batches); {flops * result['a'] / 1e9 / peak:.0%} of the fp32 peak at the "
-                   "default's FLOPs")
+                   f"batches); at the default's FLOPs {flops * result['a'] / 1e9 / peak:.0%} of "
+                   f"the fp32 peak, {flops * result['a'] / 1e9 / bf16_peak:.0%} of the bf16 one")
+
+
+def layer_step_rate(make_layer, shape, policy):
+    """Zero-argument rate: forward + gradients of one layer on a random batch, per second."""
+    keras.config.set_dtype_policy(policy)
+    try:
+        layer = make_layer()
+        x = tf.cast(tf.random.normal(shape), layer.compute_dtype)
+        layer(x)
+    finally:
+        keras.config.set_dtype_policy("float32")
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(tf.cast(layer(x, training=True), tf.float32))
+        return tape.gradient(loss, [x, *layer.trainable_variables])
+
+    def rate(repeats=5):
+        step(x)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for g in step(x):
+                g.numpy()
+        return repeats / (time.perf_counter() - start)
+
+    return rate
+
+
+def bench_bf16_layers(report, args):
+    """Each airbench layer kind, fp32 against mixed_bfloat16, paired: which ones bf16
+    speeds up on this CPU and which it slows down."""
+    batch = 128
+    layers_at = {
+        "conv3x3 24->64 at 31x31": (lambda: keras.layers.Conv2D(64, 3, padding="same",
+                                                                use_bias=False),
+                                    (batch, 31, 31, 24)),
+        "conv3x3 256->256 at 7x7": (lambda: keras.layers.Conv2D(256, 3, padding="same",
+                                                                use_bias=False),
+                                    (batch, 7, 7, 256)),
+        "max-pool 2 at 31x31x64": (lambda: keras.layers.MaxPooling2D(2), (batch, 31, 31, 64)),
+        "BatchNorm (no scale) at 15x15x64": (lambda: keras.layers.BatchNormalization(
+            momentum=0.6, epsilon=1e-12, scale=False), (batch, 15, 15, 64)),
+        "GELU at 15x15x64": (lambda: keras.layers.Activation("gelu"), (batch, 15, 15, 64)),
+        "ReLU at 15x15x64": (lambda: keras.layers.Activation("relu"), (batch, 15, 15, 64)),
+    }
+    for name, (make, shape) in layers_at.items():
+        result = paired(layer_step_rate(make, shape, "mixed_bfloat16"),
+                        layer_step_rate(make, shape, "float32"), args.rounds)
+        report.add("bf16 layer", f"{name}: bfloat16 / float32 speed", result["ratio"], "x",
+                   note=f"{1000 / result['a']:.1f} vs {1000 / result['b']:.1f} ms per "
+                        f"forward+backward, batch {batch}")
 
 
 def bench_accuracy(report, args, runs_dir):
@@ -425,7 +480,7 @@ def main(argv=None):
     parser.add_argument("--accuracy-epochs", type=int, default=3,
                         help="epochs for the accuracy check")
     parser.add_argument("--sections", default=None,
-                        help="comma-separated subset of targets,levers,accuracy,airbench "
+                        help="comma-separated subset of targets,levers,accuracy,airbench,bf16 "
                              "(default: targets with --quick, else the first three)")
     parser.add_argument("--airbench-batch", type=int, default=1024,
                         help="batch of the airbench section (its recipe's)")
@@ -462,6 +517,8 @@ def main(argv=None):
             bench_levers(report, data, args)
         if "airbench" in args.sections:
             bench_airbench(report, airbench_data(data, args, tmp), args)
+        if "bf16" in args.sections:
+            bench_bf16_layers(report, args)
         if "accuracy" in args.sections and args.dataset:
             bench_accuracy(report, args, os.path.join(tmp, "runs"))
     seconds = time.perf_counter() - started

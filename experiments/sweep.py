@@ -4,6 +4,8 @@
     python experiments/sweep.py many-classes --dataset /tmp/glyphs200 --backbones tinycnn
     python experiments/sweep.py select --recipe airbench --dataset path/to/cifar10 \
         --epochs 5 --val-split 0.1      # s and m of the margin heads, on validation
+    python experiments/sweep.py heads --recipe airbench --dataset path/to/cifar10 \
+        --heads softmax,paper,arcface:s=8:m=0.3 --seeds 0,1,2,3,4   # the seed study
 
 Finished runs are skipped, so a sweep can be stopped and restarted. A run's
 directory name ends in a hash of its whole configuration, so a sweep with other
@@ -24,13 +26,34 @@ SELECT_SCALES = (4.0, 8.0, 16.0)
 SELECT_MARGINS = (0.1, 0.3)
 
 
-def grid(name, backbones=None, margins=None, scales=None):
+HEAD_KEYS = {"s": "scale", "m": "margin", "f": "fallback", "ce": "ce_weight"}
+
+
+def parse_heads(text):
+    """``softmax,paper,arcface:s=8:m=0.3`` -> head settings; ``paper`` is the paper's head."""
+    heads = []
+    for spec in text.split(","):
+        loss, *pairs = spec.split(":")
+        if loss == "paper":
+            heads.append(dict(PAPER_HEAD))
+            continue
+        head = dict(loss=loss)
+        for pair in pairs:
+            key, _, value = pair.partition("=")
+            if key not in HEAD_KEYS:
+                raise ValueError(f"unknown head setting {key!r} in {spec!r}; use "
+                                 f"{', '.join(f'{k}= ({v})' for k, v in HEAD_KEYS.items())}")
+            head[HEAD_KEYS[key]] = value if key == "f" else float(value)
+        heads.append(head)
+    return heads
+
+
+def grid(name, backbones=None, margins=None, scales=None, heads=None):
     """The settings (dicts of RunConfig fields) of a named grid."""
-    heads = (dict(loss="softmax"), PAPER_HEAD, OUR_HEAD)
     if name in ("table1", "table2"):
         dataset = {"table1": "cifar10", "table2": "cifar100"}[name]
         return [dict(backbone=b, dataset=dataset, **h) for b in backbones or BACKBONES
-                for h in heads]
+                for h in (dict(loss="softmax"), PAPER_HEAD, OUR_HEAD)]
     if name == "figure2":
         return [dict(backbone=b, loss="arcface", margin=m, fallback=f, scale=s,
                      dataset="cifar10")
@@ -43,13 +66,16 @@ def grid(name, backbones=None, margins=None, scales=None):
             for b in backbones or ("airbench94",) for s in scales or SELECT_SCALES
             for m in margins or SELECT_MARGINS for loss in ("arcface", "cosface")]
     if name == "many-classes":  # the paper's s=1 against scale="auto", each with the CE mix
-        heads = tuple(dict(loss="arcface", scale=s, margin=0.1, ce_weight=ce)
+        mixes = tuple(dict(loss="arcface", scale=s, margin=0.1, ce_weight=ce)
                       for s in (1.0, "auto") for ce in (0.0, 0.5)) + (dict(loss="softmax"),)
-        return [dict(backbone=b, **h) for b in backbones or ("resnet18",) for h in heads]
+        return [dict(backbone=b, **h) for b in backbones or ("resnet18",) for h in mixes]
+    if name == "heads":  # the seed study: each head on each backbone (seeds: --seeds)
+        return [dict(backbone=b, **h) for b in backbones or ("airbench94",)
+                for h in heads or (dict(loss="softmax"), PAPER_HEAD)]
     raise ValueError(f"unknown grid {name!r}; choose one of {', '.join(GRIDS)}")
 
 
-GRIDS = ("table1", "table2", "figure2", "many-classes", "select")
+GRIDS = ("table1", "table2", "figure2", "many-classes", "select", "heads")
 
 
 def main(argv=None):
@@ -69,6 +95,8 @@ def main(argv=None):
     parser.add_argument("--backbones", help="comma-separated backbones instead of the grid's")
     parser.add_argument("--margins", help="comma-separated margins instead of the grid's")
     parser.add_argument("--scales", help="comma-separated scales instead of the grid's")
+    parser.add_argument("--heads", help="heads: comma-separated softmax, paper, or "
+                        "<loss>:s=<scale>:m=<margin>[:f=<fallback>] (default softmax,paper)")
     parser.add_argument("--runs-dir", default="runs", help="where run directories go")
     parser.add_argument("--export", default="none", help="exports per run (as run.py)")
     args = parser.parse_args(argv)
@@ -89,8 +117,12 @@ def main(argv=None):
     def floats(text):
         return tuple(float(v) for v in text.split(",")) if text else None
 
+    try:
+        heads = parse_heads(args.heads) if args.heads else None
+    except ValueError as error:
+        parser.error(str(error))
     settings = grid(args.grid, args.backbones.split(",") if args.backbones else None,
-                    floats(args.margins), floats(args.scales))
+                    floats(args.margins), floats(args.scales), heads)
     configs = []
     for seed in (int(v) for v in args.seeds.split(",")):  # seed-major: all heads per seed
         for setting in settings:

@@ -72,3 +72,41 @@ def test_docstring_example_runs():
 
     result = doctest.testmod(tfmargin.classifier)
     assert result.attempted >= 5 and result.failed == 0
+
+
+MIRRORED = r"""
+import tensorflow as tf
+tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
+    [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras, numpy as np
+from tfmargin.classifier import MarginClassifier
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    model = MarginClassifier("tinycnn", 3, margin=0.2, scale=8.0, embedding_dim=8)
+    model.compile(keras.optimizers.SGD(0.05), metrics=["accuracy"])
+rng = np.random.default_rng(0)
+labels = np.arange(32) % 3
+images = rng.uniform(0, 60, (32, 32, 32, 3)).astype("float32")
+images[np.arange(32), :, :, labels] += 180  # class = the bright channel
+history = model.fit(images, labels, batch_size=16, epochs=4, verbose=0)
+print("REPLICAS", strategy.num_replicas_in_sync, "LOSS", history.history["loss"],
+      "ACC", model.evaluate(images, labels, verbose=0, return_dict=True)["accuracy"])
+"""
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                    reason="tf.distribute strategies are TensorFlow's")
+def test_trains_under_mirrored_strategy_on_two_replicas():
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", MIRRORED], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("REPLICAS"))
+    replicas, rest = line.split(" LOSS ")
+    losses, accuracy = rest.split(" ACC ")
+    assert replicas == "REPLICAS 2"
+    losses = json.loads(losses)
+    assert losses[-1] < losses[0] and float(accuracy) > 0.5

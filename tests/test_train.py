@@ -368,3 +368,23 @@ def test_a_64_pixel_folder_end_to_end_with_statistics_from_its_images(tmp_path):
     assert "SHAPE (None, 64, 64, 3)" in fresh.stdout
     expected = np.argmax(model.predict(images.astype("float32"), verbose=0), axis=1)
     assert f"CLASSES {expected.tolist()}" in fresh.stdout
+
+
+def test_sweep_grids_for_the_converged_study():
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    try:
+        import sweep
+    finally:
+        sys.path.pop(0)
+    heads = sweep.parse_heads("softmax,paper,arcface:s=8:m=0.3,cosface:s=16:m=0.1:f=easy")
+    assert heads == [dict(loss="softmax"), sweep.PAPER_HEAD,
+                     dict(loss="arcface", scale=8.0, margin=0.3),
+                     dict(loss="cosface", scale=16.0, margin=0.1, fallback="easy")]
+    with pytest.raises(ValueError, match="unknown head setting 'x'"):
+        sweep.parse_heads("arcface:x=1")
+    selection = sweep.grid("select")
+    assert selection[0] == dict(backbone="airbench94", loss="softmax")
+    assert len(selection) == 1 + 2 * len(sweep.SELECT_SCALES) * len(sweep.SELECT_MARGINS)
+    assert sweep.grid("heads", heads=heads[:2]) == [
+        dict(backbone="airbench94", loss="softmax"), dict(backbone="airbench94",
+                                                          **sweep.PAPER_HEAD)]
