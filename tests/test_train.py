@@ -264,7 +264,8 @@ def test_a_sweep_at_another_learning_rate_trains_new_runs_and_a_name_clash_is_re
 
 
 def test_learning_rate_scales_linearly_with_the_global_batch():
-    from tfmargin.train import RunConfig, learning_rate_schedule
+    from tfmargin.recipes import learning_rate_schedule
+    from tfmargin.train import RunConfig
 
     config = RunConfig(learning_rate=0.05, epochs=2, warmup_epochs=1)
     peaks = [float(learning_rate_schedule(config, 10, global_batch)(10))  # end of warm-up

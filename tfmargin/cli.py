@@ -112,7 +112,7 @@ def add_run_arguments(parser):
 
 def parse_run_args(parser, argv=None):
     """Parse twice: first for ``--recipe``, then with that recipe's defaults."""
-    from tfmargin.config import RECIPES
+    from tfmargin.recipes import RECIPES
 
     first = argparse.ArgumentParser(add_help=False)  # so --help shows the recipe's defaults
     first.add_argument("--recipe", default="standard")

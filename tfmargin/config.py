@@ -10,6 +10,7 @@ import json
 import os
 
 from tfmargin.margins import DEFAULT_SCALE, FALLBACKS, MARGIN_TYPES, check_head_arguments
+from tfmargin.recipes import RECIPES
 
 BACKBONE_NAMES = ("resnet18", "mobilenetv2", "efficientnetb0", "tinycnn", "airbench94",
                   "airbench93")
@@ -20,9 +21,6 @@ EXPORT_FORMATS = ("savedmodel", "keras", "onnx")
 STRATEGIES = ("mirrored", "default", "multiworker")
 OPTIMIZERS = ("sgd", "adamw")
 TTA_LEVELS = (0, 1, 2)  # tfmargin.tta: none, mirror, mirror + 1-pixel shifts
-# The learning rate is given for this many images per step and scaled linearly with the
-# global batch (Goyal et al. 2017, "Accurate, Large Minibatch SGD").
-REFERENCE_BATCH = 128
 # Settings that change neither the trained weights nor the reported metrics: they are left
 # out of a run's identity.
 NOT_IDENTITY = ("name", "runs_dir", "export", "export_dir", "projector_samples",
@@ -31,24 +29,6 @@ NOT_IDENTITY = ("name", "runs_dir", "export", "export_dir", "projector_samples",
 # runs keep their names (and a sweep still finds them finished).
 ADDED_LATER = {"recipe": "standard", "tta": 0}
 
-
-# A recipe is a training procedure plus the defaults of the flags that go with it; flags
-# given explicitly still win. "standard": docs/recipe.md. "airbench": airbench94's recipe
-# (Jordan 2024; KellerJordan/cifar10-airbench, legacy/airbench94.py) with its numbers
-# restated for a mean (not summed) loss: lr 1.5 per 1,024 images, coupled L2 0.0153 / 11.5.
-# 10 epochs (airbench: 9.9). It trains on the whole training split (val_split 0): nothing is
-# chosen in such a run; choices are made in runs with --val-split 0.1.
-RECIPES = {
-    "standard": {},
-    "airbench": dict(backbone="airbench94", epochs=10, batch_size=1024,
-                     learning_rate=1.5 * REFERENCE_BATCH / 1024, weight_decay=0.0153 / 11.5,
-                     label_smoothing=0.2, augment="airbench", embedding_dim=0,
-                     precise_bn_batches=0, tta=2, val_split=0.0),
-}
-# The parts of the airbench recipe that have no flag of their own (train.compile_models).
-AIRBENCH_TRAINING = dict(momentum=0.85, offset_lr_scale=64.0, whiten_bias_epochs=3,
-                         warmup=0.23, start=0.2, end=0.07, lookahead_every=5,
-                         lookahead_base=0.95)
 
 
 class ConfigError(ValueError):
@@ -70,7 +50,7 @@ class RunConfig:
     ce_weight: float = 0.0
     embedding_dim: int = 512
     optimizer: str = "sgd"
-    learning_rate: float = 0.05  # per REFERENCE_BATCH images; see docs/recipe.md
+    learning_rate: float = 0.05  # per recipes.REFERENCE_BATCH images; see docs/recipe.md
     weight_decay: float = 5e-4  # SGD: coupled L2, as the PyTorch CIFAR recipes
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.0

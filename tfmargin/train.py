@@ -20,26 +20,19 @@ import tensorflow as tf
 
 from tfmargin.airbench import PatchWhitening
 from tfmargin.atomic import atomic_file, check_writable
-from tfmargin.callbacks import (
-    BestWeights,
-    EmbeddingProjector,
-    Lookahead,
-    ResumeEpoch,
-    Throughput,
-)
-from tfmargin.config import (
-    ADDED_LATER,
-    AIRBENCH_TRAINING,
-    REFERENCE_BATCH,
-    ConfigError,
-    RunConfig,
-)
+from tfmargin.callbacks import BestWeights, EmbeddingProjector, ResumeEpoch, Throughput
+from tfmargin.config import ADDED_LATER, ConfigError, RunConfig
 from tfmargin.data import channel_statistics, load_dataset, make_pipeline
 from tfmargin.export import export_models
 from tfmargin.heads import TargetAngle
 from tfmargin.metrics import classification_metrics, retrieval_metrics, save_prediction_summary
 from tfmargin.models import build_models
-from tfmargin.optimizers import L2SGD, WarmupLinearDecay
+from tfmargin.recipes import (
+    REFERENCE_BATCH,
+    make_optimizer,
+    peak_learning_rate,
+    recipe_callbacks,
+)
 from tfmargin.tta import tta_logits
 
 __all__ = ["ConfigError", "RunConfig", "TrainingDiverged", "train"]
@@ -78,40 +71,8 @@ def set_precision(config):
     keras.config.set_dtype_policy(mixed if config.mixed_precision else "float32")
 
 
-def peak_learning_rate(config, global_batch):
-    """``--learning-rate`` is per ``REFERENCE_BATCH`` images: linear scaling with the batch."""
-    return config.learning_rate * global_batch / REFERENCE_BATCH
-
-
-def learning_rate_schedule(config, steps_per_epoch, global_batch=REFERENCE_BATCH):
-    """Linear warm-up to the (batch-scaled) peak, then cosine decay to 0; the airbench
-    recipe: its warm-up from 0.2 x and linear decay to 0.07 x."""
-    total = steps_per_epoch * config.epochs
-    peak = peak_learning_rate(config, global_batch)
-    if config.recipe == "airbench":
-        return WarmupLinearDecay(peak, total, AIRBENCH_TRAINING["warmup"],
-                                 AIRBENCH_TRAINING["start"], AIRBENCH_TRAINING["end"])
-    warmup = min(int(config.warmup_epochs * steps_per_epoch), total // 2)
-    return keras.optimizers.schedules.CosineDecay(
-        0.0 if warmup else peak, max(total - warmup, 1),
-        warmup_target=peak if warmup else None, warmup_steps=warmup)
-
-
 def compile_models(models, config, steps_per_epoch, global_batch=REFERENCE_BATCH):
-    """Compile the training model as ``train`` does: schedule, optimizer, losses, metrics."""
-    schedule = learning_rate_schedule(config, steps_per_epoch, global_batch)
-    if config.optimizer == "sgd" and config.recipe == "airbench":
-        optimizer = L2SGD(schedule, l2=config.weight_decay, nesterov=True, decay_all=True,
-                          momentum=AIRBENCH_TRAINING["momentum"],
-                          offset_lr_scale=AIRBENCH_TRAINING["offset_lr_scale"],
-                          frozen_after={"whitening_bias": AIRBENCH_TRAINING[
-                              "whiten_bias_epochs"] * steps_per_epoch})
-    elif config.optimizer == "sgd":
-        optimizer = L2SGD(schedule, l2=config.weight_decay, momentum=0.9, nesterov=True)
-    else:
-        optimizer = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
-        # Decay on BatchNorm parameters and biases only fights the normalisation.
-        optimizer.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
+    """Compile the training model as ``train`` does: the recipe's optimizer, losses, metrics."""
     if soft_targets(config):
         loss = keras.losses.CategoricalCrossentropy(from_logits=True,
                                                     label_smoothing=config.label_smoothing)
@@ -126,7 +87,8 @@ def compile_models(models, config, steps_per_epoch, global_batch=REFERENCE_BATCH
         loss = {"margin": loss, "plain": loss}
         loss_weights = {"margin": 1.0 - config.ce_weight, "plain": config.ce_weight}
         metrics = {"plain": [*metrics, TargetAngle(models.head.scale)]}
-    models.train.compile(optimizer=optimizer, loss=loss, loss_weights=loss_weights,
+    models.train.compile(optimizer=make_optimizer(config, steps_per_epoch, global_batch),
+                         loss=loss, loss_weights=loss_weights,
                          metrics=metrics, jit_compile=config.jit_compile,
                          steps_per_execution=config.steps_per_execution)
 
@@ -311,19 +273,15 @@ def fit(config, run_dir, data, models, global_batch, projector, extra_callbacks)
         keras.callbacks.CSVLogger(os.path.join(run_dir, "log.csv"), append=True),
         keras.callbacks.TerminateOnNaN(),
         throughput,
+        # After BackupAndRestore, which restores the fast weights the lookahead continues.
+        *recipe_callbacks(config, config.epochs * steps, run_dir),
         *([projector] if projector else []),
         *extra_callbacks,
     ]
-    if config.recipe == "airbench":  # after BackupAndRestore, which restores the fast weights
-        callbacks.insert(2, Lookahead(
-            config.epochs * (data.train_size // global_batch),
-            AIRBENCH_TRAINING["lookahead_every"], AIRBENCH_TRAINING["lookahead_base"],
-            os.path.join(run_dir, "checkpoints", "lookahead.npz")))
     start = time.perf_counter()
     history = models.train.fit(train_ds, validation_data=val_ds, epochs=config.epochs,
-                               steps_per_epoch=data.train_size // global_batch,
-                               callbacks=callbacks, validation_freq=config.validation_freq,
-                               shuffle=False,
+                               steps_per_epoch=steps, callbacks=callbacks,
+                               validation_freq=config.validation_freq, shuffle=False,
                                verbose=2 if os.environ.get("CI") else 1)
     return history, time.perf_counter() - start, throughput.images_per_second
 
