@@ -174,6 +174,9 @@ def test_tta_views_match_numpy_reflect_shifts_and_weights():
     got = keras.ops.convert_to_numpy(tta_logits(lambda v: v, images, 2))
     np.testing.assert_allclose(got, expected, atol=1e-6)
     mirrored = keras.ops.convert_to_numpy(tta_logits(lambda v: v, images, 1))
+    calls = []
+    tta_logits(lambda v: calls.append(v) or v, images, 2, plain=images)
+    assert len(calls) == 5  # the image itself is not computed again
     np.testing.assert_allclose(mirrored, (images + images[:, :, ::-1]) / 2, atol=1e-6)
     with pytest.raises(ValueError, match="TTA level"):
         tta_views(images, 3)

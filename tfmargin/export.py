@@ -36,8 +36,8 @@ def serving_outputs(models, class_names, images, tta=0):
     images = tf.cast(images, tf.float32)
     logits, cosine, embedding = _logits_and_cosine(models, images)
     if tta:
-        averaged = tta_logits(
-            lambda view: tf.stack(_logits_and_cosine(models, view)[:2]), images, tta)
+        averaged = tta_logits(lambda view: tf.stack(_logits_and_cosine(models, view)[:2]),
+                              images, tta, plain=tf.stack([logits, cosine]))
         logits, cosine = averaged[0], averaged[1]
     normalized = tf.math.l2_normalize(embedding, axis=-1, epsilon=1e-12)
     class_id = tf.argmax(logits, axis=-1, output_type=tf.int32)

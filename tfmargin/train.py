@@ -127,7 +127,8 @@ def predict_split(model, split, batch_size, tta=0):
     def outputs(x):
         x = tf.cast(x, tf.float32)
         logits, embedding = model(x, training=False)
-        averaged = tta_logits(lambda v: model(v, training=False)[0], x, tta) if tta else logits
+        averaged = tta_logits(lambda v: model(v, training=False)[0], x, tta, plain=logits) \
+            if tta else logits
         return logits, embedding, averaged
 
     step = tf.function(outputs, reduce_retracing=True)

@@ -16,7 +16,8 @@ def _mirror_views(images, weight):
 
 
 def tta_views(images, level):
-    """``[(view, weight)]`` of a batch ``(N, H, W, C)``; the weights sum to 1."""
+    """``[(view, weight)]`` of a batch ``(N, H, W, C)``; the weights sum to 1 and the first
+    view is ``images`` itself."""
     if level not in TTA_LEVELS:
         raise ValueError(f"TTA level must be one of {TTA_LEVELS}, got {level!r}.")
     if level == 0:
@@ -31,9 +32,10 @@ def tta_views(images, level):
                                           for view in _mirror_views(image, 0.25)]
 
 
-def tta_logits(logits_fn, images, level):
-    """Weighted sum of ``logits_fn`` over the views of ``images`` (one call per view)."""
+def tta_logits(logits_fn, images, level, plain=None):
+    """Weighted sum of ``logits_fn`` over the views of ``images`` (one call per view);
+    ``plain``: ``logits_fn(images)`` when the caller has it already (not computed again)."""
     total = 0.0
-    for view, weight in tta_views(images, level):
-        total = total + weight * logits_fn(view)
+    for i, (view, weight) in enumerate(tta_views(images, level)):
+        total = total + weight * (plain if i == 0 and plain is not None else logits_fn(view))
     return total
