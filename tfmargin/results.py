@@ -188,7 +188,9 @@ def seed_table(runs, baseline="softmax"):
             row.append((text, interval))
         diffs.append(f"| {name} | {head} | {len(common)} | {row[0][0]} | {row[1][0]} | "
                      f"{verdict(row[0][1]) if row[0][0] != '-' else '-'} |")
-    return "\n".join(lines) + "\n\n" + "\n".join(diffs) + "\n"
+    paired = "\n\n" + "\n".join(diffs) if len(diffs) > 2 else \
+        f"\n\nNo margin head has a seed in common with {baseline} yet: no paired difference."
+    return "\n".join(lines) + paired + "\n"
 
 
 def paper_table(runs, paper, metric="mAP"):
