@@ -150,6 +150,12 @@ def evaluate_split(model, split, batch_size, tta=0):
     return metrics, logits, labels
 
 
+def layers_of(model, layer_class):
+    """Every layer of ``layer_class`` in ``model``, nested models included."""
+    return [layer for layer in model._flatten_layers()  # as keras-hub's Backbone does
+            if isinstance(layer, layer_class)]
+
+
 def recalibrate_batchnorm(model, images, num_batches=20):
     """Replace every BatchNorm's moving statistics by exact averages over batches.
 
@@ -160,8 +166,7 @@ def recalibrate_batchnorm(model, images, num_batches=20):
     un-augmented training ``images`` (what inference sees) under the final
     weights. Trainable weights are untouched.
     """
-    layers_bn = [layer for layer in model._flatten_layers()  # as keras-hub's Backbone does
-                 if isinstance(layer, keras.layers.BatchNormalization)]
+    layers_bn = layers_of(model, keras.layers.BatchNormalization)
     if not layers_bn:
         return 0
     momenta = [layer.momentum for layer in layers_bn]
@@ -215,8 +220,7 @@ def load_run_data(config, global_batch):
 def adapt_whitening(models, split, num_images=5000):
     """Fit every ``PatchWhitening`` layer on the first ``num_images`` training images,
     normalised as the model normalises them (airbench uses 5,000)."""
-    layers_w = [layer for layer in models.embedding._flatten_layers()
-                if isinstance(layer, PatchWhitening)]
+    layers_w = layers_of(models.embedding, PatchWhitening)
     if layers_w:
         images = np.concatenate([x.numpy() for x, _ in split.take(num_images).batch(1024)])
         normalized = models.embedding.get_layer("normalize")(images.astype("float32"))
