@@ -97,6 +97,8 @@ def main(argv=None):
     parser.add_argument("--scales", help="comma-separated scales instead of the grid's")
     parser.add_argument("--heads", help="heads: comma-separated softmax, paper, or "
                         "<loss>:s=<scale>:m=<margin>[:f=<fallback>] (default softmax,paper)")
+    parser.add_argument("--mixed-precision", action="store_true",
+                        help="every run under mixed precision (as run.py)")
     parser.add_argument("--runs-dir", default="runs", help="where run directories go")
     parser.add_argument("--export", default="none", help="exports per run (as run.py)")
     args = parser.parse_args(argv)
@@ -105,7 +107,8 @@ def main(argv=None):
 
     from tfmargin.train import RunConfig, train
 
-    common = dict(runs_dir=args.runs_dir, export=args.export)
+    common = dict(runs_dir=args.runs_dir, export=args.export,
+                  mixed_precision=args.mixed_precision)
     for key in ("epochs", "limit_train", "batch_size", "learning_rate", "val_split"):
         if getattr(args, key) is not None:
             common[key] = getattr(args, key)

@@ -1,6 +1,7 @@
 """The airbench port: whitening, dirac init, optimizer, schedule, lookahead, augmentation,
 test-time augmentation, and the recipe end to end on tiny data."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -256,6 +257,8 @@ def test_recipe_defaults_and_explicit_flags():
     standard = config_from_args(parser, parse_run_args(parser, []))  # same parser again
     assert standard == RunConfig() and "airbench" not in standard.run_name()
     assert "-airbench-" in config.run_name()
+    mixed = dataclasses.replace(config, mixed_precision=True).run_name()  # its own run
+    assert "-airbench-mixed-e3-" in mixed and mixed[-8:] != config.run_name()[-8:]
     help_text = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "run.py"),
                                 "--recipe", "airbench", "--help"], capture_output=True,
                                text=True, timeout=60).stdout

@@ -116,10 +116,13 @@ def test_seed_table_reports_mean_sd_and_paired_interval():
     runs = [seed_run(f"s{k}", "softmax", k, t, t + 0.002) for k, t in enumerate(softmax)]
     runs += [seed_run(f"a{k}", "arcface", k, t, t + 0.001) for k, t in enumerate(arcface)]
     runs.append(seed_run("cos0", "cosface", 0, 0.90, 0.91))  # one seed only
-    text = seed_table(runs)
+    mixed = seed_run("m0", "softmax", 0, 0.95, 0.95)  # same seed, other precision: own arm
+    mixed["config"]["mixed_precision"] = True
+    text = seed_table(runs + [mixed])
     # Hand computation: top-1 percent mean 93.28, s.d. 0.2387 (softmax).
-    assert "| cifar10-jpeg airbench94 airbench 50000 10 | softmax | 0, 1, 2, 3, 4 | 93.28 ± 0.24" \
-        in text
+    assert ("| cifar10-jpeg airbench94 airbench 50000 10 float32 | softmax | 0, 1, 2, 3, 4 | "
+            "93.28 ± 0.24") in text
+    assert "| cifar10-jpeg airbench94 airbench 50000 10 mixed | softmax | 0 | 95.00 |" in text
     # Differences (pp) 0.2, -0.1, 0.4, 0.1, 0.3: mean 0.18, s.d. 0.19235,
     # t(0.975, 4) = 2.7764 -> half-width 0.2388.
     assert "| arcface s=8 m=0.3 monotonic | 5 | +0.18 (-0.06, +0.42) |" in text

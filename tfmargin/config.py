@@ -122,6 +122,8 @@ class RunConfig:
                 head += f"-ce{self.ce_weight}"
         if self.recipe != "standard":
             head += f"-{self.recipe}"
+        if self.mixed_precision:
+            head += "-mixed"
         budget = f"e{self.epochs}" + (f"-n{self.limit_train}" if self.limit_train else "")
         return f"{data}-{self.backbone}-{head}-{budget}-{self.identity_hash()}"
 

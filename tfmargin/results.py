@@ -117,7 +117,8 @@ def seed_arms(runs):
     for run in runs:
         config = run["config"]
         setting = (os.path.basename(os.path.normpath(config["dataset"])), config["backbone"],
-                   config.get("recipe", "standard"), config["train_size"], config["epochs"])
+                   config.get("recipe", "standard"), config["train_size"], config["epochs"],
+                   "mixed" if config.get("mixed_precision") else "float32")
         seeds = arms.setdefault((setting, head_name(config)), {})
         if config["seed"] in seeds:
             raise ValueError(f"two runs of {head_name(config)} with seed {config['seed']}: "
