@@ -95,14 +95,20 @@ when the whole interval is on one side of 0.
 def selection_table(runs):
     """Validation metrics of the selection runs (the test columns are left out: nothing
     is chosen on them)."""
-    lines = ["| head | seed | train images | epochs | val top-1 | val mAP | val P@1 |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| head | precision | label smoothing | seed | train images | epochs | val top-1 "
+             "| val mAP | val P@1 |", "|---|---|---|---|---|---|---|---|---|"]
     for run in sorted(runs, key=lambda r: -r["metrics"]["val"]["top1"]):
         c, v = run["config"], run["metrics"]["val"]
-        lines.append(f"| {head_name(c)} | {c['seed']} | {c['train_size']} | {c['epochs']} | "
-                     f"{100 * v['top1']:.2f} | {100 * v['mAP']:.2f} | "
-                     f"{100 * v['precision_at_1']:.2f} |")
+        precision = "mixed" if c.get("mixed_precision") else "float32"
+        lines.append(f"| {head_name(c)} | {precision} | {c['label_smoothing']} | {c['seed']} | "
+                     f"{c['train_size']} | {c['epochs']} | {100 * v['top1']:.2f} | "
+                     f"{100 * v['mAP']:.2f} | {100 * v['precision_at_1']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def commands(runs):
+    """The run.py command of each run, as a Markdown list."""
+    return "\nCommands:\n\n" + "".join(f"- `{command(run['config'])}`\n" for run in runs)
 
 
 def budget(run):
@@ -152,13 +158,13 @@ def main(argv=None):
     airbench = [run for run in runs if run["config"].get("recipe") == "airbench"]
     converged = [run for run in airbench if "val" not in run["metrics"]]
     if converged:
-        parts.append(CONVERGED_INTRO + seed_table(converged) + "\nCommands:\n\n" + "\n".join(
-            f"- `{command(run['config'])}`" for run in converged) + "\n")
+        parts.append(CONVERGED_INTRO + seed_table(converged) + commands(converged))
     selection = [run for run in airbench if "val" in run["metrics"]]
     if selection:
         parts.append("\n## Choosing each margin head's s and m on validation (airbench "
                      "recipe)\n\nShort runs with a validation split held out of the training "
-                     "images; sorted by validation top-1.\n\n" + selection_table(selection))
+                     "images; sorted by validation top-1.\n\n" + selection_table(selection)
+                     + commands(selection))
     by_data = {}
     for run in runs:
         by_data.setdefault(os.path.basename(run["config"]["dataset"].rstrip("/")), []).append(run)

@@ -138,3 +138,30 @@ def test_seed_table_refuses_a_seed_run_twice():
     runs = [seed_run("x", "softmax", 0, 0.9, 0.9), seed_run("y", "softmax", 0, 0.9, 0.9)]
     with pytest.raises(ValueError, match="two runs of softmax with seed 0: x and y"):
         seed_table(runs)
+
+
+def test_selection_section_shows_precision_smoothing_and_each_command(tmp_path):
+    runs = tmp_path / "runs"
+    selection = dict(recipe="airbench", batch_size=1024, epochs=5, limit_train=0,
+                     val_split=0.1, validation_freq=5, learning_rate=0.1875, optimizer="sgd",
+                     train_size=45000)
+    fake_run(runs, "a", "airbench94", "softmax", 0.9, 0.9, label_smoothing=0.2,
+             mixed_precision=True, **selection)
+    fake_run(runs, "b", "airbench94", "cosface", 0.9, 0.9, label_smoothing=0.0, scale=8.0,
+             head_scale=8.0, margin=0.3, **selection)
+    for name, top1 in (("a", 0.91), ("b", 0.92)):  # validation metrics of a selection run
+        metrics = json.loads((runs / name / "metrics.json").read_text())
+        metrics["val"] = {"top1": top1, "mAP": 0.95, "precision_at_1": 0.85}
+        (runs / name / "metrics.json").write_text(json.dumps(metrics))
+    output = tmp_path / "results.md"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "report.py"),
+                             "--runs-dir", str(runs), "--output", str(output)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = output.read_text()
+    # Sorted by validation top-1: the cosface run first.
+    assert ("| cosface s=8 m=0.3 | float32 | 0.0 | 0 | 45000 | 5 | 92.00 | 95.00 | 85.00 |\n"
+            "| softmax | mixed | 0.2 | 0 | 45000 | 5 | 91.00 | 95.00 | 85.00 |") in text
+    assert ("`python experiments/run.py --recipe airbench --backbone airbench94 --loss softmax "
+            "--dataset data/cifar10-jpeg --epochs 5 --mixed-precision --validation-freq 5 "
+            "--val-split 0.1`") in text
