@@ -42,7 +42,8 @@ anything is chosen on; the test split is not used to choose anything.
 
 **Budget.** Runs on the real CIFAR-10 copy used its JPEG re-encoding (`cifar10-jpeg`:
 50,000 train / 10,000 test; 5,000 per class of train held out for validation), read through the
-image-folder source, and a **small budget**: the first N training images of a fixed shuffle
+image-folder source. Outside the two airbench sections (full training set, 5 to 20 epochs),
+they have a **small budget**: the first N training images of a fixed shuffle
 (`--limit-train`) for a few epochs on a 2-core CPU, **one seed each**. They show that training
 and inference work and how the heads compare at that budget; they are far from converged, not
 comparable with the paper's fully trained numbers, and a difference between two single runs is
