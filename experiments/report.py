@@ -12,6 +12,7 @@ from tfmargin.results import (
     paper_table,
     plot_margin_sweep,
     plot_run_diagnostics,
+    precision_name,
     runs_table,
     seed_table,
 )
@@ -100,9 +101,8 @@ def selection_table(runs):
              "| val mAP | val P@1 |", "|---|---|---|---|---|---|---|---|---|"]
     for run in sorted(runs, key=lambda r: -r["metrics"]["val"]["top1"]):
         c, v = run["config"], run["metrics"]["val"]
-        precision = "mixed" if c.get("mixed_precision") else "float32"
-        lines.append(f"| {head_name(c)} | {precision} | {c['label_smoothing']} | {c['seed']} | "
-                     f"{c['train_size']} | {c['epochs']} | {100 * v['top1']:.2f} | "
+        lines.append(f"| {head_name(c)} | {precision_name(c)} | {c['label_smoothing']} | "
+                     f"{c['seed']} | {c['train_size']} | {c['epochs']} | {100 * v['top1']:.2f} | "
                      f"{100 * v['mAP']:.2f} | {100 * v['precision_at_1']:.2f} |")
     return "\n".join(lines) + "\n"
 

@@ -93,6 +93,11 @@ def head_name(config):
     return label + (f" CE {config['ce_weight']}" if config.get("ce_weight") else "")
 
 
+def precision_name(config):
+    """``mixed`` or ``float32``: a run's dtype policy as run.py's flag set it."""
+    return "mixed" if config.get("mixed_precision") else "float32"
+
+
 def head_label(config):
     """A run's head and non-default recipe: ``softmax``, ``arcface s=16 m=0.5 monotonic``."""
     label, recipe = head_name(config), recipe_label(config)
@@ -118,7 +123,7 @@ def seed_arms(runs):
         config = run["config"]
         setting = (os.path.basename(os.path.normpath(config["dataset"])), config["backbone"],
                    config.get("recipe", "standard"), config["train_size"], config["epochs"],
-                   "mixed" if config.get("mixed_precision") else "float32")
+                   precision_name(config))
         seeds = arms.setdefault((setting, head_name(config)), {})
         if config["seed"] in seeds:
             raise ValueError(f"two runs of {head_name(config)} with seed {config['seed']}: "
