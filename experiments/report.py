@@ -5,8 +5,10 @@ import os
 
 from tfmargin.results import (
     BACKBONE_COLUMNS,
+    best_on_validation,
     command,
     head_name,
+    head_spec,
     load_predictions,
     load_runs,
     paper_table,
@@ -107,6 +109,25 @@ def selection_table(runs):
     return "\n".join(lines) + "\n"
 
 
+def chosen_heads(runs):
+    """Each margin head's setting with the highest validation top-1, and the seed-study
+    command that runs them beside softmax and the paper's head."""
+    best = best_on_validation(runs)
+    if not best:
+        return ""
+    lines = [f"- {loss}: **{head_name(run['config'])}** ({100 * run['metrics']['val']['top1']:.2f} "
+             f"% validation top-1, `{run['name']}`)" for loss, run in sorted(best.items())]
+    config = next(iter(best.values()))["config"]
+    study = (f"python experiments/sweep.py heads --recipe airbench --dataset {config['dataset']}"
+             + (" --mixed-precision" if config.get("mixed_precision") else "")
+             + " --heads " + ",".join(["softmax", "paper"] + [head_spec(best[loss]["config"])
+                                                              for loss in sorted(best)])
+             + " --seeds 0,1,2,3,4")
+    return ("\nChosen for the seed study (highest validation top-1 of each margin head, one "
+            "seed: a choice, not a comparison):\n\n" + "\n".join(lines)
+            + f"\n\n    {study}\n")
+
+
 def commands(runs):
     """The run.py command of each run, as a Markdown list."""
     return "\nCommands:\n\n" + "".join(f"- `{command(run['config'])}`\n" for run in runs)
@@ -165,7 +186,7 @@ def main(argv=None):
         parts.append("\n## Choosing each margin head's s and m on validation (airbench "
                      "recipe)\n\nShort runs with a validation split held out of the training "
                      "images; sorted by validation top-1.\n\n" + selection_table(selection)
-                     + commands(selection))
+                     + chosen_heads(selection) + commands(selection))
     by_data = {}
     for run in runs:
         by_data.setdefault(os.path.basename(run["config"]["dataset"].rstrip("/")), []).append(run)

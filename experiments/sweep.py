@@ -26,11 +26,13 @@ SELECT_SCALES = (4.0, 8.0, 16.0)
 SELECT_MARGINS = (0.1, 0.3)
 
 
-HEAD_KEYS = {"s": "scale", "m": "margin", "f": "fallback", "ce": "ce_weight"}
+HEAD_KEYS = {"s": "scale", "m": "margin", "f": "fallback", "ce": "ce_weight",
+             "ls": "label_smoothing"}
 
 
 def parse_heads(text):
-    """``softmax,paper,arcface:s=8:m=0.3`` -> head settings; ``paper`` is the paper's head."""
+    """``softmax,paper,arcface:s=8:m=0.3:ls=0`` -> head settings; ``paper`` is the paper's
+    head."""
     heads = []
     for spec in text.split(","):
         loss, *pairs = spec.split(":")
@@ -96,7 +98,8 @@ def main(argv=None):
     parser.add_argument("--margins", help="comma-separated margins instead of the grid's")
     parser.add_argument("--scales", help="comma-separated scales instead of the grid's")
     parser.add_argument("--heads", help="heads: comma-separated softmax, paper, or "
-                        "<loss>:s=<scale>:m=<margin>[:f=<fallback>] (default softmax,paper)")
+                        "<loss>:s=<scale>:m=<margin>[:f=<fallback>][:ls=<label smoothing>] "
+                        "(default softmax,paper)")
     parser.add_argument("--mixed-precision", action="store_true",
                         help="every run under mixed precision (as run.py)")
     parser.add_argument("--runs-dir", default="runs", help="where run directories go")

@@ -102,7 +102,7 @@ def seed_run(name, loss, seed, top1, tta_top1):
     config = {"backbone": "airbench94", "loss": loss, "dataset": "data/cifar10-jpeg/",
               "recipe": "airbench", "train_size": 50000, "epochs": 10, "seed": seed,
               "margin": None if loss == "softmax" else 0.3, "head_scale": 8.0,
-              "fallback": "monotonic", "ce_weight": 0.0}
+              "fallback": "monotonic", "ce_weight": 0.0, "label_smoothing": 0.2}
     metrics = {"top1": top1, "tta": {"top1": tta_top1}, "mAP": 0.9, "precision_at_1": 0.9,
                "map_at_r": 0.8, "wall_seconds": 1800.0}
     return {"name": name, "config": config, "metrics": metrics}
@@ -149,7 +149,9 @@ def test_selection_section_shows_precision_smoothing_and_each_command(tmp_path):
              mixed_precision=True, **selection)
     fake_run(runs, "b", "airbench94", "cosface", 0.9, 0.9, label_smoothing=0.0, scale=8.0,
              head_scale=8.0, margin=0.3, **selection)
-    for name, top1 in (("a", 0.91), ("b", 0.92)):  # validation metrics of a selection run
+    fake_run(runs, "c", "airbench94", "cosface", 0.95, 0.9, label_smoothing=0.2, scale=4.0,
+             head_scale=4.0, margin=0.1, **selection)  # best on test, not on validation
+    for name, top1 in (("a", 0.91), ("b", 0.92), ("c", 0.9)):  # validation metrics
         metrics = json.loads((runs / name / "metrics.json").read_text())
         metrics["val"] = {"top1": top1, "mAP": 0.95, "precision_at_1": 0.85}
         (runs / name / "metrics.json").write_text(json.dumps(metrics))
@@ -160,8 +162,12 @@ def test_selection_section_shows_precision_smoothing_and_each_command(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     text = output.read_text()
     # Sorted by validation top-1: the cosface run first.
-    assert ("| cosface s=8 m=0.3 | float32 | 0.0 | 0 | 45000 | 5 | 92.00 | 95.00 | 85.00 |\n"
-            "| softmax | mixed | 0.2 | 0 | 45000 | 5 | 91.00 | 95.00 | 85.00 |") in text
+    assert ("| cosface s=8 m=0.3 LS 0.0 | float32 | 0.0 | 0 | 45000 | 5 | 92.00 | 95.00 | 85.00 "
+            "|\n| softmax | mixed | 0.2 | 0 | 45000 | 5 | 91.00 | 95.00 | 85.00 |") in text
+    # The margin head chosen on validation (not the run best on test), and its seed study.
+    assert "- cosface: **cosface s=8 m=0.3 LS 0.0** (92.00 % validation top-1, `b`)" in text
+    assert ("python experiments/sweep.py heads --recipe airbench --dataset data/cifar10-jpeg "
+            "--heads softmax,paper,cosface:s=8:m=0.3:ls=0 --seeds 0,1,2,3,4") in text
     assert ("`python experiments/run.py --recipe airbench --backbone airbench94 --loss softmax "
             "--dataset data/cifar10-jpeg --epochs 5 --mixed-precision --validation-freq 5 "
             "--val-split 0.1`") in text

@@ -377,9 +377,9 @@ def test_sweep_grids_for_the_converged_study():
         import sweep
     finally:
         sys.path.pop(0)
-    heads = sweep.parse_heads("softmax,paper,arcface:s=8:m=0.3,cosface:s=16:m=0.1:f=easy")
+    heads = sweep.parse_heads("softmax,paper,arcface:s=8:m=0.3:ls=0,cosface:s=16:m=0.1:f=easy")
     assert heads == [dict(loss="softmax"), sweep.PAPER_HEAD,
-                     dict(loss="arcface", scale=8.0, margin=0.3),
+                     dict(loss="arcface", scale=8.0, margin=0.3, label_smoothing=0.0),
                      dict(loss="cosface", scale=16.0, margin=0.1, fallback="easy")]
     with pytest.raises(ValueError, match="unknown head setting 'x'"):
         sweep.parse_heads("arcface:x=1")
@@ -389,3 +389,20 @@ def test_sweep_grids_for_the_converged_study():
     assert sweep.grid("heads", heads=heads[:2]) == [
         dict(backbone="airbench94", loss="softmax"), dict(backbone="airbench94",
                                                           **sweep.PAPER_HEAD)]
+
+
+def test_layers_of_finds_layers_inside_nested_models():
+    import keras
+
+    from tfmargin.train import layers_of
+
+    inputs = keras.Input((4,))
+    inner = keras.Model(inputs, keras.layers.BatchNormalization(name="inner_bn")(
+        keras.layers.Dense(3, name="inner_dense")(inputs)), name="inner")
+    outer_inputs = keras.Input((4,))
+    outputs = keras.layers.BatchNormalization(name="outer_bn")(inner(outer_inputs))
+    outer = keras.Model(outer_inputs, keras.layers.Dense(2, name="outer_dense")(outputs))
+    assert [layer.name for layer in layers_of(outer, keras.layers.BatchNormalization)] == [
+        "inner_bn", "outer_bn"]
+    assert [layer.name for layer in layers_of(outer, keras.layers.Dense)] == [
+        "inner_dense", "outer_dense"]

@@ -84,13 +84,52 @@ def recipe_label(config):
                     if key in config and config[key] != getattr(defaults, key))
 
 
+def recipe_default(config, key):
+    """The value of setting ``key`` that the run's recipe gives when its flag is not set."""
+    return getattr(RunConfig.for_recipe(config.get("recipe", "standard")), key)
+
+
+def smoothing_label(config):
+    """`` LS 0.0`` when the run's label smoothing is not its recipe's, else ``""``."""
+    value = config.get("label_smoothing", 0.0)
+    return "" if value == recipe_default(config, "label_smoothing") else f" LS {value}"
+
+
 def head_name(config):
-    """A run's head: ``softmax``, ``arcface s=16 m=0.5 monotonic``, ``cosface s=8 m=0.3``."""
+    """A run's head: ``softmax``, ``arcface s=16 m=0.5 monotonic``, ``cosface s=8 m=0.3``,
+    then `` LS 0.0`` when its label smoothing is not the recipe's."""
     if config["loss"] == "softmax":
-        return "softmax"
+        return "softmax" + smoothing_label(config)
     label = f"{config['loss']} s={config['head_scale']:.3g} m={config['margin']}"
     label += f" {config['fallback']}" if config["loss"] in ("arcface", "combined") else ""
-    return label + (f" CE {config['ce_weight']}" if config.get("ce_weight") else "")
+    label += f" CE {config['ce_weight']}" if config.get("ce_weight") else ""
+    return label + smoothing_label(config)
+
+
+def best_on_validation(runs):
+    """``{loss: run}``: each margin head's run with the highest validation top-1 (what the
+    seed study uses; the test split plays no part)."""
+    best = {}
+    for run in runs:
+        loss = run["config"]["loss"]
+        if loss != "softmax" and (loss not in best or run["metrics"]["val"]["top1"]
+                                  > best[loss]["metrics"]["val"]["top1"]):
+            best[loss] = run
+    return best
+
+
+def head_spec(config):
+    """The ``sweep.py --heads`` entry of a run's head, e.g. ``arcface:s=8:m=0.1:ls=0.0``
+    (fallback and label smoothing only when not the defaults)."""
+    if config["loss"] == "softmax":
+        parts = ["softmax"]
+    else:
+        parts = [config["loss"], f"s={config['head_scale']:g}", f"m={config['margin']:g}"]
+        if config["fallback"] != RunConfig.fallback:
+            parts.append(f"f={config['fallback']}")
+    if smoothing_label(config):
+        parts.append(f"ls={config['label_smoothing']:g}")
+    return ":".join(parts)
 
 
 def precision_name(config):

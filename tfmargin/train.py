@@ -151,9 +151,15 @@ def evaluate_split(model, split, batch_size, tta=0):
 
 
 def layers_of(model, layer_class):
-    """Every layer of ``layer_class`` in ``model``, nested models included."""
-    return [layer for layer in model._flatten_layers()  # as keras-hub's Backbone does
-            if isinstance(layer, layer_class)]
+    """Every layer of ``layer_class`` in ``model``, nested models included (through the
+    public ``Model.layers``: our backbones and heads are functional models of plain layers)."""
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, layer_class):
+            found.append(layer)
+        if isinstance(layer, keras.Model):
+            found.extend(layers_of(layer, layer_class))
+    return found
 
 
 def recalibrate_batchnorm(model, images, num_batches=20):
