@@ -111,7 +111,7 @@ def selection_table(runs):
 
 def chosen_heads(runs):
     """Each margin head's setting with the highest validation top-1, and the seed-study
-    command that runs them beside softmax and the paper's head."""
+    commands: every head with seeds 0 and 1, softmax and the best margin head with 2-4."""
     best = best_on_validation(runs)
     if not best:
         return ""
@@ -119,13 +119,14 @@ def chosen_heads(runs):
              f"% validation top-1, `{run['name']}`)" for loss, run in sorted(best.items())]
     config = next(iter(best.values()))["config"]
     study = (f"python experiments/sweep.py heads --recipe airbench --dataset {config['dataset']}"
-             + (" --mixed-precision" if config.get("mixed_precision") else "")
-             + " --heads " + ",".join(["softmax", "paper"] + [head_spec(best[loss]["config"])
-                                                              for loss in sorted(best)])
-             + " --seeds 0,1,2,3,4")
+             + (" --mixed-precision" if config.get("mixed_precision") else ""))
+    every = ",".join(["softmax", "paper"]
+                     + [head_spec(best[loss]["config"]) for loss in sorted(best)])
+    top = max(best.values(), key=lambda run: run["metrics"]["val"]["top1"])
     return ("\nChosen for the seed study (highest validation top-1 of each margin head, one "
             "seed: a choice, not a comparison):\n\n" + "\n".join(lines)
-            + f"\n\n    {study}\n")
+            + f"\n\n    {study} --heads {every} --seeds 0,1\n"
+            f"    {study} --heads softmax,{head_spec(top['config'])} --seeds 2,3,4\n")
 
 
 def commands(runs):

@@ -166,8 +166,9 @@ def test_selection_section_shows_precision_smoothing_and_each_command(tmp_path):
             "|\n| softmax | mixed | 0.2 | 0 | 45000 | 5 | 91.00 | 95.00 | 85.00 |") in text
     # The margin head chosen on validation (not the run best on test), and its seed study.
     assert "- cosface: **cosface s=8 m=0.3 LS 0.0** (92.00 % validation top-1, `b`)" in text
-    assert ("python experiments/sweep.py heads --recipe airbench --dataset data/cifar10-jpeg "
-            "--heads softmax,paper,cosface:s=8:m=0.3:ls=0 --seeds 0,1,2,3,4") in text
+    study = "python experiments/sweep.py heads --recipe airbench --dataset data/cifar10-jpeg"
+    assert (f"{study} --heads softmax,paper,cosface:s=8:m=0.3:ls=0 --seeds 0,1\n"
+            f"    {study} --heads softmax,cosface:s=8:m=0.3:ls=0 --seeds 2,3,4\n") in text
     assert ("`python experiments/run.py --recipe airbench --backbone airbench94 --loss softmax "
             "--dataset data/cifar10-jpeg --epochs 5 --mixed-precision --validation-freq 5 "
             "--val-split 0.1`") in text
