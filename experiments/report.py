@@ -17,6 +17,7 @@ from tfmargin.results import (
     precision_name,
     runs_table,
     seed_table,
+    validation_rank,
 )
 
 # The paper's "mAP" (percent), cross-entropy / angular margin (ArcFace formula, s=1, m=0.1).
@@ -110,7 +111,7 @@ def selection_table(runs):
 
 
 def chosen_heads(runs):
-    """Each margin head's setting with the highest validation top-1, and the seed-study
+    """Each margin head's setting that ranks first on validation, and the seed-study
     commands: every head with seeds 0 and 1, softmax and the best margin head with 2-4."""
     best = best_on_validation(runs)
     if not best:
@@ -122,9 +123,10 @@ def chosen_heads(runs):
              + (" --mixed-precision" if config.get("mixed_precision") else ""))
     every = ",".join(["softmax", "paper"]
                      + [head_spec(best[loss]["config"]) for loss in sorted(best)])
-    top = max(best.values(), key=lambda run: run["metrics"]["val"]["top1"])
-    return ("\nChosen for the seed study (highest validation top-1 of each margin head, one "
-            "seed: a choice, not a comparison):\n\n" + "\n".join(lines)
+    top = max(best.values(), key=validation_rank)
+    return ("\nChosen for the seed study (highest validation top-1 of each margin head, ties "
+            "broken by validation mAP; one seed: a choice, not a comparison):\n\n"
+            + "\n".join(lines)
             + f"\n\n    {study} --heads {every} --seeds 0,1\n"
             f"    {study} --heads softmax,{head_spec(top['config'])} --seeds 2,3,4\n")
 

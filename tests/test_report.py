@@ -151,9 +151,12 @@ def test_selection_section_shows_precision_smoothing_and_each_command(tmp_path):
              head_scale=8.0, margin=0.3, **selection)
     fake_run(runs, "c", "airbench94", "cosface", 0.95, 0.9, label_smoothing=0.2, scale=4.0,
              head_scale=4.0, margin=0.1, **selection)  # best on test, not on validation
-    for name, top1 in (("a", 0.91), ("b", 0.92), ("c", 0.9)):  # validation metrics
+    fake_run(runs, "a0", "airbench94", "cosface", 0.9, 0.9, label_smoothing=0.2, scale=8.0,
+             head_scale=8.0, margin=0.1, **selection)  # ties b on val top-1, lower val mAP
+    for name, top1, mAP in (("a", 0.91, 0.95), ("b", 0.92, 0.95), ("c", 0.9, 0.95),
+                            ("a0", 0.92, 0.94)):  # validation metrics
         metrics = json.loads((runs / name / "metrics.json").read_text())
-        metrics["val"] = {"top1": top1, "mAP": 0.95, "precision_at_1": 0.85}
+        metrics["val"] = {"top1": top1, "mAP": mAP, "precision_at_1": 0.85}
         (runs / name / "metrics.json").write_text(json.dumps(metrics))
     output = tmp_path / "results.md"
     result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "report.py"),

@@ -106,14 +106,20 @@ def head_name(config):
     return label + smoothing_label(config)
 
 
+def validation_rank(run):
+    """What a choice maximises: validation top-1, ties (5,000 images: steps of 0.02 %)
+    broken by validation mAP."""
+    return run["metrics"]["val"]["top1"], run["metrics"]["val"]["mAP"]
+
+
 def best_on_validation(runs):
-    """``{loss: run}``: each margin head's run with the highest validation top-1 (what the
-    seed study uses; the test split plays no part)."""
+    """``{loss: run}``: each margin head's run that ranks first on validation
+    (``validation_rank``; what the seed study uses, the test split plays no part)."""
     best = {}
     for run in runs:
         loss = run["config"]["loss"]
-        if loss != "softmax" and (loss not in best or run["metrics"]["val"]["top1"]
-                                  > best[loss]["metrics"]["val"]["top1"]):
+        if loss != "softmax" and (loss not in best
+                                  or validation_rank(run) > validation_rank(best[loss])):
             best[loss] = run
     return best
 
