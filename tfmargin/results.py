@@ -84,15 +84,11 @@ def recipe_label(config):
                     if key in config and config[key] != getattr(defaults, key))
 
 
-def recipe_default(config, key):
-    """The value of setting ``key`` that the run's recipe gives when its flag is not set."""
-    return getattr(RunConfig.for_recipe(config.get("recipe", "standard")), key)
-
-
 def smoothing_label(config):
     """`` LS 0.0`` when the run's label smoothing is not its recipe's, else ``""``."""
     value = config.get("label_smoothing", 0.0)
-    return "" if value == recipe_default(config, "label_smoothing") else f" LS {value}"
+    recipe = RunConfig.for_recipe(config.get("recipe", "standard"))
+    return "" if value == recipe.label_smoothing else f" LS {value}"
 
 
 def head_name(config):
@@ -125,7 +121,7 @@ def best_on_validation(runs):
 
 
 def head_spec(config):
-    """The ``sweep.py --heads`` entry of a run's head, e.g. ``arcface:s=8:m=0.1:ls=0.0``
+    """The ``sweep.py --heads`` entry of a run's head, e.g. ``arcface:s=8:m=0.1:ls=0``
     (fallback and label smoothing only when not the defaults)."""
     if config["loss"] == "softmax":
         parts = ["softmax"]
