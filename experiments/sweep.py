@@ -6,6 +6,8 @@
         --epochs 5 --val-split 0.1      # s and m of the margin heads, on validation
     python experiments/sweep.py heads --recipe airbench --dataset path/to/cifar10 \
         --heads softmax,paper,arcface:s=8:m=0.3 --seeds 0,1,2,3,4   # the seed study
+    python experiments/sweep.py heads --backbones resnet18 --dataset path/to/cifar10 \
+        --val-split 0 --tta 2 --epochs 8 --heads softmax,arcface:s=8:m=0.1   # all 50,000
 
 Finished runs are skipped, so a sweep can be stopped and restarted. A run's
 directory name ends in a hash of its whole configuration, so a sweep with other
@@ -100,6 +102,8 @@ def main(argv=None):
     parser.add_argument("--heads", help="heads: comma-separated softmax, paper, or "
                         "<loss>:s=<scale>:m=<margin>[:f=<fallback>][:ls=<label smoothing>] "
                         "(default softmax,paper)")
+    parser.add_argument("--tta", type=int, choices=(0, 1, 2),
+                        help="test-time augmentation level (as run.py; default: the recipe's)")
     parser.add_argument("--mixed-precision", action="store_true",
                         help="every run under mixed precision (as run.py)")
     parser.add_argument("--runs-dir", default="runs", help="where run directories go")
@@ -112,7 +116,7 @@ def main(argv=None):
 
     common = dict(runs_dir=args.runs_dir, export=args.export,
                   mixed_precision=args.mixed_precision)
-    for key in ("epochs", "limit_train", "batch_size", "learning_rate", "val_split"):
+    for key in ("epochs", "limit_train", "batch_size", "learning_rate", "val_split", "tta"):
         if getattr(args, key) is not None:
             common[key] = getattr(args, key)
 

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from tfmargin.config import RunConfig
+from tfmargin.config import ADDED_LATER, RunConfig
 
 BACKBONE_COLUMNS = ("resnet18", "efficientnetb0", "mobilenetv2")
 
@@ -31,7 +31,9 @@ def command(config):
     """The run.py command line that reproduces a run: every setting of its identity that
     differs from run.py's defaults."""
     recipe = config.get("recipe", "standard")
-    defaults = RunConfig.for_recipe(recipe, loss=config["loss"]).identity()
+    # Every identity setting, including those left out of the identity at their default
+    # (ADDED_LATER), so a run with --tta 2 under the standard recipe shows it.
+    defaults = {**ADDED_LATER, **RunConfig.for_recipe(recipe, loss=config["loss"]).identity()}
     parts = ["python experiments/run.py", *([f"--recipe {recipe}"] if recipe != "standard"
                                             else []),
              f"--backbone {config['backbone']}", f"--loss {config['loss']}",
