@@ -22,6 +22,22 @@ def fake_run(runs, name, backbone, loss, top1, mAP, **changes):
     (runs / name / "metrics.json").write_text(json.dumps(metrics))
 
 
+def write_report(runs, output):
+    """Run experiments/report.py on ``runs`` as the command line does; the Markdown it wrote."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "report.py"),
+                             "--runs-dir", str(runs), "--output", str(output)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return output.read_text()
+
+
+def update_metrics(runs, name, **changes):
+    """Change a fake run's metrics.json (keys given None are removed)."""
+    metrics = json.loads((runs / name / "metrics.json").read_text()) | changes
+    metrics = {k: v for k, v in metrics.items() if v is not None}
+    (runs / name / "metrics.json").write_text(json.dumps(metrics))
+
+
 def test_report_copies_the_metrics_files(tmp_path):
     runs = tmp_path / "runs"
     fake_run(runs, "a", "resnet18", "softmax", 0.41234, 0.43219)
@@ -29,12 +45,7 @@ def test_report_copies_the_metrics_files(tmp_path):
     # Same head, another recipe: its own row, never a Table 1 cell of the default recipe.
     fake_run(runs, "c", "resnet18", "arcface", 0.5, 0.5, optimizer="adamw", learning_rate=0.002)
     os.makedirs(runs / "unfinished")
-    out = tmp_path / "results.md"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "report.py"),
-                             "--runs-dir", str(runs), "--output", str(out)],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    text = out.read_text()
+    text = write_report(runs, tmp_path / "results.md")
     assert ("| a | resnet18 | softmax | - | - | - | - | 0 | 5000 | 3 | 50.00 | 41.23 | 43.22 "
             "| 30.00 | 12.50 | 40.00 |") in text
     assert ("| b | resnet18 | arcface | 16 | 0.2 | monotonic | 0.0 | 0 | 5000 | 3 | 50.00 "
@@ -71,14 +82,9 @@ def test_sweep_runs_skips_finished_and_reports_a_figure(tmp_path):
     assert "8 runs in grid figure2 (8 already finished)" in again.stdout
     assert "Epoch 1/1" not in again.stdout
 
-    out = tmp_path / "docs" / "results.md"
-    report = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "report.py"),
-                             "--runs-dir", str(runs), "--output", str(out)],
-                            capture_output=True, text=True, timeout=300)
-    assert report.returncode == 0, report.stderr[-2000:]
+    text = write_report(runs, tmp_path / "docs" / "results.md")
     png = tmp_path / "docs" / "figure2.png"
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
-    text = out.read_text()
     assert "![mAP and top-1 against m](figure2.png)" in text
     assert text.count("| shapes-tinycnn-arcface-") == 8
 
@@ -155,15 +161,8 @@ def test_selection_section_shows_precision_smoothing_and_each_command(tmp_path):
              head_scale=8.0, margin=0.1, **selection)  # ties b on val top-1, lower val mAP
     for name, top1, mAP in (("a", 0.91, 0.95), ("b", 0.92, 0.95), ("c", 0.9, 0.95),
                             ("a0", 0.92, 0.94)):  # validation metrics
-        metrics = json.loads((runs / name / "metrics.json").read_text())
-        metrics["val"] = {"top1": top1, "mAP": mAP, "precision_at_1": 0.85}
-        (runs / name / "metrics.json").write_text(json.dumps(metrics))
-    output = tmp_path / "results.md"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "report.py"),
-                             "--runs-dir", str(runs), "--output", str(output)],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    text = output.read_text()
+        update_metrics(runs, name, val={"top1": top1, "mAP": mAP, "precision_at_1": 0.85})
+    text = write_report(runs, tmp_path / "results.md")
     # Sorted by validation top-1: the cosface run first.
     assert ("| cosface s=8 m=0.3 LS 0.0 | float32 | 0.0 | 0 | 45000 | 5 | 92.00 | 95.00 | 85.00 "
             "|\n| softmax | mixed | 0.2 | 0 | 45000 | 5 | 91.00 | 95.00 | 85.00 |") in text
@@ -184,16 +183,9 @@ def test_paper_backbones_on_the_whole_training_split_get_their_own_section(tmp_p
                 tta=2, mixed_precision=True)
     for name, loss, top1 in (("full-softmax", "softmax", 0.90), ("full-arcface", "arcface", 0.88)):
         fake_run(runs, name, "resnet18", loss, top1, top1 + 0.02, **full)
-        metrics = json.loads((runs / name / "metrics.json").read_text())
-        del metrics["val"]  # trained on every training image: nothing to validate on
-        metrics.update(epochs=8, tta={"top1": top1 + 0.01})
-        (runs / name / "metrics.json").write_text(json.dumps(metrics))
-    output = tmp_path / "results.md"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "report.py"),
-                             "--runs-dir", str(runs), "--output", str(output)],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    text = output.read_text()
+        # Trained on every training image: nothing to validate on.
+        update_metrics(runs, name, val=None, epochs=8, tta={"top1": top1 + 0.01})
+    text = write_report(runs, tmp_path / "results.md")
     section = text.split("## The paper's backbones on all 50,000")[1].split("\n## ")[0]
     assert "| cifar10-jpeg resnet18 standard 50000 8 mixed | softmax | 0 | 90.00 | 91.00 |" \
         in section
