@@ -47,6 +47,8 @@ def parse_heads(text):
             if key not in HEAD_KEYS:
                 raise ValueError(f"unknown head setting {key!r} in {spec!r}; use "
                                  f"{', '.join(f'{k}= ({v})' for k, v in HEAD_KEYS.items())}")
+            if HEAD_KEYS[key] in head:
+                raise ValueError(f"head setting {key!r} given twice in {spec!r}; give it once")
             head[HEAD_KEYS[key]] = value if key == "f" else float(value)
         heads.append(head)
     return heads

@@ -383,6 +383,8 @@ def test_sweep_grids_for_the_converged_study():
                      dict(loss="cosface", scale=16.0, margin=0.1, fallback="easy")]
     with pytest.raises(ValueError, match="unknown head setting 'x'"):
         sweep.parse_heads("arcface:x=1")
+    with pytest.raises(ValueError, match="head setting 'ls' given twice in 'cosface:ls=0:ls=0'"):
+        sweep.parse_heads("softmax,cosface:ls=0:ls=0")
     selection = sweep.grid("select")
     assert selection[0] == dict(backbone="airbench94", loss="softmax")
     assert len(selection) == 1 + 2 * len(sweep.SELECT_SCALES) * len(sweep.SELECT_MARGINS)
