@@ -91,8 +91,10 @@ trained on the whole training split (no validation split: nothing is chosen in t
 tested once on the 10,000 test images of the JPEG copy. Each head runs with the same seeds
 (same data order, augmentation and initial backbone weights). *top-1 TTA*: with airbench's
 test-time augmentation (mirror and 1-pixel shifts, 6 views). Mean ± sample s.d. over seeds;
-the differences are paired by seed, with a 95 % t interval; a head "helps" or "hurts" only
-when the whole interval is on one side of 0.
+the differences are paired by seed, with a 95 % t interval; the verdict (on top-1) says a head
+"helps" or "hurts" only when the whole interval is on one side of 0. With two seeds the interval
+rests on one degree of freedom and the spread of just two differences: two differences that
+happen to agree make it narrow, so read such a verdict as provisional.
 
 """
 

@@ -198,12 +198,14 @@ def verdict(interval):
 
 def seed_table(runs, baseline="softmax"):
     """Per arm: seeds, mean +- s.d. of each metric (percent); then each arm's paired
-    difference from ``baseline`` over their common seeds with a 95 % t interval."""
+    difference from ``baseline`` in each metric over their common seeds, with a 95 % t
+    interval."""
     arms = seed_arms(runs)
     lines = ["| setting | head | seeds | " + " | ".join(name for _, name in SEED_METRICS)
              + " | wall (min) |", "|" + "---|" * (len(SEED_METRICS) + 4)]
-    diffs = ["| setting | head − " + baseline + " | common seeds | top-1 Δ (95 % CI) | "
-             "top-1 TTA Δ (95 % CI) | verdict (top-1) |", "|---|---|---|---|---|---|"]
+    diffs = ["| setting | head − " + baseline + " | common seeds | "
+             + " | ".join(f"{name} Δ (95 % CI)" for _, name in SEED_METRICS)
+             + " | verdict (top-1) |", "|" + "---|" * (len(SEED_METRICS) + 4)]
     for (setting, head), seeds in sorted(arms.items()):
         cells = []
         for key, _ in SEED_METRICS:
@@ -225,7 +227,7 @@ def seed_table(runs, baseline="softmax"):
         if not common:
             continue
         row = []
-        for key in ("top1", "tta_top1"):
+        for key, _ in SEED_METRICS:
             a = [_metric(seeds[k], key) for k in common]
             b = [_metric(base[k], key) for k in common]
             if None in a or None in b:
@@ -235,8 +237,9 @@ def seed_table(runs, baseline="softmax"):
             text = f"{mean:+.2f}" + (f" ({interval[0]:+.2f}, {interval[1]:+.2f})"
                                      if interval else "")
             row.append((text, interval))
-        diffs.append(f"| {name} | {head} | {len(common)} | {row[0][0]} | {row[1][0]} | "
-                     f"{verdict(row[0][1]) if row[0][0] != '-' else '-'} |")
+        diffs.append(f"| {name} | {head} | {len(common)} | "
+                     + " | ".join(text for text, _ in row)
+                     + f" | {verdict(row[0][1]) if row[0][0] != '-' else '-'} |")
     paired = "\n\n" + "\n".join(diffs) if len(diffs) > 2 else \
         f"\n\nNo margin head has a seed in common with {baseline} yet: no paired difference."
     return "\n".join(lines) + paired + "\n"
