@@ -103,7 +103,7 @@ FULL_INTRO = """
 
 The standard recipe (`docs/recipe.md`) on the whole training split (no validation split, no
 `--limit-train`), tested once on the 10,000 test images of the JPEG copy: a larger budget than
-the paper-layout tables below (5,000 images), still far shorter than the paper's training.
+the paper-layout tables below, still far shorter than the paper's training.
 The margin head is the one chosen on validation with the airbench recipe (section above), not
 re-chosen for this backbone. Mean ± sample s.d. over seeds and paired differences as in the
 first section; with one seed per head a difference is an anecdote.

@@ -80,8 +80,8 @@ tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU"
     [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras, numpy as np
 from tfmargin.classifier import MarginClassifier
-# Seeded: unseeded, about one start in three diverged at this learning rate and the test
-# flaked (CI, 2026-11-29); seeded, the run is the same on every try.
+# Seeded: unseeded, some starts train badly at this learning rate and the test flaked (CI,
+# 2026-11-29); seeded, the run is the same on every try.
 keras.utils.set_random_seed(0)
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 with strategy.scope():
