@@ -53,6 +53,9 @@ and inference work and how the heads compare at that budget; they are far from c
 comparable with the paper's fully trained numbers, and a difference between two single runs is
 an anecdote, not a result: the seed-to-seed noise at this budget was not measured. Throughput
 columns were measured while other work shared the two cores; compare them only within a row.
+*wall*: the time of `fit` in the process that finished the run; a run interrupted and resumed
+says which epochs that covers, and the seed tables' *wall (min)* averages the uninterrupted
+runs only.
 """
 TABLE2_NOTE = """
 ### Paper layout (Table 2, CIFAR-100): test mAP in percent

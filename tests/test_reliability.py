@@ -119,6 +119,7 @@ def test_sigkill_mid_epoch_then_same_command_resumes(shapes, tmp_path, torn_back
     assert epochs == ["0", "1"] + ["1"] * torn_backup + ["2"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["epochs"] == 3 and metrics["test_size"] == 24
+    assert metrics["resumed_at_epoch"] == resumed_at - 1  # its wall time covers the rest
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["best.weights.h5",
                                                            "best.weights.h5.json"]
 

@@ -144,6 +144,24 @@ def test_seed_table_reports_mean_sd_and_paired_interval():
             "one seed: an anecdote |") in text
 
 
+def test_wall_time_of_a_resumed_run_is_labelled_and_left_out_of_the_mean():
+    from tfmargin.results import runs_table, seed_table
+
+    runs = [seed_run(f"s{k}", "softmax", k, 0.9, 0.9) for k in range(3)]
+    runs[0]["metrics"] |= {"wall_seconds": 900.0, "resumed_at_epoch": 4}  # epochs 5-10 only
+    runs[1]["metrics"]["wall_seconds"] = 1200.0  # 1800 s and 1200 s uninterrupted: 25 min
+    for run in runs:
+        run["metrics"] |= {"epochs": 10, "train_images_per_second": 500.0}
+        run["finished"] = "2026-11-30 01:00 UTC"
+    assert "| 0, 1, 2 | 90.00 ± 0.00 |" in seed_table(runs)
+    assert seed_table(runs).splitlines()[2].endswith(" | 25.0 |")
+    table = runs_table(runs)
+    assert "| 500.0 | 900 (epochs 5–10) | 2026-11-30 01:00 UTC |" in table
+    assert "| 500.0 | 1200 | 2026-11-30 01:00 UTC |" in table
+    runs[1]["metrics"]["resumed_at_epoch"] = runs[2]["metrics"]["resumed_at_epoch"] = 1
+    assert seed_table(runs).splitlines()[2].endswith(" | - |")  # no uninterrupted run
+
+
 def test_seed_table_refuses_a_seed_run_twice():
     from tfmargin.results import seed_table
 

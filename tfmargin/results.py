@@ -53,6 +53,13 @@ def _percent(value):
     return "-" if value is None else f"{100 * value:.2f}"
 
 
+def _wall_cell(metrics):
+    """The fit's wall seconds; for a resumed run, which epochs they cover."""
+    resumed_at = metrics.get("resumed_at_epoch", 0)
+    wall = f"{metrics['wall_seconds']:.0f}"
+    return f"{wall} (epochs {resumed_at + 1}–{metrics['epochs']})" if resumed_at else wall
+
+
 def runs_table(runs):
     header = ("| run | backbone | loss | s | m | fallback | CE weight | seed | train images "
               "| epochs | val top-1 | test top-1 | test mAP | test P@1 | test MAP@R "
@@ -68,7 +75,7 @@ def runs_table(runs):
                      m["val"]["top1"] if "val" in m else None, m["top1"], m["mAP"],
                      m["precision_at_1"], m["map_at_r"],
                      m.get("train_accuracy_last_epoch"))),
-                 f"{m['train_images_per_second']:.1f}", f"{m['wall_seconds']:.0f}",
+                 f"{m['train_images_per_second']:.1f}", _wall_cell(m),
                  run["finished"]]
         rows.append("| " + " | ".join(str(cell) for cell in cells) + " |")
     return header + "\n".join(rows) + "\n"
@@ -216,10 +223,13 @@ def seed_table(runs, baseline="softmax"):
             values = 100 * np.asarray(values)
             spread = f" ± {values.std(ddof=1):.2f}" if len(values) > 1 else ""
             cells.append(f"{values.mean():.2f}{spread}")
-        wall = np.mean([r["metrics"]["wall_seconds"] for r in seeds.values()]) / 60
+        # A resumed run's wall time covers only the epochs after the resume.
+        walls = [r["metrics"]["wall_seconds"] / 60 for r in seeds.values()
+                 if not r["metrics"].get("resumed_at_epoch")]
+        wall = f"{np.mean(walls):.1f}" if walls else "-"
         name = " ".join(str(part) for part in setting)
         lines.append(f"| {name} | {head} | {', '.join(map(str, sorted(seeds)))} | "
-                     + " | ".join(cells) + f" | {wall:.1f} |")
+                     + " | ".join(cells) + f" | {wall} |")
         base = arms.get((setting, baseline))
         if head == baseline or not base:
             continue

@@ -267,7 +267,9 @@ def start_run_dir(config, run_dir, overwrite, data, models, strategy, global_bat
 
 
 def fit(config, run_dir, data, models, global_batch, projector, extra_callbacks):
-    """``model.fit`` with the run's callbacks; returns ``(history, wall, images/s)``."""
+    """``model.fit`` with the run's callbacks; returns ``(history, timing)``: the wall time
+    and training images/s of this process's ``fit`` and the epoch it resumed at (0 when the
+    run started here), so a resumed run's time is not mistaken for the whole run's."""
     steps = data.train_size // global_batch
     resume = ResumeEpoch(steps)
     train_ds, val_ds = make_datasets(config, data, models.uses_label_input, global_batch,
@@ -294,7 +296,9 @@ def fit(config, run_dir, data, models, global_batch, projector, extra_callbacks)
                                steps_per_epoch=steps, callbacks=callbacks,
                                validation_freq=config.validation_freq, shuffle=False,
                                verbose=2 if os.environ.get("CI") else 1)
-    return history, time.perf_counter() - start, throughput.images_per_second
+    return history, {"wall_seconds": time.perf_counter() - start,
+                     "train_images_per_second": throughput.images_per_second,
+                     "resumed_at_epoch": int(resume.first_epoch.numpy())}
 
 
 def check_diverged(history, run_dir):
@@ -345,8 +349,7 @@ def train(config, resume=False, overwrite=False, callbacks=()):
         data.train if data.val is None else data.val, data.class_names,
         config.projector_samples, config.projector_every) if config.projector_samples else None
 
-    history, wall, images_per_second = fit(config, run_dir, data, models, global_batch,
-                                           projector, callbacks)
+    history, timing = fit(config, run_dir, data, models, global_batch, projector, callbacks)
     check_diverged(history, run_dir)
     if config.precise_bn_batches:
         recalibrate_batchnorm(models.embedding, data.train.batch(global_batch).map(
@@ -356,8 +359,7 @@ def train(config, resume=False, overwrite=False, callbacks=()):
     metrics = evaluate(data, models, global_batch, run_dir, resolved)
     train_accuracy = history.history.get(
         "plain_accuracy" if models.uses_label_input else "accuracy", [None])
-    metrics |= {"epochs": config.epochs, "wall_seconds": wall,
-                "train_images_per_second": images_per_second,
+    metrics |= {"epochs": config.epochs, **timing,
                 "train_accuracy_last_epoch": train_accuracy[-1]}
     with atomic_file(os.path.join(run_dir, "inference.keras")) as tmp:
         models.inference.save(tmp)
