@@ -1,15 +1,15 @@
 """Training speed, measured side by side: ratios with targets, FLOP/s against the measured peak.
 
     python benchmarks/bench.py --quick                 # the targets, under 10 minutes (2 cores)
-    python benchmarks/bench.py --json bench.json       # + the levers table of docs/performance.md
+    python benchmarks/bench.py --sections peer --json benchmarks/peer.json   # against PyTorch
     python benchmarks/bench.py --dataset ../shared/datasets/cifar10-jpeg   # + accuracy check
 
-Each ratio compares two set-ups timed in alternating blocks of training steps
-in this one process; the reported ratio is the median over rounds of the
-paired ratios, so a machine that speeds up or slows down hits both sides.
-Images/s are counted between the end of a block's first step and its last,
-so tracing, iterator start-up and shuffle-buffer filling are not in them.
-Training data is a generated image folder unless ``--dataset`` names one.
+Each ratio compares two set-ups timed in alternating blocks of training steps in this
+one process (``timing.paired``); the reported ratio is the median over rounds of the
+paired ratios, so a machine that speeds up or slows down hits both sides. Images/s are
+counted between the end of a block's first step and its last, so tracing, iterator
+start-up and shuffle-buffer filling are not in them. Training data is a generated image
+folder unless ``--dataset`` names one.
 """
 
 import argparse
@@ -17,50 +17,42 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
-import time
 from functools import partial
 from unittest import mock
 
 import numpy as np
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from tfmargin.quiet import import_tensorflow  # noqa: E402
+
+tf = import_tensorflow()
 import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from tfmargin.airbench import airbench  # noqa: E402
-from tfmargin.backbones import BACKBONES, build_backbone  # noqa: E402
-from tfmargin.data import load_dataset, write_image_folder  # noqa: E402
-from tfmargin.train import (  # noqa: E402
-    RunConfig,
-    build_run_models,
-    make_datasets,
-    set_precision,
-    train,
+from timing import (  # noqa: E402
+    images_per_second,
+    matmul_peak,
+    paired,
+    steps_per_second,
+    training_flops_per_image,
 )
 
-
-class StepClock(keras.callbacks.Callback):
-    """(step index, time) at the end of every call into the train function."""
-
-    def on_train_begin(self, logs=None):
-        self.marks = []
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.marks.append((batch, time.perf_counter()))
-
-
-def images_per_second(fit, batch_size):
-    """Run ``fit(callbacks)`` once; images/s from its first step's end to its last."""
-    clock = StepClock()
-    fit([clock])
-    (first, start), (last, end) = clock.marks[0], clock.marks[-1]
-    return (last - first) * batch_size / (end - start)
+from tfmargin import provenance  # noqa: E402
+from tfmargin.airbench import airbench  # noqa: E402
+from tfmargin.backbones import build_backbone  # noqa: E402
+from tfmargin.classifier import MarginClassifier  # noqa: E402
+from tfmargin.config import RunConfig  # noqa: E402
+from tfmargin.data import channel_statistics, load_dataset, write_image_folder  # noqa: E402
+from tfmargin.train import (  # noqa: E402
+    adapt_whitening,
+    compile_model,
+    make_datasets,
+    precision_policy,
+    train,
+)
 
 
 def pipeline_rate(batches, batch_size, steps=100):
@@ -68,63 +60,10 @@ def pipeline_rate(batches, batch_size, steps=100):
     iterator = iter(batches)
     for _ in range(5):
         next(iterator)
-    start = time.perf_counter()
+    start = tf.timestamp()
     for _ in range(steps):
         next(iterator)
-    return steps * batch_size / (time.perf_counter() - start)
-
-
-def paired(measure_a, measure_b, rounds):
-    """Alternate two zero-argument rate measurements; medians and the median paired ratio."""
-    measure_a(), measure_b()  # warm-up: tracing, tf.data autotuning, caches
-    a, b = [], []
-    for _ in range(rounds):
-        a.append(measure_a())
-        b.append(measure_b())
-    return {"ratio": statistics.median(x / y for x, y in zip(a, b, strict=True)),
-            "a": statistics.median(a), "b": statistics.median(b)}
-
-
-def matmul_peak(n=2048, repeats=10, trials=5, dtype=tf.float32):
-    """Best GFLOP/s of ``tf.matmul`` on n x n matrices (the machine's practical peak)."""
-    x = tf.cast(tf.random.normal((n, n)), dtype)
-
-    @tf.function
-    def chain(x):
-        for _ in range(repeats):
-            x = tf.matmul(x, x) * (1.0 / n)  # the scaling keeps values finite
-        return x
-
-    chain(x).numpy()
-    best = 0.0
-    for _ in range(trials):
-        start = time.perf_counter()
-        chain(x).numpy()
-        best = max(best, 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9)
-    return best
-
-
-def training_flops_per_image(model, batch_size=2):
-    """Float operations of one training step (forward + all gradients), per image.
-
-    Counted by TensorFlow's profiler on the step's graph, so convolution
-    backward passes count as what they are rather than a 3x rule of thumb.
-    """
-    from tensorflow.python.profiler import model_analyzer, option_builder
-
-    specs = tf.nest.map_structure(lambda i: tf.TensorSpec((batch_size, *i.shape[1:]), i.dtype),
-                                  model.input)
-
-    def step(inputs):
-        with tf.GradientTape() as tape:
-            outputs = model(inputs, training=True)
-            loss = sum(tf.reduce_sum(o) for o in tf.nest.flatten(outputs))
-        return tape.gradient(loss, model.trainable_variables)
-
-    graph = tf.function(step).get_concrete_function(specs).graph
-    options = option_builder.ProfileOptionBuilder(
-        option_builder.ProfileOptionBuilder.float_operation()).with_empty_output().build()
-    return model_analyzer.profile(graph, options=options).total_float_ops / batch_size
+    return steps * batch_size / float(tf.timestamp() - start)
 
 
 def write_random_folder(root, num_classes=10, per_class=64, test_per_class=8, size=32):
@@ -148,21 +87,30 @@ def load_mock_tfds(num_examples):
 
 
 class RunSetup:
-    """A compiled training model and its batches, built as ``train`` builds them."""
+    """A compiled ``MarginClassifier`` and its batches, built as ``train`` builds them;
+    ``network``: a function building the backbone instead of the registry (a variant the
+    registry does not hold), called under the run's dtype policy."""
 
-    def __init__(self, data, steps, recipe="standard", **settings):
+    def __init__(self, data, steps, recipe="standard", network=None, **settings):
         if recipe == "standard":
             settings.setdefault("batch_size", 128)
         self.config = RunConfig.for_recipe(recipe, export="none", projector_samples=0,
                                            **settings)
         self.config.validate()
-        set_precision(self.config)
-        batch = self.config.batch_size
-        self.models = build_run_models(self.config, data, tf.distribute.get_strategy(), batch)
+        keras.config.set_dtype_policy(precision_policy(self.config))
+        try:
+            mean, variance = channel_statistics(data.train)
+            self.model = MarginClassifier(
+                network() if network else self.config.backbone, data.num_classes,
+                margin_type=self.config.loss, margin=self.config.margin,
+                scale=self.config.scale, embedding_dim=self.config.embedding_dim, mean=mean,
+                variance=variance)
+            adapt_whitening(self.model, data.train)
+            compile_model(self.model, self.config, steps, self.config.batch_size)
+        finally:
+            keras.config.set_dtype_policy("float32")
         # Repeated: every measurement round starts a fit over the same batches.
-        self.batches = make_datasets(self.config, data, self.models.uses_label_input,
-                                     batch)[0].repeat()
-        keras.config.set_dtype_policy("float32")
+        self.batches = make_datasets(self.config, data, self.config.batch_size)[0].repeat()
         self.steps = steps * self.config.steps_per_execution
 
     def cached_batches(self, count):
@@ -174,8 +122,8 @@ class RunSetup:
 
     def rate(self, batches=None):
         def fit(callbacks):
-            self.models.train.fit(batches or self.batches, steps_per_epoch=self.steps, epochs=1,
-                                  verbose=0, callbacks=callbacks, shuffle=False)
+            self.model.fit(batches or self.batches, steps_per_epoch=self.steps, epochs=1,
+                           verbose=0, callbacks=callbacks, shuffle=False)
 
         return images_per_second(fit, self.config.batch_size)
 
@@ -233,11 +181,15 @@ class Report:
               f"{verdict:<4} {note}", flush=True)
 
 
+def gflop(flops):
+    return "?" if flops is None else f"{flops / 1e9:.3f}"
+
+
 def bench_targets(report, data, tfds_data, args):
     steps, rounds, batch = args.steps, args.rounds, args.batch_size
-    backbone = "resnet18"
+    backbone = args.backbones[0]
 
-    # 1. Head overhead: same backbone, batches and step; ArcMarginLayer vs Dense.
+    # Head overhead: same backbone, batches and step; ArcMarginLayer vs Dense.
     arc = RunSetup(data, steps, backbone=backbone, loss="arcface", batch_size=batch)
     dense = RunSetup(data, steps, backbone=backbone, loss="softmax", batch_size=batch)
     arc_memory, dense_memory = arc.cached_batches(steps), dense.cached_batches(steps)
@@ -246,8 +198,8 @@ def bench_targets(report, data, tfds_data, args):
                "<= 1.02", head["ratio"] <= 1.02,
                f"Dense {head['a']:.1f} img/s, ArcFace {head['b']:.1f} img/s, batch {batch}")
 
-    # 2. Input pipeline: the real pipeline (decode cache, shuffle, augmentation) vs the
-    # same batches replayed from memory.
+    # Input pipeline: the real pipeline (decode cache, shuffle, augmentation) vs the same
+    # batches replayed from memory.
     pipe = paired(arc.rate, partial(arc.rate, arc_memory), rounds)
     report.add("input", f"{backbone} image folder pipeline / in-memory batches", pipe["ratio"],
                "x", ">= 0.95", pipe["ratio"] >= 0.95,
@@ -264,36 +216,39 @@ def bench_targets(report, data, tfds_data, args):
                    ">= 0.95", pipe["ratio"] >= 0.95,
                    f"{pipe['a']:.1f} vs {pipe['b']:.1f} img/s; TFDS mock_data cifar10")
 
-    # 4. Utilization against the machine's matmul peak, measured now.
+    # Utilisation against the machine's matmul peak, measured now.
     peak = matmul_peak()
     report.add("machine", "fp32 matmul peak (tf.matmul 2048^2)", peak, "GFLOP/s")
-    for name in args.utilization:
+    for name in args.backbones:
         setup = arc if name == backbone else RunSetup(data, steps, backbone=name,
                                                       loss="arcface", batch_size=batch)
         rate = head["b"] if name == backbone else statistics.median(
             setup.rate(setup.cached_batches(steps)) for _ in range(rounds))
-        flops = training_flops_per_image(setup.models.train)
-        fraction = flops * rate / 1e9 / peak
+        flops = training_flops_per_image(setup.model)
+        fraction = None if flops is None else flops * rate / 1e9 / peak
         target = name == "resnet18"
-        report.add("utilization", f"{name} training FLOP/s / matmul peak", 100 * fraction, "%",
-                   ">= 50" if target else None, fraction >= 0.5 if target else None,
-                   f"{flops / 1e9:.3f} GFLOP/image x {rate:.1f} img/s")
+        report.add("utilization", f"{name} training FLOP/s / matmul peak",
+                   float("nan") if fraction is None else 100 * fraction, "%",
+                   ">= 50" if target else None,
+                   None if not target or fraction is None else fraction >= 0.5,
+                   f"{gflop(flops)} GFLOP/image x {rate:.1f} img/s")
 
-    # 3. Against plain Keras scripts on MobileNetV2, same batch and images.
-    ours = RunSetup(data, steps, backbone="mobilenetv2", loss="arcface", batch_size=batch)
+    # Against plain Keras scripts, same batch and images.
+    ours = RunSetup(data, steps, backbone=args.plain_backbone, loss="arcface",
+                    batch_size=batch)
     images, labels = as_arrays(data.train, steps * batch)
-    our_flops = training_flops_per_image(ours.models.train)
-    for label, backbone_model in (
-            ("same adapted network", build_backbone("mobilenetv2", (32, 32, 3))),
-            ("stock keras.applications", stock_mobilenetv2())):
+    our_flops = training_flops_per_image(ours.model)
+    stock = [("stock keras.applications", stock_mobilenetv2())] \
+        if args.plain_backbone == "mobilenetv2" else []
+    for label, backbone_model in (("same adapted network",
+                                   build_backbone(args.plain_backbone, (32, 32, 3))), *stock):
         plain = plain_keras_model(backbone_model, data.num_classes)
         result = paired(ours.rate, partial(plain_rate, plain, images, labels, batch), rounds)
         plain_flops = training_flops_per_image(plain)
-        report.add("vs plain", f"mobilenetv2 run.py training / plain Keras ({label})",
+        report.add("vs plain", f"{args.plain_backbone} run.py training / plain Keras ({label})",
                    result["ratio"], "x", ">= 1.0", result["ratio"] >= 1.0,
                    f"{result['a']:.1f} vs {result['b']:.1f} img/s; GFLOP/image "
-                   f"{our_flops / 1e9:.3f} vs {plain_flops / 1e9:.3f}, so training GFLOP/s "
-                   f"{result['a'] * our_flops / 1e9:.1f} vs {result['b'] * plain_flops / 1e9:.1f}")
+                   f"{gflop(our_flops)} vs {gflop(plain_flops)}")
 
 
 def bench_levers(report, data, args):
@@ -307,62 +262,143 @@ def bench_levers(report, data, args):
         f"batch {batch // 2}": dict(batch_size=batch // 2),
     }
     for backbone in args.lever_backbones:
-        base = RunSetup(data, steps, backbone=backbone, loss="arcface", batch_size=batch)
+        base = RunSetup(data, steps, backbone=backbone, loss="arcface", batch_size=batch,
+                        mixed_precision=False)
         base_memory = base.cached_batches(steps)
         for name, change in levers.items():
             setup = RunSetup(data, steps, backbone=backbone, loss="arcface",
-                             **{"batch_size": batch, **change})
+                             **{"batch_size": batch, "mixed_precision": False, **change})
             memory = setup.cached_batches(steps)
             result = paired(partial(setup.rate, memory), partial(base.rate, base_memory), rounds)
-            report.add("lever", f"{backbone}: {name} / default", result["ratio"], "x",
+            report.add("lever", f"{backbone}: {name} / float32 default", result["ratio"], "x",
                        note=f"{result['a']:.1f} vs {result['b']:.1f} img/s (in-memory batches)")
-        options = tf.data.Options()
-        options.deterministic = False
-        loose = base.batches.with_options(options)
-        result = paired(partial(base.rate, loose), base.rate, rounds)
-        report.add("lever", f"{backbone}: tf.data deterministic=False / default",
-                   result["ratio"], "x",
-                   note=f"{result['a']:.1f} vs {result['b']:.1f} img/s (real pipeline)")
+
+
+def gelu_in_float32(x):
+    """GELU computed in float32 whatever the input's dtype (erf in bfloat16 is slow)."""
+    return keras.ops.cast(keras.activations.gelu(keras.ops.cast(x, "float32")), x.dtype)
+
+
+class FusedBatchNormalization(keras.layers.BatchNormalization):
+    """Training-mode BatchNorm as one TensorFlow ``FusedBatchNormV3`` op (bfloat16 in,
+    float32 statistics), the moving statistics updated as Keras does (biased variance).
+    Its epsilon is at least 1.001e-5, the fused op's floor (airbench asks 1e-12): a
+    benchmark variant, not the library's layer."""
+
+    def call(self, inputs, training=None, mask=None):
+        if not training or mask is not None:
+            return super().call(inputs, training=training, mask=mask)
+        scale = self.gamma if self.scale else tf.ones_like(self.beta)
+        outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+            inputs, tf.cast(scale, tf.float32), tf.cast(self.beta, tf.float32),
+            epsilon=max(self.epsilon, 1.001e-5), is_training=True)
+        count = tf.cast(tf.reduce_prod(tf.shape(inputs)[:-1]), tf.float32)
+        variance = variance * (count - 1.0) / count  # the op returns the unbiased variance
+        self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1 - self.momentum))
+        self.moving_variance.assign(self.moving_variance * self.momentum
+                                    + variance * (1 - self.momentum))
+        return outputs
+
+
+def airbench_setup(data, args, steps, activation="gelu", norm=None, **change):
+    """An airbench94 recipe set-up (softmax head), its activation and BatchNorm replaceable."""
+    settings = {"batch_size": args.airbench_batch, "mixed_precision": False, **change}
+    network = partial(airbench, activation=activation,
+                      norm=norm or keras.layers.BatchNormalization)
+    return RunSetup(data, steps, "airbench", network=network, loss="softmax", **settings)
 
 
 def bench_airbench(report, data, args):
-    """The airbench recipe: FLOP/s against the matmul peak, and its levers, paired."""
+    """The airbench recipe: FLOP/s against the matmul peaks, and its levers, paired."""
     steps, rounds = args.steps, args.rounds
     peak = matmul_peak()
     report.add("airbench", "fp32 matmul peak (tf.matmul 2048^2)", peak, "GFLOP/s")
     bf16_peak = matmul_peak(dtype=tf.bfloat16)
     report.add("airbench", "bfloat16 matmul peak (tf.matmul 2048^2)", bf16_peak, "GFLOP/s")
-    base = RunSetup(data, steps, "airbench", loss="softmax", batch_size=args.airbench_batch)
+    base = airbench_setup(data, args, steps)
     base_memory = base.cached_batches(steps)
-    flops = training_flops_per_image(base.models.train)
+    flops = training_flops_per_image(base.model)
     pipeline = paired(base.rate, partial(base.rate, base_memory), rounds)
     rate = pipeline["a"]
+    fraction = None if flops is None else flops * rate / 1e9 / peak
     report.add("airbench", "airbench94 recipe training FLOP/s / matmul peak",
-               100 * flops * rate / 1e9 / peak, "%", ">= 80", flops * rate / 1e9 / peak >= 0.8,
-               f"{flops / 1e9:.3f} GFLOP/image x {rate:.1f} img/s (real pipeline), batch "
+               float("nan") if fraction is None else 100 * fraction, "%", ">= 80",
+               None if fraction is None else fraction >= 0.8,
+               f"{gflop(flops)} GFLOP/image x {rate:.1f} img/s (real pipeline), batch "
                f"{args.airbench_batch}, GELU, fp32")
     report.add("airbench", "airbench94 image pipeline / in-memory batches", pipeline["ratio"],
                "x", ">= 0.95", pipeline["ratio"] >= 0.95,
                f"{pipeline['a']:.1f} vs {pipeline['b']:.1f} img/s (alternating flip, "
                "reflect translate)")
-    relu = {"airbench94": partial(airbench, activation="relu")}
-    levers = {
-        "ReLU instead of GELU": (relu, {}),
-        "jit_compile (XLA)": ({}, dict(jit_compile=True)),
-        "mixed_bfloat16": ({}, dict(mixed_precision=True)),
-        "mixed_bfloat16 + ReLU": (relu, dict(mixed_precision=True)),
-        f"batch {args.airbench_batch // 2}": ({}, dict(batch_size=args.airbench_batch // 2)),
+    fp32_levers = {
+        "ReLU instead of GELU": dict(activation="relu"),
+        "jit_compile (XLA)": dict(jit_compile=True),
+        "mixed_bfloat16": dict(mixed_precision=True),
+        f"batch {args.airbench_batch // 2}": dict(batch_size=args.airbench_batch // 2),
     }
-    for name, (backbones, change) in levers.items():
-        with mock.patch.dict(BACKBONES, backbones):
-            setup = RunSetup(data, steps, "airbench", loss="softmax",
-                             **{"batch_size": args.airbench_batch, **change})
-        memory = setup.cached_batches(steps)
-        result = paired(partial(setup.rate, memory), partial(base.rate, base_memory), rounds)
-        report.add("airbench lever", f"airbench94: {name} / recipe default", result["ratio"],
-                   "x", note=f"{result['a']:.1f} vs {result['b']:.1f} img/s (in-memory "
-                   f"batches); at the default's FLOPs {flops * result['a'] / 1e9 / peak:.0%} of "
-                   f"the fp32 peak, {flops * result['a'] / 1e9 / bf16_peak:.0%} of the bf16 one")
+    bf16_levers = {  # against the recipe under mixed_bfloat16
+        "ReLU instead of GELU": dict(activation="relu"),
+        "GELU computed in float32": dict(activation=gelu_in_float32),
+        "fused BatchNorm (FusedBatchNormV3)": dict(norm=FusedBatchNormalization),
+    }
+    bf16 = airbench_setup(data, args, steps, mixed_precision=True)
+    for precision, levers, baseline in (("float32", fp32_levers, base),
+                                        ("mixed_bfloat16", bf16_levers, bf16)):
+        base_memory = baseline.cached_batches(steps)
+        for name, change in levers.items():
+            settings = {"mixed_precision": precision != "float32", **change}
+            setup = airbench_setup(data, args, steps, **settings)
+            memory = setup.cached_batches(steps)
+            result = paired(partial(setup.rate, memory), partial(baseline.rate, base_memory),
+                            rounds)
+            note = f"{result['a']:.1f} vs {result['b']:.1f} img/s (in-memory batches)"
+            if flops is not None:
+                note += (f"; at the recipe's FLOPs {flops * result['a'] / 1e9 / peak:.0%} of the "
+                         f"fp32 peak, {flops * result['a'] / 1e9 / bf16_peak:.0%} of the bf16 "
+                         "one")
+            report.add("airbench lever", f"airbench94 {precision}: {name} / {precision} recipe",
+                       result["ratio"], "x", note=note)
+
+
+def bench_peer(report, data, args):
+    """Against PyTorch on the same CPU, same network, optimizer step, batch and precision,
+    alternating blocks of steps in this process: airbench94 in float32 and bfloat16, and the
+    main command's MobileNetV2 + ArcFace in its default precision."""
+    try:
+        import torch
+    except ImportError:
+        report.add("peer", "PyTorch baseline", float("nan"), note="skipped: PyTorch is not "
+                   "installed (pip install torch, a CPU build: README, Install)")
+        return
+    import peers
+
+    torch.manual_seed(0)
+    rounds = args.rounds
+    main = RunConfig(backbone="mobilenetv2")
+    cases = [("airbench94", False, args.airbench_batch), ("airbench94", True,
+                                                          args.airbench_batch),
+             ("mobilenetv2", main.resolved_mixed_precision(), args.batch_size)]
+    for name, bfloat16, batch in cases:
+        steps = args.peer_steps
+        if name == "airbench94":
+            ours = airbench_setup(data, args, steps, mixed_precision=bfloat16, batch_size=batch)
+        else:
+            ours = RunSetup(data, steps, backbone="mobilenetv2", loss="arcface", scale=8.0,
+                            margin=0.1, batch_size=batch, mixed_precision=bfloat16)
+        memory = ours.cached_batches(steps)
+        images, labels = next(iter(memory))
+        labels = np.argmax(labels, axis=-1) if labels.ndim == 2 else labels
+        step = peers.training_step(name, images.numpy(), np.asarray(labels), bfloat16)
+        result = paired(partial(ours.rate, memory),
+                        lambda step=step, batch=batch, steps=steps: batch * steps_per_second(
+                            step, steps), rounds)
+        precision = "bfloat16" if bfloat16 else "float32"
+        target = {("airbench94", True): ">= 1.2", ("airbench94", False): ">= 1.0",
+                  ("mobilenetv2", bfloat16): ">= 1.0"}[(name, bfloat16)]
+        report.add("peer", f"{name} {precision}: Keras (tfmargin) / PyTorch {torch.__version__}",
+                   result["ratio"], "x", target, result["ratio"] >= float(target[3:]),
+                   f"{result['a']:.1f} vs {result['b']:.1f} img/s, batch {batch}, in-memory "
+                   f"batches, {rounds} rounds of {steps} steps")
 
 
 def layer_step_rate(make_layer, shape, policy):
@@ -382,19 +418,15 @@ def layer_step_rate(make_layer, shape, policy):
             loss = tf.reduce_sum(tf.cast(layer(x, training=True), tf.float32))
         return tape.gradient(loss, [x, *layer.trainable_variables])
 
-    def rate(repeats=5):
-        step(x)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            for g in step(x):
-                g.numpy()
-        return repeats / (time.perf_counter() - start)
+    def one():
+        for g in step(x):
+            g.numpy()
 
-    return rate
+    return lambda: steps_per_second(one, 5)
 
 
 def bench_bf16_layers(report, args):
-    """Each airbench layer kind, fp32 against mixed_bfloat16, paired: which ones bf16
+    """Each airbench layer kind, fp32 against mixed_bfloat16, paired: which ones bfloat16
     speeds up on this CPU and which it slows down."""
     batch = 128
     layers_at = {
@@ -404,11 +436,14 @@ def bench_bf16_layers(report, args):
         "conv3x3 256->256 at 7x7": (lambda: keras.layers.Conv2D(256, 3, padding="same",
                                                                 use_bias=False),
                                     (batch, 7, 7, 256)),
+        "depthwise 3x3 at 16x16x144": (lambda: keras.layers.DepthwiseConv2D(3, padding="same",
+                                                                            use_bias=False),
+                                       (batch, 16, 16, 144)),
         "max-pool 2 at 31x31x64": (lambda: keras.layers.MaxPooling2D(2), (batch, 31, 31, 64)),
         "BatchNorm (no scale) at 15x15x64": (lambda: keras.layers.BatchNormalization(
             momentum=0.6, epsilon=1e-12, scale=False), (batch, 15, 15, 64)),
         "GELU at 15x15x64": (lambda: keras.layers.Activation("gelu"), (batch, 15, 15, 64)),
-        "ReLU at 15x15x64": (lambda: keras.layers.Activation("relu"), (batch, 15, 15, 64)),
+        "ReLU6 at 16x16x144": (lambda: keras.layers.ReLU(6.0), (batch, 16, 16, 144)),
     }
     for name, (make, shape) in layers_at.items():
         result = paired(layer_step_rate(make, shape, "mixed_bfloat16"),
@@ -421,27 +456,28 @@ def bench_bf16_layers(report, args):
 def bench_accuracy(report, args, runs_dir):
     """Test accuracy at equal epochs: run.py's training vs the plain stock script."""
     data = load_dataset(args.dataset, limit_train=args.accuracy_train)
-    config = RunConfig(backbone="mobilenetv2", loss="arcface", dataset=args.dataset,
+    config = RunConfig(backbone=args.plain_backbone, loss="arcface", dataset=args.dataset,
                        epochs=args.accuracy_epochs, limit_train=args.accuracy_train,
                        batch_size=args.batch_size, export="none", projector_samples=0,
                        runs_dir=runs_dir, validation_freq=args.accuracy_epochs)
     ours = train(config)["top1"]
-    plain = plain_keras_model(stock_mobilenetv2(), data.num_classes)
+    plain = plain_keras_model(stock_mobilenetv2() if args.plain_backbone == "mobilenetv2"
+                              else build_backbone(args.plain_backbone), data.num_classes)
     images, labels = as_arrays(data.train)
     plain.fit(images, labels, batch_size=args.batch_size, epochs=args.accuracy_epochs,
               verbose=0)
     test_images, test_labels = as_arrays(data.test)
     baseline = plain.evaluate(test_images, test_labels, verbose=0, return_dict=True)["accuracy"]
-    report.add("vs plain", "mobilenetv2 test top-1: run.py - plain stock Keras",
+    report.add("vs plain", f"{args.plain_backbone} test top-1: run.py - plain stock Keras",
                100 * (ours - baseline), "points", ">= 0", ours >= baseline,
                f"{100 * ours:.2f}% vs {100 * baseline:.2f}%, {data.train_size} train images x "
-               f"{args.accuracy_epochs} epochs, {data.test_size} test images")
+               f"{args.accuracy_epochs} epochs, {data.sizes['test']} test images")
 
 
 def airbench_data(data, args, tmp):
     """Enough images for the airbench section's batches: the loaded data, or more random
     JPEGs when it is too small."""
-    needed = args.airbench_batch * (args.steps + 1)
+    needed = args.airbench_batch * (max(args.steps, args.peer_steps) + 1)
     if data.train_size >= needed:
         return data
     if args.dataset:
@@ -452,52 +488,65 @@ def airbench_data(data, args, tmp):
 
 
 def machine():
-    """CPU model, cores, memory and GPUs, in words."""
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f
-                         if line.startswith("model name"))
+    """CPU model, cores, bfloat16-relevant flags, memory and GPUs, in words."""
+    cpu = provenance.cpu_description()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     gpus = tf.config.list_physical_devices("GPU")
-    return (f"{model}, {os.cpu_count()} cores, {memory:.0f} GiB"
-            + (f", {len(gpus)} GPU(s)" if gpus else ", no GPU"))
+    return (f"{cpu['model']}, {cpu['cores']} cores (flags: {' '.join(cpu['flags']) or 'none'}),"
+            f" {memory:.0f} GiB" + (f", {len(gpus)} GPU(s)" if gpus else ", no GPU"))
+
+
+SECTIONS = ("targets", "levers", "accuracy", "airbench", "bf16", "peer")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="only the four targets, fewer steps (under 10 minutes on 2 cores)")
+                        help="only the targets, fewer steps (under 10 minutes on 2 cores)")
     parser.add_argument("--dataset", help="image folder for the timings and the accuracy "
                         "check (default: generated random JPEGs, no accuracy check)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="per-step batch (default 64 quick, 128 full)")
     parser.add_argument("--steps", type=int, default=None, help="steps per timed block")
+    parser.add_argument("--peer-steps", type=int, default=3,
+                        help="steps per timed block of the peer section")
     parser.add_argument("--rounds", type=int, default=None, help="alternations per ratio")
+    parser.add_argument("--backbones", default=None,
+                        help="comma-separated backbones of the targets' utilisation rows "
+                             "(the first also times the head and the pipeline)")
+    parser.add_argument("--plain-backbone", default="mobilenetv2",
+                        help="backbone of the plain-Keras comparison and accuracy check")
     parser.add_argument("--accuracy-train", type=int, default=5000,
                         help="training images for the accuracy check")
     parser.add_argument("--accuracy-epochs", type=int, default=3,
                         help="epochs for the accuracy check")
     parser.add_argument("--sections", default=None,
-                        help="comma-separated subset of targets,levers,accuracy,airbench,bf16 "
-                             "(default: targets with --quick, else the first three)")
+                        help=f"comma-separated subset of {','.join(SECTIONS)} (default: targets "
+                             "with --quick, else targets,levers,accuracy)")
     parser.add_argument("--airbench-batch", type=int, default=1024,
-                        help="batch of the airbench section (its recipe's)")
+                        help="batch of the airbench and peer sections (its recipe's)")
     parser.add_argument("--json", help="also write the table as JSON here")
     parser.add_argument("--markdown", help="also write the table as Markdown here")
     args = parser.parse_args(argv)
     args.sections = (args.sections or ("targets" if args.quick else
                                        "targets,levers,accuracy")).split(",")
+    unknown = set(args.sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; choose from "
+                     f"{', '.join(SECTIONS)}")
+    if min(args.steps or 2, args.peer_steps) < 2:
+        parser.error("--steps and --peer-steps must be >= 2: a rate is timed from the end of "
+                     "a block's first step to its last")
     args.batch_size = args.batch_size or (64 if args.quick else 128)
     args.steps = args.steps or (4 if args.quick else 6)
     args.rounds = args.rounds or (3 if args.quick else 5)
-    args.utilization = ("resnet18",) if args.quick else ("resnet18", "mobilenetv2",
-                                                         "efficientnetb0")
+    args.backbones = (args.backbones or ("resnet18" if args.quick else
+                                         "resnet18,mobilenetv2,efficientnetb0")).split(",")
     args.lever_backbones = ("resnet18", "mobilenetv2")
 
     tf.get_logger().setLevel("ERROR")  # AutoGraph and deprecation chatter
-    started = time.perf_counter()
+    started = tf.timestamp()
     header = (f"tfmargin benchmark {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
               f"{machine()}, TensorFlow {tf.__version__}, Keras {keras.__version__}; batch "
               f"{args.batch_size}, {args.steps} steps x {args.rounds} rounds")
@@ -509,28 +558,31 @@ def main(argv=None):
             data = load_dataset(args.dataset, limit_train=args.batch_size * args.steps * 8)
         else:
             data = load_dataset(write_random_folder(os.path.join(tmp, "data")))
-        tfds_data = load_mock_tfds(args.batch_size * args.steps * 2) \
-            if "targets" in args.sections else None
         if "targets" in args.sections:
-            bench_targets(report, data, tfds_data, args)
+            bench_targets(report, data, load_mock_tfds(args.batch_size * args.steps * 2), args)
         if "levers" in args.sections:
             bench_levers(report, data, args)
-        if "airbench" in args.sections:
-            bench_airbench(report, airbench_data(data, args, tmp), args)
+        if "airbench" in args.sections or "peer" in args.sections:
+            big = airbench_data(data, args, tmp)
+            if "airbench" in args.sections:
+                bench_airbench(report, big, args)
+            if "peer" in args.sections:
+                bench_peer(report, big, args)
         if "bf16" in args.sections:
             bench_bf16_layers(report, args)
         if "accuracy" in args.sections and args.dataset:
             bench_accuracy(report, args, os.path.join(tmp, "runs"))
-    seconds = time.perf_counter() - started
+    seconds = float(tf.timestamp() - started)
     print(f"finished in {seconds:.0f} s", flush=True)
+    command = f"python benchmarks/bench.py {' '.join(sys.argv[1:] if argv is None else argv)}"
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(f"{header}\n\n`python {' '.join(sys.argv)}` ({seconds:.0f} s)\n\n"
-                    + report.markdown())
+            f.write(f"{header}\n\n`{command}` ({seconds:.0f} s)\n\n" + report.markdown())
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"header": header, "argv": sys.argv, "seconds": seconds,
-                       "tensorflow": tf.__version__, "keras": keras.__version__,
+            json.dump({"header": header, "command": command, "seconds": seconds,
+                       "machine": provenance.cpu_description(),
+                       "code": provenance.code_version(), "versions": provenance.library_versions(),
                        "rows": report.rows}, f, indent=2)
     return report
 

@@ -1,22 +1,26 @@
-"""Classify images with an exported model.
+"""Classify images with an exported model, rejecting those that fit no class.
 
-    python experiments/predict.py saved_models/<run> image.png ...
+    python experiments/predict.py saved_models/latest image.png ...
 
-Uses only TensorFlow and the SavedModel (no tfmargin import): what a client has.
+Needs only TensorFlow and the SavedModel, no tfmargin model code: what a client has
+(``tfmargin.quiet``, standard library only, keeps TensorFlow's start-up lines quiet).
 The export's ``serve_encoded`` endpoint decodes and resizes the image bytes with
-the same function the training data went through.
+the same function the training data went through; its probabilities carry the
+temperature fitted on the validation split, and an image whose score (the
+maximum logit) falls below the threshold chosen there is printed as "unknown".
 """
 
 import argparse
+import json
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("export", help="an export folder (holds savedmodel/)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("export", help="an export folder (holds savedmodel/), e.g. "
+                        "saved_models/latest")
     parser.add_argument("images", nargs="+", help="image files (any size; resized)")
     parser.add_argument("--top-k", type=int, default=3, help="classes to print per image")
     args = parser.parse_args(argv)
@@ -24,28 +28,37 @@ def main(argv=None):
     if not os.path.isdir(saved_model):
         parser.exit(2, f"predict.py: error: {saved_model!r} is not a SavedModel export; "
                        "train with experiments/run.py first\n")
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tfmargin.quiet import import_tensorflow  # standard library only, no tfmargin model
+
+    tf = import_tensorflow()
     import numpy as np
-    import tensorflow as tf
 
     model = tf.saved_model.load(saved_model)
-    outputs = None
+    with open(os.path.join(args.export, "class_names.txt")) as f:
+        names = f.read().splitlines()
+    reject = None
+    if os.path.exists(os.path.join(args.export, "serving.json")):
+        with open(os.path.join(args.export, "serving.json")) as f:
+            reject = json.load(f).get("reject")
     for path in args.images:
         # One image per call: the export decodes and resizes exactly as training did.
         try:
             with open(path, "rb") as f:
-                one = model.serve_encoded(tf.constant([f.read()]))
+                out = model.serve_encoded(tf.constant([f.read()]))
         except (OSError, tf.errors.InvalidArgumentError):
             parser.exit(2, f"predict.py: error: cannot read image {path!r}\n")
-        outputs = one if outputs is None else {
-            k: tf.concat([outputs[k], v], 0) for k, v in one.items()}
-    with open(os.path.join(args.export, "class_names.txt")) as f:
-        names = f.read().splitlines()
-    probabilities = outputs["probabilities"].numpy()
-    for path, probs in zip(args.images, probabilities, strict=True):
-        top = np.argsort(-probs)[: args.top_k]
-        print(f"{path}: " + ", ".join(f"{names[i]} {probs[i]:.3f}" for i in top))
-    return probabilities
+        probabilities = out["probabilities"].numpy()[0]
+        top = np.argsort(-probabilities)[: args.top_k]
+        guesses = ", ".join(f"{names[i]} {probabilities[i]:.3f}" for i in top)
+        if "rejected" in out and bool(out["rejected"].numpy()[0]):
+            score = float(out["score"].numpy()[0])
+            print(f"{path}: unknown (score {score:.3f} below the threshold "
+                  f"{reject['threshold']:.3f} chosen on validation; nearest: {guesses})")
+        else:
+            print(f"{path}: {guesses}")
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() is not None else 1)
+    sys.exit(main())

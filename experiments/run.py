@@ -1,10 +1,13 @@
 """Train one model: ``python experiments/run.py --backbone mobilenetv2 --loss arcface``.
 
 The paper's setting: ``--loss arcface --scale 1 --margin 0.1 --fallback none``.
+A first run in about a minute, on a generated image folder:
+``python experiments/first_run.py``.
 """
 
 import dataclasses
 import os
+import sys
 
 from tfmargin.cli import (
     OneLineParser,
@@ -14,7 +17,26 @@ from tfmargin.cli import (
     parse_run_args,
 )
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+def summary(config, metrics):
+    """What the run reached, where it wrote, and what to type next."""
+    run_dir = os.path.join(config.runs_dir, config.run_name())
+    tta = f" ({100 * metrics['tta']['top1']:.2f} % with TTA)" if "tta" in metrics else ""
+    lines = [f"{config.run_name()}: test top-1 {100 * metrics['top1']:.2f} %{tta}, mAP "
+             f"{100 * metrics['mAP']:.2f} %, P@1 {100 * metrics['precision_at_1']:.2f} %, "
+             f"MAP@R {100 * metrics['map_at_r']:.2f} %, training "
+             f"{metrics['wall_seconds'] / 60:.1f} min",
+             f"  run directory: {run_dir} (config.json, metrics.json, log.csv, logs/)"]
+    if "export" in metrics:
+        lines.append(f"  export: {metrics['export']} (" + ", ".join(config.export_formats())
+                     + f"; also {os.path.join(config.export_dir, 'latest')})")
+    if config.precise_bn_batches:
+        lines.append("  (measured after recalibrating BatchNorm; the val_accuracy printed per "
+                     "epoch used its moving statistics, which lag behind after short runs)")
+    lines += ["next:", f"  tensorboard --logdir {os.path.join(run_dir, 'logs')}"]
+    if "savedmodel" in config.export_formats():
+        lines.append(f"  python experiments/predict.py {metrics['export']} IMAGE.jpg ...")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -22,15 +44,17 @@ def main(argv=None):
     add_run_arguments(parser)
     args = parse_run_args(parser, argv)
     config = config_from_args(parser, args)
+    from tfmargin.quiet import import_tensorflow
+
+    import_tensorflow()
     with exit_with(parser):
         from tfmargin.train import train
 
         metrics = train(config, resume=args.resume, overwrite=args.overwrite)
-        print(f"{config.run_name()}: " + ", ".join(
-            f"{k} {metrics[k]:.4f}" for k in ("top1", "top5", "mAP", "precision_at_1",
-                                               "map_at_r")))
+        print(summary(config, metrics))
     return dataclasses.asdict(config)
 
 
 if __name__ == "__main__":
     main()
+    sys.exit(0)

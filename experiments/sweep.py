@@ -8,15 +8,19 @@
         --heads softmax,paper,arcface:s=8:m=0.3 --seeds 0,1,2,3,4   # the seed study
     python experiments/sweep.py heads --backbones resnet18 --dataset path/to/cifar10 \
         --val-split 0 --tta 2 --epochs 8 --heads softmax,arcface:s=8:m=0.1   # all 50,000
+    python experiments/sweep.py open-set --recipe airbench --dataset path/to/cifar10 \
+        --val-split 0.1 --heads softmax,arcface:s=8:m=0.1   # 6 known / 4 unknown classes
 
 Finished runs are skipped, so a sweep can be stopped and restarted. A run's
 directory name ends in a hash of its whole configuration, so a sweep with other
 settings (say --learning-rate) trains new runs instead of reporting old ones.
 """
 
+import argparse
 import os
 
 from tfmargin.cli import OneLineParser, exit_with
+from tfmargin.names import TTA_LEVELS
 
 BACKBONES = ("resnet18", "efficientnetb0", "mobilenetv2")
 PAPER_HEAD = dict(loss="arcface", scale=1.0, margin=0.1, fallback="none")
@@ -26,6 +30,18 @@ FIGURE2_MARGINS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
 # scales (30-64) were tuned for 1e4-1e5 classes.
 SELECT_SCALES = (4.0, 8.0, 16.0)
 SELECT_MARGINS = (0.1, 0.3)
+# The open-set protocol's five CIFAR-10 splits (6 known classes each; the other 4 are the
+# unknowns): iCGY96/ARPL split.py and sgvaze/osr_closed_set_all_you_need osr_splits.py,
+# indices in the official label order. Lists 0 and 1 are the same class set.
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
+OPEN_SET_SPLITS = ((0, 6, 4, 9, 1, 7), (7, 6, 4, 9, 0, 1), (1, 5, 7, 3, 9, 4),
+                   (8, 6, 1, 9, 0, 7), (2, 4, 1, 7, 9, 6))
+
+
+def split_classes(split):
+    """The known classes of an open-set split, as the ``--classes`` value."""
+    return ",".join(CIFAR10_CLASSES[i] for i in OPEN_SET_SPLITS[split])
 
 
 HEAD_KEYS = {"s": "scale", "m": "margin", "f": "fallback", "ce": "ce_weight",
@@ -49,7 +65,12 @@ def parse_heads(text):
                                  f"{', '.join(f'{k}= ({v})' for k, v in HEAD_KEYS.items())}")
             if HEAD_KEYS[key] in head:
                 raise ValueError(f"head setting {key!r} given twice in {spec!r}; give it once")
-            head[HEAD_KEYS[key]] = value if key == "f" else float(value)
+            if key == "f":
+                head[HEAD_KEYS[key]] = value
+            elif key == "m" and "/" in value:  # combined: m1/m2/m3
+                head[HEAD_KEYS[key]] = tuple(float(v) for v in value.split("/"))
+            else:
+                head[HEAD_KEYS[key]] = float(value)
         heads.append(head)
     return heads
 
@@ -78,10 +99,14 @@ def grid(name, backbones=None, margins=None, scales=None, heads=None):
     if name == "heads":  # the seed study: each head on each backbone (seeds: --seeds)
         return [dict(backbone=b, **h) for b in backbones or ("airbench94",)
                 for h in heads or (dict(loss="softmax"), PAPER_HEAD)]
+    if name == "open-set":  # each head on each split of the open-set protocol, same seeds
+        return [dict(backbone=b, classes=split_classes(split), **h)
+                for split in range(len(OPEN_SET_SPLITS)) for b in backbones or ("airbench94",)
+                for h in heads or (dict(loss="softmax"),)]
     raise ValueError(f"unknown grid {name!r}; choose one of {', '.join(GRIDS)}")
 
 
-GRIDS = ("table1", "table2", "figure2", "many-classes", "select", "heads")
+GRIDS = ("table1", "table2", "figure2", "many-classes", "select", "heads", "open-set")
 
 
 def main(argv=None):
@@ -102,19 +127,25 @@ def main(argv=None):
     parser.add_argument("--margins", help="comma-separated margins instead of the grid's")
     parser.add_argument("--scales", help="comma-separated scales instead of the grid's")
     parser.add_argument("--heads", help="heads: comma-separated softmax, paper, or "
-                        "<loss>:s=<scale>:m=<margin>[:f=<fallback>][:ls=<label smoothing>] "
-                        "(default softmax,paper)")
-    parser.add_argument("--tta", type=int, choices=(0, 1, 2),
+                        "<loss>:" + ":".join(f"{key}=<{field.replace('_', ' ')}>"
+                                             for key, field in HEAD_KEYS.items())
+                        + " (each setting optional; default softmax,paper)")
+    parser.add_argument("--tta", type=int, choices=tuple(TTA_LEVELS),
                         help="test-time augmentation level (as run.py; default: the recipe's)")
-    parser.add_argument("--mixed-precision", action="store_true",
-                        help="every run under mixed precision (as run.py)")
+    parser.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction,
+                        default="auto", help="mixed precision on or off (as run.py; default "
+                        "auto)")
     parser.add_argument("--runs-dir", default="runs", help="where run directories go")
     parser.add_argument("--export", default="none", help="exports per run (as run.py)")
     args = parser.parse_args(argv)
 
+    from tfmargin.quiet import import_tensorflow
+
+    import_tensorflow()
     import keras
 
-    from tfmargin.train import RunConfig, train
+    from tfmargin.config import RunConfig
+    from tfmargin.train import train
 
     common = dict(runs_dir=args.runs_dir, export=args.export,
                   mixed_precision=args.mixed_precision)

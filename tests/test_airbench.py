@@ -133,6 +133,24 @@ def test_lookahead_on_a_tiny_model_matches_numpy():
     assert not np.allclose(w, np.ones((3, 1)))
 
 
+@pytest.mark.parametrize("steps_per_execution", [1, 2, 3])
+def test_lookahead_updates_once_per_multiple_of_every_under_steps_per_execution(
+        steps_per_execution):
+    """Keras calls batch callbacks once per execution; the updates still come once for each
+    multiple of ``every`` (at 3 steps per call and every 5: after steps 6, 12, 15, ...)."""
+    x = np.ones((4, 2), "float32")
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(0.0), "mse", steps_per_execution=steps_per_execution)
+    callback = Lookahead(30, every=5)
+    decays = []
+    callback.update = decays.append  # record the decay of each update
+    model.fit(x, x[:, :1], batch_size=1, epochs=30 // 4 + 1, steps_per_epoch=4, verbose=0,
+              callbacks=[callback])
+    steps = int(model.optimizer.iterations.numpy())
+    expected = [callback.decay(5 * k) for k in range(1, steps // 5 + 1)]
+    assert decays[:-1] == pytest.approx(expected) and decays[-1] == 1.0  # then the end's
+
+
 def augmented(images, epoch, seed, shift):
     fn = alternating_flip_translate(epoch, seed, shift)
     return np.stack([fn(tf.constant(i, tf.int64), (tf.constant(image), 0))[0].numpy()
@@ -258,7 +276,11 @@ def test_recipe_defaults_and_explicit_flags():
     assert standard == RunConfig() and "airbench" not in standard.run_name()
     assert "-airbench-" in config.run_name()
     mixed = dataclasses.replace(config, mixed_precision=True).run_name()  # its own run
-    assert "-airbench-mixed-e3-" in mixed and mixed[-8:] != config.run_name()[-8:]
+    full = dataclasses.replace(config, mixed_precision=False).run_name()
+    assert "-airbench-mixed-e3-" in mixed and mixed[-8:] != full[-8:]
+    assert "-mixed" not in full
+    # auto resolves to one of the two, by the hardware, and is named as what it resolved to.
+    assert config.run_name() in (mixed, full)
     help_text = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "run.py"),
                                 "--recipe", "airbench", "--help"], capture_output=True,
                                text=True, timeout=60).stdout
@@ -311,7 +333,8 @@ def test_port_trains_as_a_pytorch_reference_of_the_recipe():
     BatchNorm offsets at 64x lr, whitening bias frozen after step 3), label smoothing 0.2 and
     lookahead every 2 steps (BatchNorm statistics included): the Keras port and a PyTorch
     reference end on the same weights and statistics."""
-    import torch
+    torch = pytest.importorskip("torch", reason="the reference is written in PyTorch: pip "
+                                "install torch (a CPU build: see README, Install)")
 
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)

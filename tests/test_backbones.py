@@ -1,10 +1,17 @@
+import importlib
+
 import keras
 import numpy as np
 import pytest
 
-from tfmargin.backbones import BACKBONES, build_backbone
-from tfmargin.heads import TargetAngle
-from tfmargin.models import build_models
+from tfmargin.backbones import build_backbone
+from tfmargin.classifier import MarginClassifier
+from tfmargin.names import BACKBONES
+
+
+def builder(name):
+    module, function = BACKBONES[name][0].split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 @pytest.mark.parametrize("name,size,channels", [
@@ -14,27 +21,23 @@ def test_backbone_feature_map_matches_its_docstring(name, size, channels):
     model = build_backbone(name)
     if name.startswith("airbench"):  # pooled inside the backbone
         assert tuple(model.output.shape[1:]) == (channels,)
-        assert f"{channels}" in BACKBONES[name].__doc__
+        assert f"{channels}" in builder(name).__doc__
         return
     assert tuple(model.output.shape[1:]) == (size, size, channels)
-    assert f"{size}x{size}x{channels}" in BACKBONES[name].__doc__
+    assert f"{size}x{size}x{channels}" in builder(name).__doc__
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenetv2", "efficientnetb0"])
 def test_backbone_trains_a_step_with_a_margin_head(name):
-    models = build_models(name, 3, "arcface", embedding_dim=16, scale=8.0, margin=0.3)
-    ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    models.train.compile("sgd", {"margin": ce, "plain": ce}, loss_weights={"margin": 1.0,
-                                                                          "plain": 0.0},
-                         metrics={"plain": [TargetAngle(models.head.scale)]})
+    model = MarginClassifier(name, 3, embedding_dim=16, scale=8.0, margin=0.3)
+    model.compile("sgd")
     images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
     labels = np.array([0, 1, 2, 0])
-    before = [w.numpy().copy() for w in models.head.weights]
-    logs = models.train.train_on_batch({"image": images, "label": labels},
-                                       {"margin": labels, "plain": labels}, return_dict=True)
+    before = [w.numpy().copy() for w in model.head.weights]
+    logs = model.train_on_batch(images, labels, return_dict=True)
     assert np.isfinite(logs["loss"]) and 0.0 < logs["theta_y_mean"] < 180.0
-    assert not np.allclose(before[0], models.head.weights[0].numpy())
-    assert models.inference.predict(images, verbose=0).shape == (4, 3)
+    assert not np.allclose(before[0], model.head.weights[0].numpy())
+    assert model.predict(images, verbose=0).shape == (4, 3)
 
 
 def test_batchnorm_momentum_is_lowered_everywhere():
@@ -74,39 +77,39 @@ def test_adaptation_that_matches_no_layer_fails_loudly():
 
 @pytest.mark.parametrize("ce_weight", [0.0, 0.3])
 def test_mixed_objective_weights_margin_and_plain_cross_entropy(ce_weight):
-    from tfmargin.train import RunConfig, compile_models
+    from tfmargin.config import RunConfig
+    from tfmargin.train import compile_model
 
-    models = build_models("tinycnn", 4, "arcface", embedding_dim=8, scale=8.0, margin=0.5,
-                          ce_weight=ce_weight)
-    compile_models(models, RunConfig(ce_weight=ce_weight, learning_rate=1e-9, epochs=1,
-                                     warmup_epochs=0), steps_per_epoch=1)
+    model = MarginClassifier("tinycnn", 4, margin=0.5, scale=8.0, embedding_dim=8,
+                             ce_weight=ce_weight)
+    compile_model(model, RunConfig(ce_weight=ce_weight, learning_rate=1e-9, epochs=1,
+                                   warmup_epochs=0), steps_per_epoch=1, global_batch=6)
     images = np.random.default_rng(1).uniform(0, 255, (6, 32, 32, 3)).astype("float32")
     labels = np.array([0, 1, 2, 3, 0, 1])
     ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    embedding = models.embedding(images, training=True)
-    margin = models.head(embedding, labels=labels, training=True)
-    plain = models.head(embedding)
+    embedding = model.embed(images, training=True)
+    margin = model.head(embedding, labels=labels, training=True)
+    plain = model.head(embedding)
     expected = (1 - ce_weight) * float(ce(labels, margin)) + ce_weight * float(ce(labels, plain))
-    logs = models.train.train_on_batch({"image": images, "label": labels},
-                                       {"margin": labels, "plain": labels}, return_dict=True)
+    logs = model.train_on_batch(images, labels, return_dict=True)
     assert logs["loss"] == pytest.approx(expected, rel=1e-4)
     assert float(ce(labels, margin)) > float(ce(labels, plain))  # the margin makes it harder
 
 
-def test_mixed_precision_training_model_gives_losses_and_metrics_float32():
-    from tfmargin.train import RunConfig, compile_models, set_precision
+def test_mixed_precision_model_gives_losses_and_metrics_float32():
+    from tfmargin.config import RunConfig
+    from tfmargin.train import compile_model
 
-    config = RunConfig(backbone="tinycnn", mixed_precision=True, embedding_dim=8)
-    set_precision(config)
+    keras.config.set_dtype_policy("mixed_bfloat16")
     try:
-        models = build_models("tinycnn", 6, "arcface", embedding_dim=8, scale=8.0)
-        compile_models(models, config, steps_per_epoch=2)
+        model = MarginClassifier("tinycnn", 6, scale=8.0, embedding_dim=8)
+        compile_model(model, RunConfig(backbone="tinycnn"), steps_per_epoch=2,
+                      global_batch=4)
     finally:
         keras.config.set_dtype_policy("float32")
-    assert {o.dtype for o in models.train.outputs} == {"float32"}
-    assert models.embedding.get_layer("projection").compute_dtype == "bfloat16"
+    assert model.output.dtype == "float32"
+    assert model.get_layer("projection").compute_dtype == "bfloat16"
     images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
     labels = np.array([0, 1, 2, 5])
-    logs = models.train.train_on_batch({"image": images, "label": labels},
-                                       {"margin": labels, "plain": labels}, return_dict=True)
-    assert np.isfinite(logs["loss"]) and 0.0 <= logs["plain_top5"] <= 1.0
+    logs = model.train_on_batch(images, labels, return_dict=True)
+    assert np.isfinite(logs["loss"]) and 0.0 <= logs["top5"] <= 1.0

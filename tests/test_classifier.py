@@ -113,3 +113,79 @@ def test_trains_under_mirrored_strategy_on_two_replicas():
     assert replicas == "REPLICAS 2"
     losses = json.loads(losses)
     assert losses[-1] < losses[0] and float(accuracy) > 0.5
+
+
+def test_soft_and_one_hot_targets_put_the_margin_on_the_dominant_class(data):
+    images, labels = data
+    model = MarginClassifier(small_applications_backbone(), 3, margin=0.4, scale=8.0,
+                             embedding_dim=16)
+    smoothed = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1)
+    model.compile(keras.optimizers.SGD(0.0), smoothed)
+    x, y = images[:8], labels[:8]
+    soft = 0.7 * np.eye(3)[y] + 0.3 * np.eye(3)[(y + 1) % 3]  # MixUp-like, dominant y
+    cos = keras.ops.convert_to_numpy(model.head.cosine(model.embed(x, training=True)))
+    theta = np.arccos(np.clip(cos[np.arange(8), y], -1 + 1e-7, 1 - 1e-7))
+    margin = 8.0 * cos
+    margin[np.arange(8), y] = 8.0 * np.cos(theta + 0.4)
+    logs = model.train_on_batch(x, soft.astype("float32"), return_dict=True)
+    assert logs["loss"] == pytest.approx(float(smoothed(soft, margin)), rel=1e-4)
+
+
+def test_recalibrated_batchnorm_holds_the_exact_mean_of_batch_statistics():
+    keras.utils.set_random_seed(0)
+    model = MarginClassifier("tinycnn", 3, embedding_dim=4)  # one BatchNorm: the neck's
+    rng = np.random.default_rng(0)
+    batches = [rng.uniform(0, 255, (5, 32, 32, 3)).astype("float32") for _ in range(3)]
+    used = model.recalibrate_batchnorm(iter(batches), num_batches=2)
+    assert used == 2
+    projection = keras.Model(model.input, model.get_layer("projection").output)
+    stats = [keras.ops.convert_to_numpy(projection(b)) for b in batches[:2]]
+    bn = model.get_layer("embedding_bn")
+    np.testing.assert_allclose(bn.moving_mean.numpy(), np.mean([s.mean(0) for s in stats], 0),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn.moving_variance.numpy(),
+                               np.mean([s.var(0) for s in stats], 0), rtol=1e-4, atol=1e-6)
+    assert bn.momentum == 0.9  # restored
+    assert model.recalibrate_batchnorm(np.concatenate(batches), batch_size=5) == 3
+
+
+README_SNIPPET_SCENARIO = r"""
+import keras, numpy as np, tfmargin
+keras.utils.set_random_seed(0)
+rng = np.random.default_rng(0)
+labels = np.arange(600) % 3
+images = rng.uniform(0, 90, (600, 32, 32, 3)).astype("float32")
+for i, label in enumerate(labels):  # class = the bright third
+    images[i, :, label * 10:(label + 1) * 10] += 150
+backbone = keras.applications.MobileNetV2(input_shape=(32, 32, 3), include_top=False,
+                                          weights=None)  # BatchNorm momentum 0.999
+model = tfmargin.MarginClassifier(backbone, num_classes=3, margin=0.1, scale=8.0,
+                                  mean=images.reshape(-1, 3).mean(0),
+                                  variance=images.reshape(-1, 3).var(0))
+model.compile(keras.optimizers.SGD(0.05, momentum=0.9), metrics=["accuracy"])
+history = model.fit(images, labels, batch_size=32, epochs=4, verbose=0)
+before = model.predict(images, verbose=0).argmax(1)
+model.recalibrate_batchnorm(images)
+after = model.predict(images, verbose=0).argmax(1)
+print("RESULT", history.history["accuracy"][-1], len(set(before.tolist())),
+      float((before == labels).mean()), float((after == labels).mean()))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="one backend is enough")
+def test_readme_snippet_after_a_short_fit_predicts_soundly_once_recalibrated():
+    """The README's own use: keras.applications MobileNetV2 (momentum 0.999), a short fit.
+    Its moving statistics are still near their start, so inference collapses; after
+    ``recalibrate_batchnorm`` it predicts what it learned."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", README_SNIPPET_SCENARIO], capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    train_accuracy, classes_before, before, after = map(
+        float, done.stdout.split("RESULT", 1)[1].split())
+    assert train_accuracy > 0.9
+    assert before < 0.6  # the collapse the README used to hide
+    assert after >= 0.9 and after > before + 0.3

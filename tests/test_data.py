@@ -118,17 +118,16 @@ def test_one_decode_for_folders_and_tfds(tmp_path):
         np.testing.assert_array_equal(got, resize_image(pixels, 48))
 
 
-def test_pipeline_batches_augments_and_feeds_labels_as_second_input(tmp_path):
+def test_pipeline_batches_augments_and_yields_images_and_labels(tmp_path):
     root = write_image_folder(tmp_path / "d", num_classes=2, per_class=8, test_per_class=2)
     data = load_dataset(root)
-    ds = make_pipeline(data.train, batch_size=4, training=True, with_label_input=True, seed=1)
+    ds = make_pipeline(data.train, batch_size=4, training=True, seed=1)
     assert sum(1 for _ in ds) == 3  # one epoch: 14 images (2 held out for validation) // 4
-    inputs, labels = next(iter(ds))
-    assert set(inputs) == {"image", "label"}
-    assert inputs["image"].shape == (4, 32, 32, 3) and inputs["image"].dtype.name == "float32"
-    np.testing.assert_array_equal(inputs["label"], labels)
-    assert float(inputs["image"].numpy().max()) <= 255.0
-    plain = make_pipeline(data.test, batch_size=4, training=False, with_label_input=False)
+    images, labels = next(iter(ds))
+    assert images.shape == (4, 32, 32, 3) and images.dtype.name == "float32"
+    assert labels.shape == (4,) and set(labels.numpy().tolist()) <= {0, 1}
+    assert float(images.numpy().max()) <= 255.0
+    plain = make_pipeline(data.test, batch_size=4, training=False)
     x, _ = next(iter(plain))
     assert x.shape == (4, 32, 32, 3)
 
@@ -170,30 +169,102 @@ def test_tfds_path_with_mock_data(name):
     assert 0 <= int(label) < classes
 
 
-def test_tfds_offline_says_how_to_place_the_archive(tmp_path):
+def test_tfds_offline_names_the_archive_and_where_to_place_it(tmp_path):
     def offline(*args, **kwargs):
         raise ConnectionError("no network")
 
+    # No request leaves the machine: our probe and TFDS's downloads both fail here.
     with mock.patch.object(tfds.download.DownloadManager, "download_and_extract", offline), \
-            mock.patch.object(tfds.download.DownloadManager, "download", offline):
-        with pytest.raises(DatasetError, match=r"Cannot download 'cifar10'.*manual.*--dataset"):
+            mock.patch.object(tfds.download.DownloadManager, "download", offline), \
+            mock.patch("tfmargin.data._check_reachable", offline):
+        with pytest.raises(DatasetError) as error:
             load_dataset("cifar10", data_dir=str(tmp_path))
+    message = str(error.value)
+    assert "Cannot download 'cifar10' (ConnectionError)" in message
+    manual = os.path.join(str(tmp_path), "downloads", "manual")
+    assert f"Place cifar-10-binary.tar.gz (from https://www.cs.toronto.edu/~kriz/" \
+           f"cifar-10-binary.tar.gz) in {manual}" in message and "--dataset <folder>" in message
+    assert "\n" not in message
 
 
-def test_unknown_dataset_name():
-    with pytest.raises(DatasetError, match="Unknown dataset 'cifar11': not a TFDS name"):
-        load_dataset("cifar11")
+@pytest.mark.parametrize("name", ["cifar11", "cifar-smal", "tfds:cifar-10"])
+def test_unknown_or_malformed_dataset_name_is_one_line(name):
+    with pytest.raises(DatasetError) as error:
+        load_dataset(name)
+    message = str(error.value)
+    assert f"Unknown dataset {name.removeprefix('tfds:')!r}: not a TFDS name" in message
+    assert "\n" not in message and "list_builders" in message
+
+
+def test_classes_keep_a_subset_and_the_rest_become_unknown_test_images(tmp_path):
+    root = write_image_folder(tmp_path / "d", num_classes=4, per_class=10, test_per_class=3)
+    data = load_dataset(root, classes=["class_3", "class_1"])
+    assert data.class_names == ["class_1", "class_3"]  # the dataset's order, ids 0 and 1
+    assert data.sizes == {"train": 18, "val": 2, "test": 6, "unknown_test": 6}
+    assert {int(y) for _, y in data.train} == {0, 1}
+    assert {int(y) for _, y in data.unknown_test} == {-1}
+    with pytest.raises(DatasetError, match="has no class 'dog'; its classes are class_0"):
+        load_dataset(root, classes=["class_1", "dog"])
+
+
+def test_tfds_classes_are_remapped_and_the_others_held_out():
+    with tfds.testing.mock_data(num_examples=40), mock.patch("tfmargin.data._check_reachable"):
+        # The mock metadata names the classes "0".."9".
+        data = load_dataset("cifar10", classes=["3", "0"], val_split=0.0)
+        labels = [int(y) for _, y in data.train]
+        unknown = [int(y) for _, y in data.unknown_test]
+        test = [int(y) for _, y in data.test]
+    assert data.class_names == ["0", "3"]
+    assert set(labels) <= {0, 1} and set(test) <= {0, 1} and set(unknown) == {-1}
+    assert data.sizes["test"] + data.sizes["unknown_test"] == 40
+
+
+def test_folder_fingerprint_follows_the_bytes_and_is_cached(tmp_path, monkeypatch):
+    from tfmargin import provenance
+
+    monkeypatch.setattr(provenance, "FINGERPRINT_CACHE", str(tmp_path / "cache.json"))
+    root = write_image_folder(tmp_path / "d", num_classes=2, per_class=3)
+    first = load_dataset(root).fingerprint
+    assert len(first) == 64 and load_dataset(root).fingerprint == first
+    assert str(os.path.abspath(root)) in (tmp_path / "cache.json").read_text()
+    from PIL import Image
+
+    path = os.path.join(root, "class_0", "0000.png")  # another image: other bytes
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(path)
+    assert load_dataset(root).fingerprint != first
 
 
 @pytest.mark.parametrize("mix", ["mixup", "cutmix"])
 def test_mixup_and_cutmix_give_soft_targets_and_the_dominant_label(tmp_path, mix):
     root = write_image_folder(tmp_path / "d", num_classes=3, per_class=8, test_per_class=2)
     data = load_dataset(root)
-    ds = make_pipeline(data.train, batch_size=8, training=True, with_label_input=True, seed=3,
-                       mix=mix, num_classes=3)
-    inputs, targets = next(iter(ds))
+    ds = make_pipeline(data.train, batch_size=8, training=True, seed=3, mix=mix, num_classes=3)
+    images, targets = next(iter(ds))
     targets = targets.numpy()
-    assert targets.shape == (8, 3)
+    assert targets.shape == (8, 3) and images.shape == (8, 32, 32, 3)
     np.testing.assert_allclose(targets.sum(axis=1), 1.0, atol=1e-5)
     assert np.any((targets > 0.01) & (targets < 0.99))  # mixed, not one-hot
-    np.testing.assert_array_equal(inputs["label"], targets.argmax(axis=1))
+
+
+def test_cifar10_jpeg_copy_is_written_as_the_runs_read_it(tmp_path, capsys):
+    """experiments/make_cifar10_jpeg.py on TFDS's mock CIFAR-10: class folders of JPEGs at
+    quality 75 with 4:2:0 chroma, loadable as an image folder, and its fingerprint printed."""
+    import sys
+
+    from PIL import Image, JpegImagePlugin
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments"))
+    import make_cifar10_jpeg
+
+    out = tmp_path / "cifar10-jpeg"
+    with tfds.testing.mock_data(num_examples=12):
+        make_cifar10_jpeg.main([str(out)])
+    printed = capsys.readouterr().out
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.jpg"))
+    assert len(files) == 24 and files[0].startswith("test/")
+    image = Image.open(out / files[0])
+    assert image.format == "JPEG" and image.size == (32, 32)
+    assert JpegImagePlugin.get_sampling(image) == 2  # 4:2:0
+    data = load_dataset(str(out), val_split=0.0)
+    assert data.sizes["train"] == 12 and data.sizes["test"] == 12
+    assert f"fingerprint of this copy:      {data.fingerprint}" in printed

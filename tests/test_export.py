@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from synthetic import write_image_folder
 
-from tfmargin.train import RunConfig, train
+from tfmargin.config import RunConfig
+from tfmargin.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POINTS = "embeddings/.ATTRIBUTES/VARIABLE_VALUE"
@@ -86,30 +87,70 @@ model = tf.saved_model.load(sys.argv[1])
 signature = model.signatures["serving_default"]
 images = np.load(sys.argv[2])
 out = {k: v.numpy() for k, v in model.serve(tf.constant(images)).items()}
+val = {k: v.numpy() for k, v in model.serve(tf.constant(np.load(sys.argv[3]))).items()}
+embedded = model.embed(tf.constant(images))["embedding"].numpy()
 print("RESULT" + json.dumps({
     "inputs": sorted(signature.structured_input_signature[1]),
     "outputs": sorted(out), "probabilities": out["probabilities"].tolist(),
+    "logits": out["logits"].tolist(), "embed_matches": bool(np.allclose(
+        embedded, out["embedding"], atol=1e-6)),
+    "temperature": float(model.temperature[0].numpy()),
+    "threshold": float(model.reject_threshold[0].numpy()),
+    "val_rejected": val["rejected"].tolist(), "val_names": [n.decode() for n in
+                                                            val["class_name"]],
+    "val_ids": val["class_id"].tolist(),
     "names": [n.decode() for n in out["class_name"]], "loaded_tfmargin": "tfmargin" in sys.modules,
 }))
 """
 
 
-def test_saved_model_in_a_fresh_process_matches_keras(finished_run):
+@pytest.fixture(scope="module")
+def fresh(finished_run):
+    """The SavedModel served in a fresh process with plain TensorFlow: the random images
+    and the run's own known validation images."""
+    from tfmargin.data import load_dataset
+
     npy = finished_run["tmp"] / "images.npy"
     np.save(npy, finished_run["images"])
+    val = load_dataset(finished_run["data"]).val  # the run's split: same folder and seed
+    val_images = np.stack([x.numpy() for x, _ in val])
+    np.save(finished_run["tmp"] / "val.npy", val_images)
     result = subprocess.run(
-        [sys.executable, "-c", FRESH, str(finished_run["export"] / "savedmodel"), str(npy)],
+        [sys.executable, "-c", FRESH, str(finished_run["export"] / "savedmodel"), str(npy),
+         str(finished_run["tmp"] / "val.npy")],
         capture_output=True, text=True, timeout=300, cwd=str(finished_run["tmp"]))
     assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.split("RESULT", 1)[1])
+    return json.loads(result.stdout.split("RESULT", 1)[1]) | {"val_images": val_images}
+
+
+def test_saved_model_in_a_fresh_process_matches_keras(finished_run, fresh):
+    out = fresh
     assert out["inputs"] == ["images"] and not out["loaded_tfmargin"]
     assert out["outputs"] == ["class_id", "class_name", "cosine", "embedding", "logits",
-                              "probabilities"]
+                              "probabilities", "rejected", "score"]
     model = keras.saving.load_model(finished_run["export"] / "model.keras")
-    expected = keras.ops.softmax(model.predict(finished_run["images"].astype("float32"),
-                                               verbose=0)).numpy()
+    logits = model.predict(finished_run["images"].astype("float32"), verbose=0)
+    np.testing.assert_allclose(out["logits"], logits, atol=1e-4)
+    temperature = finished_run["metrics"]["calibration"]["temperature"]
+    assert out["temperature"] == pytest.approx(temperature, rel=1e-6) and temperature != 1.0
+    expected = keras.ops.softmax(np.asarray(out["logits"]) / temperature).numpy()
     np.testing.assert_allclose(out["probabilities"], expected, atol=1e-5)
-    assert out["names"] == [f"class_{i}" for i in expected.argmax(axis=1)]
+    assert out["embed_matches"]
+
+
+def test_saved_model_rejects_known_validation_images_at_the_recorded_rate(finished_run,
+                                                                         fresh):
+    reject = finished_run["metrics"]["reject"]
+    assert reject["score"] == "max_logit" and reject["chosen_on"] == "validation"
+    assert fresh["threshold"] == pytest.approx(reject["threshold"], rel=1e-6)
+    rejected = np.array(fresh["val_rejected"])
+    assert len(rejected) == 24 and rejected.sum() == 1  # floor(5 % of 24)
+    assert rejected.mean() == pytest.approx(reject["val_rejected"])
+    assert [n for n, r in zip(fresh["val_names"], rejected, strict=True) if r] == ["unknown"]
+    assert [i for i, r in zip(fresh["val_ids"], rejected, strict=True) if r] == [-1]
+    serving = json.loads((finished_run["export"] / "serving.json").read_text())
+    assert serving["reject"] == reject and serving["temperature"] == pytest.approx(
+        finished_run["metrics"]["calibration"]["temperature"])
 
 
 def test_keras_file_reloads_with_identical_outputs(finished_run):
@@ -138,15 +179,15 @@ def test_onnx_export_agrees(finished_run, tmp_path):
 
 
 def test_crash_during_export_leaves_nothing(finished_run, tmp_path):
+    from tfmargin.classifier import MarginClassifier
     from tfmargin.export import export_models
-    from tfmargin.models import build_models
 
-    models = build_models("tinycnn", 3, embedding_dim=4, scale=4.0)
+    model = MarginClassifier("tinycnn", 3, embedding_dim=4, scale=4.0)
     target = tmp_path / "sm" / "crashed"
     # Fails after the SavedModel is already in the temporary folder.
-    with mock.patch.object(models.inference, "save", side_effect=OSError("disk full")):
+    with mock.patch.object(model, "save", side_effect=OSError("disk full")):
         with pytest.raises(OSError, match="disk full"):
-            export_models(models, ["a", "b", "c"], str(target))
+            export_models(model, ["a", "b", "c"], str(target))
     assert os.listdir(tmp_path / "sm") == []
 
 
@@ -159,6 +200,21 @@ def test_predict_script_prints_class_names(finished_run):
     line = result.stdout.strip().splitlines()[-1]
     assert line.startswith(image + ": class_")
     assert line.split(": ", 1)[1].count("class_") == 2
+    assert "I0000" not in result.stderr and "cuInit" not in result.stderr
+
+
+def test_predict_script_prints_unknown_for_a_rejected_image(finished_run, fresh, tmp_path):
+    from PIL import Image
+
+    index = fresh["val_rejected"].index(True)
+    path = tmp_path / "rejected.png"  # PNG: the same pixels, so the same score
+    Image.fromarray(fresh["val_images"][index]).save(path)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "predict.py"),
+                             str(finished_run["export"]), str(path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = result.stdout.strip().splitlines()[-1]
+    assert line.startswith(f"{path}: unknown (score ") and "chosen on validation" in line
 
 
 def test_hparams_and_metrics_are_logged(finished_run):

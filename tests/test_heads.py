@@ -282,14 +282,21 @@ def test_target_angle_metric_reports_degrees(one_hot):
                                          "normface"])
 def test_every_margin_type_builds_with_its_registry_default(margin_type):
     from tfmargin.config import RunConfig
-    from tfmargin.margins import DEFAULT_SCALE, MARGIN_TYPES, resolve_margins
+    from tfmargin.margins import MARGIN_TYPES
 
     head = ArcMarginLayer(10, margin_type=margin_type)
     default = MARGIN_TYPES[margin_type].default_margin
-    assert (head.m1, head.m2, head.m3) == resolve_margins(margin_type, default)
-    assert head.scale == DEFAULT_SCALE == RunConfig().scale
-    assert RunConfig(loss=margin_type).resolved_margin() == default
-    assert MARGIN_TYPES[margin_type].source  # every default names where it comes from
+    # The defaults as written in the registry, spelled out per type (not recomputed by the
+    # function the layer calls).
+    expected = {"arcface": lambda: (1.0, default, 0.0), "cosface": lambda: (1.0, 0.0, default),
+                "sphereface": lambda: (default, 0.0, 0.0), "combined": lambda: tuple(default),
+                "normface": lambda: (1.0, 0.0, 0.0)}[margin_type]()
+    assert (head.m1, head.m2, head.m3) == expected
+    assert head.scale == MARGIN_TYPES[margin_type].default_scale
+    config = RunConfig(loss=margin_type)
+    assert config.resolved_margin() == default
+    assert config.resolved_scale() == head.scale
+    assert MARGIN_TYPES[margin_type].published  # every type names its published values
     x = np.random.default_rng(0).normal(size=(4, 8)).astype("float32")
     out = head(x, labels=np.array([0, 1, 2, 3]), training=True)
     assert np.all(np.isfinite(to_numpy(out)))

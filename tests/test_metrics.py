@@ -84,7 +84,149 @@ def test_retrieval_metrics_match_brute_force(block_size):
 def test_retrieval_metrics_of_perfect_and_hand_computed_embeddings():
     labels = np.array([0, 0, 1, 1])
     perfect = np.array([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0], [0.01, 1.0]])
-    assert retrieval_metrics(perfect, labels) == {"precision_at_1": 1.0, "map_at_r": 1.0}
+    assert retrieval_metrics(perfect, labels) == {"precision_at_1": 1.0, "r_precision": 1.0,
+                                                  "map_at_r": 1.0}
     # Every query's nearest neighbour is of the other class: P@1 = 0, MAP@R (R = 1) = 0.
     mixed = np.array([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9]])
-    assert retrieval_metrics(mixed, labels) == {"precision_at_1": 0.0, "map_at_r": 0.0}
+    assert retrieval_metrics(mixed, labels) == {"precision_at_1": 0.0, "r_precision": 0.0,
+                                                "map_at_r": 0.0}
+
+
+def test_auroc_matches_scikit_learn_with_ties():
+    from sklearn.metrics import roc_auc_score
+
+    from tfmargin.metrics import auroc
+
+    rng = np.random.default_rng(0)
+    known = np.round(rng.normal(1.0, 1.0, 300), 1)  # rounded: many ties
+    unknown = np.round(rng.normal(0.0, 1.0, 200), 1)
+    expected = roc_auc_score(np.r_[np.ones(300), np.zeros(200)], np.r_[known, unknown])
+    assert auroc(known, unknown) == pytest.approx(expected, abs=1e-12)
+    assert auroc([2.0, 3.0], [0.0, 1.0]) == 1.0 and auroc([1.0], [1.0]) == 0.5
+
+
+def brute_force_oscr(known, correct, unknown):
+    """Every threshold (accept score >= t) from the top, the curve's points by counting."""
+    points = [(0.0, 0.0)]
+    for t in sorted(set(known) | set(unknown), reverse=True):
+        fpr = sum(u >= t for u in unknown) / len(unknown)
+        ccr = sum(k >= t and c for k, c in zip(known, correct, strict=True)) / len(known)
+        points.append((fpr, ccr))
+    return sum((b[0] - a[0]) * (a[1] + b[1]) / 2 for a, b in zip(points, points[1:], strict=False))
+
+
+def test_oscr_matches_a_brute_force_curve():
+    from tfmargin.metrics import oscr
+
+    rng = np.random.default_rng(1)
+    known = np.round(rng.normal(1.0, 1.0, 120), 1)
+    correct = rng.uniform(size=120) < 0.8
+    unknown = np.round(rng.normal(0.0, 1.0, 80), 1)
+    expected = brute_force_oscr(known.tolist(), correct.tolist(), unknown.tolist())
+    assert oscr(known, correct, unknown) == pytest.approx(expected, abs=1e-12)
+    # Perfect separation: the area is the closed-set accuracy.
+    assert oscr([5.0, 6.0, 7.0], [True, True, False], [0.0, 1.0]) == pytest.approx(2 / 3)
+
+
+def test_calibration_metrics_against_a_direct_computation():
+    from tfmargin.metrics import calibration_metrics
+
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(500, 4)) * 3
+    labels = rng.integers(0, 4, 500)
+    p = np.exp(logits / 2.0) / np.exp(logits / 2.0).sum(1, keepdims=True)
+    confidence, predicted = p.max(1), p.argmax(1)
+    ece = 0.0
+    for low in np.arange(15) / 15:  # bins (low, low + 1/15]
+        inside = (confidence > low) & (confidence <= low + 1 / 15)
+        if inside.any():
+            ece += inside.sum() / 500 * abs((predicted[inside] == labels[inside]).mean()
+                                            - confidence[inside].mean())
+    got = calibration_metrics(logits, labels, temperature=2.0)
+    assert got["ece"] == pytest.approx(ece, abs=1e-12)
+    assert got["nll"] == pytest.approx(-np.log(p[np.arange(500), labels]).mean(), abs=1e-10)
+    assert got["brier"] == pytest.approx(((p - np.eye(4)[labels]) ** 2).sum(1).mean(), abs=1e-12)
+
+
+def test_temperature_fit_finds_the_nll_minimum():
+    from scipy.optimize import minimize_scalar
+
+    from tfmargin.metrics import fit_temperature, negative_log_likelihood
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 10, 2000)
+    logits = rng.normal(size=(2000, 10)) + 2.0 * np.eye(10)[labels]
+    logits *= 4.0  # over-confident: the best temperature is above 1
+    best = minimize_scalar(lambda t: negative_log_likelihood(logits, labels, t),
+                           bounds=(0.05, 50), method="bounded", options={"xatol": 1e-8}).x
+    got = fit_temperature(logits, labels)
+    assert got == pytest.approx(best, rel=1e-4) and got > 1.5
+
+
+def test_rejection_threshold_keeps_the_asked_fraction_with_a_margin():
+    from tfmargin.metrics import rejection_threshold
+
+    scores = np.arange(40, dtype=float)  # floor(5 % of 40) = 2 rejected
+    threshold = rejection_threshold(scores, keep=0.95)
+    assert threshold == 1.5 and np.mean(scores >= threshold) == 0.95
+    assert rejection_threshold([3.0, 4.0], keep=0.95) < 3.0  # none to reject
+
+
+def brute_force_gallery(queries, query_labels, gallery, gallery_labels, k):
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    g = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
+    votes, p1, rp, mapr = [], [], [], []
+    for i in range(len(q)):
+        order = sorted(range(len(g)), key=lambda j: -float(q[i] @ g[j]))
+        relevant = [gallery_labels[j] == query_labels[i] for j in order]
+        r = int(np.sum(gallery_labels == query_labels[i]))
+        nearest = [gallery_labels[j] for j in order[:k]]
+        counts = {c: nearest.count(c) for c in set(nearest)}
+        top = max(counts.values())
+        tied = [c for c in counts if counts[c] == top]
+        strength = {c: sum(float(q[i] @ g[j]) for j in order[:k] if gallery_labels[j] == c)
+                    for c in tied}
+        votes.append(max(tied, key=lambda c: strength[c]) == query_labels[i])
+        p1.append(relevant[0])
+        rp.append(sum(relevant[:r]) / r)
+        hits, total = 0, 0.0
+        for n in range(r):
+            if relevant[n]:
+                hits += 1
+                total += hits / (n + 1)
+        mapr.append(total / r)
+    return {"knn_top1": np.mean(votes), "precision_at_1": np.mean(p1),
+            "r_precision": np.mean(rp), "map_at_r": np.mean(mapr)}
+
+
+@pytest.mark.parametrize("block_size", [3, 256])
+def test_gallery_retrieval_matches_brute_force(block_size):
+    from tfmargin.metrics import gallery_retrieval_metrics
+
+    rng = np.random.default_rng(4)
+    gallery_labels = rng.integers(0, 4, 90)
+    query_labels = rng.integers(0, 4, 25)
+    gallery = rng.normal(size=(90, 6)) + 1.5 * np.eye(6)[gallery_labels]
+    queries = rng.normal(size=(25, 6)) + 1.5 * np.eye(6)[query_labels]
+    got = gallery_retrieval_metrics(queries, query_labels, gallery, gallery_labels, k=5,
+                                    block_size=block_size)
+    expected = brute_force_gallery(queries, query_labels, gallery, gallery_labels, 5)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-12), key
+    assert 0.3 < got["map_at_r"] < 0.95
+
+
+def test_open_set_scores_rank_known_images_higher():
+    from tfmargin.metrics import energy, knn_similarity, open_set_scores
+
+    logits = np.array([[4.0, 0.0, 0.0], [0.5, 0.4, 0.3]])
+    embeddings = np.array([[3.0, 0.0], [0.0, 0.5]])
+    gallery = np.array([[1.0, 0.0], [0.9, 0.1], [1.0, 0.05]])
+    scores = open_set_scores(logits, embeddings, gallery, k=2)
+    assert set(scores) == {"msp", "max_logit", "energy", "feature_norm", "knn"}
+    assert all(scores[name][0] > scores[name][1] for name in scores)
+    assert scores["feature_norm"].tolist() == [3.0, 0.5]
+    np.testing.assert_allclose(energy(logits), np.log(np.exp(logits).sum(1)))
+    # k-th nearest: the second most similar gallery embedding's cosine.
+    np.testing.assert_allclose(knn_similarity(np.array([[1.0, 0.0]]), gallery, k=2),
+                               [1.0 / np.sqrt(1 + 0.05**2)])

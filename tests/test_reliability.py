@@ -92,16 +92,7 @@ def test_sigkill_mid_epoch_then_same_command_resumes(shapes, tmp_path, torn_back
     args = tiny_args(shapes, tmp_path, "--seed", "1")
     args[args.index("--epochs") + 1] = "3"
     env = {**os.environ, "CI": "1", "PYTHONUNBUFFERED": "1"}
-    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                             env=env)
-    seen = []
-    for line in first.stdout:  # epochs 1 and 2 are backed up once "Epoch 3/3" starts
-        seen.append(line)
-        if line.startswith("Epoch 3/3"):
-            first.send_signal(signal.SIGKILL)
-            break
-    first.wait(timeout=120)
-    assert first.returncode == -signal.SIGKILL, "".join(seen)[-2000:]
+    kill_at_epoch(args, 3, env)  # epochs 1 and 2 are backed up once "Epoch 3/3" starts
     run_dir = tmp_path / "r"
     backup = run_dir / "backup"
     assert backup.is_dir() and not (run_dir / "metrics.json").exists()

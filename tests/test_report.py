@@ -6,27 +6,39 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+README_TEMPLATE = "".join(f"<!-- results:{name} -->\n<!-- /results:{name} -->\n"
+                          for name in ("headline", "main-command", "open-set"))
 
 
 def fake_run(runs, name, backbone, loss, top1, mAP, **changes):
     os.makedirs(runs / name)
     config = {"backbone": backbone, "loss": loss, "dataset": "data/cifar10-jpeg", "epochs": 3,
               "limit_train": 5000, "batch_size": 128, "optimizer": "sgd", "seed": 0,
-              "learning_rate": 0.05, "validation_freq": 3, "scale": 16.0,
+              "learning_rate": 0.05, "validation_freq": 3,
+              "scale": None if loss == "softmax" else 16.0,
               "margin": None if loss == "softmax" else 0.2, "fallback": "monotonic",
-              "ce_weight": 0.0, "head_scale": 16.0, "train_size": 5000} | changes
+              "ce_weight": 0.0, "head_scale": 16.0, "train_size": 5000,
+              "label_smoothing": 0.0} | changes
     metrics = {"top1": top1, "top5": 0.9, "mAP": mAP, "precision_at_1": 0.3,
-               "map_at_r": 0.125, "val": {"top1": 0.5}, "epochs": 3, "wall_seconds": 100.0,
-               "train_images_per_second": 50.0, "train_accuracy_last_epoch": 0.4}
+               "map_at_r": 0.125, "val": {"top1": 0.5, "mAP": 0.5, "precision_at_1": 0.5,
+                                          "map_at_r": 0.5}, "epochs": 3, "wall_seconds": 100.0,
+               "train_images_per_second": 50.0, "train_accuracy_last_epoch": 0.4,
+               "finished_at": "2026-12-01T10:20:30Z"}
     (runs / name / "config.json").write_text(json.dumps(config))
     (runs / name / "metrics.json").write_text(json.dumps(metrics))
 
 
-def write_report(runs, output):
-    """Run experiments/report.py on ``runs`` as the command line does; the Markdown it wrote."""
+def write_report(runs, output, *extra):
+    """Run experiments/report.py on the ledger ``runs`` as the command line does, with a
+    README of empty results blocks beside ``output``; the Markdown it wrote."""
+    readme = output.parent / "README.md"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if not readme.exists():
+        readme.write_text(README_TEMPLATE)
     result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "report.py"),
-                             "--runs-dir", str(runs), "--output", str(output)],
-                            capture_output=True, text=True, timeout=300)
+                             "--ledger", str(runs), "--output", str(output), "--readme",
+                             str(readme), *extra], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     return output.read_text()
 
@@ -47,7 +59,7 @@ def test_report_copies_the_metrics_files(tmp_path):
     os.makedirs(runs / "unfinished")
     text = write_report(runs, tmp_path / "results.md")
     assert ("| a | resnet18 | softmax | - | - | - | - | 0 | 5000 | 3 | 50.00 | 41.23 | 43.22 "
-            "| 30.00 | 12.50 | 40.00 |") in text
+            "| 30.00 | 12.50 | 40.00 | 50.0 | 100 | 2026-12-01 10:20 UTC |") in text
     assert ("| b | resnet18 | arcface | 16 | 0.2 | monotonic | 0.0 | 0 | 5000 | 3 | 50.00 "
             "| 38.77 | 40.00 |") in text
     assert "| paper: cross-entropy | 65.2 | 84.66 | 59.01 |" in text
@@ -57,8 +69,8 @@ def test_report_copies_the_metrics_files(tmp_path):
     assert "| ours: arcface s=16 m=0.2 monotonic, adamw lr=0.002 | 50.00 (+6.78) |" in text
     # The exact command: every setting that differs from run.py's defaults, nothing else.
     assert ("`python experiments/run.py --backbone resnet18 --loss arcface --dataset "
-            "data/cifar10-jpeg --epochs 3 --margin 0.2 --limit-train 5000 --validation-freq 3`"
-            in text)
+            "data/cifar10-jpeg --epochs 3 --margin 0.2 --limit-train 5000 "
+            "--no-mixed-precision`" in text)
     assert "Table 2, CIFAR-100" in text and "| paper: cross-entropy | 60.16 | 62.2 | 58.94 |" \
         in text and "python experiments/sweep.py table2" in text
     assert "unfinished" not in text
@@ -66,6 +78,7 @@ def test_report_copies_the_metrics_files(tmp_path):
 
 @pytest.mark.slow
 def test_sweep_runs_skips_finished_and_reports_a_figure(tmp_path):
+    from report import collect
     from synthetic import write_image_folder
 
     data = write_image_folder(tmp_path / "shapes", num_classes=3, per_class=16, test_per_class=6)
@@ -82,7 +95,12 @@ def test_sweep_runs_skips_finished_and_reports_a_figure(tmp_path):
     assert "8 runs in grid figure2 (8 already finished)" in again.stdout
     assert "Epoch 1/1" not in again.stdout
 
-    text = write_report(runs, tmp_path / "docs" / "results.md")
+    ledger = tmp_path / "ledger"
+    assert len(collect(str(runs), str(ledger))) == 8
+    assert sorted(os.listdir(ledger / sorted(os.listdir(ledger))[0])) == [
+        "config.json", "log.csv", "metrics.json", "test_predictions.npz"]
+    assert collect(str(runs), str(ledger)) == []  # already there
+    text = write_report(ledger, tmp_path / "docs" / "results.md")
     png = tmp_path / "docs" / "figure2.png"
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
     assert "![mAP and top-1 against m](figure2.png)" in text
@@ -108,14 +126,16 @@ def seed_run(name, loss, seed, top1, tta_top1, map_at_r=0.8):
     config = {"backbone": "airbench94", "loss": loss, "dataset": "data/cifar10-jpeg/",
               "recipe": "airbench", "train_size": 50000, "epochs": 10, "seed": seed,
               "margin": None if loss == "softmax" else 0.3, "head_scale": 8.0,
-              "fallback": "monotonic", "ce_weight": 0.0, "label_smoothing": 0.2}
+              "fallback": "monotonic", "ce_weight": 0.0, "label_smoothing": 0.2,
+              "learning_rate": 0.1875, "weight_decay": 0.0153 / 11.5, "optimizer": "sgd",
+              "scale": None if loss == "softmax" else 8.0}
     metrics = {"top1": top1, "tta": {"top1": tta_top1}, "mAP": 0.9, "precision_at_1": 0.9,
                "map_at_r": map_at_r, "wall_seconds": 1800.0}
     return {"name": name, "config": config, "metrics": metrics}
 
 
 def test_seed_table_reports_mean_sd_and_paired_interval():
-    from tfmargin.results import seed_table
+    from tables import seed_table
 
     softmax = [0.930, 0.934, 0.931, 0.936, 0.933]
     arcface = [0.932, 0.933, 0.935, 0.937, 0.936]  # paired by seed
@@ -128,9 +148,9 @@ def test_seed_table_reports_mean_sd_and_paired_interval():
     mixed["config"]["mixed_precision"] = True
     text = seed_table(runs + [mixed])
     # Hand computation: top-1 percent mean 93.28, s.d. 0.2387 (softmax).
-    assert ("| cifar10-jpeg airbench94 airbench 50000 10 float32 | softmax | 0, 1, 2, 3, 4 | "
+    assert ("| cifar10-jpeg airbench94 airbench 50000x10 float32 | softmax | 0, 1, 2, 3, 4 | "
             "93.28 ± 0.24") in text
-    assert "| cifar10-jpeg airbench94 airbench 50000 10 mixed | softmax | 0 | 95.00 |" in text
+    assert "| cifar10-jpeg airbench94 airbench 50000x10 mixed | softmax | 0 | 95.00 |" in text
     # Differences (pp) 0.2, -0.1, 0.4, 0.1, 0.3: mean 0.18, s.d. 0.19235,
     # t(0.975, 4) = 2.7764 -> half-width 0.2388.
     assert "| arcface s=8 m=0.3 monotonic | 5 | +0.18 (-0.06, +0.42) |" in text
@@ -145,7 +165,7 @@ def test_seed_table_reports_mean_sd_and_paired_interval():
 
 
 def test_wall_time_of_a_resumed_run_is_labelled_and_left_out_of_the_mean():
-    from tfmargin.results import runs_table, seed_table
+    from tables import runs_table, seed_table
 
     runs = [seed_run(f"s{k}", "softmax", k, 0.9, 0.9) for k in range(3)]
     runs[0]["metrics"] |= {"wall_seconds": 900.0, "resumed_at_epoch": 4}  # epochs 5-10 only
@@ -162,12 +182,31 @@ def test_wall_time_of_a_resumed_run_is_labelled_and_left_out_of_the_mean():
     assert seed_table(runs).splitlines()[2].endswith(" | - |")  # no uninterrupted run
 
 
-def test_seed_table_refuses_a_seed_run_twice():
-    from tfmargin.results import seed_table
+def test_seed_arms_are_keyed_by_the_whole_identity_but_the_seed():
+    """Same head, another learning rate: its own arm (never averaged in, never a clash)."""
+    from tables import seed_table
 
-    runs = [seed_run("x", "softmax", 0, 0.9, 0.9), seed_run("y", "softmax", 0, 0.9, 0.9)]
-    with pytest.raises(ValueError, match="two runs of softmax with seed 0: x and y"):
-        seed_table(runs)
+    runs = [seed_run("x", "softmax", 0, 0.90, 0.9), seed_run("y", "softmax", 1, 0.92, 0.9)]
+    other = seed_run("z", "softmax", 0, 0.50, 0.5)
+    other["config"]["learning_rate"] = 0.5
+    text = seed_table(runs + [other])
+    assert "| cifar10-jpeg airbench94 airbench 50000x10 float32 | softmax | 0, 1 | 91.00 ± 1.41" \
+        in text
+    assert "| cifar10-jpeg airbench94 airbench 50000x10 float32, lr=0.5 | softmax | 0 | 50.00" \
+        in text
+
+
+def test_head_spec_of_a_combined_margin_round_trips_through_the_sweep_grammar():
+    import sweep
+    from tables import head_spec, recipe_label
+
+    config = {"loss": "combined", "head_scale": 8.0, "margin": [1.0, 0.3, 0.2],
+              "fallback": "monotonic", "label_smoothing": 0.0}
+    assert head_spec(config) == "combined:s=8:m=1/0.3/0.2"
+    assert sweep.parse_heads(head_spec(config)) == [
+        dict(loss="combined", scale=8.0, margin=(1.0, 0.3, 0.2))]
+    # An airbench run at its own recipe's settings has no recipe label.
+    assert recipe_label(seed_run("a", "softmax", 0, 0.9, 0.9)["config"]) == ""
 
 
 def test_selection_section_shows_precision_smoothing_and_each_command(tmp_path):
@@ -185,19 +224,18 @@ def test_selection_section_shows_precision_smoothing_and_each_command(tmp_path):
              head_scale=8.0, margin=0.1, **selection)  # ties b on val top-1, lower val mAP
     for name, top1, mAP in (("a", 0.91, 0.95), ("b", 0.92, 0.95), ("c", 0.9, 0.95),
                             ("a0", 0.92, 0.94)):  # validation metrics
-        update_metrics(runs, name, val={"top1": top1, "mAP": mAP, "precision_at_1": 0.85})
+        update_metrics(runs, name, val={"top1": top1, "mAP": mAP, "precision_at_1": 0.85,
+                                        "map_at_r": 0.5})
     text = write_report(runs, tmp_path / "results.md")
     # Sorted by validation top-1: the cosface run first.
-    assert ("| cosface s=8 m=0.3 LS 0.0 | float32 | 0.0 | 0 | 45000 | 5 | 92.00 | 95.00 | 85.00 "
-            "|\n| softmax | mixed | 0.2 | 0 | 45000 | 5 | 91.00 | 95.00 | 85.00 |") in text
-    # The margin head chosen on validation (not the run best on test), and its seed study.
-    assert "- cosface: **cosface s=8 m=0.3 LS 0.0** (92.00 % validation top-1, `b`)" in text
-    study = "python experiments/sweep.py heads --recipe airbench --dataset data/cifar10-jpeg"
-    assert (f"{study} --heads softmax,paper,cosface:s=8:m=0.3:ls=0 --seeds 0,1\n"
-            f"    {study} --heads softmax,cosface:s=8:m=0.3:ls=0 --seeds 2,3,4\n") in text
+    assert ("| airbench94 | cosface s=8 m=0.3 LS 0.0 | float32 | 0.0 | 0.1875 | 0 | 45000 | 5 | "
+            "92.00 | 95.00 | 85.00 | 50.00 |\n| airbench94 | cosface s=8 m=0.1 | float32 | 0.2 | "
+            "0.1875 | 0 | 45000 | 5 | 92.00 | 94.00 |") in text
+    # The margin head chosen on validation (not the run best on test).
+    assert ("- airbench94, cosface: **cosface s=8 m=0.3 LS 0.0** (92.00 % validation top-1; "
+            "`cosface:s=8:m=0.3:ls=0`)") in text
     assert ("`python experiments/run.py --recipe airbench --backbone airbench94 --loss softmax "
-            "--dataset data/cifar10-jpeg --epochs 5 --mixed-precision --validation-freq 5 "
-            "--val-split 0.1`") in text
+            "--dataset data/cifar10-jpeg --epochs 5 --val-split 0.1 --mixed-precision`") in text
 
 
 def test_paper_backbones_on_the_whole_training_split_get_their_own_section(tmp_path):
@@ -211,14 +249,40 @@ def test_paper_backbones_on_the_whole_training_split_get_their_own_section(tmp_p
         update_metrics(runs, name, val=None, epochs=8, tta={"top1": top1 + 0.01})
     text = write_report(runs, tmp_path / "results.md")
     section = text.split("## The paper's backbones on all 50,000")[1].split("\n## ")[0]
-    assert "| cifar10-jpeg resnet18 standard 50000 8 mixed | softmax | 0 | 90.00 | 91.00 |" \
+    assert "| cifar10-jpeg resnet18 standard 50000x8 mixed | softmax | 0 | 90.00 | 91.00 |" \
         in section
     assert ("| arcface s=16 m=0.2 monotonic | 1 | -2.00 | -2.00 | -2.00 | +0.00 | +0.00 | "
             "one seed: an anecdote |") in section
     assert "tiny-run" not in section
     # TTA is in the command although the identity leaves tta 0 out (added after runs existed).
     assert ("`python experiments/run.py --backbone resnet18 --loss softmax --dataset "
-            "data/cifar10-jpeg --tta 2 --epochs 8 --mixed-precision --validation-freq 8 "
-            "--val-split 0.0`") in section
+            "data/cifar10-jpeg --tta 2 --epochs 8 --val-split 0.0 --mixed-precision`") in section
     # The paper layout stays at the budget that covers the most runs' backbones: 5,000 images.
     assert "Ours at 5000 training images x 3 epochs" in text
+
+
+def test_committed_documents_are_the_report_of_the_committed_ledger():
+    """docs/results.md and the README's results blocks, byte for byte, from results/runs,
+    in seconds and without TensorFlow (a stale document fails CI)."""
+    probe = ("import runpy, sys\nsys.argv = ['report.py', '--check']\ntry:\n"
+             "    runpy.run_path('experiments/report.py', run_name='__main__')\n"
+             "except SystemExit as e:\n    print('EXIT', e.code)\n"
+             "print('TENSORFLOW', 'tensorflow' in sys.modules, 'matplotlib' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert "EXIT" not in done.stdout, done.stdout + done.stderr
+    assert "are the report of" in done.stdout, done.stdout + done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "TENSORFLOW False False"
+
+
+def test_check_fails_on_a_stale_document(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs, "a", "resnet18", "softmax", 0.41234, 0.43219)
+    write_report(runs, tmp_path / "results.md", "--no-plots")
+    check = [sys.executable, os.path.join(ROOT, "experiments", "report.py"), "--ledger",
+             str(runs), "--output", str(tmp_path / "results.md"), "--readme",
+             str(tmp_path / "README.md"), "--check"]
+    assert subprocess.run(check, capture_output=True, timeout=120).returncode == 0
+    update_metrics(runs, "a", top1=0.5)
+    stale = subprocess.run(check, capture_output=True, text=True, timeout=120)
+    assert stale.returncode == 1 and "differ from the report" in stale.stderr

@@ -45,9 +45,20 @@ def test_cli_end_to_end_writes_the_run_directory(shapes, tmp_path):
     log = (run_dir / "log.csv").read_text().splitlines()
     assert log[0].startswith("epoch") and "theta_y_mean" in log[0] and len(log) == 3
     assert os.listdir(run_dir / "logs")
-    assert "top1" in result.stdout and "smoke" in result.stdout
+    # It says what it reached, where it wrote, and what to type next.
+    assert "smoke: test top-1 " in result.stdout
+    assert f"run directory: {run_dir}" in result.stdout
+    assert f"export: {tmp_path / 'exports' / 'smoke'}" in result.stdout
+    assert f"tensorboard --logdir {run_dir / 'logs'}" in result.stdout
+    assert f"python experiments/predict.py {tmp_path / 'exports' / 'smoke'}" in result.stdout
+    assert "I0000" not in result.stderr and "cuInit" not in result.stderr
     assert sorted(os.listdir(tmp_path / "exports" / "smoke")) == [
-        "class_names.txt", "model.keras", "savedmodel"]
+        "class_names.txt", "model.keras", "savedmodel", "serving.json"]
+    assert os.readlink(tmp_path / "exports" / "latest") == "smoke"
+    assert config["code"]["commit"] and isinstance(config["code"]["dirty"], bool)
+    assert set(config["versions"]) >= {"python", "tensorflow", "keras", "numpy"}
+    assert config["machine"]["model"] and len(config["data_fingerprint"]) == 64
+    assert metrics["finished_at"].endswith("Z") and "calibration" in metrics
 
 
 @pytest.mark.slow
@@ -104,7 +115,7 @@ def test_offline_cifar10_is_one_line_not_a_traceback(tmp_path):
     (dict(ce_weight=1.0), "--ce-weight must be in [0, 1)"),
 ])
 def test_config_validation_messages(changes, message):
-    from tfmargin.train import ConfigError, RunConfig
+    from tfmargin.config import ConfigError, RunConfig
 
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")
                        .replace(")", r"\)")):
@@ -116,7 +127,8 @@ import csv, json, sys, tensorflow as tf
 tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
     [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras, numpy as np
-from tfmargin.train import RunConfig, train
+from tfmargin.config import RunConfig
+from tfmargin.train import train
 results, loss = {}, sys.argv[3]
 for strategy, batch in (("default", 16), ("mirrored", 8)):
     name = f"{loss}-{strategy}"
@@ -170,7 +182,7 @@ def test_nan_loss_stops_with_advice_and_keeps_no_bad_checkpoint(shapes, tmp_path
     error = [line for line in result.stderr.splitlines() if line.startswith("run.py: error:")]
     assert len(error) == 1 and "loss became NaN in epoch 1" in error[0]
     assert "Try a smaller --learning-rate or --scale" in error[0]
-    assert "no epoch finished before it" in error[0]
+    assert "no epoch was validated before it, so no checkpoint was kept" in error[0]
     assert not (tmp_path / "nan" / "checkpoints" / "best.weights.h5").exists()
     assert not (tmp_path / "nan" / "metrics.json").exists()
     assert not (tmp_path / "nan" / "backup").exists()  # a rerun starts afresh
@@ -196,9 +208,9 @@ def test_finished_run_is_not_overwritten_silently(shapes, tmp_path):
 
 EVERY_LOSS = r"""
 import runpy, sys
-from tfmargin.config import LOSSES
+from tfmargin.names import HEADS
 dataset, runs = sys.argv[1:3]
-for loss in LOSSES:  # no head flag: each loss with its registry defaults
+for loss in HEADS:  # no head flag: each loss with its registry defaults
     sys.argv = ["run.py", "--loss", loss, "--backbone", "tinycnn", "--dataset", dataset,
                 "--epochs", "1", "--batch-size", "32", "--embedding-dim", "8", "--export", "none",
                 "--projector-samples", "0", "--runs-dir", runs]
@@ -265,8 +277,8 @@ def test_a_sweep_at_another_learning_rate_trains_new_runs_and_a_name_clash_is_re
 
 
 def test_learning_rate_scales_linearly_with_the_global_batch():
+    from tfmargin.config import RunConfig
     from tfmargin.recipes import learning_rate_schedule
-    from tfmargin.train import RunConfig
 
     config = RunConfig(learning_rate=0.05, epochs=2, warmup_epochs=1)
     peaks = [float(learning_rate_schedule(config, 10, global_batch)(10))  # end of warm-up
@@ -304,18 +316,19 @@ import tensorflow as tf
 tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
     [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras, numpy as np
-from tfmargin.models import build_models
-from tfmargin.train import predict_split
+from tfmargin.classifier import MarginClassifier
+from tfmargin.evaluation import predict_split, prediction_step
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 with strategy.scope():
-    models = build_models("tinycnn", 10, "softmax", embedding_dim=0)
+    model = MarginClassifier("tinycnn", 10, margin_type="softmax", embedding_dim=0)
 labels = np.arange(50) % 10
 images = np.zeros((50, 32, 32, 3), np.uint8) + (labels * 20)[:, None, None, None].astype(np.uint8)
 split = tf.data.Dataset.from_tensor_slices((images, labels)).shuffle(
     50, seed=1, reshuffle_each_iteration=False)
-logits, embeddings, got, _ = predict_split(models.evaluation_model(), split, 8)  # 7 batches
-again = models.inference.predict(np.stack([x for x, _ in split]).astype("float32"), verbose=0)
-print("PAIRED", np.allclose(logits, again, atol=1e-5), got.tolist() == [int(y) for _, y in split])
+got = predict_split(prediction_step(model.logits_and_embeddings()), split, 8)  # 7 batches
+again = model.predict(np.stack([x for x, _ in split]).astype("float32"), verbose=0)
+print("PAIRED", np.allclose(got["logits"], again, atol=1e-5),
+      got["labels"].tolist() == [int(y) for _, y in split])
 """
 
 
@@ -397,7 +410,7 @@ def test_sweep_grids_for_the_converged_study():
 def test_layers_of_finds_layers_inside_nested_models():
     import keras
 
-    from tfmargin.train import layers_of
+    from tfmargin.classifier import layers_of
 
     inputs = keras.Input((4,))
     inner = keras.Model(inputs, keras.layers.BatchNormalization(name="inner_bn")(
@@ -409,3 +422,43 @@ def test_layers_of_finds_layers_inside_nested_models():
         "inner_bn", "outer_bn"]
     assert [layer.name for layer in layers_of(outer, keras.layers.Dense)] == [
         "inner_dense", "outer_dense"]
+
+
+MIRRORED_BN = r"""
+import json, sys, tensorflow as tf
+tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
+    [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras, numpy as np
+import tfmargin
+from tfmargin.config import RunConfig
+from tfmargin.data import load_dataset
+from tfmargin.train import train
+config = RunConfig(backbone="tinycnn", dataset=sys.argv[1], epochs=1, batch_size=8,
+                   embedding_dim=8, precise_bn_batches=2, runs_dir=sys.argv[2], name="bn",
+                   export="none", projector_samples=0)
+metrics = train(config)  # the default strategy: mirrored, here over two logical CPUs
+model = tfmargin.load_model(f"{sys.argv[2]}/bn/inference.keras")
+projection = keras.Model(model.input, model.get_layer("projection").output)
+batches = [x.numpy().astype("float32") for x, _ in load_dataset(sys.argv[1]).train.batch(16)]
+stats = [projection(b, training=True).numpy() for b in batches[:2]]
+bn = model.get_layer("embedding_bn")
+print("RESULT", json.dumps({
+    "replicas": json.load(open(f"{sys.argv[2]}/bn/config.json"))["replicas"],
+    "mean": bool(np.allclose(bn.moving_mean.numpy(), np.mean([s.mean(0) for s in stats], 0),
+                             rtol=1e-4, atol=1e-5)),
+    "variance": bool(np.allclose(bn.moving_variance.numpy(),
+                                 np.mean([s.var(0) for s in stats], 0), rtol=1e-3, atol=1e-5)),
+    "top1": metrics["top1"]}))
+"""
+
+
+@pytest.mark.slow
+def test_default_mirrored_run_with_batchnorm_recalibrates_exactly(shapes, tmp_path):
+    """The default configuration's path: a BatchNorm network under MirroredStrategy with two
+    replicas, then precise BatchNorm over whole global batches of training images."""
+    done = subprocess.run([sys.executable, "-c", MIRRORED_BN, shapes, str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, "CI": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.split("RESULT", 1)[1])
+    assert result["replicas"] == 2 and result["mean"] and result["variance"], result

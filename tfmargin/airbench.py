@@ -128,7 +128,7 @@ class PartialDirac(keras.initializers.Initializer):
         return {"seed": self.seed}
 
 
-def _conv_group(x, filters, activation, name):
+def _conv_group(x, filters, activation, name, norm=layers.BatchNormalization):
     """conv3x3 -> max-pool 2 -> BN -> act -> conv3x3 -> BN -> act (airbench's ConvGroup)."""
     for i in (1, 2):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False,
@@ -136,14 +136,13 @@ def _conv_group(x, filters, activation, name):
         if i == 1:
             x = layers.MaxPooling2D(2, name=f"{name}_pool")(x)
         # No scale (gamma fixed at 1); eps 1e-12 as airbench.
-        x = layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=1e-12, scale=False,
-                                      name=f"{name}_bn{i}")(x)
+        x = norm(momentum=BN_MOMENTUM, epsilon=1e-12, scale=False, name=f"{name}_bn{i}")(x)
         x = layers.Activation(activation, name=f"{name}_act{i}")(x)
     return x
 
 
 def airbench(input_shape=(32, 32, 3), widths=WIDTHS["airbench94"], activation="gelu",
-             name="airbench94"):
+             name="airbench94", norm=layers.BatchNormalization):
     """airbench's network: whitening, three conv groups, global max-pool, 1/9 scale.
 
     ``PatchWhitening`` (24 channels for RGB) -> act -> three conv groups of
@@ -153,12 +152,14 @@ def airbench(input_shape=(32, 32, 3), widths=WIDTHS["airbench94"], activation="g
     no-op for the cosine heads, which normalise the features. 1.97 M
     parameters at widths 64/256/256. Call ``adapt`` on the
     ``whiten`` layer with normalised training images before training.
+    ``activation`` and ``norm`` (a BatchNormalization class) are replaceable, for
+    the benchmark's variants.
     """
     inputs = keras.Input(input_shape)
     x = PatchWhitening(name="whiten")(inputs)
     x = layers.Activation(activation, name="whiten_act")(x)
     for i, filters in enumerate(widths):
-        x = _conv_group(x, filters, activation, f"block{i + 1}")
+        x = _conv_group(x, filters, activation, f"block{i + 1}", norm)
     x = layers.GlobalMaxPooling2D(name="pool")(x)
     x = layers.Rescaling(1 / 9, name="temperature")(x)
     return keras.Model(inputs, x, name=name)

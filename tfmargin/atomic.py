@@ -69,3 +69,17 @@ def check_writable(path, flag):
     except OSError as error:
         raise UnwritablePath(f"cannot write under {ancestor!r} ({error.strerror}); pass a "
                               f"writable folder to {flag}") from None
+
+
+def point_latest(folder, name, link="latest"):
+    """Make ``folder/latest`` a relative symbolic link to ``folder/name``, replacing the
+    old link in one rename (so it never dangles half-written)."""
+    path = os.path.join(folder, link)
+    if os.path.exists(path) and not os.path.islink(path):
+        return None  # a real folder called "latest" is left alone
+    tmp = os.path.join(folder, f".{link}.{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(tmp)
+    os.symlink(name, tmp)
+    os.replace(tmp, path)
+    return path

@@ -1,14 +1,16 @@
-"""Convolutional backbones for 32x32 images, created by name from one registry.
+"""Convolutional backbones for 32x32 images, created by name from one registry
+(``tfmargin.names.BACKBONES``).
 
 Each builder returns a ``keras.Model`` mapping normalised images
 ``(batch, 32, 32, 3)`` to a feature map. All are randomly initialised.
 """
 
+import importlib
+
 import keras
 from keras import layers
 
-from tfmargin.airbench import airbench93, airbench94
-from tfmargin.config import BACKBONE_NAMES
+from tfmargin.names import BACKBONES, choices
 
 # Short runs need BatchNorm inference statistics that keep up with the
 # weights: Keras Applications' MobileNetV2 uses momentum 0.999, whose moving
@@ -138,14 +140,9 @@ def tinycnn(input_shape=(32, 32, 3)):
     return keras.Model(inputs, x, name="tinycnn")
 
 
-BACKBONES = {"resnet18": resnet18, "mobilenetv2": mobilenetv2, "efficientnetb0": efficientnetb0,
-             "tinycnn": tinycnn, "airbench94": airbench94, "airbench93": airbench93}
-if tuple(BACKBONES) != BACKBONE_NAMES:  # the CLI validates against the TF-free name list
-    raise ImportError("tfmargin.config.BACKBONE_NAMES and backbones.BACKBONES disagree")
-
-
 def build_backbone(name, input_shape=(32, 32, 3)):
-    """Create a backbone by registry name (``BACKBONES``)."""
+    """Create a backbone by registry name (``tfmargin.names.BACKBONES``)."""
     if name not in BACKBONES:
-        raise ValueError(f"Unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}.")
-    return BACKBONES[name](input_shape)
+        raise ValueError(f"Unknown backbone {name!r}; choose one of {choices(BACKBONES)}.")
+    module, function = BACKBONES[name][0].split(":")
+    return getattr(importlib.import_module(module), function)(input_shape)

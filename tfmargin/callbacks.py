@@ -70,7 +70,11 @@ class Lookahead(keras.callbacks.Callback):
     """Lookahead averaging of every float weight, BatchNorm statistics included (airbench).
 
     Every ``every`` optimizer steps: ``slow <- decay * slow + (1 - decay) *
-    fast``, then the model's (fast) weights are reset to ``slow``. ``decay``
+    fast``, then the model's (fast) weights are reset to ``slow``. With
+    ``steps_per_execution`` > 1 Keras calls batch callbacks once per execution,
+    so the update comes at the first call after each multiple of ``every``
+    (``RunConfig.validate`` keeps executions no longer than ``every`` steps, so
+    none is skipped). ``decay``
     ramps up cubically, ``base**every * (step / total_steps)**3``, so early
     training is barely averaged and the end strongly. When training ends the
     model holds the slow weights. The slow weights are written to
@@ -90,6 +94,7 @@ class Lookahead(keras.callbacks.Callback):
         self.total_steps, self.every, self.base = int(total_steps), int(every), float(base)
         self.state_path = state_path
         self.slow = None
+        self.updates = 0  # multiples of ``every`` passed so far
 
     def decay(self, step):
         return self.base**self.every * (step / self.total_steps) ** 3
@@ -102,6 +107,7 @@ class Lookahead(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         step = self._step()
+        self.updates = step // self.every
         self.slow = [ops.convert_to_numpy(w) for w in self._weights()]
         if self.state_path and os.path.exists(self.state_path):
             with np.load(self.state_path) as saved:
@@ -110,8 +116,9 @@ class Lookahead(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         step = self._step()
-        if step % self.every == 0:
-            self.update(self.decay(step))
+        if step // self.every > self.updates:
+            self.updates = step // self.every
+            self.update(self.decay(self.updates * self.every))
 
     def update(self, decay):
         for i, weight in enumerate(self._weights()):
@@ -129,15 +136,27 @@ class Lookahead(keras.callbacks.Callback):
 
 
 class Throughput(keras.callbacks.Callback):
-    """Training images/s, timing only the training part of each epoch."""
+    """Training images/s, timing only the training part of each epoch; after each epoch
+    (and once early in the first) it prints when the whole run should end."""
 
-    def __init__(self, global_batch):
+    def __init__(self, global_batch, epochs=None, printer=print):
         super().__init__()
         self.global_batch = global_batch
+        self.epochs = epochs
+        self.printer = printer
+        self.started = None
         self.seconds = 0.0
         self.batches = 0
         self.epoch_start = self.last_batch_end = 0.0
         self.epoch_batches = 0
+
+    def on_train_begin(self, logs=None):
+        self.started = time.perf_counter()
+        self.first_epoch = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.first_epoch is None:
+            self.first_epoch = epoch
 
     def on_train_batch_begin(self, batch, logs=None):
         if batch == 0:
@@ -146,14 +165,38 @@ class Throughput(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         self.last_batch_end = time.perf_counter()
         self.epoch_batches = batch + 1
+        steps = self.params.get("steps") if self.params else None
+        if steps and self.batches == 0 and batch + 1 == max(steps // 10, 2) < steps:
+            self.report_eta(epoch_fraction=(batch + 1) / steps)
 
     def on_epoch_end(self, epoch, logs=None):
         self.seconds += self.last_batch_end - self.epoch_start
         self.batches += self.epoch_batches
+        if self.epochs and epoch + 1 < self.epochs:
+            self.report_eta(epochs_done=epoch + 1)
+
+    def report_eta(self, epochs_done=None, epoch_fraction=0.0):
+        """Print the estimated end of the run from the pace of this process so far."""
+        if not self.epochs or self.first_epoch is None:
+            return
+        done = (epochs_done if epochs_done is not None else self.first_epoch) + epoch_fraction
+        elapsed = time.perf_counter() - self.started
+        remaining = elapsed / max(done - self.first_epoch, 1e-9) * (self.epochs - done)
+        end = time.strftime("%H:%M", time.localtime(time.time() + remaining))
+        self.printer(f"run: {done:.1f}/{self.epochs} epochs, about {format_duration(remaining)}"
+                     f" to go (ends near {end})", flush=True)
 
     @property
     def images_per_second(self):
         return self.batches * self.global_batch / self.seconds if self.seconds else 0.0
+
+
+def format_duration(seconds):
+    """``"1 h 05 min"``, ``"12 min"``, ``"40 s"``."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    return f"{seconds // 60} min" if seconds >= 60 else f"{seconds} s"
 
 
 def stratified_sample(split, num_samples, num_classes, seed=0):
@@ -208,8 +251,8 @@ class EmbeddingProjector(keras.callbacks.Callback):
     Points and centres lie on the same sphere.
 
     ``models``: anything with ``embedding`` (image -> embedding model) and
-    ``head`` (``ArcMarginLayer`` or Dense): ``tfmargin.models.Models`` or a
-    ``MarginClassifier``. ``split``: ``(image, label)`` pairs, unbatched.
+    ``head`` (``ArcMarginLayer`` or Dense), such as a ``MarginClassifier``.
+    ``split``: ``(image, label)`` pairs, unbatched.
     """
 
     def __init__(self, log_dir, models, split, class_names, num_samples=1000, every=0):

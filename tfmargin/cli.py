@@ -8,67 +8,81 @@ import contextlib
 import dataclasses
 import sys
 
+from tfmargin import names
 from tfmargin.config import ConfigError, RunConfig
 from tfmargin.margins import FALLBACKS, MARGIN_TYPES
+from tfmargin.recipes import RECIPE_HELP
 
-_HELP = {
-    "backbone": "backbone name: resnet18, mobilenetv2, efficientnetb0 (tinycnn: smoke tests)",
-    "loss": "softmax (Dense head) or a margin head: arcface, cosface, sphereface, "
-            "combined, normface",
-    "recipe": "training procedure: standard (docs/recipe.md) or airbench (airbench94's: "
-              "Nesterov 0.85, BatchNorm offsets at 64x lr, warm-up then linear decay, "
-              "lookahead, alternating flip); it also sets the defaults of the other flags "
-              "(python experiments/run.py --recipe airbench --help shows them)",
-    "dataset": "tfds:<name> (or a bare TFDS name: cifar10, cifar100, ...) or an image folder "
-               "with class sub-folders (optionally under train/ and test/)",
-    "epochs": "training epochs",
-    "batch_size": "batch size per replica (global batch = this x replicas)",
-    "scale": "head scale s (float) or 'auto' = sqrt(2)*ln(C-1)",
-    "margin": "margin m in radians (sphereface: multiplier); combined: three values m1 m2 m3; "
-              "default per loss: " + ", ".join(f"{name} {spec.default_margin}" for name, spec
-                                              in MARGIN_TYPES.items() if name != "normface"),
-    "fallback": f"what ArcFace does past theta > pi - m: {', '.join(FALLBACKS)}",
-    "sub_centers": "K centres per class (Sub-center ArcFace)",
-    "ce_weight": "lambda of the mixed objective (1-lambda) CE(margin) + lambda CE(s cos theta)",
-    "embedding_dim": "embedding size before the head (0 keeps the pooled backbone features)",
-    "optimizer": "sgd (Nesterov momentum 0.9) or adamw",
-    "learning_rate": "peak learning rate after warm-up (cosine decay to 0), per 128 images: "
-                     "scaled linearly with the global batch",
-    "weight_decay": "weight decay of kernels: coupled L2 for sgd (as PyTorch's SGD), "
-                    "decoupled for adamw",
-    "warmup_epochs": "linear warm-up length in epochs (standard recipe; airbench warms up "
-                     "over its first 23 percent of steps)",
-    "label_smoothing": "label smoothing of the cross-entropy",
-    "augment": "standard (pad-4 shift + flip), randaugment (standard + RandAugment) or none",
-    "mix": "none, mixup or cutmix (Keras core layers; soft targets, the margin goes to the "
-           "dominant class)",
-    "mixed_precision": "mixed precision (float16 on GPU, bfloat16 on CPU); the head stays float32",
-    "jit_compile": "compile the train step with XLA",
-    "steps_per_execution": "training steps per call into the compiled step (fewer Python "
-                           "round trips)",
-    "strategy": "mirrored (all GPUs, else all CPUs), default (no distribution), multiworker "
-                "(MultiWorkerMirroredStrategy from TF_CONFIG)",
-    "limit_train": "use only the first N training images (0: all), for small budgets",
-    "precise_bn_batches": "after training, recompute BatchNorm statistics exactly over N "
-                          "training batches (0: keep the moving averages)",
-    "tta": "test-time augmentation level of the reported tta metrics and the exports: 0 "
-           "none, 1 mirror, 2 mirror + 1-pixel shifts (airbench's weights)",
-    "validation_freq": "validate on the validation split every N epochs",
-    "val_split": "fraction of the training data held out for validation (per class); 0 "
-                 "trains on all of it (no validation metrics, nothing chosen)",
-    "test_split": "fraction per class held out as the test split when a folder has no "
-                  "train/ and test/",
-    "image_size": "input size; images are resized to it",
-    "seed": "random seed",
-    "deterministic": "deterministic ops (bit-identical reruns on CPU)",
-    "projector_samples": "validation images in the TensorBoard projector (0: no projector)",
-    "projector_every": "also write the projector every N epochs (0: only at the end)",
-    "export": "comma-separated exports written to --export-dir/<run name>: savedmodel, keras, "
-              "onnx; or none",
-    "export_dir": "where exports go",
-    "name": "run name (default: derived from the settings)",
-    "runs_dir": "where run directories go",
-}
+
+def _help():
+    """Each flag's help, the lists of names written from the registries."""
+    margins = ", ".join(f"{name} {spec.default_margin}" for name, spec in MARGIN_TYPES.items()
+                        if name != "normface")
+    scales = ", ".join(f"{name} {spec.default_scale:g}" for name, spec in MARGIN_TYPES.items())
+    published = "; ".join(spec.published for spec in MARGIN_TYPES.values())
+    return {
+        "backbone": f"backbone: {names.described(names.BACKBONES)}",
+        "loss": f"the head: {names.choices(names.HEADS)} (softmax: a Dense layer; the others "
+                "are margin heads, docs/heads.md)",
+        "recipe": f"training procedure, which also sets the defaults of the other flags "
+                  f"(shown by --recipe NAME --help): {names.described(RECIPE_HELP)}",
+        "dataset": "tfds:<name> (or a bare TFDS name: cifar10, cifar100, ...) or an image "
+                   "folder with class sub-folders (optionally under train/ and test/)",
+        "epochs": "training epochs",
+        "batch_size": "batch size per replica (global batch = this x replicas)",
+        "scale": f"head scale s (float) or 'auto' = sqrt(2)*ln(C-1); default per head: "
+                 f"{scales}",
+        "margin": f"margin m in radians (sphereface: multiplier; combined: three values m1 m2 "
+                  f"m3); default per head (chosen on CIFAR-10 validation, docs/recipe.md): "
+                  f"{margins}; published values: {published}",
+        "fallback": f"what ArcFace does past theta > pi - m: {names.choices(FALLBACKS)}",
+        "sub_centers": "K centres per class (Sub-center ArcFace)",
+        "ce_weight": "lambda of the mixed objective (1-lambda) CE(margin) + lambda CE(s cos "
+                     "theta)",
+        "embedding_dim": "embedding size before the head (0 keeps the pooled backbone "
+                         "features)",
+        "optimizer": f"optimizer: {names.described(names.OPTIMIZERS)}",
+        "learning_rate": "peak learning rate per 128 images, scaled linearly with the global "
+                         "batch (the recipe sets the schedule: docs/recipe.md)",
+        "weight_decay": "weight decay: coupled L2 for sgd (as PyTorch's SGD), decoupled for "
+                        "adamw",
+        "warmup_epochs": "linear warm-up length in epochs (standard recipe only)",
+        "label_smoothing": "label smoothing of the cross-entropy",
+        "augment": f"augmentation: {names.described(names.AUGMENTATIONS)}",
+        "mix": f"batch mixing: {names.described(names.MIXES)}",
+        "mixed_precision": "mixed precision on or off (--no-mixed-precision); default auto: "
+                           "on where it was measured faster: float16 on a GPU; bfloat16 on a "
+                           "CPU with AVX-512 BF16 or AMX for "
+                           f"{names.choices(names.BFLOAT16_FASTER_ON_CPU)}; the head stays "
+                           "float32",
+        "jit_compile": "compile the train step with XLA",
+        "steps_per_execution": "training steps per call into the compiled step (fewer Python "
+                               "round trips)",
+        "strategy": f"distribution: {names.described(names.STRATEGIES)}",
+        "limit_train": "use only the first N training images (0: all), for small budgets",
+        "precise_bn_batches": "after training, recompute BatchNorm statistics exactly over N "
+                              "training batches (0: keep the moving averages)",
+        "tta": f"test-time augmentation of the reported tta metrics and the exports: "
+               f"{names.described(names.TTA_LEVELS)}",
+        "classes": "comma-separated class names to train on (default: all); the test images "
+                   "of the others are the unknowns of the open-set metrics",
+        "validation_freq": "validate on the validation split every N epochs",
+        "val_split": "fraction of the training data held out for validation (per class); 0 "
+                     "trains on all of it (no validation metrics, nothing chosen)",
+        "test_split": "fraction per class held out as the test split when a folder has no "
+                      "train/ and test/",
+        "image_size": "input size; images are resized to it",
+        "seed": "random seed",
+        "deterministic": "deterministic ops (bit-identical reruns on CPU)",
+        "projector_samples": "validation images in the TensorBoard projector (0: no "
+                             "projector)",
+        "projector_every": "also write the projector every N epochs (0: only at the end)",
+        "export": f"comma-separated exports written to --export-dir/<run name>: "
+                  f"{names.described(names.EXPORT_FORMATS)}; or none",
+        "export_dir": "where exports go",
+        "name": "run name (default: derived from the settings)",
+        "runs_dir": "where run directories go",
+    }
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -91,19 +105,22 @@ def _scale(text):
 def add_run_arguments(parser):
     """One flag per ``RunConfig`` field, defaults from ``RunConfig``."""
     defaults = RunConfig()
+    texts = _help()
     for field in dataclasses.fields(RunConfig):
         flag = "--" + field.name.replace("_", "-")
         default = getattr(defaults, field.name)
-        if isinstance(default, bool):
-            parser.add_argument(flag, action="store_true", help=_HELP[field.name])
+        text = texts[field.name]
+        if field.name == "mixed_precision":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=text)
+        elif isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", help=text)
         elif field.name == "scale":
-            parser.add_argument(flag, type=_scale, default=default, help=_HELP[field.name])
+            parser.add_argument(flag, type=_scale, default=default, help=text)
         elif field.name == "margin":
-            parser.add_argument(flag, type=float, nargs="+", default=None,
-                                help=_HELP[field.name])
+            parser.add_argument(flag, type=float, nargs="+", default=None, help=text)
         else:
-            parser.add_argument(flag, type=type(default), default=default,
-                                help=_HELP[field.name])
+            parser.add_argument(flag, type=type(default), default=default, help=text)
     parser.add_argument("--resume", action="store_true",
                         help="if the run directory exists: continue it, or do nothing if done")
     parser.add_argument("--overwrite", action="store_true",

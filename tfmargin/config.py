@@ -9,26 +9,25 @@ import hashlib
 import json
 import os
 
-from tfmargin.margins import DEFAULT_SCALE, FALLBACKS, MARGIN_TYPES, check_head_arguments
-from tfmargin.recipes import RECIPES
+from tfmargin import names, provenance
+from tfmargin.margins import FALLBACKS, MARGIN_TYPES, check_head_arguments
+from tfmargin.recipes import AIRBENCH, RECIPES
 
-BACKBONE_NAMES = ("resnet18", "mobilenetv2", "efficientnetb0", "tinycnn", "airbench94",
-                  "airbench93")
-LOSSES = ("softmax", *MARGIN_TYPES)
-AUGMENTATIONS = ("standard", "randaugment", "airbench", "none")
-MIXES = ("none", "mixup", "cutmix")
-EXPORT_FORMATS = ("savedmodel", "keras", "onnx")
-STRATEGIES = ("mirrored", "default", "multiworker")
-OPTIMIZERS = ("sgd", "adamw")
-TTA_LEVELS = (0, 1, 2)  # tfmargin.tta: none, mirror, mirror + 1-pixel shifts
 # Settings that change neither the trained weights nor the reported metrics: they are left
-# out of a run's identity.
+# out of a run's identity. (validation_freq only decides which epochs are validated, and
+# so which epoch a best checkpoint could come from; no reported number depends on it.)
 NOT_IDENTITY = ("name", "runs_dir", "export", "export_dir", "projector_samples",
-                "projector_every")
+                "projector_every", "validation_freq")
 # Settings added after runs existed: left out of the identity at these values, so those
 # runs keep their names (and a sweep still finds them finished).
-ADDED_LATER = {"recipe": "standard", "tta": 0}
+ADDED_LATER = {"recipe": "standard", "tta": 0, "classes": ""}
 
+
+
+def dataset_label(dataset):
+    """A dataset's short name in run names and tables: the folder's base name, or the TFDS
+    name (``tfds:cifar10`` and ``cifar10`` are both ``cifar10``)."""
+    return os.path.basename(os.path.normpath(dataset.removeprefix("tfds:")))
 
 
 class ConfigError(ValueError):
@@ -43,7 +42,7 @@ class RunConfig:
     dataset: str = "cifar10"
     epochs: int = 30
     batch_size: int = 128  # per replica
-    scale: object = DEFAULT_SCALE  # float or "auto"
+    scale: object = None  # float, "auto", or None: the margin type's default (MARGIN_TYPES)
     margin: object = None  # None: the margin type's default (tfmargin.margins.MARGIN_TYPES)
     fallback: str = "monotonic"
     sub_centers: int = 1
@@ -56,13 +55,14 @@ class RunConfig:
     label_smoothing: float = 0.0
     augment: str = "standard"
     mix: str = "none"
-    mixed_precision: bool = False
+    mixed_precision: object = "auto"  # True, False, or "auto": resolved_mixed_precision
     jit_compile: bool = False
     steps_per_execution: int = 1
     strategy: str = "mirrored"
     limit_train: int = 0
     precise_bn_batches: int = 20
     tta: int = 0
+    classes: str = ""  # comma-separated class names to train on (""): all; see class_list
     validation_freq: int = 1
     val_split: float = 0.1
     test_split: float = 0.1
@@ -83,6 +83,20 @@ class RunConfig:
             raise ConfigError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
         return cls(**{**RECIPES[recipe], **settings, "recipe": recipe})
 
+    def resolved_mixed_precision(self):
+        """Whether the run trains in mixed precision. ``"auto"``: yes where it was measured
+        faster: on an NVIDIA GPU (float16), and on a CPU with AVX-512 BF16 or AMX for the
+        backbones in ``names.BFLOAT16_FASTER_ON_CPU`` (bfloat16); else no. Part of the
+        identity as the resolved bool."""
+        if self.mixed_precision == "auto":
+            return provenance.has_gpu() or (provenance.has_bfloat16_instructions() and
+                                            self.backbone in names.BFLOAT16_FASTER_ON_CPU)
+        return bool(self.mixed_precision)
+
+    def class_list(self):
+        """The classes to train on, as names (None: every class of the dataset)."""
+        return [c for c in self.classes.split(",") if c] or None
+
     def export_formats(self):
         return tuple(f for f in self.export.split(",") if f and f != "none")
 
@@ -92,10 +106,21 @@ class RunConfig:
             return None
         return MARGIN_TYPES[self.loss].default_margin if self.margin is None else self.margin
 
+    def resolved_scale(self):
+        """The scale the head uses: the given one (a float or "auto"), or the type's
+        registry default; None for softmax."""
+        if self.loss == "softmax":
+            return None
+        return MARGIN_TYPES[self.loss].default_scale if self.scale is None else self.scale
+
     def identity(self):
         """Every setting that changes the results, as JSON-ready values."""
         values = dataclasses.asdict(self)
         values["margin"] = self.resolved_margin()
+        values["scale"] = self.resolved_scale()
+        values["mixed_precision"] = self.resolved_mixed_precision()
+        # The class list as a set: the order given does not change the run.
+        values["classes"] = ",".join(sorted(self.class_list() or []))
         return json.loads(json.dumps({k: v for k, v in values.items()
                                       if k not in NOT_IDENTITY
                                       and not (k in ADDED_LATER and v == ADDED_LATER[k])}))
@@ -108,11 +133,11 @@ class RunConfig:
         """Readable head and budget, then a hash of the whole identity (timm-style)."""
         if self.name:
             return self.name
-        data = os.path.basename(os.path.normpath(self.dataset.removeprefix("tfds:")))
+        data = dataset_label(self.dataset)
         head = self.loss
         if self.loss != "softmax":
             margin = self.resolved_margin()
-            head += f"-s{self.scale}"
+            head += f"-s{self.resolved_scale()}"
             if self.loss != "normface":
                 head += "-m" + ("-".join(str(m) for m in margin)
                                 if isinstance(margin, (list, tuple)) else str(margin))
@@ -122,9 +147,11 @@ class RunConfig:
                 head += f"-ce{self.ce_weight}"
         if self.recipe != "standard":
             head += f"-{self.recipe}"
-        if self.mixed_precision:
+        if self.resolved_mixed_precision():
             head += "-mixed"
         budget = f"e{self.epochs}" + (f"-n{self.limit_train}" if self.limit_train else "")
+        if self.classes:
+            budget += f"-c{len(self.class_list())}"
         return f"{data}-{self.backbone}-{head}-{budget}-{self.identity_hash()}"
 
     def differences(self, stored):
@@ -139,13 +166,15 @@ class RunConfig:
                 raise ConfigError(message)
 
         for flag, value, allowed in (
-                ("backbone", self.backbone, BACKBONE_NAMES), ("loss", self.loss, LOSSES),
-                ("recipe", self.recipe, tuple(RECIPES)), ("tta level", self.tta, TTA_LEVELS),
-                ("fallback", self.fallback, FALLBACKS), ("optimizer", self.optimizer, OPTIMIZERS),
-                ("strategy", self.strategy, STRATEGIES),
-                ("augmentation", self.augment, AUGMENTATIONS), ("mix", self.mix, MIXES)):
+                ("backbone", self.backbone, names.BACKBONES), ("loss", self.loss, names.HEADS),
+                ("recipe", self.recipe, RECIPES), ("tta level", self.tta, names.TTA_LEVELS),
+                ("fallback", self.fallback, FALLBACKS),
+                ("optimizer", self.optimizer, names.OPTIMIZERS),
+                ("strategy", self.strategy, names.STRATEGIES),
+                ("augmentation", self.augment, names.AUGMENTATIONS),
+                ("mix", self.mix, names.MIXES)):
             need(value in allowed,
-                 f"unknown {flag} {value!r}; choose one of {', '.join(map(str, allowed))}")
+                 f"unknown {flag} {value!r}; choose one of {names.choices(allowed)}")
         for flag, value, low in (("epochs", self.epochs, 1), ("batch-size", self.batch_size, 1),
                                  ("steps-per-execution", self.steps_per_execution, 1),
                                  ("validation-freq", self.validation_freq, 1),
@@ -162,9 +191,16 @@ class RunConfig:
              f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         need(0 <= self.val_split < 1, f"--val-split must be in [0, 1), got {self.val_split}")
         need(0 < self.test_split < 1, f"--test-split must be in (0, 1), got {self.test_split}")
-        unknown = set(self.export_formats()) - set(EXPORT_FORMATS)
+        unknown = set(self.export_formats()) - set(names.EXPORT_FORMATS)
         need(not unknown, f"unknown --export format(s) {', '.join(sorted(unknown))}; choose "
-             f"from {', '.join(EXPORT_FORMATS)} (comma-separated) or none")
+             f"from {names.choices(names.EXPORT_FORMATS)} (comma-separated) or none")
+        classes = self.class_list() or []
+        need(not self.classes or len(set(classes)) == len(classes) >= 2,
+             f"--classes needs two or more distinct class names, got {self.classes!r}")
+        every = AIRBENCH["lookahead_every"]
+        need(self.recipe != "airbench" or self.steps_per_execution <= every,
+             f"--steps-per-execution above {every} would skip lookahead updates of the "
+             f"airbench recipe (one every {every} steps); use {every} or fewer")
         if self.loss != "softmax":
             self.check_head(1000)  # the real class count is checked again once data is read
             need(0 <= self.ce_weight < 1, f"--ce-weight must be in [0, 1), got {self.ce_weight}")

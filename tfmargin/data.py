@@ -2,8 +2,9 @@
 
 ``load_dataset`` returns decoded ``(uint8 image, int label)`` splits: ``train``,
 ``val`` (held out from the training data; everything that is chosen is chosen
-on it) and ``test`` (touched once, for the reported numbers). ``make_pipeline``
-turns a split into batches for ``model.fit``.
+on it) and ``test`` (touched once, for the reported numbers); with ``classes``,
+also ``unknown_test``, the test images of the classes left out (open-set
+evaluation). ``make_pipeline`` turns a split into batches for ``model.fit``.
 """
 
 import dataclasses
@@ -14,7 +15,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfmargin.config import AUGMENTATIONS, MIXES
+from tfmargin.names import AUGMENTATIONS, MIXES, choices
+from tfmargin.provenance import fingerprint_files
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 TFDS_PREFIX = "tfds:"
@@ -30,8 +32,10 @@ class Dataset:
     val: tf.data.Dataset  # held out from the training data; None with val_split 0
     test: tf.data.Dataset
     class_names: list
-    sizes: dict  # images per split: {"train": n, "val": n, "test": n}
+    sizes: dict  # images per split: {"train": n, "val": n, "test": n[, "unknown_test": n]}
     source: str
+    fingerprint: str  # SHA-256 of the data's files (tfmargin.provenance)
+    unknown_test: tf.data.Dataset = None  # test images of the classes left out (label -1)
 
     @property
     def num_classes(self):
@@ -148,14 +152,25 @@ def _by_class(pairs):
     return files
 
 
-def load_image_folder(folder, image_size=32, val_split=0.1, test_split=0.1, limit_train=None,
-                      seed=0):
+def check_classes(classes, available, source):
+    """The chosen class names, in the dataset's own order; a name it lacks is an error."""
+    missing = [c for c in classes if c not in available]
+    if missing:
+        raise DatasetError(f"{source!r} has no class {', '.join(map(repr, missing))}; its "
+                           f"classes are {', '.join(available)}.")
+    return [c for c in available if c in classes]
+
+
+def load_image_folder(folder, *, image_size=32, val_split=0.1, test_split=0.1,
+                      limit_train=None, seed=0, classes=None):
     """Class sub-folders (``folder/<class>/*.jpg``), or ``train/`` and ``test/`` of them.
 
     Without ``train/``+``test/``, a stratified ``test_split`` of each class is
     held out as the test split. Then a stratified ``val_split`` of the training
     images is held out for validation; ``limit_train`` keeps the first N of the
     rest (in a fixed shuffled order). Class ids are the sorted folder names.
+    ``classes``: train on these only; the others' test images become
+    ``unknown_test``.
     """
     if not os.path.isdir(folder):
         raise DatasetError(f"Dataset folder {folder!r} does not exist.")
@@ -169,8 +184,14 @@ def load_image_folder(folder, image_size=32, val_split=0.1, test_split=0.1, limi
                 f"{split_dirs[1]!r} has classes missing from train/: {', '.join(unknown)}."
             )
         test = [(f, c) for c, fs in test_files.items() for f in fs]
+        all_files = [f for fs in (*train_files.values(), *test_files.values()) for f in fs]
     else:
+        if any(os.path.isdir(d) for d in split_dirs):
+            present = next(d for d in split_dirs if os.path.isdir(d))
+            raise DatasetError(f"{folder!r} has {os.path.basename(present)}/ but not both "
+                               "train/ and test/: give it both, or class folders only.")
         train_files = _list_images(folder)
+        all_files = [f for fs in train_files.values() for f in fs]
         kept, test = _stratified_split(train_files, test_split, rng)
         train_files = _by_class(kept)
     class_names = sorted(train_files)
@@ -179,6 +200,13 @@ def load_image_folder(folder, image_size=32, val_split=0.1, test_split=0.1, limi
             f"{folder!r} has {len(class_names)} class folder(s) with images; a classifier "
             "needs at least 2 (layout: <folder>/<class>/<image>.jpg)."
         )
+    fingerprint = fingerprint_files(folder, [os.path.relpath(f, folder) for f in all_files])
+    unknown_test = []
+    if classes:
+        class_names = check_classes(classes, class_names, folder)
+        unknown_test = [(f, c) for f, c in test if c not in class_names]
+        test = [(f, c) for f, c in test if c in class_names]
+        train_files = {c: train_files[c] for c in class_names}
     train, val = _stratified_split(train_files, val_split, rng)
     pairs = {"train": train, "val": val, "test": test}
     for split, ps in pairs.items():
@@ -188,13 +216,16 @@ def load_image_folder(folder, image_size=32, val_split=0.1, test_split=0.1, limi
     rng.shuffle(pairs["train"])
     if limit_train:
         pairs["train"] = pairs["train"][:limit_train]
+    if unknown_test:
+        pairs["unknown_test"] = unknown_test
     splits = {
-        name: _materialise([p for p, _ in ps], [index[c] for _, c in ps], image_size)
+        name: _materialise([p for p, _ in ps], [index.get(c, -1) for _, c in ps], image_size)
         if ps else None for name, ps in pairs.items()
     }
     return Dataset(splits["train"], splits["val"], splits["test"], class_names,
                    {name: len(ps) for name, ps in pairs.items()},
-                   source=os.path.abspath(folder))
+                   source=os.path.abspath(folder), fingerprint=fingerprint,
+                   unknown_test=splits.get("unknown_test"))
 
 
 def _check_reachable(url):
@@ -210,36 +241,76 @@ def _offline_errors():
     return ConnectionError, TimeoutError, requests.exceptions.RequestException
 
 
-def load_tfds(name, image_size=32, limit_train=None, val_split=0.1, data_dir=None):
-    """A TFDS image-classification dataset; validation is the last ``val_split`` of train."""
+def tfds_builder(name, data_dir=None):
+    """The TFDS builder of ``name``; an unknown name is a ``DatasetError``, one line."""
     import tensorflow_datasets as tfds
 
     try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
+        return tfds.builder(name, data_dir=data_dir)
+    except (tfds.core.registered.DatasetNotFoundError, ValueError) as error:
+        # ValueError: a malformed name (TFDS parses "cifar-10" as name and version).
         raise DatasetError(
-            f"Unknown dataset {name!r}: not a TFDS name and not a folder. Use a TFDS "
-            "image-classification name (cifar10, cifar100, ...) or a path to an image folder."
+            f"Unknown dataset {name!r}: not a TFDS name and not a folder ({error_line(error)}). "
+            "Use a TFDS image-classification name (cifar10, cifar100, ...; "
+            "python -c 'import tensorflow_datasets as t; print(t.list_builders())' lists "
+            "them) or a path to an image folder."
         ) from None
+
+
+def error_line(error):
+    """The first line of an exception's message (TFDS's run to dozens of lines)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+
+
+def expected_archives(builder):
+    """``{file name: url}`` that TFDS downloads for ``builder`` (its recorded checksums)."""
+    infos = type(builder).url_infos or {}
+    return {info.filename or os.path.basename(url): url for url, info in infos.items()}
+
+
+def prepare_tfds(builder, name):
+    """Download and prepare, or say in one line what to place where when offline."""
+    import tensorflow_datasets as tfds
+
+    manual = os.path.join(builder.data_dir_root, "downloads", "manual")
+    archives = expected_archives(builder)
+    in_manual = archives and all(os.path.exists(os.path.join(manual, f)) for f in archives)
     try:
-        if not builder.is_prepared():
+        if not builder.is_prepared() and not in_manual:
             _check_reachable(builder.info.homepage)
-        builder.download_and_prepare()
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=manual))
     except _offline_errors() as error:
+        files = ", ".join(f"{f} (from {url})" for f, url in archives.items())
         raise DatasetError(
-            f"Cannot download {name!r} ({type(error).__name__}). Offline? Place the official "
-            f"archive in {os.path.join(builder.data_dir_root, 'downloads', 'manual')} "
-            f"(tfds manual_dir) or pass --dataset <folder> with one sub-folder per class."
+            f"Cannot download {name!r} ({type(error).__name__}). Offline? Place "
+            f"{files or 'the official archive'} in {manual} (tfds manual_dir), or pass "
+            "--dataset <folder> with one sub-folder per class."
         ) from None
+    except tfds.core.download.DownloadError as error:
+        raise DatasetError(f"Cannot download {name!r}: {error_line(error)}") from None
+
+
+def load_tfds(name, *, image_size=32, limit_train=None, val_split=0.1, classes=None,
+              data_dir=None):
+    """A TFDS image-classification dataset; validation is the last ``val_split`` of train.
+    ``classes``: train on these only; the others' test images become ``unknown_test``."""
+    builder = tfds_builder(name, data_dir)
+    prepare_tfds(builder, name)
     keys = builder.info.supervised_keys
     if not keys or "label" not in builder.info.features:
         raise DatasetError(f"{name!r} is not an image-classification dataset.")
     class_names = list(builder.info.features["label"].names)
+    kept = check_classes(classes, class_names, f"tfds:{name}") if classes else class_names
+    remap = tf.constant([kept.index(c) if c in kept else -1 for c in class_names], tf.int32)
 
-    def decoded(split):
-        return builder.as_dataset(split=split, as_supervised=True).map(
-            lambda x, y: (resize_image(x, image_size), tf.cast(y, tf.int32)),
-            num_parallel_calls=tf.data.AUTOTUNE).cache()
+    def decoded(split, known=True):
+        ds = builder.as_dataset(split=split, as_supervised=True).map(
+            lambda x, y: (resize_image(x, image_size), tf.gather(remap, tf.cast(y, tf.int32))),
+            num_parallel_calls=tf.data.AUTOTUNE)
+        if classes:
+            ds = ds.filter((lambda x, y: y >= 0) if known else (lambda x, y: y < 0))
+        return ds.cache()
 
     full_train, test = decoded("train"), decoded("test")
     n_train = _fill_cache(full_train)
@@ -247,49 +318,64 @@ def load_tfds(name, image_size=32, limit_train=None, val_split=0.1, data_dir=Non
     limit = min(limit_train or n_fit, n_fit)
     sizes = {"train": limit, "val": n_train - n_fit, "test": _fill_cache(test)}
     val = full_train.skip(n_fit) if n_fit < n_train else None
-    return Dataset(full_train.take(limit), val, test, class_names, sizes,
-                   source=f"tfds:{name}")
+    unknown_test = None
+    if classes and len(kept) < len(class_names):
+        unknown_test = decoded("test", known=False)
+        sizes["unknown_test"] = _fill_cache(unknown_test)
+    files = [os.path.relpath(os.path.join(folder, f), builder.data_dir)
+             for folder, _, names in os.walk(builder.data_dir) for f in names]
+    return Dataset(full_train.take(limit), val, test, kept, sizes, source=f"tfds:{name}",
+                   fingerprint=fingerprint_files(builder.data_dir, files),
+                   unknown_test=unknown_test)
 
 
-def load_dataset(name, image_size=32, limit_train=None, val_split=0.1, test_split=0.1, seed=0,
-                 data_dir=None):
+def load_dataset(name, *, image_size=32, limit_train=None, val_split=0.1, test_split=0.1,
+                 seed=0, classes=None, data_dir=None):
     """``tfds:<name>`` (or a bare TFDS name that is not a folder) or a folder path."""
+    tfds_settings = dict(image_size=image_size, limit_train=limit_train, val_split=val_split,
+                         classes=classes, data_dir=data_dir)
     if name.startswith(TFDS_PREFIX):
-        return load_tfds(name.removeprefix(TFDS_PREFIX), image_size, limit_train, val_split,
-                         data_dir)
+        return load_tfds(name.removeprefix(TFDS_PREFIX), **tfds_settings)
     if os.path.isdir(name) or os.path.sep in name:
-        return load_image_folder(name, image_size, val_split, test_split, limit_train, seed)
-    return load_tfds(name, image_size, limit_train, val_split, data_dir)
+        return load_image_folder(name, image_size=image_size, val_split=val_split,
+                                 test_split=test_split, limit_train=limit_train, seed=seed,
+                                 classes=classes)
+    return load_tfds(name, **tfds_settings)
 
 
 def build_augmenter(kind, image_size, seed=None):
     """Keras preprocessing layers applied to uint8-valued float batches."""
     if kind not in AUGMENTATIONS:
         raise ValueError(f"Unknown augmentation {kind!r}; choose one of "
-                         f"{', '.join(AUGMENTATIONS)}.")
+                         f"{choices(AUGMENTATIONS)}.")
     if kind in ("none", "airbench"):  # airbench: per image, in epoch_permutations
         return None
     # Each random layer its own seed: layers seeded alike draw the same random numbers.
     seeds = [None] * 3 if seed is None else [seed, seed + 1, seed + 2]
     shift = 4 / image_size  # the classic CIFAR pad-4-and-crop, as a per-image shift
+    # float32 whatever the global policy: the pipeline feeds pixel values, and a model's
+    # mixed-precision policy must not turn them (or MixUp's labels) into 16-bit floats.
     steps = [
         keras.layers.RandomTranslation(shift, shift, fill_mode="constant",
-                                       interpolation="nearest", seed=seeds[0]),
-        keras.layers.RandomFlip("horizontal", seed=seeds[1]),
+                                       interpolation="nearest", seed=seeds[0],
+                                       dtype="float32"),
+        keras.layers.RandomFlip("horizontal", seed=seeds[1], dtype="float32"),
     ]
     if kind == "randaugment":
-        steps.append(keras.layers.RandAugment(value_range=(0, 255), seed=seeds[2]))
+        steps.append(keras.layers.RandAugment(value_range=(0, 255), seed=seeds[2],
+                                              dtype="float32"))
     return keras.Sequential(steps, name=f"augment_{kind}")
 
 
 def build_mixer(kind, seed=None):
     """Keras core MixUp or CutMix, acting on ``{"images", "labels"}`` with one-hot labels."""
     if kind not in MIXES:
-        raise ValueError(f"Unknown mix {kind!r}; choose one of {', '.join(MIXES)}.")
+        raise ValueError(f"Unknown mix {kind!r}; choose one of {choices(MIXES)}.")
     if kind == "none":
         return None
     seed = None if seed is None else seed + 3  # apart from the augmenter's seeds
-    return keras.layers.MixUp(seed=seed) if kind == "mixup" else keras.layers.CutMix(seed=seed)
+    layer = keras.layers.MixUp if kind == "mixup" else keras.layers.CutMix
+    return layer(seed=seed, dtype="float32")  # float32 whatever the policy (build_augmenter)
 
 
 def alternating_flip_translate(epoch, seed=0, shift=2):
@@ -354,16 +440,15 @@ def epoch_permutations(split, batch_size, epochs, seed=None, per_image=None, fir
     return tf.data.Dataset.choose_from_datasets([epoch(e) for e in range(epochs)], order)
 
 
-def make_pipeline(split, batch_size, training, with_label_input, augment="standard",
-                  seed=None, mix="none", num_classes=None, epochs=1, first_epoch=None):
-    """Cached decoded split -> shuffled, augmented, batched, prefetched batches.
+def make_pipeline(split, *, batch_size, training, augment="standard", seed=None, mix="none",
+                  num_classes=None, epochs=1, first_epoch=None):
+    """Cached decoded split -> shuffled, augmented, batched, prefetched ``(images, targets)``.
 
     Training batches cover ``epochs`` epochs, one permutation each: pass
-    ``steps_per_epoch = len(split) // batch_size`` to ``fit``.
-    With ``mix`` (``mixup``/``cutmix``, needs ``num_classes``) the targets are
-    soft one-hot vectors and the label input is the dominant class.
-    Yields ``(inputs, labels)``; ``inputs`` is ``{"image", "label"}`` for a
-    margin head's training model (labels as its second input), else the image.
+    ``steps_per_epoch = len(split) // batch_size`` to ``fit``. Targets are the
+    integer labels, or with ``mix`` (``mixup``/``cutmix``, needs
+    ``num_classes``) soft one-hot vectors (``MarginClassifier`` puts the
+    margin on the dominant class).
     """
     per_image = None
     if training and augment == "airbench":
@@ -375,21 +460,17 @@ def make_pipeline(split, batch_size, training, with_label_input, augment="standa
         ds = split.batch(batch_size)
     augmenter = build_augmenter(augment, split.element_spec[0].shape[0], seed) if training \
         and not per_image else None
-
     mixer = build_mixer(mix, seed) if training else None
 
     def to_model(images, labels):
         images = tf.cast(images, tf.float32)
         if augmenter is not None:
             images = augmenter(images, training=True)
-        targets = labels
-        if mixer is not None:  # soft targets; the margin goes to the dominant class
-            mixed = mixer({"images": images, "labels": tf.one_hot(labels, num_classes)},
-                          training=True)
-            images, targets = mixed["images"], mixed["labels"]
-            labels = tf.argmax(targets, axis=-1, output_type=tf.int32)
-        inputs = {"image": images, "label": labels} if with_label_input else images
-        return inputs, targets
+        if mixer is None:
+            return images, labels
+        mixed = mixer({"images": images, "labels": tf.one_hot(labels, num_classes)},
+                      training=True)
+        return mixed["images"], mixed["labels"]
 
     ds = ds.map(to_model, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)

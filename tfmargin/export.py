@@ -4,20 +4,24 @@ Everything is written under a temporary name and renamed into place, so a
 crash never leaves a half-written ``saved_models/<name>/``.
 """
 
+import json
+import math
 import os
 
 import keras
 import tensorflow as tf
 
 from tfmargin.atomic import atomic_directory
-from tfmargin.config import EXPORT_FORMATS
 from tfmargin.data import decode_image
+from tfmargin.names import EXPORT_FORMATS, choices
 from tfmargin.tta import tta_logits
 
+UNKNOWN = "unknown"  # class_name of a rejected input; its class_id is -1
 
-def _logits_and_cosine(models, images):
-    embedding = models.embedding(images, training=False)
-    head = models.head
+
+def _logits_and_cosine(model, images):
+    embedding = model.embedding(images, training=False)
+    head = model.head
     if hasattr(head, "cosine"):
         cosine = head.cosine(embedding)
         return head.scale * cosine, cosine, embedding
@@ -27,68 +31,100 @@ def _logits_and_cosine(models, images):
     return head(embedding), cosine, embedding
 
 
-def serving_outputs(models, class_names, images, tta=0):
+def serving_outputs(model, class_names, images, tta=0, temperature=1.0, threshold=None):
     """The serving dict for uint8 ``images`` (N, H, W, 3); no label input anywhere.
 
     ``tta > 0``: logits and cosines are averaged over the test-time
     augmentation views of ``tfmargin.tta``; the embedding is the plain image's.
+    ``probabilities`` are ``softmax(logits / temperature)`` (the temperature
+    fitted on the validation split). ``score`` is the maximum logit, the
+    reject option's score; with a ``threshold``, an image scoring below it is
+    ``rejected``: ``class_id`` -1, ``class_name`` "unknown".
     """
     images = tf.cast(images, tf.float32)
-    logits, cosine, embedding = _logits_and_cosine(models, images)
+    logits, cosine, embedding = _logits_and_cosine(model, images)
     if tta:
-        averaged = tta_logits(lambda view: tf.stack(_logits_and_cosine(models, view)[:2]),
+        averaged = tta_logits(lambda view: tf.stack(_logits_and_cosine(model, view)[:2]),
                               images, tta, plain=tf.stack([logits, cosine]))
         logits, cosine = averaged[0], averaged[1]
     normalized = tf.math.l2_normalize(embedding, axis=-1, epsilon=1e-12)
-    class_id = tf.argmax(logits, axis=-1, output_type=tf.int32)
+    score = tf.reduce_max(logits, axis=-1)
+    rejected = score < threshold if threshold is not None else tf.zeros_like(score, tf.bool)
+    class_id = tf.where(rejected, -1, tf.argmax(logits, axis=-1, output_type=tf.int32))
+    names = tf.constant([*class_names, UNKNOWN])  # index -1 is "unknown"
     return {
-        "probabilities": tf.nn.softmax(logits),
+        "probabilities": tf.nn.softmax(logits / temperature),
         "logits": logits,
         "cosine": cosine,
         "embedding": normalized,
+        "score": score,
+        "rejected": rejected,
         "class_id": class_id,
-        "class_name": tf.gather(tf.constant(class_names), class_id),
+        "class_name": tf.gather(names, tf.where(rejected, len(class_names), class_id)),
     }
 
 
-def export_models(models, class_names, export_path, formats=("savedmodel", "keras"),
-                  image_size=32, tta=0):
-    """Write ``export_path/{savedmodel/, model.keras, model.onnx, class_names.txt}``.
+def export_models(model, class_names, export_path, *, formats=("savedmodel", "keras"),
+                  image_size=32, tta=0, temperature=1.0, reject=None):
+    """Write ``export_path/{savedmodel/, model.keras, model.onnx, class_names.txt,
+    serving.json}``.
 
-    The SavedModel has two endpoints with the same outputs: ``serve``
-    (uint8 images ``(N, image_size, image_size, 3)``) and ``serve_encoded``
-    (JPEG/PNG/BMP/GIF bytes ``(N,)`` of any size, decoded and resized by
-    ``tfmargin.data.decode_image``, the function training decoded with).
-    With ``tta`` > 0 both average over test-time augmentation views, and the
-    SavedModel says so: its variable collection ``tta_level`` holds the
-    level (0: none). ``model.keras`` is always the plain model.
+    The SavedModel has three endpoints: ``serve`` (uint8 images ``(N,
+    image_size, image_size, 3)``) and ``serve_encoded`` (JPEG/PNG/BMP/GIF
+    bytes ``(N,)`` of any size, decoded and resized by
+    ``tfmargin.data.decode_image``, the function training decoded with) return
+    the outputs of :func:`serving_outputs`; ``embed`` returns only the
+    L2-normalised embedding of uint8 images (retrieval). With ``tta`` > 0 the
+    first two average over test-time augmentation views. The SavedModel's
+    variable collections hold what it was made with: ``tta_level``,
+    ``temperature`` and ``reject_threshold`` (-inf without a reject option);
+    ``serving.json`` says the same for people. ``model.keras`` is the plain
+    classifier (logits only).
+
+    Args:
+        reject: ``{"score": "max_logit", "threshold": t, ...}`` as chosen on the
+            validation split (``tfmargin.evaluation.reject_option``), or None.
     """
     unknown = set(formats) - set(EXPORT_FORMATS)
     if unknown:
         raise ValueError(f"Unknown export format(s) {sorted(unknown)}; choose from "
-                         f"{', '.join(EXPORT_FORMATS)}.")
+                         f"{choices(EXPORT_FORMATS)}.")
+    if reject is not None and reject.get("score") != "max_logit":
+        raise ValueError(f"the export thresholds the maximum logit, not {reject['score']!r}")
+    threshold = None if reject is None else float(reject["threshold"])
+    serving = {"tta_level": tta, "temperature": float(temperature), "reject": reject,
+               "image_size": image_size, "outputs": ["probabilities", "logits", "cosine",
+                                                      "embedding", "score", "rejected",
+                                                      "class_id", "class_name"]}
     signature = tf.TensorSpec((None, image_size, image_size, 3), tf.uint8, name="images")
     with atomic_directory(export_path) as tmp:
         with open(os.path.join(tmp, "class_names.txt"), "w") as f:
             f.write("".join(f"{name}\n" for name in class_names))
+        with open(os.path.join(tmp, "serving.json"), "w") as f:
+            json.dump(serving, f, indent=2)
         if "savedmodel" in formats or "onnx" in formats:
+            def outputs(images):
+                return serving_outputs(model, class_names, images, tta, temperature, threshold)
+
             archive = keras.export.ExportArchive()
-            archive.track(models.embedding)
-            archive.track(models.inference)
+            archive.track(model)
+            archive.add_endpoint("serve", outputs, input_signature=[signature])
             archive.add_endpoint(
-                "serve", lambda images: serving_outputs(models, class_names, images, tta),
-                input_signature=[signature])
-            archive.add_endpoint(
-                "serve_encoded", lambda encoded: serving_outputs(
-                    models, class_names, tf.map_fn(
-                        lambda e: decode_image(e, image_size), encoded,
-                        fn_output_signature=tf.TensorSpec((image_size, image_size, 3),
-                                                          tf.uint8)), tta),
+                "serve_encoded", lambda encoded: outputs(tf.map_fn(
+                    lambda e: decode_image(e, image_size), encoded,
+                    fn_output_signature=tf.TensorSpec((image_size, image_size, 3), tf.uint8))),
                 input_signature=[tf.TensorSpec((None,), tf.string, name="encoded")])
-            archive.add_variable_collection("tta_level", [tf.Variable(tta, trainable=False)])
+            archive.add_endpoint(
+                "embed", lambda images: {"embedding": tf.math.l2_normalize(
+                    model.embedding(tf.cast(images, tf.float32), training=False), axis=-1,
+                    epsilon=1e-12)}, input_signature=[signature])
+            for name, value in (("tta_level", tta), ("temperature", float(temperature)),
+                                ("reject_threshold", -math.inf if threshold is None
+                                 else threshold)):
+                archive.add_variable_collection(name, [tf.Variable(value, trainable=False)])
             archive.write_out(os.path.join(tmp, "savedmodel"), verbose=False)
         if "keras" in formats:
-            models.inference.save(os.path.join(tmp, "model.keras"))
+            model.save(os.path.join(tmp, "model.keras"))
         if "onnx" in formats:
             _to_onnx(os.path.join(tmp, "savedmodel"), os.path.join(tmp, "model.onnx"))
     return export_path

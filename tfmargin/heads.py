@@ -5,7 +5,7 @@ import math
 import keras
 from keras import ops
 
-from tfmargin.margins import DEFAULT_SCALE, check_head_arguments, target_logit
+from tfmargin.margins import check_head_arguments, target_logit
 
 
 def check_labels(labels, num_classes):
@@ -133,12 +133,13 @@ class ArcMarginLayer(keras.layers.Layer):
             `combined`, `normface`.
         margin: float, triple or None. m in radians (a multiplier of theta for
             `sphereface`, ``(m1, m2, m3)`` for `combined`). ArcFace needs
-            ``0 <= m < pi``. None takes the type's published default from
-            ``tfmargin.margins.MARGIN_TYPES`` (ArcFace 0.5, CosFace 0.35,
-            SphereFace 1.35, combined (1, 0.3, 0.2)).
-        scale: float or ``"auto"``. s > 0 (default 16), or the AdaCos fixed
-            scale ``sqrt(2) * ln(C - 1)`` (3.11 for C=10, 6.50 for C=100),
-            resolved to a float once, at construction.
+            ``0 <= m < pi``. None takes the type's default from
+            ``tfmargin.margins.MARGIN_TYPES`` (chosen on CIFAR-10 validation; the
+            published face-recognition values are recorded beside it).
+        scale: float, ``"auto"`` or None. s > 0; None takes the type's default
+            from ``MARGIN_TYPES``; ``"auto"`` the AdaCos fixed scale
+            ``sqrt(2) * ln(C - 1)`` (3.11 for C=10, 6.50 for C=100), resolved to a
+            float once, at construction.
         fallback: str. `monotonic`, `easy` or `none`, see above.
         sub_centers: int. K >= 1 centres per class; the class cosine is the max
             over its K centres (Sub-center ArcFace).
@@ -182,7 +183,7 @@ class ArcMarginLayer(keras.layers.Layer):
         num_classes,
         margin_type="arcface",
         margin=None,
-        scale=DEFAULT_SCALE,
+        scale=None,
         fallback="monotonic",
         sub_centers=1,
         epsilon=1e-7,

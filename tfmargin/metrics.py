@@ -68,12 +68,14 @@ def classification_metrics(logits, labels):
 
 
 def retrieval_metrics(embeddings, labels, block_size=256):
-    """Precision@1 and MAP@R of each test image as a query against all the others.
+    """Precision@1, R-precision and MAP@R of each test image as a query against all the
+    others.
 
     As pytorch-metric-learning's ``AccuracyCalculator`` defines them, with
     queries and references from the same set (the query itself excluded),
     cosine similarity of the L2-normalised embeddings, exact search. For a
-    query with R other images of its class, MAP@R is
+    query with R other images of its class, R-precision is the fraction of its
+    R nearest that share its class and MAP@R is
     ``(1/R) * sum_{i<=R} P@i * [i-th neighbour is of its class]``; queries
     whose class has no other image are left out. Computed ``block_size``
     queries at a time, so memory stays ``block_size x N``.
@@ -83,7 +85,7 @@ def retrieval_metrics(embeddings, labels, block_size=256):
     labels = np.asarray(labels).reshape(-1)
     counts = np.bincount(labels)
     r_all = counts[labels] - 1  # other images of the query's class
-    hits_at_1, map_at_r = [], []
+    hits_at_1, r_precision, map_at_r = [], [], []
     for start in range(0, len(x), block_size):
         rows = np.arange(start, min(start + block_size, len(x)))
         rows = rows[r_all[rows] > 0]
@@ -101,8 +103,10 @@ def retrieval_metrics(embeddings, labels, block_size=256):
         within_r = np.arange(1, k + 1)[None, :] <= r[:, None]
         precision_at_i = np.cumsum(relevant, axis=1) / np.arange(1, k + 1)
         hits_at_1.append(relevant[:, 0])
+        r_precision.append(np.sum(relevant * within_r, axis=1) / r)
         map_at_r.append(np.sum(precision_at_i * relevant * within_r, axis=1) / r)
     return {"precision_at_1": float(np.mean(np.concatenate(hits_at_1))),
+            "r_precision": float(np.mean(np.concatenate(r_precision))),
             "map_at_r": float(np.mean(np.concatenate(map_at_r)))}
 
 
@@ -126,3 +130,236 @@ def save_prediction_summary(run_dir, scores, labels, scale=None):
     """Write :func:`prediction_summary` to ``run_dir/test_predictions.npz`` atomically."""
     with atomic_file(os.path.join(run_dir, PREDICTIONS_FILE)) as tmp:
         np.savez_compressed(tmp, **prediction_summary(scores, labels, scale))
+
+
+def log_softmax(logits):
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def negative_log_likelihood(logits, labels, temperature=1.0):
+    """Mean ``-log p(y | x)`` of ``softmax(logits / temperature)``."""
+    labels = np.asarray(labels).reshape(-1)
+    return float(-np.mean(log_softmax(np.asarray(logits, np.float64) / temperature)[
+        np.arange(len(labels)), labels]))
+
+
+def fit_temperature(logits, labels, low=0.01, high=100.0, iterations=200):
+    """The temperature T > 0 minimising the NLL of ``softmax(logits / T)`` (Guo et al. 2017).
+
+    The NLL is convex in ``1 / T``, so a golden-section search over ``1 / T``
+    in ``[1 / high, 1 / low]`` finds the minimum. For a cosine head this is
+    choosing the inference scale ``s / T``.
+    """
+    ratio = (np.sqrt(5.0) - 1.0) / 2.0
+    a, b = 1.0 / high, 1.0 / low
+
+    def nll(beta):
+        return negative_log_likelihood(logits, labels, 1.0 / beta)
+
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    fc, fd = nll(c), nll(d)
+    for _ in range(iterations):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - ratio * (b - a)
+            fc = nll(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + ratio * (b - a)
+            fd = nll(d)
+    return float(2.0 / (a + b))
+
+
+def calibration_metrics(logits, labels, temperature=1.0, bins=15):
+    """ECE (``bins`` equal-width confidence bins), NLL and Brier score of
+    ``softmax(logits / temperature)``.
+
+    ECE = sum over bins of (bin size / N) * |accuracy - mean confidence|, the
+    confidence being the top probability (Guo et al. 2017). Brier = mean over
+    images of the squared distance between the probability vector and the
+    one-hot label (summed over classes).
+    """
+    labels = np.asarray(labels).reshape(-1)
+    probabilities = softmax(np.asarray(logits, np.float64) / temperature)
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == labels
+    # Bin b holds confidences in (b/bins, (b+1)/bins]; confidence 1/C > 0 always.
+    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            ece += members.mean() * abs(correct[members].mean() - confidence[members].mean())
+    one_hot = np.eye(probabilities.shape[1])[labels]
+    return {"ece": float(ece), "nll": negative_log_likelihood(logits, labels, temperature),
+            "brier": float(np.mean(np.sum((probabilities - one_hot) ** 2, axis=1)))}
+
+
+def reliability_bins(logits, labels, temperature=1.0, bins=15):
+    """Per confidence bin: ``[count, accuracy, mean confidence]`` (None for an empty bin);
+    what a reliability diagram draws."""
+    labels = np.asarray(labels).reshape(-1)
+    probabilities = softmax(np.asarray(logits, np.float64) / temperature)
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == labels
+    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    rows = []
+    for b in range(bins):
+        members = which == b
+        rows.append([int(members.sum()), float(correct[members].mean()) if members.any()
+                     else None, float(confidence[members].mean()) if members.any() else None])
+    return rows
+
+
+def auroc(known_scores, unknown_scores):
+    """Area under the ROC curve of telling known (positive, higher score) from unknown
+    images: the probability that a random known image scores above a random unknown one,
+    ties counting one half (Mann-Whitney U / (n_known n_unknown))."""
+    known = np.asarray(known_scores, np.float64)
+    unknown = np.asarray(unknown_scores, np.float64)
+    scores = np.concatenate([known, unknown])
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    # Average ranks over ties (1-based).
+    starts = np.r_[0, np.nonzero(np.diff(sorted_scores))[0] + 1]
+    ends = np.r_[starts[1:], len(scores)]
+    for start, end in zip(starts, ends, strict=True):
+        ranks[order[start:end]] = (start + end + 1) / 2.0
+    u = ranks[:len(known)].sum() - len(known) * (len(known) + 1) / 2.0
+    return float(u / (len(known) * len(unknown)))
+
+
+def oscr(known_scores, known_correct, unknown_scores):
+    """Open-Set Classification Rate (Dhamija et al. 2018): the area under the curve of the
+    correct classification rate against the false positive rate as the acceptance
+    threshold falls.
+
+    At threshold t (accept when score >= t): CCR(t) = fraction of known images
+    that are accepted and classified correctly, FPR(t) = fraction of unknown
+    images accepted. The curve runs from (0, 0) to (1, closed-set accuracy)
+    through one point per distinct score; the area is taken by trapezoids.
+    """
+    known = np.asarray(known_scores, np.float64)
+    unknown = np.asarray(unknown_scores, np.float64)
+    correct = np.asarray(known_correct, bool)
+    thresholds = np.unique(np.concatenate([known, unknown]))[::-1]  # high to low
+    order_k, order_u = np.sort(known), np.sort(unknown)
+    # Accepted at t: scores >= t, i.e. n - (number below t).
+    accepted_unknown = len(unknown) - np.searchsorted(order_u, thresholds, side="left")
+    correct_scores = np.sort(known[correct])
+    accepted_correct = len(correct_scores) - np.searchsorted(correct_scores, thresholds,
+                                                             side="left")
+    fpr = np.r_[0.0, accepted_unknown / len(unknown)]
+    ccr = np.r_[0.0, accepted_correct / len(order_k)]
+    return float(np.sum(np.diff(fpr) * (ccr[1:] + ccr[:-1]) / 2.0))
+
+
+def energy(logits, temperature=1.0):
+    """``T * logsumexp(logits / T)``: the negative free energy (Liu et al. 2020); higher for
+    images the model knows."""
+    z = np.asarray(logits, np.float64) / temperature
+    top = z.max(axis=1)
+    return temperature * (top + np.log(np.exp(z - top[:, None]).sum(axis=1)))
+
+
+def normalize(x):
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def knn_similarity(queries, gallery, k=50, block_size=512):
+    """Cosine similarity of each query's k-th nearest gallery embedding (Sun et al. 2022's
+    kNN out-of-distribution score, k = 50 for CIFAR-10), on L2-normalised embeddings."""
+    q, g = normalize(queries), normalize(gallery)
+    k = min(k, len(g))
+    out = np.empty(len(q))
+    for start in range(0, len(q), block_size):
+        similarity = q[start:start + block_size] @ g.T
+        out[start:start + block_size] = -np.partition(-similarity, k - 1, axis=1)[:, k - 1]
+    return out
+
+
+def open_set_scores(logits, embeddings, gallery=None, k=50):
+    """Per image, higher = more likely one of the known classes: ``msp`` (maximum softmax
+    probability), ``max_logit`` (for a cosine head the same ranking as the maximum
+    cosine), ``energy``, ``feature_norm`` (the embedding's norm before normalisation) and,
+    with ``gallery`` (training embeddings), ``knn`` (:func:`knn_similarity`)."""
+    scores = {"msp": softmax(logits).max(axis=1),
+              "max_logit": np.asarray(logits, np.float64).max(axis=1),
+              "energy": energy(logits),
+              "feature_norm": np.linalg.norm(np.asarray(embeddings, np.float64), axis=1)}
+    if gallery is not None:
+        scores["knn"] = knn_similarity(embeddings, gallery, k)
+    return scores
+
+
+def open_set_metrics(known_scores, known_correct, unknown_scores):
+    """AUROC and OSCR of each score. ``known_scores``/``unknown_scores``: ``{name: per-image
+    scores}`` (:func:`open_set_scores`) of the known and the unknown test images;
+    ``known_correct``: whether each known image's closed-set prediction is right."""
+    return {name: {"auroc": auroc(known_scores[name], unknown_scores[name]),
+                   "oscr": oscr(known_scores[name], known_correct, unknown_scores[name])}
+            for name in known_scores}
+
+
+def rejection_threshold(scores, keep=0.95):
+    """A threshold that accepts (``score >= threshold``) at least a fraction ``keep`` of
+    ``scores`` (known validation images) and rejects the ``floor((1 - keep) N)`` lowest:
+    midway between the last rejected score and the first kept one, so a score computed
+    again elsewhere (an export, another process) falls on the same side."""
+    ordered = np.sort(np.asarray(scores, np.float64))
+    rejected = int(np.floor((1.0 - keep) * len(ordered) + 1e-9))
+    if rejected == 0:
+        return float(ordered[0] - 1e-3 * (1.0 + abs(ordered[0])))
+    return float((ordered[rejected - 1] + ordered[rejected]) / 2.0)
+
+
+def gallery_retrieval_metrics(queries, query_labels, gallery, gallery_labels, k=10,
+                              block_size=256):
+    """Test images as queries against a gallery (the training images), cosine similarity
+    of L2-normalised embeddings, exact search.
+
+    ``knn_top1``: accuracy of a majority vote of the ``k`` nearest gallery
+    images (ties to the class of larger summed similarity); ``precision_at_1``;
+    ``r_precision``: the fraction of the R nearest that share the query's class,
+    R = the gallery images of that class; ``map_at_r`` as in
+    :func:`retrieval_metrics`.
+    """
+    q, g = normalize(queries), normalize(gallery)
+    query_labels = np.asarray(query_labels).reshape(-1)
+    gallery_labels = np.asarray(gallery_labels).reshape(-1)
+    counts = np.bincount(gallery_labels, minlength=int(query_labels.max()) + 1)
+    num_classes = len(counts)
+    votes_right, hits_at_1, r_precision, map_at_r = [], [], [], []
+    for start in range(0, len(q), block_size):
+        rows = slice(start, start + block_size)
+        labels = query_labels[rows]
+        similarity = q[rows] @ g.T
+        r = counts[labels]
+        depth = int(max(r.max(), k))
+        top = np.argpartition(-similarity, depth - 1, axis=1)[:, :depth]
+        order = np.argsort(-np.take_along_axis(similarity, top, axis=1), axis=1,
+                           kind="stable")
+        neighbours = np.take_along_axis(top, order, axis=1)
+        neighbour_labels = gallery_labels[neighbours]
+        relevant = neighbour_labels == labels[:, None]
+        # kNN vote, ties broken by the summed similarity of each class's votes.
+        nearest = neighbour_labels[:, :k]
+        weights = np.take_along_axis(similarity, neighbours[:, :k], axis=1)
+        tally = np.zeros((len(labels), num_classes))
+        strength = np.zeros((len(labels), num_classes))
+        np.add.at(tally, (np.arange(len(labels))[:, None], nearest), 1.0)
+        np.add.at(strength, (np.arange(len(labels))[:, None], nearest), weights)
+        votes_right.append(np.argmax(tally + 1e-6 * strength / k, axis=1) == labels)
+        hits_at_1.append(relevant[:, 0])
+        within_r = np.arange(1, depth + 1)[None, :] <= r[:, None]
+        r_precision.append(np.sum(relevant * within_r, axis=1) / r)
+        precision_at_i = np.cumsum(relevant, axis=1) / np.arange(1, depth + 1)
+        map_at_r.append(np.sum(precision_at_i * relevant * within_r, axis=1) / r)
+    return {"knn_top1": float(np.mean(np.concatenate(votes_right))),
+            "precision_at_1": float(np.mean(np.concatenate(hits_at_1))),
+            "r_precision": float(np.mean(np.concatenate(r_precision))),
+            "map_at_r": float(np.mean(np.concatenate(map_at_r)))}

@@ -18,8 +18,8 @@ Keras 3.15 on TensorFlow 2.21 cannot train under MultiWorkerMirroredStrategy
 """
 
 import keras
-from keras.src import tree
-from keras.src.backend.tensorflow import trainer as tf_trainer
+from keras import tree
+from keras.src.backend.tensorflow import trainer as tf_trainer  # private: see TESTED_KERAS
 
 # The private functions replaced below were read in these Keras releases.
 TESTED_KERAS = ("3.15.",)

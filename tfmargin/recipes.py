@@ -25,6 +25,13 @@ RECIPES = {
                      label_smoothing=0.2, augment="airbench", embedding_dim=0,
                      precise_bn_batches=0, tta=2, val_split=0.0),
 }
+RECIPE_HELP = {
+    "standard": "SGD with Nesterov momentum, linear warm-up then cosine decay, coupled L2; "
+                "docs/recipe.md",
+    "airbench": "airbench94's training: batch 1,024, Nesterov 0.85, BatchNorm offsets at "
+                "64x lr, warm-up then linear decay, lookahead, alternating flip, label "
+                "smoothing 0.2, TTA 2, 10 epochs",
+}
 # airbench's settings that have no flag of their own.
 AIRBENCH = dict(momentum=0.85, offset_lr_scale=64.0, whiten_bias_epochs=3, warmup=0.23,
                 start=0.2, end=0.07, lookahead_every=5, lookahead_base=0.95)

@@ -1,15 +1,23 @@
-"""Results tables from run directories: ``runs/*/{config,metrics}.json`` to Markdown."""
+"""Markdown tables of recorded runs (the ledger ``results/runs/*/{config,metrics}.json``).
 
-import datetime
+They know this repository's studies (the paper's backbones and numbers, the open-set
+protocol, the sweep grammar), so they live beside ``report.py``, not in the library.
+NumPy and SciPy only: the report's check runs without TensorFlow.
+"""
+
+import dataclasses
 import glob
 import json
 import os
 
 import numpy as np
 
-from tfmargin.config import ADDED_LATER, RunConfig
+from tfmargin.config import ADDED_LATER, NOT_IDENTITY, RunConfig, dataset_label
 
 BACKBONE_COLUMNS = ("resnet18", "efficientnetb0", "mobilenetv2")
+# Every setting of a run's identity (what its hash covers).
+IDENTITY_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig)
+                        if f.name not in NOT_IDENTITY)
 
 
 def load_runs(runs_dir):
@@ -21,15 +29,23 @@ def load_runs(runs_dir):
             metrics = json.load(f)
         with open(os.path.join(run_dir, "config.json")) as f:
             config = json.load(f)
-        finished = datetime.datetime.fromtimestamp(os.path.getmtime(path), datetime.UTC)
+        stamp = metrics["finished_at"]  # 2026-12-01T22:24:19Z
+        finished = f"{stamp[:10]} {stamp[11:16]} UTC"
         runs.append({"name": os.path.basename(run_dir), "config": config, "metrics": metrics,
-                     "finished": finished.strftime("%Y-%m-%d %H:%M UTC")})
+                     "finished": finished})
     return runs
+
+
+def setting_key(config, leave_out=("seed",)):
+    """A run's identity without ``leave_out``: runs with equal keys differ only there."""
+    return tuple((key, json.dumps(config.get(key, ADDED_LATER.get(key)), sort_keys=True))
+                 for key in IDENTITY_FIELDS if key not in leave_out)
 
 
 def command(config):
     """The run.py command line that reproduces a run: every setting of its identity that
-    differs from run.py's defaults."""
+    differs from run.py's defaults, and its precision always (the default, auto, depends on
+    the machine)."""
     recipe = config.get("recipe", "standard")
     # Every identity setting, including those left out of the identity at their default
     # (ADDED_LATER), so a run with --tta 2 under the standard recipe shows it.
@@ -40,12 +56,15 @@ def command(config):
              f"--dataset {config['dataset']}"]
     for key, default in defaults.items():
         value = config.get(key, default)
-        if key in ("backbone", "loss", "dataset", "recipe") or value == default:
+        if key in ("backbone", "loss", "dataset", "recipe", "mixed_precision") or \
+                value == default:
             continue
         flag = f"--{key.replace('_', '-')}"
         if isinstance(value, list):
             value = " ".join(map(str, value))
         parts.append(flag if isinstance(value, bool) else f"{flag} {value}")
+    parts.append("--mixed-precision" if config.get("mixed_precision") else
+                 "--no-mixed-precision")
     return " ".join(parts)
 
 
@@ -84,12 +103,13 @@ def runs_table(runs):
 RECIPE_KEYS = ("optimizer", "learning_rate", "weight_decay", "seed")
 
 
-def recipe_label(config):
-    """The recipe settings that differ from run.py's defaults, e.g. ``adamw lr=0.002``."""
-    defaults = RunConfig()
+def recipe_label(config, keys=RECIPE_KEYS):
+    """The recipe settings that differ from the run's recipe's defaults, e.g.
+    ``adamw lr=0.002``."""
+    defaults = RunConfig.for_recipe(config.get("recipe", "standard"))
     names = {"learning_rate": "lr", "weight_decay": "wd"}
     return " ".join(str(config[key]) if key == "optimizer" else f"{names.get(key, key)}="
-                    f"{config[key]}" for key in RECIPE_KEYS
+                    f"{config[key]}" for key in keys
                     if key in config and config[key] != getattr(defaults, key))
 
 
@@ -135,7 +155,10 @@ def head_spec(config):
     if config["loss"] == "softmax":
         parts = ["softmax"]
     else:
-        parts = [config["loss"], f"s={config['head_scale']:g}", f"m={config['margin']:g}"]
+        margin = config["margin"]
+        margin = "/".join(f"{m:g}" for m in margin) if isinstance(margin, list) else \
+            f"{margin:g}"
+        parts = [config["loss"], f"s={config['head_scale']:g}", f"m={margin}"]
         if config["fallback"] != RunConfig.fallback:
             parts.append(f"f={config['fallback']}")
     if smoothing_label(config):
@@ -144,8 +167,15 @@ def head_spec(config):
 
 
 def precision_name(config):
-    """``mixed`` or ``float32``: a run's dtype policy as run.py's flag set it."""
+    """``mixed`` or ``float32``: a run's precision as its identity records it."""
     return "mixed" if config.get("mixed_precision") else "float32"
+
+
+def setting_label(config):
+    """What a group of runs shares, in words: data, backbone, recipe, budget, precision."""
+    return " ".join(str(part) for part in (
+        dataset_label(config["dataset"]), config["backbone"], config.get("recipe", "standard"),
+        f"{config['train_size']}x{config['epochs']}", precision_name(config)))
 
 
 def head_label(config):
@@ -154,31 +184,39 @@ def head_label(config):
     return f"{label}, {recipe}" if recipe else label
 
 
-SEED_METRICS = (("top1", "top-1"), ("tta_top1", "top-1 TTA"), ("mAP", "mAP"),
+SEED_METRICS = (("top1", "top-1"), ("tta.top1", "top-1 TTA"), ("mAP", "mAP"),
                 ("precision_at_1", "P@1"), ("map_at_r", "MAP@R"))
 
 
-def _metric(run, key):
-    metrics = run["metrics"]
-    if key == "tta_top1":
-        return metrics["tta"]["top1"] if "tta" in metrics else None
-    return metrics[key]
+def metric_value(run, key):
+    """A run's metric by dotted path (``tta.top1``, ``open_set.knn.auroc``), or None."""
+    value = run["metrics"]
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
 
 
-def seed_arms(runs):
-    """``{(setting without head and seed, head): {seed: run}}``: runs that differ only by
-    seed, grouped per arm; a seed run twice is an error."""
+HEAD_FIELDS = ("loss", "scale", "margin", "fallback", "sub_centers", "ce_weight",
+               "label_smoothing")
+
+
+def seed_arms(runs, pair_by="seed"):
+    """``{(setting, head): {pair: run}}``: runs whose identities differ only by ``pair_by``
+    (``seed``; ``classes`` for the splits of the open-set study) are one arm; arms whose
+    settings differ only in the head are compared. ``setting`` is ``(label, key)``."""
     arms = {}
     for run in runs:
         config = run["config"]
-        setting = (os.path.basename(os.path.normpath(config["dataset"])), config["backbone"],
-                   config.get("recipe", "standard"), config["train_size"], config["epochs"],
-                   precision_name(config))
-        seeds = arms.setdefault((setting, head_name(config)), {})
-        if config["seed"] in seeds:
-            raise ValueError(f"two runs of {head_name(config)} with seed {config['seed']}: "
-                             f"{seeds[config['seed']]['name']} and {run['name']}")
-        seeds[config["seed"]] = run
+        recipe = recipe_label(config, keys=RECIPE_KEYS[:-1])  # the seed pairs, not labels
+        setting = (setting_label(config) + (f", {recipe}" if recipe else ""),
+                   setting_key(config, (pair_by, *HEAD_FIELDS)))
+        pairs = arms.setdefault((setting, head_name(config)), {})
+        key = config.get(pair_by, ADDED_LATER.get(pair_by))
+        if pair_by != "seed":
+            key = (key, config["seed"])
+        pairs[key] = run
     return arms
 
 
@@ -203,43 +241,45 @@ def verdict(interval):
     return "helps" if low > 0 else "hurts" if high < 0 else "within noise"
 
 
-def seed_table(runs, baseline="softmax"):
-    """Per arm: seeds, mean +- s.d. of each metric (percent); then each arm's paired
-    difference from ``baseline`` in each metric over their common seeds, with a 95 % t
-    interval."""
-    arms = seed_arms(runs)
-    lines = ["| setting | head | seeds | " + " | ".join(name for _, name in SEED_METRICS)
-             + " | wall (min) |", "|" + "---|" * (len(SEED_METRICS) + 4)]
-    diffs = ["| setting | head − " + baseline + " | common seeds | "
-             + " | ".join(f"{name} Δ (95 % CI)" for _, name in SEED_METRICS)
-             + " | verdict (top-1) |", "|" + "---|" * (len(SEED_METRICS) + 4)]
-    for (setting, head), seeds in sorted(arms.items()):
+def _mean_sd(values):
+    values = 100 * np.asarray(values, float)
+    spread = f" ± {values.std(ddof=1):.2f}" if len(values) > 1 else ""
+    return f"{values.mean():.2f}{spread}"
+
+
+def seed_table(runs, columns=SEED_METRICS, baseline="softmax", pair_by="seed",
+               pairs_name="seeds"):
+    """Per arm: its pairs (seeds, or splits), mean +- s.d. of each metric (percent); then
+    each arm's paired difference from ``baseline`` in each metric over their common pairs,
+    with a 95 % t interval and a verdict on the first column."""
+    arms = seed_arms(runs, pair_by)
+    lines = [f"| setting | head | {pairs_name} | " + " | ".join(name for _, name in columns)
+             + " | wall (min) |", "|" + "---|" * (len(columns) + 4)]
+    diffs = [f"| setting | head − {baseline} | common {pairs_name} | "
+             + " | ".join(f"{name} Δ (95 % CI)" for _, name in columns)
+             + f" | verdict ({columns[0][1]}) |", "|" + "---|" * (len(columns) + 4)]
+    for (setting, head), pairs in sorted(arms.items()):
         cells = []
-        for key, _ in SEED_METRICS:
-            values = [_metric(r, key) for r in seeds.values()]
-            if None in values:
-                cells.append("-")
-                continue
-            values = 100 * np.asarray(values)
-            spread = f" ± {values.std(ddof=1):.2f}" if len(values) > 1 else ""
-            cells.append(f"{values.mean():.2f}{spread}")
+        for key, _ in columns:
+            values = [metric_value(r, key) for r in pairs.values()]
+            cells.append("-" if None in values else _mean_sd(values))
         # A resumed run's wall time covers only the epochs after the resume.
-        walls = [r["metrics"]["wall_seconds"] / 60 for r in seeds.values()
+        walls = [r["metrics"]["wall_seconds"] / 60 for r in pairs.values()
                  if not r["metrics"].get("resumed_at_epoch")]
         wall = f"{np.mean(walls):.1f}" if walls else "-"
-        name = " ".join(str(part) for part in setting)
-        lines.append(f"| {name} | {head} | {', '.join(map(str, sorted(seeds)))} | "
-                     + " | ".join(cells) + f" | {wall} |")
+        names = ", ".join(map(str, sorted(pairs))) if pair_by == "seed" else str(len(pairs))
+        lines.append(f"| {setting[0]} | {head} | {names} | " + " | ".join(cells)
+                     + f" | {wall} |")
         base = arms.get((setting, baseline))
         if head == baseline or not base:
             continue
-        common = sorted(set(seeds) & set(base))
+        common = sorted(set(pairs) & set(base))
         if not common:
             continue
         row = []
-        for key, _ in SEED_METRICS:
-            a = [_metric(seeds[k], key) for k in common]
-            b = [_metric(base[k], key) for k in common]
+        for key, _ in columns:
+            a = [metric_value(pairs[k], key) for k in common]
+            b = [metric_value(base[k], key) for k in common]
             if None in a or None in b:
                 row.append(("-", None))
                 continue
@@ -247,11 +287,12 @@ def seed_table(runs, baseline="softmax"):
             text = f"{mean:+.2f}" + (f" ({interval[0]:+.2f}, {interval[1]:+.2f})"
                                      if interval else "")
             row.append((text, interval))
-        diffs.append(f"| {name} | {head} | {len(common)} | "
+        diffs.append(f"| {setting[0]} | {head} | {len(common)} | "
                      + " | ".join(text for text, _ in row)
                      + f" | {verdict(row[0][1]) if row[0][0] != '-' else '-'} |")
     paired = "\n\n" + "\n".join(diffs) if len(diffs) > 2 else \
-        f"\n\nNo margin head has a seed in common with {baseline} yet: no paired difference."
+        f"\n\nNo margin head has {pairs_name} in common with {baseline} yet: no paired " \
+        "difference."
     return "\n".join(lines) + paired + "\n"
 
 
@@ -305,98 +346,3 @@ def margin_curves(runs):
         curves.setdefault(key, []).append((float(c["margin"]), run))
     return {k: sorted(v, key=lambda p: p[0]) for k, v in curves.items()
             if len({m for m, _ in v}) >= 2}
-
-
-def plot_margin_sweep(runs, path):
-    """mAP and top-1 vs m, one line per backbone x fallback x scale; False if nothing to plot."""
-    curves = margin_curves(runs)
-    if not curves:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
-    several_budgets = len({k[3:] for k in curves}) > 1
-    for (backbone, fallback, scale, size, epochs), points in sorted(curves.items()):
-        margins = [m for m, _ in points]
-        style = "-" if fallback == "monotonic" else "--"
-        label = f"{backbone}, {fallback}, s={scale:.3g}"
-        if several_budgets:
-            label += f" ({size} x {epochs})"
-        for ax, key in zip(axes, ("mAP", "top1"), strict=True):
-            ax.plot(margins, [100 * r["metrics"][key] for _, r in points], style, marker="o",
-                    label=label)
-    for ax, title in zip(axes, ("test mAP (%)", "test top-1 (%)"), strict=True):
-        ax.set_xlabel("margin m (radians)")
-        ax.set_title(title)
-        ax.axvline(2.0, color="grey", lw=0.8, ls=":")
-        ax.grid(alpha=0.3)
-    budgets = sorted({(k[3], k[4]) for k in curves})
-    fig.suptitle("ArcFace margin sweep (" + "; ".join(
-        f"{n} train images x {e} epochs" for n, e in budgets) + ")")
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def load_predictions(run, runs_dir):
-    """A run's ``test_predictions.npz`` (labels, predictions, target angles), or None."""
-    from tfmargin.metrics import PREDICTIONS_FILE
-
-    path = os.path.join(runs_dir, run["name"], PREDICTIONS_FILE)
-    if not os.path.exists(path):
-        return None
-    with np.load(path) as f:
-        return dict(f)
-
-
-def plot_run_diagnostics(run, predictions, path):
-    """Confusion matrix (row-normalised) and, for margin heads, target-angle histograms."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = run["config"]["class_names"]
-    labels, predicted = predictions["labels"], predictions["predicted"]
-    confusion = np.zeros((len(names), len(names)))
-    np.add.at(confusion, (labels, predicted), 1)
-    confusion /= np.maximum(confusion.sum(axis=1, keepdims=True), 1)
-    angles = predictions["target_angle_deg"]
-    has_angles = not np.all(np.isnan(angles))
-    fig, axes = plt.subplots(1, 2 if has_angles else 1, figsize=(11 if has_angles else 5.5, 4.6),
-                             squeeze=False)
-    ax = axes[0, 0]
-    ax.imshow(confusion, cmap="Blues", vmin=0, vmax=1)
-    if len(names) <= 20:
-        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(names)), names, fontsize=7)
-        for (i, j), value in np.ndenumerate(confusion):
-            if value >= 0.05:
-                ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center", fontsize=6,
-                        color="white" if value > 0.5 else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(f"confusion (% of each true class), top-1 {100 * run['metrics']['top1']:.1f}%")
-    if has_angles:
-        ax = axes[0, 1]
-        bins = np.linspace(0, 180, 61)
-        correct = labels == predicted
-        ax.hist(angles[correct], bins=bins, alpha=0.7, label="correct")
-        ax.hist(angles[~correct], bins=bins, alpha=0.7, label="wrong")
-        margin = run["config"]["margin"]
-        if isinstance(margin, (int, float)) and run["config"]["loss"] == "arcface":
-            ax.axvline(180 - np.degrees(margin), color="grey", ls=":",
-                       label="pi - m (fallback starts)")
-        ax.set_xlabel("angle to own class centre (degrees)")
-        ax.set_ylabel("test images")
-        ax.set_title("target angles theta_y")
-        ax.legend(fontsize=7)
-    fig.suptitle(run["name"], fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)

@@ -1,0 +1,98 @@
+"""Timing tools of the benchmark: paired alternating measurements, the machine's matmul
+peak, and the FLOPs of a training step.
+
+Every speed claim in docs/performance.md is a ratio of two set-ups timed in alternating
+blocks in one process (``paired``), or a rate next to the peak measured in the same run.
+"""
+
+import statistics
+import time
+
+import keras
+import tensorflow as tf
+
+
+class StepClock(keras.callbacks.Callback):
+    """(step index, time) at the end of every call into the train function."""
+
+    def on_train_begin(self, logs=None):
+        self.marks = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.marks.append((batch, time.perf_counter()))
+
+
+def images_per_second(fit, batch_size):
+    """Run ``fit(callbacks)`` once; images/s from its first step's end to its last, so
+    tracing, iterator start-up and buffer filling are outside it."""
+    clock = StepClock()
+    fit([clock])
+    (first, start), (last, end) = clock.marks[0], clock.marks[-1]
+    return (last - first) * batch_size / (end - start)
+
+
+def steps_per_second(step, steps):
+    """Images-agnostic rate of a zero-argument ``step`` (one call is done first, untimed)."""
+    step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps / (time.perf_counter() - start)
+
+
+def paired(measure_a, measure_b, rounds):
+    """Alternate two zero-argument rate measurements (after one warm-up each); the medians
+    and the median of the paired ratios a/b, so a machine that speeds up or slows down
+    during the run hits both sides."""
+    measure_a(), measure_b()
+    a, b = [], []
+    for _ in range(rounds):
+        a.append(measure_a())
+        b.append(measure_b())
+    return {"ratio": statistics.median(x / y for x, y in zip(a, b, strict=True)),
+            "a": statistics.median(a), "b": statistics.median(b), "rounds": rounds}
+
+
+def matmul_peak(n=2048, repeats=10, trials=5, dtype=tf.float32):
+    """Best GFLOP/s of chained ``tf.matmul`` of n x n matrices (the practical peak)."""
+    x = tf.cast(tf.random.normal((n, n)), dtype)
+
+    @tf.function
+    def chain(x):
+        for _ in range(repeats):
+            x = tf.matmul(x, x) * tf.cast(1.0 / n, dtype)  # keeps the values finite
+        return x
+
+    chain(x).numpy()
+    best = 0.0
+    for _ in range(trials):
+        start = time.perf_counter()
+        chain(x).numpy()
+        best = max(best, 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def training_flops_per_image(model, batch_size=2):
+    """Float operations of one training step (forward + all gradients), per image, counted
+    by TensorFlow's graph profiler, or None where this TensorFlow lacks it.
+
+    The profiler lives in ``tensorflow.python.profiler`` (TensorFlow's internal API; no
+    public replacement counts FLOPs of a graph), so it is imported guarded.
+    """
+    try:
+        from tensorflow.python.profiler import model_analyzer, option_builder
+    except ImportError:
+        return None
+    specs = tf.nest.map_structure(lambda i: tf.TensorSpec((batch_size, *i.shape[1:]), i.dtype),
+                                  model.input)
+
+    def step(inputs):
+        with tf.GradientTape() as tape:
+            outputs = model(inputs, training=True)
+            loss = sum(tf.reduce_sum(o) for o in tf.nest.flatten(outputs))
+        return tape.gradient(loss, model.trainable_variables)
+
+    graph = tf.function(step).get_concrete_function(specs).graph
+    options = option_builder.ProfileOptionBuilder(
+        option_builder.ProfileOptionBuilder.float_operation()).with_empty_output().build()
+    return model_analyzer.profile(graph, options=options).total_float_ops / batch_size

@@ -1,0 +1,65 @@
+"""The benchmark's timing tools, and one step of the benchmark itself (no timing asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from synthetic import write_image_folder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+
+def test_paired_alternates_and_reports_the_median_ratio():
+    from timing import paired
+
+    calls = []
+    a = iter([10.0, 9.0, 12.0, 11.0])  # warm-up 10, then 9, 12, 11
+    b = iter([5.0, 3.0, 6.0, 5.0])
+    result = paired(lambda: calls.append("a") or next(a), lambda: calls.append("b") or next(b),
+                    rounds=3)
+    assert calls == ["a", "b"] * 4  # warm-up, then strictly alternating
+    assert result == {"ratio": 2.2, "a": 11.0, "b": 5.0, "rounds": 3}  # ratios 3, 2, 2.2
+
+
+def test_training_flops_of_a_dense_layer_are_counted_forward_and_backward():
+    import keras
+    from timing import training_flops_per_image
+
+    inputs = keras.Input((8,))
+    model = keras.Model(inputs, keras.layers.Dense(4, use_bias=False)(inputs))
+    flops = training_flops_per_image(model, batch_size=2)
+    # Forward x @ W: 2 * 8 * 4 per image; the kernel's gradient x^T @ g: the same again.
+    assert 128 <= flops <= 160
+
+
+@pytest.mark.slow
+def test_benchmark_runs_its_sections_for_one_round(tmp_path):
+    data = write_image_folder(tmp_path / "data", num_classes=3, per_class=48, test_per_class=8)
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--sections",
+         "targets,accuracy,peer", "--dataset", data, "--backbones", "tinycnn",
+         "--plain-backbone", "tinycnn", "--steps", "2", "--peer-steps", "2", "--rounds", "1",
+         "--batch-size", "16", "--airbench-batch", "32", "--accuracy-train", "64",
+         "--accuracy-epochs", "1", "--json", str(out), "--markdown", str(tmp_path / "b.md")],
+        capture_output=True, text=True, timeout=1200, env={**os.environ, "CI": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    sections = {row["section"] for row in report["rows"]}
+    assert {"head", "input", "machine", "utilization", "vs plain", "peer"} <= sections
+    accuracy = [r for r in report["rows"] if r["name"].startswith("tinycnn test top-1")]
+    assert len(accuracy) == 1 and "64 train images x 1 epochs, 24 test images" in \
+        accuracy[0]["note"]
+    peer = [r for r in report["rows"] if r["section"] == "peer"]
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        assert len(peer) == 1 and peer[0]["note"].startswith("skipped: PyTorch is not")
+    else:
+        assert [r["name"].split(":")[0] for r in peer] == [
+            "airbench94 float32", "airbench94 bfloat16", "mobilenetv2 float32"]
+        assert all(r["value"] > 0 and r["target"] for r in peer)
+    assert report["machine"]["model"] and "| peer |" in (tmp_path / "b.md").read_text()

@@ -1,0 +1,69 @@
+"""The documents promise only what exists: every flag they name, the first run they show."""
+
+import glob
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ("experiments/run.py", "experiments/sweep.py", "experiments/report.py",
+           "experiments/predict.py", "experiments/make_glyphs.py",
+           "experiments/make_cifar10_jpeg.py", "benchmarks/bench.py")
+# Flags of other programs the documents show (tensorboard, pip, pytest).
+OTHER_TOOLS = {"--logdir", "--index-url", "--port", "--host"}
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+
+
+def documents():
+    return [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs",
+                                                                            "*.md")))]
+
+
+def known_flags():
+    flags = set(OTHER_TOOLS)
+    for script in SCRIPTS:
+        done = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert done.returncode == 0, (script, done.stderr[-2000:])
+        flags |= set(FLAG.findall(done.stdout))
+    return flags
+
+
+def test_every_flag_the_documents_name_exists():
+    known = known_flags()
+    assert {"--backbone", "--loss", "--classes", "--mixed-precision", "--no-mixed-precision",
+            "--heads", "--collect", "--check", "--sections"} <= known
+    missing = {}
+    for path in documents():
+        with open(path) as f:
+            for number, line in enumerate(f, 1):
+                for flag in set(FLAG.findall(line)) - known:
+                    missing.setdefault(flag, f"{os.path.relpath(path, ROOT)}:{number}")
+    assert not missing, missing
+
+
+def test_readme_is_a_front_page():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    assert len(text.splitlines()) <= 160
+    assert "python experiments/first_run.py" in text.split("## Install")[1].split("##")[0]
+
+
+@pytest.mark.slow
+def test_the_first_run_trains_evaluates_and_exports_and_says_where(tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "first_run.py")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                          env={**os.environ, "CI": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "wrote a generated image folder to data/glyphs10" in out
+    name = next(line.split(":")[0] for line in out.splitlines() if ": test top-1 " in line)
+    assert f"run directory: runs/{name}" in out and f"export: saved_models/{name}" in out
+    assert f"tensorboard --logdir runs/{name}/logs" in out
+    assert f"python experiments/predict.py saved_models/{name} IMAGE.jpg" in out
+    assert (tmp_path / "saved_models" / name / "savedmodel" / "saved_model.pb").exists()
+    assert os.listdir(tmp_path / "runs" / name / "logs" / "projector")
+    assert "I0000" not in done.stderr and "cuInit" not in done.stderr

@@ -1,0 +1,136 @@
+"""Where a run's numbers come from: the code, the libraries, the machine and the data bytes.
+
+Pure Python (no TensorFlow import at module level), so the records can be read and
+checked without the framework.
+"""
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+import subprocess
+
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FINGERPRINT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "tfmargin",
+                                 "fingerprints.json")
+# CPU features that decide how fast the mixed-precision path can be.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16")
+
+
+def utc_now():
+    """``2026-12-01T22:30:05Z``."""
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def code_version(root=PACKAGE_ROOT):
+    """``{"commit": sha, "dirty": bool}`` of the git checkout holding the package, or
+    ``{"commit": None, "dirty": None}`` outside one (an installed wheel, say)."""
+    def git(*args):
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True,
+                              timeout=30)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        status = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.TimeoutExpired):
+        return {"commit": None, "dirty": None}
+    if head.returncode != 0:
+        return {"commit": None, "dirty": None}
+    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def library_versions():
+    """Python and the numerical libraries a run used (those already imported)."""
+    import sys
+
+    versions = {"python": platform.python_version()}
+    for name in ("tensorflow", "keras", "numpy", "tensorflow_datasets"):
+        module = sys.modules.get(name)
+        if module is not None:
+            versions[name] = getattr(module, "__version__", None)
+    return versions
+
+
+def cpu_description():
+    """``{"model": ..., "cores": n, "flags": [...]}`` from ``/proc/cpuinfo`` (Linux)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": model, "cores": os.cpu_count(),
+            "flags": [flag for flag in CPU_FLAGS if flag in flags]}
+
+
+def has_bfloat16_instructions():
+    """True on a CPU with bfloat16 matrix instructions (AVX-512 BF16 or AMX)."""
+    flags = cpu_description()["flags"]
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def has_gpu():
+    """True where an NVIDIA GPU is visible to this process (its device node, and
+    ``CUDA_VISIBLE_DEVICES`` not hiding it), checked without starting TensorFlow."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset") in ("", "-1"):
+        return False
+    return os.path.exists("/dev/nvidia0")
+
+
+def _read_cache():
+    try:
+        with open(FINGERPRINT_CACHE) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def fingerprint_files(root, relative_paths):
+    """SHA-256 over the sorted relative paths and the bytes of those files under ``root``.
+
+    Cached per ``root`` with a signature of the files' count, total size and
+    newest modification time, so the bytes are read once per copy of the data.
+    """
+    paths = sorted(relative_paths)
+    stats = [os.stat(os.path.join(root, p)) for p in paths]
+    signature = [len(paths), sum(s.st_size for s in stats),
+                 max((s.st_mtime_ns for s in stats), default=0)]
+    key = os.path.abspath(root)
+    cache = _read_cache()
+    if cache.get(key, {}).get("signature") == signature:
+        return cache[key]["sha256"]
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.replace(os.sep, "/").encode() + b"\0")
+        with open(os.path.join(root, path), "rb") as f:
+            digest.update(hashlib.sha256(f.read()).digest())
+    value = digest.hexdigest()
+    cache[key] = {"signature": signature, "sha256": value}
+    try:
+        os.makedirs(os.path.dirname(FINGERPRINT_CACHE), exist_ok=True)
+        tmp = f"{FINGERPRINT_CACHE}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(cache, f, indent=1)
+        os.replace(tmp, FINGERPRINT_CACHE)
+    except OSError:
+        pass  # an unwritable home: the fingerprint is computed again next time
+    return value
+
+
+def fingerprint_folder(root, extensions=None):
+    """:func:`fingerprint_files` of every file under ``root`` (with one of ``extensions``,
+    lower case, if given), hidden files left out."""
+    relative = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if name.startswith(".") or (extensions and not name.lower().endswith(extensions)):
+                continue
+            relative.append(os.path.relpath(os.path.join(folder, name), root))
+    return fingerprint_files(root, relative)

@@ -1,0 +1,56 @@
+"""Start TensorFlow without its start-up chatter on the terminal.
+
+TensorFlow's native libraries print informational lines to the process's stderr
+before its logging is initialised (oneDNN notices, "Could not find cuda drivers",
+"failed call to cuInit ... (303)" on a machine without a GPU), so
+``TF_CPP_MIN_LOG_LEVEL`` does not silence them. Here they are caught while the
+library loads and its devices are listed; everything else that was printed is
+passed on. ``TFMARGIN_VERBOSE=1`` shows it all.
+"""
+
+import contextlib
+import os
+import sys
+import tempfile
+
+# Start-up lines that are information, not errors, on a CPU-only or a GPU machine.
+NOISE = ("WARNING: All log messages before absl::InitializeLog()", "port.cc",
+         "cudart_stub.cc", "cpu_feature_guard.cc", "To enable the following instructions",
+         "cuInit", "cuda_executor.cc", "cuda_dnn.cc", "cuda_fft.cc", "cuda_blas.cc",
+         "computation placer already registered", "oneDNN custom operations")
+
+
+def is_noise(line):
+    return any(marker in line for marker in NOISE)
+
+
+@contextlib.contextmanager
+def native_stderr_filtered():
+    """Capture file descriptor 2 inside the block; re-print what is not start-up noise."""
+    if os.environ.get("TFMARGIN_VERBOSE"):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                if not is_noise(line):
+                    sys.stderr.write(line)
+
+
+def import_tensorflow():
+    """``import tensorflow`` with its devices listed, quietly; returns the module."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with native_stderr_filtered():
+        import tensorflow as tf
+
+        tf.config.list_logical_devices()
+    return tf
