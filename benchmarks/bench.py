@@ -401,6 +401,43 @@ def bench_peer(report, data, args):
                    f"batches, {rounds} rounds of {steps} steps")
 
 
+CONV_SHAPES = {  # airbench94's convolutions: (input channels, output channels, size)
+    "conv3x3 24->64 at 31x31": (24, 64, 31),
+    "conv3x3 64->256 at 15x15": (64, 256, 15),
+    "conv3x3 256->256 at 7x7": (256, 256, 7),
+}
+
+
+def bench_peer_layers(report, args):
+    """airbench's convolutions one at a time, forward and backward, Keras against PyTorch in
+    bfloat16 (and float32): whether a gap of the whole network is the convolutions'."""
+    import torch
+
+    batch = args.airbench_batch // 4
+    for name, (c_in, c_out, size) in CONV_SHAPES.items():
+        for bfloat16 in (False, True):
+            ours = layer_step_rate(lambda c_out=c_out: keras.layers.Conv2D(
+                c_out, 3, padding="same", use_bias=False), (batch, size, size, c_in),
+                "mixed_bfloat16" if bfloat16 else "float32")
+            conv = torch.nn.Conv2d(c_in, c_out, 3, padding=1, bias=False).to(
+                memory_format=torch.channels_last)
+            x = torch.randn(batch, c_in, size, size).contiguous(
+                memory_format=torch.channels_last).requires_grad_()
+
+            def theirs(conv=conv, x=x, bfloat16=bfloat16):
+                def step():
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
+                        out = conv(x)
+                    out.float().sum().backward()
+                return steps_per_second(step, 5)
+
+            result = paired(ours, theirs, args.rounds)
+            precision = "bfloat16" if bfloat16 else "float32"
+            report.add("peer layer", f"{name} {precision}: Keras / PyTorch, forward+backward",
+                       result["ratio"], "x", note=f"{1000 / result['a']:.1f} vs "
+                       f"{1000 / result['b']:.1f} ms, batch {batch}")
+
+
 def layer_step_rate(make_layer, shape, policy):
     """Zero-argument rate: forward + gradients of one layer on a random batch, per second."""
     keras.config.set_dtype_policy(policy)
@@ -568,6 +605,8 @@ def main(argv=None):
                 bench_airbench(report, big, args)
             if "peer" in args.sections:
                 bench_peer(report, big, args)
+                with contextlib.suppress(ImportError):
+                    bench_peer_layers(report, args)
         if "bf16" in args.sections:
             bench_bf16_layers(report, args)
         if "accuracy" in args.sections and args.dataset:

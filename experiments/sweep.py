@@ -24,7 +24,7 @@ from tfmargin.names import TTA_LEVELS
 
 BACKBONES = ("resnet18", "efficientnetb0", "mobilenetv2")
 PAPER_HEAD = dict(loss="arcface", scale=1.0, margin=0.1, fallback="none")
-OUR_HEAD = dict(loss="arcface")  # the registry's defaults: s = 16, m = 0.5
+OUR_HEAD = dict(loss="arcface")  # the registry's defaults (tfmargin.margins.MARGIN_TYPES)
 FIGURE2_MARGINS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
 # Ten classes: AdaCos' fixed scale sqrt(2) ln(C - 1) = 3.1 is the low end; face-recognition
 # scales (30-64) were tuned for 1e4-1e5 classes.

@@ -67,3 +67,18 @@ def test_the_first_run_trains_evaluates_and_exports_and_says_where(tmp_path):
     assert (tmp_path / "saved_models" / name / "savedmodel" / "saved_model.pb").exists()
     assert os.listdir(tmp_path / "runs" / name / "logs" / "projector")
     assert "I0000" not in done.stderr and "cuInit" not in done.stderr
+
+
+def test_every_measured_figure_of_performance_md_is_in_a_committed_benchmark_output():
+    """docs/performance.md quotes the benchmark; each decimal figure it gives must appear
+    in one of the benchmark outputs committed beside it (docs/benchmarks/)."""
+    with open(os.path.join(ROOT, "docs", "performance.md")) as f:
+        text = f.read()
+    outputs = ""
+    for path in glob.glob(os.path.join(ROOT, "docs", "benchmarks", "*.md")):
+        with open(path) as f:
+            outputs += f.read()
+    assert outputs, "no benchmark output under docs/benchmarks/"
+    figures = set(re.findall(r"(?<![\w.])\d+\.\d+(?![\w.])", text))
+    missing = sorted(f for f in figures if f not in outputs)
+    assert not missing, missing

@@ -104,7 +104,8 @@ def test_sweep_runs_skips_finished_and_reports_a_figure(tmp_path):
     png = tmp_path / "docs" / "figure2.png"
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
     assert "![mAP and top-1 against m](figure2.png)" in text
-    assert text.count("| shapes-tinycnn-arcface-") == 8
+    # Each run: a row of the runs table and one of the calibration table.
+    assert text.count("| shapes-tinycnn-arcface-") == 2 * 8
 
 
 def test_glyph_folder_has_distinct_classes_and_loads(tmp_path):
@@ -286,3 +287,44 @@ def test_check_fails_on_a_stale_document(tmp_path):
     update_metrics(runs, "a", top1=0.5)
     stale = subprocess.run(check, capture_output=True, text=True, timeout=120)
     assert stale.returncode == 1 and "differ from the report" in stale.stderr
+
+
+def test_open_set_study_is_paired_by_split_with_five_list_means(tmp_path):
+    import sweep
+
+    runs = tmp_path / "runs"
+    open_set = dict(recipe="airbench", batch_size=1024, epochs=10, val_split=0.1,
+                    train_size=27000, learning_rate=0.1875, label_smoothing=0.2, tta=2,
+                    mixed_precision=True)
+    for split in (0, 2, 3, 4):  # list 1 is list 0's class set: one run
+        classes = sweep.split_classes(split)
+        for loss, auroc, top1 in (("softmax", 0.80 + split / 100, 0.95),
+                                  ("arcface", 0.82 + split / 100, 0.94)):
+            name = f"{loss}-{split}"
+            fake_run(runs, name, "airbench94", loss, top1, 0.9, classes=classes,
+                     **open_set | ({"scale": 8.0, "head_scale": 8.0, "margin": 0.1}
+                                   if loss == "arcface" else {}))
+            scores = {k: {"auroc": auroc - (0.0 if k == "max_logit" else 0.05), "oscr": 0.7}
+                      for k in ("max_logit", "msp", "energy", "feature_norm", "knn")}
+            update_metrics(runs, name, open_set=scores | {"closed_set_top1": top1},
+                           calibration={"before": {"ece": 0.05, "nll": 0.3, "brier": 0.1},
+                                        "after": {"ece": 0.01, "nll": 0.2, "brier": 0.09},
+                                        "temperature": 1.5})
+    text = write_report(runs, tmp_path / "results.md", "--no-plots")
+    section = text.split("## Open set and calibration")[1].split("\n## ")[0]
+    # Over the 4 distinct splits: softmax 80, 82, 83, 84 -> 82.25; arcface +2 on each.
+    assert "| softmax | 4 | 82.25 ± 1.71 |" in section
+    assert "| arcface s=8 m=0.1 monotonic | 4 | +2.00 (+2.00, +2.00) |" in section
+    assert "helps" in section
+    # Five lists, list 0's run counted twice: (2 * 80 + 82 + 83 + 84) / 5 = 81.8.
+    assert "| softmax | 5 (0 = 1) | 81.80 |" in section
+    assert ("**arcface s=8 m=0.1 monotonic with the max logit score, AUROC 84.25**"
+            in section)
+    import numpy as np
+
+    splits = np.array([0, 2, 3, 4]) / 100
+    accuracy = [0.95] * 4 + [0.94] * 4
+    auroc = list(0.80 + splits) + list(0.82 + splits)
+    assert f"Pearson r = {np.corrcoef(accuracy, auroc)[0, 1]:.2f}" in section
+    readme = (tmp_path / "README.md").read_text()
+    assert "| softmax | 4 | 82.25 ± 1.71 |" in readme.split("results:open-set")[1]

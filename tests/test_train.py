@@ -52,6 +52,8 @@ def test_cli_end_to_end_writes_the_run_directory(shapes, tmp_path):
     assert f"tensorboard --logdir {run_dir / 'logs'}" in result.stdout
     assert f"python experiments/predict.py {tmp_path / 'exports' / 'smoke'}" in result.stdout
     assert "I0000" not in result.stderr and "cuInit" not in result.stderr
+    assert "measured after recalibrating BatchNorm; the val_accuracy printed per epoch" \
+        in result.stdout
     assert sorted(os.listdir(tmp_path / "exports" / "smoke")) == [
         "class_names.txt", "model.keras", "savedmodel", "serving.json"]
     assert os.readlink(tmp_path / "exports" / "latest") == "smoke"
@@ -80,6 +82,8 @@ def test_arcface_learns_shapes_and_inference_mode_holds_up(shapes, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--backbone", "vgg"], "unknown backbone 'vgg'; choose one of resnet18"),
+    (["--dataset", "cifar-smal"], "Unknown dataset 'cifar-smal': not a TFDS name"),
+    (["--dataset", "tfds:cifar-10"], "Unknown dataset 'cifar-10': not a TFDS name"),
     (["--margin", "3.2"], "margin for 'arcface' must be in [0, pi)"),
     (["--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
 ])
@@ -88,6 +92,7 @@ def test_invalid_flags_exit_2_with_one_line(args, message, tmp_path):
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("run.py: error:")]
     assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) <= 2
     assert os.listdir(tmp_path) == []
 
 
@@ -230,6 +235,23 @@ def test_every_loss_runs_with_its_defaults(shapes, tmp_path):
                json.loads((tmp_path / n / "config.json").read_text())["margin"] for n in names}
     assert margins == {"softmax": None, "arcface": 0.5, "cosface": 0.35, "sphereface": 1.35,
                        "combined": [1.0, 0.3, 0.2], "normface": 0.0}
+
+
+def test_help_lists_the_registries_names():
+    from tfmargin import names
+
+    done = subprocess.run([sys.executable, RUN, "--help"], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "COLUMNS": "400"})
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())
+    for table in (names.BACKBONES, names.HEADS, names.AUGMENTATIONS, names.MIXES,
+                  names.STRATEGIES, names.OPTIMIZERS, names.EXPORT_FORMATS):
+        for name in table:
+            assert f"{name} (" in text or f" {name}," in text or f" {name} " in text, name
+    assert "Nesterov momentum 0.9" not in text  # the recipe's, not every run's
+    sweep = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "sweep.py"),
+                            "--help"], capture_output=True, text=True, timeout=60)
+    assert "ce=<ce weight>" in " ".join(sweep.stdout.split())
 
 
 @pytest.mark.parametrize("args", [["--help"], ["--epochs", "x"], ["--loss", "triplet"]])
@@ -405,6 +427,14 @@ def test_sweep_grids_for_the_converged_study():
     assert sweep.grid("heads", heads=heads[:2]) == [
         dict(backbone="airbench94", loss="softmax"), dict(backbone="airbench94",
                                                           **sweep.PAPER_HEAD)]
+    # The open-set protocol's five lists, as class names; lists 0 and 1 are one class set.
+    open_set = sweep.grid("open-set", heads=heads[:1])
+    assert [g["classes"] for g in open_set][2] == "automobile,dog,horse,cat,truck,deer"
+    assert len(open_set) == 5 and all(g["loss"] == "softmax" for g in open_set)
+    from tfmargin.config import RunConfig
+
+    names = {RunConfig(**g).run_name() for g in open_set}
+    assert len(names) == 4  # lists 0 and 1: the same run
 
 
 def test_layers_of_finds_layers_inside_nested_models():

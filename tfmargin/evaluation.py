@@ -74,10 +74,11 @@ def reject_option(val, test, unknown=None):
     def score(predicted):
         return m.open_set_scores(predicted["served"], predicted["embeddings"])[REJECT_SCORE]
 
-    threshold = m.rejection_threshold(score(val), REJECT_KEEP)
+    val_scores = score(val)
+    threshold = m.rejection_threshold(val_scores, REJECT_KEEP)
     result = {"score": REJECT_SCORE, "keep": REJECT_KEEP, "threshold": threshold,
               "chosen_on": "validation",
-              "val_rejected": float(np.mean(score(val) < threshold)),
+              "val_rejected": float(np.mean(val_scores < threshold)),
               "test_rejected": float(np.mean(score(test) < threshold))}
     if unknown is not None:
         result["unknown_rejected"] = float(np.mean(score(unknown) < threshold))

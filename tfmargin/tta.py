@@ -8,7 +8,7 @@ one pixel down-right (reflect-padded), each with its mirror, at 1/8 each.
 
 from keras import ops
 
-TTA_LEVELS = (0, 1, 2)
+from tfmargin.names import TTA_LEVELS
 
 
 def _mirror_views(images, weight):
@@ -19,7 +19,7 @@ def tta_views(images, level):
     """``[(view, weight)]`` of a batch ``(N, H, W, C)``; the weights sum to 1 and the first
     view is ``images`` itself."""
     if level not in TTA_LEVELS:
-        raise ValueError(f"TTA level must be one of {TTA_LEVELS}, got {level!r}.")
+        raise ValueError(f"TTA level must be one of {tuple(TTA_LEVELS)}, got {level!r}.")
     if level == 0:
         return [(images, 1.0)]
     if level == 1:
