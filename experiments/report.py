@@ -13,13 +13,13 @@ markers is written here from those files.
 
 import argparse
 import os
-import shutil
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from ledger import LEDGER, collect  # noqa: E402
 from sweep import CIFAR10_CLASSES, OPEN_SET_SPLITS  # noqa: E402
 from tables import (  # noqa: E402
     BACKBONE_COLUMNS,
@@ -39,8 +39,6 @@ from tables import (  # noqa: E402
 from tfmargin.config import dataset_label  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LEDGER = os.path.join(ROOT, "results", "runs")
-LEDGER_FILES = ("config.json", "metrics.json", "log.csv", "test_predictions.npz")
 README_BLOCKS = ("headline", "main-command", "open-set")
 
 # The paper's "mAP" (percent), cross-entropy / angular margin (ArcFace formula, s=1, m=0.1).
@@ -147,25 +145,6 @@ data. On a machine with internet access:
 
     python experiments/sweep.py table2 --epochs 3 --limit-train 5000
 """
-
-
-def collect(source, ledger=LEDGER):
-    """Copy each finished run under ``source`` (one with metrics.json) into the ledger;
-    returns the names copied. A run already in the ledger is left as it is."""
-    copied = []
-    for name in sorted(os.listdir(source)):
-        run_dir = os.path.join(source, name)
-        if not os.path.exists(os.path.join(run_dir, "metrics.json")) or os.path.islink(run_dir):
-            continue
-        target = os.path.join(ledger, name)
-        if os.path.exists(os.path.join(target, "metrics.json")):
-            continue
-        os.makedirs(target, exist_ok=True)
-        for file in LEDGER_FILES:
-            if os.path.exists(os.path.join(run_dir, file)):
-                shutil.copy2(os.path.join(run_dir, file), os.path.join(target, file))
-        copied.append(name)
-    return copied
 
 
 def commands(runs):

@@ -7,7 +7,6 @@ A first run in about a minute, on a generated image folder:
 
 import dataclasses
 import os
-import sys
 
 from tfmargin.cli import (
     OneLineParser,
@@ -57,4 +56,3 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)

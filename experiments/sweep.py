@@ -11,13 +11,17 @@
     python experiments/sweep.py open-set --recipe airbench --dataset path/to/cifar10 \
         --val-split 0.1 --heads softmax,arcface:s=8:m=0.1   # 6 known / 4 unknown classes
 
-Finished runs are skipped, so a sweep can be stopped and restarted. A run's
+Finished runs are skipped, so a sweep can be stopped and restarted; with ``--ledger
+results/runs`` each run is also copied into the ledger as it finishes, and a run already
+there is not trained again (on another machine, say). A run's
 directory name ends in a hash of its whole configuration, so a sweep with other
 settings (say --learning-rate) trains new runs instead of reporting old ones.
 """
 
 import argparse
 import os
+
+from ledger import is_recorded, record
 
 from tfmargin.cli import OneLineParser, exit_with
 from tfmargin.names import TTA_LEVELS
@@ -137,6 +141,8 @@ def main(argv=None):
                         "auto)")
     parser.add_argument("--runs-dir", default="runs", help="where run directories go")
     parser.add_argument("--export", default="none", help="exports per run (as run.py)")
+    parser.add_argument("--ledger", help="a results ledger (results/runs): skip the runs "
+                        "recorded there, record each run as it finishes")
     args = parser.parse_args(argv)
 
     from tfmargin.quiet import import_tensorflow
@@ -178,9 +184,13 @@ def main(argv=None):
     done = skipped = 0
     with exit_with(parser):
         for config in configs:
-            finished = os.path.exists(os.path.join(args.runs_dir, config.run_name(),
-                                                   "metrics.json"))
-            train(config, resume=True)
+            run_dir = os.path.join(args.runs_dir, config.run_name())
+            recorded = args.ledger and is_recorded(config.run_name(), args.ledger)
+            finished = recorded or os.path.exists(os.path.join(run_dir, "metrics.json"))
+            if not recorded:
+                train(config, resume=True)
+                if args.ledger:
+                    record(run_dir, args.ledger)
             skipped += finished
             done += 1
             progress.update(done, values=[("skipped", skipped)], finalize=False)

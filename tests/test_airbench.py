@@ -248,7 +248,10 @@ def test_airbench_recipe_end_to_end_with_tta_export(tmp_path):
     plain = tfmargin.load_model(export / "model.keras")
     expected = keras.ops.convert_to_numpy(tta_logits(
         lambda v: plain(v, training=False), images.astype("float32"), 2))
-    np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), expected, atol=1e-4)
+    # Under bfloat16 (the default where the CPU has bf16 instructions) the SavedModel's graph
+    # and the eager model round differently; bfloat16 keeps about three significant digits.
+    atol = 1e-4 if config["precision_policy"] == "float32" else 1e-2
+    np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), expected, atol=atol)
 
 
 def test_docstring_example_runs():

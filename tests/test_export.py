@@ -191,8 +191,11 @@ def test_crash_during_export_leaves_nothing(finished_run, tmp_path):
     assert os.listdir(tmp_path / "sm") == []
 
 
-def test_predict_script_prints_class_names(finished_run):
-    image = os.path.join(finished_run["data"], "test", "class_1", "0000.png")
+def test_predict_script_prints_class_names(finished_run, fresh, tmp_path):
+    from PIL import Image
+
+    image = str(tmp_path / "accepted.png")  # a known image the reject option keeps
+    Image.fromarray(fresh["val_images"][fresh["val_rejected"].index(False)]).save(image)
     result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "predict.py"),
                              str(finished_run["export"]), image, "--top-k", "2"],
                             capture_output=True, text=True, timeout=300)

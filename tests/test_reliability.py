@@ -73,12 +73,10 @@ def test_multiworker_two_processes_end_with_identical_weights(shapes, tmp_path):
     metrics = [json.loads((tmp_path / f"worker{i}" / "r" / "metrics.json").read_text())
                for i in range(2)]
     assert metrics[0]["top1"] == metrics[1]["top1"] and metrics[0]["test_size"] == 24
-    import keras
-
-    import tfmargin.heads  # noqa: F401  (registers ArcMarginLayer for loading)
+    import tfmargin
 
     probe = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
-    models = [keras.saving.load_model(tmp_path / f"worker{i}" / "r" / "inference.keras")
+    models = [tfmargin.load_model(tmp_path / f"worker{i}" / "r" / "inference.keras")
               for i in range(2)]
     for a, b in zip(models[0].weights, models[1].weights, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())

@@ -69,7 +69,7 @@ def test_report_copies_the_metrics_files(tmp_path):
     assert "| ours: arcface s=16 m=0.2 monotonic, adamw lr=0.002 | 50.00 (+6.78) |" in text
     # The exact command: every setting that differs from run.py's defaults, nothing else.
     assert ("`python experiments/run.py --backbone resnet18 --loss arcface --dataset "
-            "data/cifar10-jpeg --epochs 3 --margin 0.2 --limit-train 5000 "
+            "data/cifar10-jpeg --epochs 3 --scale 16.0 --margin 0.2 --limit-train 5000 "
             "--no-mixed-precision`" in text)
     assert "Table 2, CIFAR-100" in text and "| paper: cross-entropy | 60.16 | 62.2 | 58.94 |" \
         in text and "python experiments/sweep.py table2" in text
@@ -78,7 +78,7 @@ def test_report_copies_the_metrics_files(tmp_path):
 
 @pytest.mark.slow
 def test_sweep_runs_skips_finished_and_reports_a_figure(tmp_path):
-    from report import collect
+    from ledger import collect
     from synthetic import write_image_folder
 
     data = write_image_folder(tmp_path / "shapes", num_classes=3, per_class=16, test_per_class=6)
@@ -87,9 +87,12 @@ def test_sweep_runs_skips_finished_and_reports_a_figure(tmp_path):
              "--dataset", data, "--backbones", "tinycnn", "--margins", "0.1,2.0", "--epochs",
              "1", "--batch-size", "16", "--runs-dir", str(runs)]
     env = {**os.environ, "CI": "1"}
-    first = subprocess.run(sweep, capture_output=True, text=True, timeout=900, env=env)
+    recorded = tmp_path / "recorded"
+    first = subprocess.run(sweep + ["--ledger", str(recorded)], capture_output=True, text=True,
+                           timeout=900, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     assert len(os.listdir(runs)) == 8  # 2 margins x 2 fallbacks x 2 scales
+    assert sorted(os.listdir(recorded)) == sorted(os.listdir(runs))  # recorded as they finish
     assert "8 runs in grid figure2 (0 already finished)" in first.stdout
     again = subprocess.run(sweep, capture_output=True, text=True, timeout=900, env=env)
     assert "8 runs in grid figure2 (8 already finished)" in again.stdout
@@ -100,6 +103,12 @@ def test_sweep_runs_skips_finished_and_reports_a_figure(tmp_path):
     assert sorted(os.listdir(ledger / sorted(os.listdir(ledger))[0])) == [
         "config.json", "log.csv", "metrics.json", "test_predictions.npz"]
     assert collect(str(runs), str(ledger)) == []  # already there
+    # On a machine without runs/, a sweep given the ledger trains nothing it records.
+    elsewhere = sweep[:sweep.index("--runs-dir")] + ["--runs-dir", str(tmp_path / "new"),
+                                                     "--ledger", str(ledger)]
+    third = subprocess.run(elsewhere, capture_output=True, text=True, timeout=900, env=env)
+    assert "8 runs in grid figure2 (8 already finished)" in third.stdout, third.stderr[-2000:]
+    assert not (tmp_path / "new").exists()
     text = write_report(ledger, tmp_path / "docs" / "results.md")
     png = tmp_path / "docs" / "figure2.png"
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"

@@ -52,5 +52,7 @@ def import_tensorflow():
     with native_stderr_filtered():
         import tensorflow as tf
 
-        tf.config.list_logical_devices()
+        # Physical, not logical: listing logical devices would start the runtime, after which
+        # a multi-worker strategy can no longer configure its collective ops.
+        tf.config.list_physical_devices()
     return tf
