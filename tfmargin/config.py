@@ -40,7 +40,7 @@ class RunConfig:
     loss: str = "arcface"
     recipe: str = "standard"
     dataset: str = "cifar10"
-    epochs: int = 10  # a few hours of MobileNetV2 on 2 CPU cores: docs/recipe.md
+    epochs: int = 5  # under an hour of MobileNetV2 on 2 CPU cores: docs/recipe.md
     batch_size: int = 128  # per replica
     scale: object = None  # float, "auto", or None: the margin type's default (MARGIN_TYPES)
     margin: object = None  # None: the margin type's default (tfmargin.margins.MARGIN_TYPES)
