@@ -123,6 +123,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, help="per-replica batch size")
     parser.add_argument("--learning-rate", type=float,
                         help="peak learning rate per 128 images (default: the recipe's)")
+    parser.add_argument("--label-smoothing", type=float,
+                        help="label smoothing (as run.py; default: the recipe's)")
     parser.add_argument("--val-split", type=float,
                         help="validation fraction of the training data (default: the recipe's)")
     parser.add_argument("--seeds", default="0",
@@ -155,7 +157,8 @@ def main(argv=None):
 
     common = dict(runs_dir=args.runs_dir, export=args.export,
                   mixed_precision=args.mixed_precision)
-    for key in ("epochs", "limit_train", "batch_size", "learning_rate", "val_split", "tta"):
+    for key in ("epochs", "limit_train", "batch_size", "learning_rate", "label_smoothing",
+                "val_split", "tta"):
         if getattr(args, key) is not None:
             common[key] = getattr(args, key)
 
