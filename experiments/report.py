@@ -215,18 +215,24 @@ def selection_table(runs):
 
 
 def chosen_heads(runs):
-    """Each margin head's setting that ranks first on validation, per backbone."""
+    """Each head type's setting that ranks first on validation, per backbone."""
     lines = []
     for backbone in sorted({r["config"]["backbone"] for r in runs}):
         best = best_on_validation([r for r in runs if r["config"]["backbone"] == backbone])
-        lines += [f"- {backbone}, {loss}: **{head_name(run['config'])}** "
-                  f"({percent(run['metrics']['val']['top1'])} % validation top-1; "
-                  f"`{head_spec(run['config'])}`)" for loss, run in sorted(best.items())]
+        for loss, group in sorted(best.items()):
+            c = group[0]["config"]
+            top1 = [run["metrics"]["val"]["top1"] for run in group]
+            seeds = (f"mean of {len(group)} seeds, {percent(np.mean(top1))} ± "
+                     f"{percent(np.std(top1, ddof=1))} %" if len(group) > 1 else
+                     f"one seed, {percent(top1[0])} %")
+            lines.append(f"- {backbone}, {loss}: **{head_name(c)}**, lr {c['learning_rate']:g},"
+                         f" label smoothing {c['label_smoothing']:g} ({seeds} validation "
+                         f"top-1; `{head_spec(c)}`)")
     if not lines:
         return ""
-    return ("\nBest on validation (highest validation top-1 of each margin head, ties broken by "
-            "validation mAP; one seed: a choice, not a comparison):\n\n" + "\n".join(lines)
-            + "\n")
+    return ("\nBest on validation (highest validation top-1 of each head type, a setting's "
+            "value the mean over its seeds, ties broken by validation mAP; with one seed a "
+            "choice, not a comparison):\n\n" + "\n".join(lines) + "\n")
 
 
 def calibration_table(runs):

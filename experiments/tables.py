@@ -138,15 +138,19 @@ def validation_rank(run):
 
 
 def best_on_validation(runs):
-    """``{loss: run}``: each margin head's run that ranks first on validation
-    (``validation_rank``; what the seed study uses, the test split plays no part)."""
-    best = {}
+    """``{loss: [run, ...]}``: for each head type (softmax included), the runs of the setting
+    that ranks first on validation, a setting's rank (``validation_rank``) being the mean over
+    its seeds. The test split plays no part."""
+    settings = {}
     for run in runs:
-        loss = run["config"]["loss"]
-        if loss != "softmax" and (loss not in best
-                                  or validation_rank(run) > validation_rank(best[loss])):
-            best[loss] = run
-    return best
+        settings.setdefault(setting_key(run["config"]), []).append(run)
+    best = {}
+    for group in settings.values():
+        rank = tuple(np.mean([validation_rank(run) for run in group], axis=0))
+        loss = group[0]["config"]["loss"]
+        if loss not in best or rank > best[loss][0]:
+            best[loss] = (rank, sorted(group, key=lambda run: run["config"]["seed"]))
+    return {loss: group for loss, (_, group) in best.items()}
 
 
 def head_spec(config):

@@ -242,10 +242,28 @@ def test_selection_section_shows_precision_smoothing_and_each_command(tmp_path):
             "92.00 | 95.00 | 85.00 | 50.00 |\n| airbench94 | cosface s=8 m=0.1 | float32 | 0.2 | "
             "0.1875 | 0 | 45000 | 5 | 92.00 | 94.00 |") in text
     # The margin head chosen on validation (not the run best on test).
-    assert ("- airbench94, cosface: **cosface s=8 m=0.3 LS 0.0** (92.00 % validation top-1; "
-            "`cosface:s=8:m=0.3:ls=0`)") in text
+    assert ("- airbench94, cosface: **cosface s=8 m=0.3 LS 0.0**, lr 0.1875, label smoothing 0 "
+            "(one seed, 92.00 % validation top-1; `cosface:s=8:m=0.3:ls=0`)") in text
     assert ("`python experiments/run.py --recipe airbench --backbone airbench94 --loss softmax "
             "--dataset data/cifar10-jpeg --epochs 5 --val-split 0.1 --mixed-precision`") in text
+
+
+def test_a_setting_with_several_seeds_is_chosen_by_its_mean():
+    """One lucky seed does not win: m=0.3 has the single best run, m=0.1 the higher mean."""
+    from tables import best_on_validation
+
+    def run(margin, seed, top1):
+        r = seed_run(f"{margin}-{seed}", "arcface", seed, 0.5, 0.5)
+        r["config"]["margin"] = margin
+        r["metrics"]["val"] = {"top1": top1, "mAP": 0.5}
+        return r
+
+    runs = [run(0.3, 0, 0.40), run(0.3, 1, 0.30), run(0.3, 2, 0.32),
+            run(0.1, 0, 0.36), run(0.1, 1, 0.35), run(0.1, 2, 0.37)]
+    best = best_on_validation(runs + [seed_run("s", "softmax", 0, 0.5, 0.5) | {
+        "metrics": {"val": {"top1": 0.2, "mAP": 0.2}}}])
+    assert [r["name"] for r in best["arcface"]] == ["0.1-0", "0.1-1", "0.1-2"]
+    assert [r["name"] for r in best["softmax"]] == ["s"]
 
 
 def test_paper_backbones_on_the_whole_training_split_get_their_own_section(tmp_path):

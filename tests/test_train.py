@@ -233,7 +233,7 @@ def test_every_loss_runs_with_its_defaults(shapes, tmp_path):
     assert len(names) == 6 and all((tmp_path / n / "metrics.json").exists() for n in names)
     margins = {json.loads((tmp_path / n / "config.json").read_text())["loss"]:
                json.loads((tmp_path / n / "config.json").read_text())["margin"] for n in names}
-    assert margins == {"softmax": None, "arcface": 0.3, "cosface": 0.1, "sphereface": 1.35,
+    assert margins == {"softmax": None, "arcface": 0.1, "cosface": 0.1, "sphereface": 1.35,
                        "combined": [1.0, 0.3, 0.2], "normface": 0.0}
 
 
