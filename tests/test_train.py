@@ -492,3 +492,17 @@ def test_default_mirrored_run_with_batchnorm_recalibrates_exactly(shapes, tmp_pa
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.split("RESULT", 1)[1])
     assert result["replicas"] == 2 and result["mean"] and result["variance"], result
+
+
+def test_a_run_records_the_commit_of_the_code_it_imported(monkeypatch):
+    """A sweep trains run after run in one process; a checkout that moves on meanwhile must not
+    be recorded as the code of its later runs."""
+    import types
+
+    from tfmargin import provenance, train
+
+    monkeypatch.setattr(provenance, "code_version",
+                        lambda root=None: {"commit": "moved-on", "dirty": False})
+    record = train.provenance_record(types.SimpleNamespace(fingerprint="abc"))
+    assert record["code"] == train.CODE_AT_IMPORT and record["code"]["commit"] != "moved-on"
+    assert record["data_fingerprint"] == "abc"

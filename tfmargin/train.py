@@ -174,10 +174,15 @@ def build_run_model(config, data, strategy, global_batch):
     return model
 
 
+# The commit of the code this process runs, read when it was imported: a process that trains
+# run after run (a sweep) must not record the commit its checkout moved on to since.
+CODE_AT_IMPORT = provenance.code_version()
+
+
 def provenance_record(data):
-    """Where the run comes from: code, libraries, machine, data bytes."""
+    """Where the run comes from: code (as imported), libraries, machine, data bytes."""
     gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
-    return {"code": provenance.code_version(), "versions": provenance.library_versions(),
+    return {"code": CODE_AT_IMPORT, "versions": provenance.library_versions(),
             "machine": provenance.cpu_description() | {"gpus": gpus},
             "data_fingerprint": data.fingerprint}
 
