@@ -266,6 +266,29 @@ def test_a_setting_with_several_seeds_is_chosen_by_its_mean():
     assert [r["name"] for r in best["softmax"]] == ["s"]
 
 
+def test_main_command_block_holds_the_command_as_typed_only(tmp_path):
+    """The README's main-command table: the runs of the command as printed (arcface first),
+    not a run of it at another budget; the TTA column only where a run has TTA."""
+    runs = tmp_path / "runs"
+    typed = dict(epochs=5, limit_train=0, train_size=45000, val_split=0.1,
+                 mixed_precision=False, validation_freq=1,
+                 machine={"model": "AMD EPYC", "cores": 2})
+    head = dict(scale=8.0, margin=0.1, head_scale=8.0)  # the registry's ArcFace defaults
+    fake_run(runs, "m-soft", "mobilenetv2", "softmax", 0.7812, 0.8, **typed)
+    fake_run(runs, "m-arc", "mobilenetv2", "arcface", 0.7698, 0.85, **typed, **head)
+    fake_run(runs, "m-arc-e10", "mobilenetv2", "arcface", 0.8, 0.9, **typed | {"epochs": 10},
+             **head)
+    write_report(runs, tmp_path / "results.md")
+    block = (tmp_path / "README.md").read_text().split("<!-- results:main-command -->\n")[1]
+    assert block.split("\n")[:4] == [
+        "| command | test top-1 | mAP | P@1 | MAP@R | training (fit) | images/s | date, machine |",
+        "|---|---|---|---|---|---|---|---|",
+        "| `--loss arcface` | 76.98 | 85.00 | 30.00 | 12.50 | 2 min | 50 | 2026-12-01, AMD EPYC "
+        "(2 cores) |",
+        "| `--loss softmax` | 78.12 | 80.00 | 30.00 | 12.50 | 2 min | 50 | 2026-12-01, AMD EPYC "
+        "(2 cores) |"]
+
+
 def test_paper_backbones_on_the_whole_training_split_get_their_own_section(tmp_path):
     runs = tmp_path / "runs"
     fake_run(runs, "tiny-run", "resnet18", "softmax", 0.36, 0.35)  # 5,000 images: Table 1
