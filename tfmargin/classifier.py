@@ -204,7 +204,10 @@ class MarginClassifier(keras.Model):
         ones. This recomputes them as the plain mean over ``num_batches``
         batches of un-augmented training ``images`` (what inference sees) under
         the final weights; trainable weights are untouched. Needed after any
-        fit shorter than a few thousand steps, and always harmless.
+        fit shorter than a few thousand steps. After a long fit on augmented
+        images the moving statistics can be the better ones (they were gathered
+        on the distribution the weights were trained under): compare on a
+        validation split.
 
         Args:
             images: an array ``(N, H, W, 3)`` (cut into ``batch_size`` batches)
