@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from ledger import LEDGER, collect  # noqa: E402
+from ledger import LEDGER, ROOT, collect  # noqa: E402
 from sweep import CIFAR10_CLASSES, OPEN_SET_SPLITS  # noqa: E402
 from tables import (  # noqa: E402
     BACKBONE_COLUMNS,
@@ -39,7 +39,6 @@ from tables import (  # noqa: E402
 
 from tfmargin.config import dataset_label  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README_BLOCKS = ("headline", "main-command", "open-set")
 
 # The paper's "mAP" (percent), cross-entropy / angular margin (ArcFace formula, s=1, m=0.1).

@@ -187,8 +187,9 @@ def main(argv=None):
     done = skipped = 0
     with exit_with(parser):
         for config in configs:
-            run_dir = os.path.join(args.runs_dir, config.run_name())
-            recorded = args.ledger and is_recorded(config.run_name(), args.ledger)
+            name = config.run_name()
+            run_dir = os.path.join(args.runs_dir, name)
+            recorded = args.ledger and is_recorded(name, args.ledger)
             finished = recorded or os.path.exists(os.path.join(run_dir, "metrics.json"))
             if not recorded:
                 train(config, resume=True)
