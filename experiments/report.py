@@ -295,9 +295,12 @@ def main_command_block(runs):
         return ("The design card's command at its defaults has no recorded full-budget run "
                 "yet.\n")
     tta = any(metric_value(run, "tta.top1") is not None for run in runs)
+    chosen = any(metric_value(run, "batchnorm.val_top1.moving") is not None for run in runs)
     lines = ["| command | test top-1 | " + ("with TTA | " if tta else "") + "mAP | P@1 | MAP@R "
-             "| training (fit) | images/s | date, machine |",
-             "|---|---|" + ("---|" if tta else "") + "---|---|---|---|---|---|"]
+             "| training (fit) | images/s | date, machine |"
+             + (" BatchNorm statistics (val top-1: moving / recalibrated) |" if chosen else ""),
+             "|---|---|" + ("---|" if tta else "") + "---|---|---|---|---|---|"
+             + ("---|" if chosen else "")]
     for run in sorted(runs, key=lambda r: r["config"]["loss"] != "arcface"):
         c, m = run["config"], run["metrics"]
         machine = c.get("machine", {})
@@ -307,8 +310,19 @@ def main_command_block(runs):
             + f"{percent(m['mAP'])} | {percent(m['precision_at_1'])} | "
             f"{percent(m['map_at_r'])} | {m['wall_seconds'] / 60:.0f} min | "
             f"{m['train_images_per_second']:.0f} | {run['finished'][:10]}, "
-            f"{machine.get('model', '?')} ({machine.get('cores', '?')} cores) |")
+            f"{machine.get('model', '?')} ({machine.get('cores', '?')} cores) |"
+            + (f" {batchnorm_choice(m.get('batchnorm'))} |" if chosen else ""))
     return "\n".join(lines) + "\n"
+
+
+def batchnorm_choice(batchnorm):
+    """``moving (80.04 / 77.58)``: the statistics a run kept and the validation top-1 of
+    each; "recalibrated" for a run that had nothing to choose on, "-" for one that recorded
+    no choice."""
+    if not batchnorm or "val_top1" not in batchnorm:
+        return batchnorm["chosen"] if batchnorm else "-"
+    val = batchnorm["val_top1"]
+    return f"{batchnorm['chosen']} ({percent(val['moving'])} / {percent(val['recalibrated'])})"
 
 
 def headline_block(runs):

@@ -17,6 +17,22 @@ from tfmargin.cli import (
 )
 
 
+def batchnorm_line(batchnorm):
+    """Which BatchNorm statistics the reported numbers use, and why."""
+    if batchnorm["chosen_on"] is None:
+        return (f"BatchNorm statistics recalibrated over {batchnorm['recalibration_batches']} "
+                "training batches (no validation split to choose on)")
+    val = batchnorm["val_top1"]
+    line = (f"BatchNorm statistics: {batchnorm['chosen']} (validation top-1 "
+            f"{100 * val['moving']:.2f} % with the moving averages, "
+            f"{100 * val['recalibrated']:.2f} % recalibrated over "
+            f"{batchnorm['recalibration_batches']} training batches)")
+    if batchnorm["chosen"] == "recalibrated":
+        line += ("; the val_accuracy printed per epoch used the moving averages, which lag "
+                 "behind after short runs")
+    return line
+
+
 def summary(config, metrics):
     """What the run reached, where it wrote, and what to type next."""
     run_dir = os.path.join(config.runs_dir, config.run_name())
@@ -29,9 +45,8 @@ def summary(config, metrics):
     if "export" in metrics:
         lines.append(f"  export: {metrics['export']} (" + ", ".join(config.export_formats())
                      + f"; also {os.path.join(config.export_dir, 'latest')})")
-    if config.precise_bn_batches:
-        lines.append("  (measured after recalibrating BatchNorm; the val_accuracy printed per "
-                     "epoch used its moving statistics, which lag behind after short runs)")
+    if "batchnorm" in metrics:
+        lines.append("  " + batchnorm_line(metrics["batchnorm"]))
     lines += ["next:", f"  tensorboard --logdir {os.path.join(run_dir, 'logs')}"]
     if "savedmodel" in config.export_formats():
         lines.append(f"  python experiments/predict.py {metrics['export']} IMAGE.jpg ...")

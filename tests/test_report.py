@@ -288,6 +288,17 @@ def test_main_command_block_holds_the_command_as_typed_only(tmp_path):
         "| `--loss softmax` | 78.12 | 80.00 | 30.00 | 12.50 | 2 min | 50 | 2026-12-01, AMD EPYC "
         "(2 cores) |"]
 
+    # A run that chose its BatchNorm statistics on validation says which, with both figures.
+    update_metrics(runs, "m-arc", batchnorm={
+        "chosen": "moving", "chosen_on": "validation", "recalibration_batches": 20,
+        "val_top1": {"moving": 0.8004, "recalibrated": 0.7758}})
+    write_report(runs, tmp_path / "results.md")
+    block = (tmp_path / "README.md").read_text().split("<!-- results:main-command -->\n")[1]
+    rows = block.split("\n")[:4]
+    assert rows[0].endswith("| BatchNorm statistics (val top-1: moving / recalibrated) |")
+    assert rows[2].endswith("(2 cores) | moving (80.04 / 77.58) |")
+    assert rows[3].endswith("(2 cores) | - |")
+
 
 def test_paper_backbones_on_the_whole_training_split_get_their_own_section(tmp_path):
     runs = tmp_path / "runs"

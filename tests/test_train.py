@@ -52,8 +52,14 @@ def test_cli_end_to_end_writes_the_run_directory(shapes, tmp_path):
     assert f"tensorboard --logdir {run_dir / 'logs'}" in result.stdout
     assert f"python experiments/predict.py {tmp_path / 'exports' / 'smoke'}" in result.stdout
     assert "I0000" not in result.stderr and "cuInit" not in result.stderr
-    assert "measured after recalibrating BatchNorm; the val_accuracy printed per epoch" \
-        in result.stdout
+    # The BatchNorm statistics were chosen on validation, and the summary says which.
+    batchnorm = metrics["batchnorm"]
+    assert batchnorm["chosen_on"] == "validation"
+    assert batchnorm["recalibration_batches"] == 6  # all 172 training images, 32 a batch
+    val = batchnorm["val_top1"]
+    assert batchnorm["chosen"] == ("recalibrated" if val["recalibrated"] > val["moving"]
+                                   else "moving")
+    assert f"BatchNorm statistics: {batchnorm['chosen']} (validation top-1 " in result.stdout
     assert sorted(os.listdir(tmp_path / "exports" / "smoke")) == [
         "class_names.txt", "model.keras", "savedmodel", "serving.json"]
     assert os.readlink(tmp_path / "exports" / "latest") == "smoke"
@@ -465,11 +471,12 @@ from tfmargin.data import load_dataset
 from tfmargin.train import train
 config = RunConfig(backbone="tinycnn", dataset=sys.argv[1], epochs=1, batch_size=8,
                    embedding_dim=8, precise_bn_batches=2, runs_dir=sys.argv[2], name="bn",
-                   export="none", projector_samples=0)
+                   export="none", projector_samples=0, val_split=0.0)  # always recalibrated
 metrics = train(config)  # the default strategy: mirrored, here over two logical CPUs
 model = tfmargin.load_model(f"{sys.argv[2]}/bn/inference.keras")
 projection = keras.Model(model.input, model.get_layer("projection").output)
-batches = [x.numpy().astype("float32") for x, _ in load_dataset(sys.argv[1]).train.batch(16)]
+batches = [x.numpy().astype("float32")
+           for x, _ in load_dataset(sys.argv[1], val_split=0.0).train.batch(16)]
 stats = [projection(b, training=True).numpy() for b in batches[:2]]
 bn = model.get_layer("embedding_bn")
 print("RESULT", json.dumps({
@@ -478,7 +485,7 @@ print("RESULT", json.dumps({
                              rtol=1e-4, atol=1e-5)),
     "variance": bool(np.allclose(bn.moving_variance.numpy(),
                                  np.mean([s.var(0) for s in stats], 0), rtol=1e-3, atol=1e-5)),
-    "top1": metrics["top1"]}))
+    "chosen": metrics["batchnorm"]["chosen"], "top1": metrics["top1"]}))
 """
 
 
@@ -492,6 +499,7 @@ def test_default_mirrored_run_with_batchnorm_recalibrates_exactly(shapes, tmp_pa
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.split("RESULT", 1)[1])
     assert result["replicas"] == 2 and result["mean"] and result["variance"], result
+    assert result["chosen"] == "recalibrated"
 
 
 def test_a_run_records_the_commit_of_the_code_it_imported(monkeypatch):
@@ -506,3 +514,86 @@ def test_a_run_records_the_commit_of_the_code_it_imported(monkeypatch):
     record = train.provenance_record(types.SimpleNamespace(fingerprint="abc"))
     assert record["code"] == train.CODE_AT_IMPORT and record["code"]["commit"] != "moved-on"
     assert record["data_fingerprint"] == "abc"
+
+
+def small_split(num=24, seed=0):
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    labels = np.arange(num) % 3
+    images = rng.integers(0, 90, (num, 32, 32, 3)).astype("uint8")
+    for i, label in enumerate(labels):  # class = the bright third
+        images[i, :, label * 10:(label + 1) * 10] += 150
+    return tf.data.Dataset.from_tensor_slices((images, labels))
+
+
+def test_split_top1_is_the_accuracy_of_the_inference_logits():
+    import keras
+
+    from tfmargin.classifier import MarginClassifier
+    from tfmargin.evaluation import split_top1
+
+    keras.utils.set_random_seed(0)
+    model = MarginClassifier("tinycnn", 3, embedding_dim=4, scale=8.0)
+    split = small_split()
+    images, labels = (np.stack(c) for c in zip(*split.as_numpy_iterator(), strict=True))
+    expected = np.mean(np.argmax(model.predict(images.astype("float32"), verbose=0), 1)
+                       == labels)
+    assert split_top1(model, split, batch_size=7) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("moving_top1,recalibrated_top1,chosen", [
+    (0.40, 0.90, "recalibrated"), (0.80, 0.70, "moving"), (0.50, 0.50, "moving")])
+def test_batchnorm_statistics_are_chosen_on_validation(monkeypatch, moving_top1,
+                                                       recalibrated_top1, chosen):
+    """The higher validation top-1 wins (a tie keeps the moving averages); the losing
+    statistics are not left behind in the model."""
+    import types
+
+    import keras
+
+    from tfmargin import train
+    from tfmargin.classifier import MarginClassifier
+
+    keras.utils.set_random_seed(0)
+    model = MarginClassifier("tinycnn", 3, embedding_dim=4, scale=8.0)
+    bn = model.get_layer("embedding_bn")
+    before = bn.moving_mean.numpy().copy(), bn.moving_variance.numpy().copy()
+    seen = []
+
+    def fake_top1(model_, split, batch_size):
+        seen.append((bn.moving_mean.numpy().copy(), batch_size))
+        return (moving_top1, recalibrated_top1)[len(seen) - 1]
+
+    monkeypatch.setattr(train, "split_top1", fake_top1)
+    data = types.SimpleNamespace(train=small_split(), val=small_split(9, seed=1))
+    record = train.choose_batchnorm_statistics(model, data, global_batch=8, num_batches=2)
+    assert record == {"recalibration_batches": 2, "chosen": chosen, "chosen_on": "validation",
+                      "val_top1": {"moving": moving_top1, "recalibrated": recalibrated_top1}}
+    np.testing.assert_array_equal(seen[0][0], before[0])  # measured before recalibrating
+    assert not np.allclose(seen[1][0], before[0]) and seen[1][1] == 8
+    kept = seen[1][0] if chosen == "recalibrated" else before[0]
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), kept)
+    if chosen == "moving":
+        np.testing.assert_array_equal(bn.moving_variance.numpy(), before[1])
+
+
+def test_batchnorm_without_validation_is_recalibrated_unchosen_and_zero_batches_is_off():
+    import types
+
+    import keras
+
+    from tfmargin import train
+    from tfmargin.classifier import MarginClassifier
+
+    keras.utils.set_random_seed(0)
+    model = MarginClassifier("tinycnn", 3, embedding_dim=4, scale=8.0)
+    bn = model.get_layer("embedding_bn")
+    before = bn.moving_mean.numpy().copy()
+    data = types.SimpleNamespace(train=small_split(), val=None)
+    assert train.choose_batchnorm_statistics(model, data, global_batch=8,
+                                             num_batches=0) is None
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), before)
+    record = train.choose_batchnorm_statistics(model, data, global_batch=8, num_batches=3)
+    assert record == {"recalibration_batches": 3, "chosen": "recalibrated", "chosen_on": None}
+    assert not np.allclose(bn.moving_mean.numpy(), before)

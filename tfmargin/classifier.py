@@ -73,7 +73,8 @@ class MarginClassifier(keras.Model):
     few hundred steps inference-mode outputs can collapse to one class while
     training accuracy is high. ``recalibrate_batchnorm(images)`` replaces
     them by exact means over batches of training images under the final
-    weights (``experiments/run.py`` does this after every fit).
+    weights (``experiments/run.py`` does this after every fit, and keeps
+    whichever statistics score higher on the validation split).
 
     Args:
         backbone: a ``keras.Model`` mapping images to a feature map or vector,

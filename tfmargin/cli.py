@@ -61,7 +61,8 @@ def _help():
         "strategy": f"distribution: {names.described(names.STRATEGIES)}",
         "limit_train": "use only the first N training images (0: all), for small budgets",
         "precise_bn_batches": "after training, recompute BatchNorm statistics exactly over N "
-                              "training batches (0: keep the moving averages)",
+                              "training batches, kept where they beat the moving averages "
+                              "on validation (0: keep the moving averages)",
         "tta": f"test-time augmentation of the reported tta metrics and the exports: "
                f"{names.described(names.TTA_LEVELS)}",
         "classes": "comma-separated class names to train on (default: all); the test images "

@@ -48,6 +48,14 @@ def predict_split(step, split, batch_size):
     return {"logits": logits, "served": served, "embeddings": embeddings, "labels": labels}
 
 
+def split_top1(model, split, batch_size):
+    """Top-1 of a ``MarginClassifier`` on a split of ``(image, label)`` pairs, in inference
+    mode (the label-free logits)."""
+    predicted = predict_split(prediction_step(model.logits_and_embeddings()), split,
+                              batch_size)
+    return float(np.mean(np.argmax(predicted["logits"], axis=1) == predicted["labels"]))
+
+
 def split_metrics(predicted):
     """Classification (top-1, top-5, mAP) and self-retrieval (P@1, R-precision, MAP@R)."""
     return (m.classification_metrics(predicted["logits"], predicted["labels"])

@@ -2,12 +2,12 @@
 strategy, evaluation, export.
 
 ``train`` reads as the run's data flow: load the splits, build and compile the
-model, fit (the validation split picks what is chosen), recalibrate BatchNorm,
-evaluate (the test split, once), record and export. Everything a run writes goes
-to ``runs/<name>/``: ``config.json`` (every setting, resolved, with where the run
-came from: commit, library versions, machine, data fingerprint), ``metrics.json``
-(written last: a run without it is unfinished), ``log.csv``, TensorBoard
-``logs/``, ``checkpoints/``, ``inference.keras`` and ``test_predictions.npz``.
+model, fit, choose on the validation split (the BatchNorm statistics, the temperature, the
+reject threshold), evaluate (the test split, once), record and export. Everything a run
+writes goes to ``runs/<name>/``: ``config.json`` (every setting, resolved, with where the
+run came from: commit, library versions, machine, data fingerprint), ``metrics.json``
+(written last: a run without it is unfinished), ``log.csv``, TensorBoard ``logs/``,
+``checkpoints/``, ``inference.keras`` and ``test_predictions.npz``.
 """
 
 import json
@@ -27,7 +27,7 @@ from tfmargin.callbacks import BestWeights, EmbeddingProjector, ResumeEpoch, Thr
 from tfmargin.classifier import MarginClassifier, layers_of
 from tfmargin.config import ADDED_LATER, ConfigError
 from tfmargin.data import channel_statistics, load_dataset, make_pipeline
-from tfmargin.evaluation import evaluate
+from tfmargin.evaluation import evaluate, split_top1
 from tfmargin.export import export_models
 from tfmargin.metrics import save_prediction_summary
 from tfmargin.recipes import make_optimizer, peak_learning_rate, recipe_callbacks
@@ -253,6 +253,37 @@ def check_diverged(history, run_dir, has_validation):
                                "Try a smaller --learning-rate or --scale.")
 
 
+def choose_batchnorm_statistics(model, data, *, global_batch, num_batches):
+    """After ``fit``, the BatchNorm statistics inference uses: the moving averages training
+    left, or ``MarginClassifier.recalibrate_batchnorm`` over ``num_batches`` batches of
+    un-augmented training images, whichever gives the higher validation top-1 (a tie keeps
+    the moving averages). After a short fit the moving averages still hold their initial
+    values and inference is near chance; after a long one on augmented images they can be
+    the better ones (they were gathered on the images the weights were trained under; see
+    ``docs/training.md``). Without a validation split the recalibrated ones
+    are kept, unchosen. Returns what ``metrics.json`` records under ``batchnorm`` (None
+    when ``num_batches`` is 0 or the model has no BatchNorm)."""
+    norms = layers_of(model, keras.layers.BatchNormalization)
+    if not num_batches or not norms:
+        return None
+    moving = [(layer.moving_mean.numpy(), layer.moving_variance.numpy()) for layer in norms]
+    moving_top1 = split_top1(model, data.val, global_batch) if data.val is not None else None
+    batches = model.recalibrate_batchnorm(data.train.batch(global_batch).map(lambda x, y: x),
+                                          num_batches)
+    record = {"recalibration_batches": batches, "chosen": "recalibrated",
+              "chosen_on": "validation" if data.val is not None else None}
+    if data.val is None:
+        return record
+    recalibrated_top1 = split_top1(model, data.val, global_batch)
+    record["val_top1"] = {"moving": moving_top1, "recalibrated": recalibrated_top1}
+    if recalibrated_top1 <= moving_top1:
+        for layer, (mean, variance) in zip(norms, moving, strict=True):
+            layer.moving_mean.assign(mean)
+            layer.moving_variance.assign(variance)
+        record["chosen"] = "moving"
+    return record
+
+
 def record(run_dir, resolved, metrics, test):
     """``test_predictions.npz``, then ``metrics.json`` (last: it marks the run finished)."""
     save_prediction_summary(run_dir, test["logits"], test["labels"], resolved["head_scale"])
@@ -292,13 +323,13 @@ def train(config, resume=False, overwrite=False, callbacks=()):
                           global_batch=global_batch, projector=projector,
                           extra_callbacks=callbacks)
     check_diverged(history, run_dir, data.val is not None)
-    if config.precise_bn_batches:
-        model.recalibrate_batchnorm(data.train.batch(global_batch).map(lambda x, y: x),
-                                    config.precise_bn_batches)
-    if projector:  # after recalibration: it embeds in inference mode
+    batchnorm = choose_batchnorm_statistics(model, data, global_batch=global_batch,
+                                            num_batches=config.precise_bn_batches)
+    if projector:  # after the statistics are chosen: it embeds in inference mode
         projector.write(config.epochs)
     metrics, test = evaluate(model, data, global_batch, resolved["tta"])
-    metrics |= {"epochs": config.epochs, **timing,
+    metrics |= {"epochs": config.epochs, **timing, **({"batchnorm": batchnorm} if batchnorm
+                                                        else {}),
                 "train_accuracy_last_epoch": history.history.get("accuracy", [None])[-1]}
     with atomic_file(os.path.join(run_dir, "inference.keras")) as tmp:
         model.save(tmp)
