@@ -279,6 +279,32 @@ def gelu_in_float32(x):
     return keras.ops.cast(keras.activations.gelu(keras.ops.cast(x, "float32")), x.dtype)
 
 
+SQRT_HALF = 0.7071067811865476
+INV_SQRT_2PI = 0.3989422804014327
+
+
+@tf.function(jit_compile=True)
+def _gelu_forward(x):
+    x32 = tf.cast(x, tf.float32)
+    return tf.cast(0.5 * x32 * (1.0 + tf.math.erf(x32 * SQRT_HALF)), x.dtype)
+
+
+@tf.function(jit_compile=True)
+def _gelu_backward(x, dy):
+    x32 = tf.cast(x, tf.float32)
+    cdf = 0.5 * (1.0 + tf.math.erf(x32 * SQRT_HALF))
+    pdf = INV_SQRT_2PI * tf.exp(-0.5 * x32 * x32)
+    return tf.cast(tf.cast(dy, tf.float32) * (cdf + x32 * pdf), dy.dtype)
+
+
+@tf.custom_gradient
+def gelu_fused(x):
+    """Exact (erf) GELU as one XLA-compiled loop each way, float32 inside: the forward
+    x * Phi(x), the backward dy * (Phi(x) + x * phi(x)). Without XLA TensorFlow runs each
+    element-wise op of GELU and of its gradient as its own pass over memory."""
+    return _gelu_forward(x), lambda dy: _gelu_backward(x, dy)
+
+
 class FusedBatchNormalization(keras.layers.BatchNormalization):
     """Training-mode BatchNorm as one TensorFlow ``FusedBatchNormV3`` op (bfloat16 in,
     float32 statistics), the moving statistics updated as Keras does (biased variance).
@@ -339,11 +365,15 @@ def bench_airbench(report, data, args):
     bf16_levers = {  # against the recipe under mixed_bfloat16
         "ReLU instead of GELU": dict(activation="relu"),
         "GELU computed in float32": dict(activation=gelu_in_float32),
+        "GELU fused by XLA": dict(activation=gelu_fused),
         "fused BatchNorm (FusedBatchNormV3)": dict(norm=FusedBatchNormalization),
+        "fused BatchNorm + GELU fused by XLA": dict(norm=FusedBatchNormalization,
+                                                    activation=gelu_fused),
     }
     bf16 = airbench_setup(data, args, steps, mixed_precision=True)
-    for precision, levers, baseline in (("float32", fp32_levers, base),
-                                        ("mixed_bfloat16", bf16_levers, bf16)):
+    lever_sets = {"float32": (fp32_levers, base), "mixed_bfloat16": (bf16_levers, bf16)}
+    for precision in args.airbench_levers:
+        levers, baseline = lever_sets[precision]
         base_memory = baseline.cached_batches(steps)
         for name, change in levers.items():
             settings = {"mixed_precision": precision != "float32", **change}
@@ -438,6 +468,37 @@ def bench_peer_layers(report, args):
                        f"{1000 / result['b']:.1f} ms, batch {batch}")
 
 
+def bench_peer_elementwise(report, args):
+    """airbench's element-wise layers in bfloat16, forward and backward, Keras (as the
+    recipe runs them, and GELU fused by XLA) against PyTorch on a bfloat16 tensor."""
+    import torch
+
+    batch, channels, size = args.airbench_batch // 4, 64, 15
+    tensor = torch.randn(batch, channels, size, size, dtype=torch.bfloat16).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    norm = torch.nn.BatchNorm2d(channels, affine=False, momentum=0.4, eps=1e-12)
+    cases = {
+        "GELU": (lambda: keras.layers.Activation("gelu"), torch.nn.functional.gelu),
+        "GELU fused by XLA": (lambda: keras.layers.Activation(gelu_fused),
+                              torch.nn.functional.gelu),
+        "BatchNorm (no scale)": (lambda: keras.layers.BatchNormalization(
+            momentum=0.6, epsilon=1e-12, scale=False), lambda x: norm(x.float()).bfloat16()),
+    }
+    for name, (make, function) in cases.items():
+        ours = layer_step_rate(make, (batch, size, size, channels), "mixed_bfloat16")
+
+        def theirs(function=function):
+            def step():
+                function(tensor).float().sum().backward()
+            return steps_per_second(step, 5)
+
+        result = paired(ours, theirs, args.rounds)
+        report.add("peer layer", f"{name} at {size}x{size}x{channels} bfloat16: Keras / "
+                   "PyTorch, forward+backward", result["ratio"], "x",
+                   note=f"{1000 / result['a']:.1f} vs {1000 / result['b']:.1f} ms, batch "
+                        f"{batch}")
+
+
 def layer_step_rate(make_layer, shape, policy):
     """Zero-argument rate: forward + gradients of one layer on a random batch, per second."""
     keras.config.set_dtype_policy(policy)
@@ -480,6 +541,8 @@ def bench_bf16_layers(report, args):
         "BatchNorm (no scale) at 15x15x64": (lambda: keras.layers.BatchNormalization(
             momentum=0.6, epsilon=1e-12, scale=False), (batch, 15, 15, 64)),
         "GELU at 15x15x64": (lambda: keras.layers.Activation("gelu"), (batch, 15, 15, 64)),
+        "GELU fused by XLA at 15x15x64": (lambda: keras.layers.Activation(gelu_fused),
+                                          (batch, 15, 15, 64)),
         "ReLU6 at 16x16x144": (lambda: keras.layers.ReLU(6.0), (batch, 16, 16, 144)),
     }
     for name, (make, shape) in layers_at.items():
@@ -563,6 +626,9 @@ def main(argv=None):
                              "with --quick, else targets,levers,accuracy)")
     parser.add_argument("--airbench-batch", type=int, default=1024,
                         help="batch of the airbench and peer sections (its recipe's)")
+    parser.add_argument("--airbench-levers", default="float32,mixed_bfloat16",
+                        help="precisions whose levers the airbench section times "
+                             "(comma-separated: float32, mixed_bfloat16)")
     parser.add_argument("--json", help="also write the table as JSON here")
     parser.add_argument("--markdown", help="also write the table as Markdown here")
     args = parser.parse_args(argv)
@@ -572,6 +638,9 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; choose from "
                      f"{', '.join(SECTIONS)}")
+    args.airbench_levers = args.airbench_levers.split(",")
+    if set(args.airbench_levers) - {"float32", "mixed_bfloat16"}:
+        parser.error("--airbench-levers takes float32 and/or mixed_bfloat16")
     if min(args.steps or 2, args.peer_steps) < 2:
         parser.error("--steps and --peer-steps must be >= 2: a rate is timed from the end of "
                      "a block's first step to its last")
@@ -607,6 +676,7 @@ def main(argv=None):
                 bench_peer(report, big, args)
                 with contextlib.suppress(ImportError):
                     bench_peer_layers(report, args)
+                    bench_peer_elementwise(report, args)
         if "bf16" in args.sections:
             bench_bf16_layers(report, args)
         if "accuracy" in args.sections and args.dataset:

@@ -231,6 +231,7 @@ def test_airbench_recipe_end_to_end_with_tta_export(tmp_path):
     assert config["label_smoothing"] == 0.2 and config["augment"] == "airbench"
     assert config["split_sizes"] == {"train": 120, "val": 0, "test": 24}  # val_split 0
     assert "val" not in metrics and metrics["tta"]["level"] == 2
+    assert metrics["tta"]["served"] is True
     assert 0 <= metrics["tta"]["top1"] <= 1 and metrics["test_size"] == 24
     with np.load(run_dir / "checkpoints" / "lookahead.npz") as state:
         assert int(state["step"]) == 2 * (120 // 32)

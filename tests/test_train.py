@@ -42,6 +42,10 @@ def test_cli_end_to_end_writes_the_run_directory(shapes, tmp_path):
     assert metrics["top5"] == 1.0  # 4 classes
     assert metrics["train_images_per_second"] > 0 and metrics["wall_seconds"] > 0
     assert metrics["resumed_at_epoch"] == 0
+    # Served plain, and reported with airbench's six test-time views beside it.
+    assert metrics["tta"]["level"] == 2 and metrics["tta"]["served"] is False
+    assert 0.0 <= metrics["tta"]["top1"] <= 1.0
+    assert f"% ({100 * metrics['tta']['top1']:.2f} % with TTA)" in result.stdout
     log = (run_dir / "log.csv").read_text().splitlines()
     assert log[0].startswith("epoch") and "theta_y_mean" in log[0] and len(log) == 3
     assert os.listdir(run_dir / "logs")
