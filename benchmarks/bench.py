@@ -326,6 +326,51 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
         return outputs
 
 
+@tf.function(jit_compile=True)
+def _norm_forward(x, beta, epsilon):
+    x32 = tf.cast(x, tf.float32)
+    mean = tf.reduce_mean(x32, axis=[0, 1, 2])
+    centered = x32 - mean
+    variance = tf.reduce_mean(tf.square(centered), axis=[0, 1, 2])
+    inverse = tf.math.rsqrt(variance + epsilon)
+    return tf.cast(centered * inverse + beta, x.dtype), mean, variance, inverse
+
+
+@tf.function(jit_compile=True)
+def _norm_backward(x, mean, inverse, dy):
+    x32, dy32 = tf.cast(x, tf.float32), tf.cast(dy, tf.float32)
+    normalized = (x32 - mean) * inverse
+    mean_dy = tf.reduce_mean(dy32, axis=[0, 1, 2])
+    mean_dy_normalized = tf.reduce_mean(dy32 * normalized, axis=[0, 1, 2])
+    dx = inverse * (dy32 - mean_dy - normalized * mean_dy_normalized)
+    return tf.cast(dx, x.dtype), tf.reduce_sum(dy32, axis=[0, 1, 2])
+
+
+class XlaBatchNormalization(keras.layers.BatchNormalization):
+    """Training-mode BatchNorm without scale (airbench's) as one XLA-compiled loop each way,
+    float32 inside, the same statistics and epsilon as Keras's layer (biased variance in the
+    moving average): the forward (x - mean) / sqrt(var + eps) + beta, the backward
+    inv * (dy - mean(dy) - x_hat * mean(dy * x_hat)) and sum(dy). A benchmark variant."""
+
+    def call(self, inputs, training=None, mask=None):
+        if not training or mask is not None or self.scale:
+            return super().call(inputs, training=training, mask=mask)
+        stats = {}
+
+        @tf.custom_gradient
+        def normalize(x, beta):
+            y, mean, variance, inverse = _norm_forward(x, beta, self.epsilon)
+            stats.update(mean=mean, variance=variance)
+            return y, lambda dy: _norm_backward(x, mean, inverse, dy)
+
+        outputs = normalize(inputs, tf.cast(self.beta, tf.float32))
+        self.moving_mean.assign(self.moving_mean * self.momentum
+                                + stats["mean"] * (1 - self.momentum))
+        self.moving_variance.assign(self.moving_variance * self.momentum
+                                    + stats["variance"] * (1 - self.momentum))
+        return outputs
+
+
 def airbench_setup(data, args, steps, activation="gelu", norm=None, **change):
     """An airbench94 recipe set-up (softmax head), its activation and BatchNorm replaceable."""
     settings = {"batch_size": args.airbench_batch, "mixed_precision": False, **change}
@@ -367,8 +412,9 @@ def bench_airbench(report, data, args):
         "GELU computed in float32": dict(activation=gelu_in_float32),
         "GELU fused by XLA": dict(activation=gelu_fused),
         "fused BatchNorm (FusedBatchNormV3)": dict(norm=FusedBatchNormalization),
-        "fused BatchNorm + GELU fused by XLA": dict(norm=FusedBatchNormalization,
-                                                    activation=gelu_fused),
+        "BatchNorm fused by XLA": dict(norm=XlaBatchNormalization),
+        "BatchNorm and GELU fused by XLA": dict(norm=XlaBatchNormalization,
+                                                activation=gelu_fused),
     }
     bf16 = airbench_setup(data, args, steps, mixed_precision=True)
     lever_sets = {"float32": (fp32_levers, base), "mixed_bfloat16": (bf16_levers, bf16)}
@@ -483,6 +529,8 @@ def bench_peer_elementwise(report, args):
                               torch.nn.functional.gelu),
         "BatchNorm (no scale)": (lambda: keras.layers.BatchNormalization(
             momentum=0.6, epsilon=1e-12, scale=False), lambda x: norm(x.float()).bfloat16()),
+        "BatchNorm fused by XLA": (lambda: XlaBatchNormalization(
+            momentum=0.6, epsilon=1e-12, scale=False), lambda x: norm(x.float()).bfloat16()),
     }
     for name, (make, function) in cases.items():
         ours = layer_step_rate(make, (batch, size, size, channels), "mixed_bfloat16")
@@ -539,6 +587,8 @@ def bench_bf16_layers(report, args):
                                        (batch, 16, 16, 144)),
         "max-pool 2 at 31x31x64": (lambda: keras.layers.MaxPooling2D(2), (batch, 31, 31, 64)),
         "BatchNorm (no scale) at 15x15x64": (lambda: keras.layers.BatchNormalization(
+            momentum=0.6, epsilon=1e-12, scale=False), (batch, 15, 15, 64)),
+        "BatchNorm fused by XLA at 15x15x64": (lambda: XlaBatchNormalization(
             momentum=0.6, epsilon=1e-12, scale=False), (batch, 15, 15, 64)),
         "GELU at 15x15x64": (lambda: keras.layers.Activation("gelu"), (batch, 15, 15, 64)),
         "GELU fused by XLA at 15x15x64": (lambda: keras.layers.Activation(gelu_fused),

@@ -52,6 +52,38 @@ def test_gelu_fused_by_xla_is_exact_gelu_forward_and_backward():
     assert y.dtype == tf.bfloat16 and tape.gradient(y, half).dtype == tf.bfloat16
 
 
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_batchnorm_fused_by_xla_matches_keras_batchnorm(policy):
+    """Outputs, gradients (input and beta) and moving statistics as Keras's own layer."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    from bench import XlaBatchNormalization
+
+    x = tf.constant(np.random.default_rng(0).normal(2.0, 3.0, (6, 5, 5, 4)), tf.float32)
+    upstream = tf.constant(np.random.default_rng(1).normal(size=(6, 5, 5, 4)), tf.float32)
+    results = []
+    keras.config.set_dtype_policy(policy)
+    try:
+        for layer_class in (keras.layers.BatchNormalization, XlaBatchNormalization):
+            layer = layer_class(momentum=0.6, epsilon=1e-12, scale=False)
+            inputs = tf.cast(x, layer.compute_dtype)
+            layer.build(inputs.shape)
+            layer.beta.assign([0.1, -0.2, 0.3, 0.0])
+            with tf.GradientTape() as tape:
+                tape.watch(inputs)
+                y = layer(inputs, training=True)
+                loss = tf.reduce_sum(tf.cast(y, tf.float32) * upstream)
+            dx, dbeta = tape.gradient(loss, [inputs, layer.beta])
+            results.append([tf.cast(v, tf.float32).numpy() for v in (
+                y, dx, dbeta, layer.moving_mean, layer.moving_variance)])
+    finally:
+        keras.config.set_dtype_policy("float32")
+    tolerance = 1e-5 if policy == "float32" else 2e-2
+    for theirs, ours in zip(*results, strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=tolerance, atol=tolerance)
+
+
 def test_training_flops_of_a_dense_layer_are_counted_forward_and_backward():
     import keras
     from timing import training_flops_per_image
