@@ -642,8 +642,10 @@ def machine():
     cpu = provenance.cpu_description()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     gpus = tf.config.list_physical_devices("GPU")
-    return (f"{cpu['model']}, {cpu['cores']} cores (flags: {' '.join(cpu['flags']) or 'none'}),"
-            f" {memory:.0f} GiB" + (f", {len(gpus)} GPU(s)" if gpus else ", no GPU"))
+    family = f" (family/model {cpu['family']})" if cpu["family"] else ""
+    flags = " ".join(cpu["flags"]) or "none"
+    return (f"{cpu['model']}{family}, {cpu['cores']} cores (flags: {flags}), {memory:.0f} GiB"
+            + (f", {len(gpus)} GPU(s)" if gpus else ", no GPU"))
 
 
 SECTIONS = ("targets", "levers", "accuracy", "airbench", "bf16", "peer")

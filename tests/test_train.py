@@ -601,3 +601,23 @@ def test_batchnorm_without_validation_is_recalibrated_unchosen_and_zero_batches_
     record = train.choose_batchnorm_statistics(model, data, global_batch=8, num_batches=3)
     assert record == {"recalibration_batches": 3, "chosen": "recalibrated", "chosen_on": None}
     assert not np.allclose(bn.moving_mean.numpy(), before)
+
+
+def test_cpu_description_reads_model_family_and_the_bfloat16_flags(monkeypatch, tmp_path):
+    """A virtual machine's CPU can be named just "AMD EPYC": family and model numbers tell
+    its generation; only the flags that decide the precision are kept."""
+    import builtins
+
+    from tfmargin import provenance
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n"
+                       "flags\t\t: fpu avx2 avx512f avx512_bf16 sse2\n\nprocessor\t: 1\n"
+                       "cpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(
+        cpuinfo if path == "/proc/cpuinfo" else path, *a, **k))
+    description = provenance.cpu_description()
+    assert description["model"] == "AMD EPYC" and description["family"] == "26/2"
+    assert description["flags"] == ["avx2", "avx512f", "avx512_bf16"]
+    assert provenance.has_bfloat16_instructions()

@@ -53,19 +53,24 @@ def library_versions():
 
 
 def cpu_description():
-    """``{"model": ..., "cores": n, "flags": [...]}`` from ``/proc/cpuinfo`` (Linux)."""
-    model, flags = platform.processor() or platform.machine(), set()
+    """``{"model": ..., "family": "26/2", "cores": n, "flags": [...]}`` from
+    ``/proc/cpuinfo`` (Linux). The family and model numbers tell CPU generations apart where
+    the model name does not (a virtual machine's "AMD EPYC")."""
+    model, flags, numbers = platform.processor() or platform.machine(), set(), {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = line.partition(":")
                 if key.strip() == "model name":
                     model = value.strip()
+                elif key.strip() in ("cpu family", "model"):
+                    numbers.setdefault(key.strip(), value.strip())
                 elif key.strip() == "flags":
                     flags = set(value.split())
     except OSError:
         pass
-    return {"model": model, "cores": os.cpu_count(),
+    family = "/".join(numbers[k] for k in ("cpu family", "model") if k in numbers) or None
+    return {"model": model, "family": family, "cores": os.cpu_count(),
             "flags": [flag for flag in CPU_FLAGS if flag in flags]}
 
 
