@@ -119,18 +119,17 @@ def evaluate(model, data, batch_size, tta=0):
     """
     network = model.logits_and_embeddings()
     step = prediction_step(network, tta)
-    test = predict_split(step, data.test, batch_size)
+    # One pass over the test split gives the plain logits and the augmented views' logits.
+    test = predict_split(prediction_step(network, tta or REPORTED_TTA), data.test, batch_size)
+    augmented = test["served"]
+    if not tta:  # the export serves the plain logits
+        test["served"] = test["logits"]
     val = predict_split(step, data.val, batch_size) if data.val is not None else None
     # The gallery needs embeddings only: no test-time augmentation views.
     gallery = predict_split(prediction_step(network) if tta else step, data.train, batch_size)
     results = split_metrics(test) | {"test_size": int(len(test["labels"]))}
-    if tta:
-        results["tta"] = m.classification_metrics(test["served"], test["labels"]) | {
-            "level": tta, "served": True}
-    else:  # what test-time augmentation would reach; the export serves the plain logits
-        views = predict_split(prediction_step(network, REPORTED_TTA), data.test, batch_size)
-        results["tta"] = m.classification_metrics(views["served"], views["labels"]) | {
-            "level": REPORTED_TTA, "served": False}
+    results["tta"] = m.classification_metrics(augmented, test["labels"]) | {
+        "level": tta or REPORTED_TTA, "served": bool(tta)}
     results["gallery"] = m.gallery_retrieval_metrics(
         test["embeddings"], test["labels"], gallery["embeddings"], gallery["labels"])
     results["calibration"] = calibration(test, val)

@@ -266,22 +266,25 @@ def choose_batchnorm_statistics(model, data, *, global_batch, num_batches):
     norms = layers_of(model, keras.layers.BatchNormalization)
     if not num_batches or not norms:
         return None
-    moving = [(layer.moving_mean.numpy(), layer.moving_variance.numpy()) for layer in norms]
-    moving_top1 = split_top1(model, data.val, global_batch) if data.val is not None else None
-    batches = model.recalibrate_batchnorm(data.train.batch(global_batch).map(lambda x, y: x),
-                                          num_batches)
-    record = {"recalibration_batches": batches, "chosen": "recalibrated",
-              "chosen_on": "validation" if data.val is not None else None}
+
+    def recalibrate():
+        return model.recalibrate_batchnorm(data.train.batch(global_batch).map(lambda x, y: x),
+                                           num_batches)
+
     if data.val is None:
-        return record
+        return {"recalibration_batches": recalibrate(), "chosen": "recalibrated",
+                "chosen_on": None}
+    moving = [(layer.moving_mean.numpy(), layer.moving_variance.numpy()) for layer in norms]
+    moving_top1 = split_top1(model, data.val, global_batch)
+    batches = recalibrate()
     recalibrated_top1 = split_top1(model, data.val, global_batch)
-    record["val_top1"] = {"moving": moving_top1, "recalibrated": recalibrated_top1}
-    if recalibrated_top1 <= moving_top1:
+    chosen = "recalibrated" if recalibrated_top1 > moving_top1 else "moving"
+    if chosen == "moving":
         for layer, (mean, variance) in zip(norms, moving, strict=True):
             layer.moving_mean.assign(mean)
             layer.moving_variance.assign(variance)
-        record["chosen"] = "moving"
-    return record
+    return {"recalibration_batches": batches, "chosen": chosen, "chosen_on": "validation",
+            "val_top1": {"moving": moving_top1, "recalibrated": recalibrated_top1}}
 
 
 def record(run_dir, resolved, metrics, test):
