@@ -41,6 +41,7 @@ from timing import (  # noqa: E402
 )
 
 from tfmargin import provenance  # noqa: E402
+from tfmargin.activations import FusedGELU  # noqa: E402
 from tfmargin.airbench import airbench  # noqa: E402
 from tfmargin.backbones import build_backbone  # noqa: E402
 from tfmargin.classifier import MarginClassifier  # noqa: E402
@@ -279,32 +280,6 @@ def gelu_in_float32(x):
     return keras.ops.cast(keras.activations.gelu(keras.ops.cast(x, "float32")), x.dtype)
 
 
-SQRT_HALF = 0.7071067811865476
-INV_SQRT_2PI = 0.3989422804014327
-
-
-@tf.function(jit_compile=True)
-def _gelu_forward(x):
-    x32 = tf.cast(x, tf.float32)
-    return tf.cast(0.5 * x32 * (1.0 + tf.math.erf(x32 * SQRT_HALF)), x.dtype)
-
-
-@tf.function(jit_compile=True)
-def _gelu_backward(x, dy):
-    x32 = tf.cast(x, tf.float32)
-    cdf = 0.5 * (1.0 + tf.math.erf(x32 * SQRT_HALF))
-    pdf = INV_SQRT_2PI * tf.exp(-0.5 * x32 * x32)
-    return tf.cast(tf.cast(dy, tf.float32) * (cdf + x32 * pdf), dy.dtype)
-
-
-@tf.custom_gradient
-def gelu_fused(x):
-    """Exact (erf) GELU as one XLA-compiled loop each way, float32 inside: the forward
-    x * Phi(x), the backward dy * (Phi(x) + x * phi(x)). Without XLA TensorFlow runs each
-    element-wise op of GELU and of its gradient as its own pass over memory."""
-    return _gelu_forward(x), lambda dy: _gelu_backward(x, dy)
-
-
 class FusedBatchNormalization(keras.layers.BatchNormalization):
     """Training-mode BatchNorm as one TensorFlow ``FusedBatchNormV3`` op (bfloat16 in,
     float32 statistics), the moving statistics updated as Keras does (biased variance).
@@ -410,11 +385,11 @@ def bench_airbench(report, data, args):
     bf16_levers = {  # against the recipe under mixed_bfloat16
         "ReLU instead of GELU": dict(activation="relu"),
         "GELU computed in float32": dict(activation=gelu_in_float32),
-        "GELU fused by XLA": dict(activation=gelu_fused),
+        "GELU fused by XLA": dict(activation=FusedGELU),
         "fused BatchNorm (FusedBatchNormV3)": dict(norm=FusedBatchNormalization),
         "BatchNorm fused by XLA": dict(norm=XlaBatchNormalization),
         "BatchNorm and GELU fused by XLA": dict(norm=XlaBatchNormalization,
-                                                activation=gelu_fused),
+                                                activation=FusedGELU),
     }
     bf16 = airbench_setup(data, args, steps, mixed_precision=True)
     lever_sets = {"float32": (fp32_levers, base), "mixed_bfloat16": (bf16_levers, bf16)}
@@ -525,8 +500,7 @@ def bench_peer_elementwise(report, args):
     norm = torch.nn.BatchNorm2d(channels, affine=False, momentum=0.4, eps=1e-12)
     cases = {
         "GELU": (lambda: keras.layers.Activation("gelu"), torch.nn.functional.gelu),
-        "GELU fused by XLA": (lambda: keras.layers.Activation(gelu_fused),
-                              torch.nn.functional.gelu),
+        "GELU fused by XLA": (FusedGELU, torch.nn.functional.gelu),
         "BatchNorm (no scale)": (lambda: keras.layers.BatchNormalization(
             momentum=0.6, epsilon=1e-12, scale=False), lambda x: norm(x.float()).bfloat16()),
         "BatchNorm fused by XLA": (lambda: XlaBatchNormalization(
@@ -591,8 +565,7 @@ def bench_bf16_layers(report, args):
         "BatchNorm fused by XLA at 15x15x64": (lambda: XlaBatchNormalization(
             momentum=0.6, epsilon=1e-12, scale=False), (batch, 15, 15, 64)),
         "GELU at 15x15x64": (lambda: keras.layers.Activation("gelu"), (batch, 15, 15, 64)),
-        "GELU fused by XLA at 15x15x64": (lambda: keras.layers.Activation(gelu_fused),
-                                          (batch, 15, 15, 64)),
+        "GELU fused by XLA at 15x15x64": (FusedGELU, (batch, 15, 15, 64)),
         "ReLU6 at 16x16x144": (lambda: keras.layers.ReLU(6.0), (batch, 16, 16, 144)),
     }
     for name, (make, shape) in layers_at.items():

@@ -24,7 +24,7 @@ import os
 from ledger import is_recorded, record
 
 from tfmargin.cli import OneLineParser, exit_with
-from tfmargin.names import TTA_LEVELS
+from tfmargin.names import GELUS, TTA_LEVELS
 
 BACKBONES = ("resnet18", "efficientnetb0", "mobilenetv2")
 PAPER_HEAD = dict(loss="arcface", scale=1.0, margin=0.1, fallback="none")
@@ -138,6 +138,9 @@ def main(argv=None):
                         + " (each setting optional; default softmax,paper)")
     parser.add_argument("--tta", type=int, choices=tuple(TTA_LEVELS),
                         help="test-time augmentation level (as run.py; default: the recipe's)")
+    parser.add_argument("--gelu", choices=tuple(GELUS),
+                        help="the GELU of airbench's networks (as run.py; default: the "
+                        "recipe's)")
     parser.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction,
                         default="auto", help="mixed precision on or off (as run.py; default "
                         "auto)")
@@ -158,7 +161,7 @@ def main(argv=None):
     common = dict(runs_dir=args.runs_dir, export=args.export,
                   mixed_precision=args.mixed_precision)
     for key in ("epochs", "limit_train", "batch_size", "learning_rate", "label_smoothing",
-                "val_split", "tta"):
+                "val_split", "tta", "gelu"):
         if getattr(args, key) is not None:
             common[key] = getattr(args, key)
 

@@ -73,6 +73,26 @@ def test_airbench93_shapes_and_parameters():
     assert bn.momentum == 0.6 and bn.epsilon == 1e-12 and bn.scale is False
 
 
+def test_fused_gelu_network_computes_the_keras_gelu_network_and_reloads(tmp_path):
+    """airbench93(gelu="fused") has a FusedGELU at each of the seven GELUs; with the Keras
+    network's weights it gives the same features (float32), and a .keras file of it
+    reloads with identical outputs."""
+    from tfmargin.activations import FusedGELU
+
+    stock, fused = airbench93(), airbench93(gelu="fused")
+    acts = [layer.name for layer in fused.layers if isinstance(layer, FusedGELU)]
+    assert len(acts) == 7 and acts[0] == "whiten_act"
+    assert not any(isinstance(layer, FusedGELU) for layer in stock.layers)
+    fused.set_weights(stock.get_weights())
+    images = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(fused.predict(images, verbose=0),
+                               stock.predict(images, verbose=0), rtol=1e-5, atol=1e-5)
+    fused.save(tmp_path / "fused.keras")
+    reloaded = keras.saving.load_model(tmp_path / "fused.keras")
+    np.testing.assert_array_equal(reloaded.predict(images, verbose=0),
+                                  fused.predict(images, verbose=0))
+
+
 def test_offset_learning_rate_decay_and_freezing():
     """Momentum 0 makes each step readable: w <- w - lr * k * (g + l2 / k * w)."""
     beta = keras.Variable(np.ones(3), name="beta")
@@ -213,21 +233,23 @@ np.save(sys.argv[3], out["logits"].numpy())
 
 @pytest.mark.slow
 def test_airbench_recipe_end_to_end_with_tta_export(tmp_path):
-    """run.py --recipe airbench on tiny data: recipe defaults, lookahead state, TTA metrics,
-    and a SavedModel that applies (and states) TTA level 2, in a fresh process."""
+    """run.py --recipe airbench --gelu fused on tiny data: recipe defaults, lookahead state,
+    TTA metrics, and a SavedModel that applies (and states) TTA level 2, in a fresh process
+    (the fused GELU's XLA kernels served by plain TensorFlow)."""
     data = write_image_folder(tmp_path / "data", num_classes=3, per_class=40,
                               test_per_class=8)
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "experiments", "run.py"), "--recipe", "airbench",
          "--backbone", "airbench93", "--loss", "softmax", "--dataset", data, "--epochs", "2",
-         "--batch-size", "32", "--runs-dir", str(tmp_path / "runs"), "--name", "ab",
+         "--batch-size", "32", "--gelu", "fused", "--runs-dir", str(tmp_path / "runs"),
+         "--name", "ab",
          "--export-dir", str(tmp_path / "exports")],
         capture_output=True, text=True, env={**os.environ, "CI": "1"}, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "runs" / "ab"
     config = json.loads((run_dir / "config.json").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert config["recipe"] == "airbench" and config["tta"] == 2
+    assert config["recipe"] == "airbench" and config["tta"] == 2 and config["gelu"] == "fused"
     assert config["label_smoothing"] == 0.2 and config["augment"] == "airbench"
     assert config["split_sizes"] == {"train": 120, "val": 0, "test": 24}  # val_split 0
     assert "val" not in metrics and metrics["tta"]["level"] == 2

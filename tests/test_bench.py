@@ -24,34 +24,6 @@ def test_paired_alternates_and_reports_the_median_ratio():
     assert result == {"ratio": 2.2, "a": 11.0, "b": 5.0, "rounds": 3}  # ratios 3, 2, 2.2
 
 
-def test_gelu_fused_by_xla_is_exact_gelu_forward_and_backward():
-    """The benchmark's XLA-fused GELU against x * Phi(x) from math.erf, its gradient against
-    central differences of that reference; in bfloat16 it keeps the input's dtype."""
-    import math
-
-    import numpy as np
-    import tensorflow as tf
-    from bench import gelu_fused
-
-    def reference(v):
-        return v * 0.5 * (1.0 + np.vectorize(math.erf)(v / math.sqrt(2.0)))
-
-    x = np.linspace(-6.0, 6.0, 241)
-    tensor = tf.constant(x, tf.float32)
-    with tf.GradientTape() as tape:
-        tape.watch(tensor)
-        y = gelu_fused(tensor)
-    h = 1e-5
-    np.testing.assert_allclose(y.numpy(), reference(x), atol=2e-6)
-    np.testing.assert_allclose(tape.gradient(y, tensor).numpy(),
-                               (reference(x + h) - reference(x - h)) / (2 * h), atol=2e-5)
-    half = tf.cast(tensor, tf.bfloat16)
-    with tf.GradientTape() as tape:
-        tape.watch(half)
-        y = gelu_fused(half)
-    assert y.dtype == tf.bfloat16 and tape.gradient(y, half).dtype == tf.bfloat16
-
-
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
 def test_batchnorm_fused_by_xla_matches_keras_batchnorm(policy):
     """Outputs, gradients (input and beta) and moving statistics as Keras's own layer."""

@@ -96,6 +96,9 @@ def test_arcface_learns_shapes_and_inference_mode_holds_up(shapes, tmp_path):
     (["--dataset", "tfds:cifar-10"], "Unknown dataset 'cifar-10': not a TFDS name"),
     (["--margin", "3.2"], "margin for 'arcface' must be in [0, pi)"),
     (["--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
+    (["--gelu", "tanh"], "unknown gelu 'tanh'; choose one of keras, fused"),
+    (["--gelu", "fused"], "--gelu fused needs a backbone built with GELU (airbench94, "
+                          "airbench93); mobilenetv2 has none"),
 ])
 def test_invalid_flags_exit_2_with_one_line(args, message, tmp_path):
     result = run_cli(*args, "--runs-dir", str(tmp_path))

@@ -12,6 +12,8 @@ import keras
 import numpy as np
 from keras import layers, ops
 
+from tfmargin.activations import FusedGELU
+
 # airbench: eps added to the patch covariance's eigenvalues before whitening.
 WHITENING_EPS = 5e-4
 # PyTorch BatchNorm2d(momentum=0.4) keeps 0.6 of the running statistics; Keras' momentum
@@ -128,6 +130,17 @@ class PartialDirac(keras.initializers.Initializer):
         return {"seed": self.seed}
 
 
+# The ``activation`` of each ``gelu`` of ``tfmargin.names.GELUS``.
+GELU_ACTIVATIONS = {"keras": "gelu", "fused": FusedGELU}
+
+
+def _activation_layer(activation, name):
+    """``activation``: a Keras activation (name or function), or a layer class."""
+    if isinstance(activation, type):
+        return activation(name=name)
+    return layers.Activation(activation, name=name)
+
+
 def _conv_group(x, filters, activation, name, norm=layers.BatchNormalization):
     """conv3x3 -> max-pool 2 -> BN -> act -> conv3x3 -> BN -> act (airbench's ConvGroup)."""
     for i in (1, 2):
@@ -137,7 +150,7 @@ def _conv_group(x, filters, activation, name, norm=layers.BatchNormalization):
             x = layers.MaxPooling2D(2, name=f"{name}_pool")(x)
         # No scale (gamma fixed at 1); eps 1e-12 as airbench.
         x = norm(momentum=BN_MOMENTUM, epsilon=1e-12, scale=False, name=f"{name}_bn{i}")(x)
-        x = layers.Activation(activation, name=f"{name}_act{i}")(x)
+        x = _activation_layer(activation, f"{name}_act{i}")(x)
     return x
 
 
@@ -152,12 +165,12 @@ def airbench(input_shape=(32, 32, 3), widths=WIDTHS["airbench94"], activation="g
     no-op for the cosine heads, which normalise the features. 1.97 M
     parameters at widths 64/256/256. Call ``adapt`` on the
     ``whiten`` layer with normalised training images before training.
-    ``activation`` and ``norm`` (a BatchNormalization class) are replaceable, for
-    the benchmark's variants.
+    ``activation`` (a Keras activation, or a layer class such as ``FusedGELU``) and
+    ``norm`` (a BatchNormalization class) are replaceable, for the benchmark's variants.
     """
     inputs = keras.Input(input_shape)
     x = PatchWhitening(name="whiten")(inputs)
-    x = layers.Activation(activation, name="whiten_act")(x)
+    x = _activation_layer(activation, "whiten_act")(x)
     for i, filters in enumerate(widths):
         x = _conv_group(x, filters, activation, f"block{i + 1}", norm)
     x = layers.GlobalMaxPooling2D(name="pool")(x)
@@ -165,11 +178,14 @@ def airbench(input_shape=(32, 32, 3), widths=WIDTHS["airbench94"], activation="g
     return keras.Model(inputs, x, name=name)
 
 
-def airbench94(input_shape=(32, 32, 3)):
-    """airbench94: widths 64/256/256 (94.01 % in 9.9 epochs on CIFAR-10 with its recipe)."""
-    return airbench(input_shape, WIDTHS["airbench94"], name="airbench94")
+def airbench94(input_shape=(32, 32, 3), gelu="keras"):
+    """airbench94: widths 64/256/256 (94.01 % in 9.9 epochs on CIFAR-10 with its recipe);
+    ``gelu``: ``"keras"`` or ``"fused"`` (``FusedGELU``)."""
+    return airbench(input_shape, WIDTHS["airbench94"], activation=GELU_ACTIVATIONS[gelu],
+                    name="airbench94")
 
 
-def airbench93(input_shape=(32, 32, 3)):
+def airbench93(input_shape=(32, 32, 3), gelu="keras"):
     """airbench93's widths 64/128/128 (about half the FLOPs; 93 % in the airbench paper)."""
-    return airbench(input_shape, WIDTHS["airbench93"], name="airbench93")
+    return airbench(input_shape, WIDTHS["airbench93"], activation=GELU_ACTIVATIONS[gelu],
+                    name="airbench93")

@@ -10,7 +10,7 @@ import importlib
 import keras
 from keras import layers
 
-from tfmargin.names import BACKBONES, choices
+from tfmargin.names import BACKBONES, GELU_BACKBONES, GELUS, choices
 
 # Short runs need BatchNorm inference statistics that keep up with the
 # weights: Keras Applications' MobileNetV2 uses momentum 0.999, whose moving
@@ -140,9 +140,16 @@ def tinycnn(input_shape=(32, 32, 3)):
     return keras.Model(inputs, x, name="tinycnn")
 
 
-def build_backbone(name, input_shape=(32, 32, 3)):
-    """Create a backbone by registry name (``tfmargin.names.BACKBONES``)."""
+def build_backbone(name, input_shape=(32, 32, 3), gelu="keras"):
+    """Create a backbone by registry name (``tfmargin.names.BACKBONES``); ``gelu``
+    (``tfmargin.names.GELUS``) for the backbones built with GELU (``GELU_BACKBONES``)."""
     if name not in BACKBONES:
         raise ValueError(f"Unknown backbone {name!r}; choose one of {choices(BACKBONES)}.")
+    if gelu not in GELUS:
+        raise ValueError(f"Unknown gelu {gelu!r}; choose one of {choices(GELUS)}.")
+    options = {"gelu": gelu} if name in GELU_BACKBONES else {}
+    if gelu != "keras" and not options:
+        raise ValueError(f"gelu={gelu!r} needs a backbone built with GELU "
+                         f"({choices(GELU_BACKBONES)}); {name} has none.")
     module, function = BACKBONES[name][0].split(":")
-    return getattr(importlib.import_module(module), function)(input_shape)
+    return getattr(importlib.import_module(module), function)(input_shape, **options)

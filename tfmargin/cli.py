@@ -41,6 +41,8 @@ def _help():
                      "theta)",
         "embedding_dim": "embedding size before the head (0 keeps the pooled backbone "
                          "features)",
+        "gelu": f"the GELU of the backbones that have one "
+                f"({names.choices(names.GELU_BACKBONES)}): {names.described(names.GELUS)}",
         "optimizer": f"optimizer: {names.described(names.OPTIMIZERS)}",
         "learning_rate": "peak learning rate per 128 images, scaled linearly with the global "
                          "batch (the recipe sets the schedule: docs/recipe.md)",

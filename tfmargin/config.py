@@ -20,7 +20,7 @@ NOT_IDENTITY = ("name", "runs_dir", "export", "export_dir", "projector_samples",
                 "projector_every", "validation_freq")
 # Settings added after runs existed: left out of the identity at these values, so those
 # runs keep their names (and a sweep still finds them finished).
-ADDED_LATER = {"recipe": "standard", "tta": 0, "classes": ""}
+ADDED_LATER = {"recipe": "standard", "tta": 0, "classes": "", "gelu": "keras"}
 
 
 
@@ -48,6 +48,7 @@ class RunConfig:
     sub_centers: int = 1
     ce_weight: float = 0.0
     embedding_dim: int = 512
+    gelu: str = "keras"  # the GELU of the backbones in names.GELU_BACKBONES
     optimizer: str = "sgd"
     learning_rate: float = 0.05  # per recipes.REFERENCE_BATCH images; see docs/recipe.md
     weight_decay: float = 5e-4  # SGD: coupled L2, as the PyTorch CIFAR recipes
@@ -168,7 +169,7 @@ class RunConfig:
         for flag, value, allowed in (
                 ("backbone", self.backbone, names.BACKBONES), ("loss", self.loss, names.HEADS),
                 ("recipe", self.recipe, RECIPES), ("tta level", self.tta, names.TTA_LEVELS),
-                ("fallback", self.fallback, FALLBACKS),
+                ("fallback", self.fallback, FALLBACKS), ("gelu", self.gelu, names.GELUS),
                 ("optimizer", self.optimizer, names.OPTIMIZERS),
                 ("strategy", self.strategy, names.STRATEGIES),
                 ("augmentation", self.augment, names.AUGMENTATIONS),
@@ -194,6 +195,9 @@ class RunConfig:
         unknown = set(self.export_formats()) - set(names.EXPORT_FORMATS)
         need(not unknown, f"unknown --export format(s) {', '.join(sorted(unknown))}; choose "
              f"from {names.choices(names.EXPORT_FORMATS)} (comma-separated) or none")
+        need(self.gelu == RunConfig.gelu or self.backbone in names.GELU_BACKBONES,
+             f"--gelu {self.gelu} needs a backbone built with GELU "
+             f"({names.choices(names.GELU_BACKBONES)}); {self.backbone} has none")
         classes = self.class_list() or []
         need(not self.classes or len(set(classes)) == len(classes) >= 2,
              f"--classes needs two or more distinct class names, got {self.classes!r}")

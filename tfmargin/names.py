@@ -29,6 +29,13 @@ BACKBONES = {
 # element-wise layers only pay the casts there (0.86x). "auto" precision uses bfloat16 on a
 # CPU for these only.
 BFLOAT16_FASTER_ON_CPU = ("resnet18", "airbench94", "airbench93")
+# The backbones built with GELU, and the GELU implementations they can be built with.
+GELU_BACKBONES = ("airbench94", "airbench93")
+GELUS = {
+    "keras": "keras.layers.Activation('gelu'), computed in the layer's compute dtype",
+    "fused": "tfmargin.activations.FusedGELU: the same exact GELU in float32, one "
+             "XLA-compiled kernel each way on TensorFlow",
+}
 HEADS = {
     "softmax": "a Dense layer on the embedding (plain cross-entropy)",
     **{name: spec.source for name, spec in MARGIN_TYPES.items()},

@@ -23,6 +23,7 @@ import tensorflow as tf
 from tfmargin import provenance
 from tfmargin.airbench import PatchWhitening
 from tfmargin.atomic import atomic_file, check_writable, point_latest
+from tfmargin.backbones import build_backbone
 from tfmargin.callbacks import BestWeights, EmbeddingProjector, ResumeEpoch, Throughput
 from tfmargin.classifier import MarginClassifier, layers_of
 from tfmargin.config import ADDED_LATER, ConfigError
@@ -163,12 +164,13 @@ def build_run_model(config, data, strategy, global_batch):
     filters) from the training images, compiled under ``strategy``."""
     mean, variance = channel_statistics(data.train)
     with strategy.scope():
+        backbone = build_backbone(config.backbone, (config.image_size, config.image_size, 3),
+                                  gelu=config.gelu)
         model = MarginClassifier(
-            config.backbone, data.num_classes, margin_type=config.loss, margin=config.margin,
+            backbone, data.num_classes, margin_type=config.loss, margin=config.margin,
             scale=config.scale, fallback=config.fallback, sub_centers=config.sub_centers,
             ce_weight=config.ce_weight, embedding_dim=config.embedding_dim, mean=mean,
-            variance=variance, image_shape=(config.image_size, config.image_size, 3),
-            name="classifier")
+            variance=variance, name="classifier")
         adapt_whitening(model, data.train)
         compile_model(model, config, data.train_size // global_batch, global_batch)
     return model
