@@ -25,6 +25,7 @@ from tables import (  # noqa: E402
     BACKBONE_COLUMNS,
     best_on_validation,
     command,
+    gelu_name,
     head_name,
     head_spec,
     load_runs,
@@ -34,10 +35,11 @@ from tables import (  # noqa: E402
     precision_name,
     runs_table,
     seed_table,
+    setting_key,
     validation_rank,
 )
 
-from tfmargin.config import dataset_label  # noqa: E402
+from tfmargin.config import ADDED_LATER, RunConfig, dataset_label  # noqa: E402
 
 README_BLOCKS = ("headline", "main-command", "open-set")
 
@@ -97,6 +99,18 @@ at its defaults (`docs/recipe.md` says how they were chosen), on the CIFAR-10 JP
 temperature and the reject threshold), tested once on the 10,000 test images; beside it the
 same command with `--loss softmax` and the same seed. One seed each: a difference between the
 two is an anecdote.
+
+"""
+
+GELU_INTRO = """
+### The fused GELU against Keras's GELU
+
+`--gelu fused` (`tfmargin.activations.FusedGELU`: the same exact GELU, computed in float32
+in one XLA-compiled kernel each way) against Keras's GELU (computed in bfloat16 under mixed
+precision), at the same recipe, head and seeds: whether the faster GELU changes what the
+network learns. The wall times are each run's own, on the machine its record names (not one
+machine for all): the speed comparison is the benchmark's, side by side
+(`docs/performance.md`).
 
 """
 
@@ -325,9 +339,30 @@ def batchnorm_choice(batchnorm):
     return f"{batchnorm['chosen']} ({percent(val['moving'])} / {percent(val['recalibrated'])})"
 
 
+def gelu_block(runs):
+    """The fused GELU's paired check: the settings run with both GELUs, arms by GELU."""
+    def shared(run):
+        return setting_key(run["config"], ("seed", "gelu"))
+
+    fused = {shared(r) for r in runs if r["config"].get("gelu", ADDED_LATER["gelu"]) == "fused"}
+    compared = [r for r in runs if shared(r) in fused]
+    if not compared:
+        return ""
+    return GELU_INTRO + seed_table(compared, baseline="Keras GELU", arm=gelu_name,
+                                   arm_fields=("gelu",), arm_title="GELU")
+
+
+def at_recipe_gelu(run):
+    """Whether a run was built with the GELU its recipe builds today."""
+    config = run["config"]
+    return config.get("gelu", ADDED_LATER["gelu"]) == RunConfig.for_recipe(
+        config.get("recipe", "standard")).gelu
+
+
 def headline_block(runs):
-    """The converged paired comparison, the README's headline table."""
-    converged = [r for r in runs if is_converged(r)]
+    """The converged paired comparison of the heads at the recipe's GELU, the README's
+    headline table."""
+    converged = [r for r in runs if is_converged(r) and at_recipe_gelu(r)]
     if not converged:
         return ("The converged comparison (airbench recipe, paired seeds) has no recorded runs "
                 "yet: `docs/results.md` lists what is recorded.\n")
@@ -398,7 +433,8 @@ def results_md(runs, ledger, docs_dir, plots):
     parts.append(MAIN_INTRO + main_command_block(main) + (commands(main) if main else ""))
     converged = [r for r in runs if is_converged(r)]
     if converged:
-        parts.append(CONVERGED_INTRO + seed_table(converged) + commands(converged))
+        parts.append(CONVERGED_INTRO + seed_table(converged) + gelu_block(converged)
+                     + commands(converged))
     open_set = [r for r in runs if is_open_set(r)]
     if open_set:
         distinct = len({r["config"]["classes"] for r in open_set})

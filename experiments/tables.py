@@ -175,11 +175,20 @@ def precision_name(config):
     return "mixed" if config.get("mixed_precision") else "float32"
 
 
-def setting_label(config):
-    """What a group of runs shares, in words: data, backbone, recipe, budget, precision."""
+def gelu_name(config):
+    """``Keras GELU`` or ``fused GELU``: the GELU a run's airbench network was built with."""
+    return f"{config.get('gelu', ADDED_LATER['gelu'])} GELU".replace("keras", "Keras")
+
+
+def setting_label(config, leave_out=()):
+    """What a group of runs shares, in words: data, backbone, recipe, budget, precision,
+    and the GELU where it is not Keras's (unless ``gelu`` is in ``leave_out``)."""
+    gelu = config.get("gelu", ADDED_LATER["gelu"])
     return " ".join(str(part) for part in (
         dataset_label(config["dataset"]), config["backbone"], config.get("recipe", "standard"),
-        f"{config['train_size']}x{config['epochs']}", precision_name(config)))
+        f"{config['train_size']}x{config['epochs']}", precision_name(config))) + (
+        f", {gelu_name(config)}" if gelu != ADDED_LATER["gelu"] and "gelu" not in leave_out
+        else "")
 
 
 def head_label(config):
@@ -206,17 +215,21 @@ HEAD_FIELDS = ("loss", "scale", "margin", "fallback", "sub_centers", "ce_weight"
                "label_smoothing")
 
 
-def seed_arms(runs, pair_by="seed"):
-    """``{(setting, head): {pair: run}}``: runs whose identities differ only by ``pair_by``
+def seed_arms(runs, pair_by="seed", arm=None, arm_fields=None):
+    """``{(setting, arm): {pair: run}}``: runs whose identities differ only by ``pair_by``
     (``seed``; ``classes`` for the splits of the open-set study) are one arm; arms whose
-    settings differ only in the head are compared. ``setting`` is ``(label, key)``."""
+    settings differ only in ``arm_fields`` (default: the head's, ``HEAD_FIELDS``) are
+    compared, each arm named by ``arm(config)`` (default ``head_name``). ``setting`` is
+    ``(label, key)``."""
+    arm, arm_fields = arm or head_name, arm_fields or HEAD_FIELDS
     arms = {}
     for run in runs:
         config = run["config"]
         recipe = recipe_label(config, keys=RECIPE_KEYS[:-1])  # the seed pairs, not labels
-        setting = (setting_label(config) + (f", {recipe}" if recipe else ""),
-                   setting_key(config, (pair_by, *HEAD_FIELDS)))
-        pairs = arms.setdefault((setting, head_name(config)), {})
+        setting = (setting_label(config, leave_out=arm_fields)
+                   + (f", {recipe}" if recipe else ""),
+                   setting_key(config, (pair_by, *arm_fields)))
+        pairs = arms.setdefault((setting, arm(config)), {})
         key = config.get(pair_by, ADDED_LATER.get(pair_by))
         if pair_by != "seed":
             key = (key, config["seed"])
@@ -252,14 +265,15 @@ def _mean_sd(values):
 
 
 def seed_table(runs, columns=SEED_METRICS, baseline="softmax", pair_by="seed",
-               pairs_name="seeds"):
+               pairs_name="seeds", arm=None, arm_fields=None, arm_title="head"):
     """Per arm: its pairs (seeds, or splits), mean +- s.d. of each metric (percent); then
     each arm's paired difference from ``baseline`` in each metric over their common pairs,
-    with a 95 % t interval and a verdict on the first column."""
-    arms = seed_arms(runs, pair_by)
-    lines = [f"| setting | head | {pairs_name} | " + " | ".join(name for _, name in columns)
+    with a 95 % t interval and a verdict on the first column. Arms are heads unless
+    ``arm``, ``arm_fields`` say otherwise (``seed_arms``); ``arm_title`` heads their column."""
+    arms = seed_arms(runs, pair_by, arm, arm_fields)
+    lines = [f"| setting | {arm_title} | {pairs_name} | " + " | ".join(n for _, n in columns)
              + " | wall (min) |", "|" + "---|" * (len(columns) + 4)]
-    diffs = [f"| setting | head − {baseline} | common {pairs_name} | "
+    diffs = [f"| setting | {arm_title} − {baseline} | common {pairs_name} | "
              + " | ".join(f"{name} Δ (95 % CI)" for _, name in columns)
              + f" | verdict ({columns[0][1]}) |", "|" + "---|" * (len(columns) + 4)]
     for (setting, head), pairs in sorted(arms.items()):
@@ -295,7 +309,8 @@ def seed_table(runs, columns=SEED_METRICS, baseline="softmax", pair_by="seed",
                      + " | ".join(text for text, _ in row)
                      + f" | {verdict(row[0][1]) if row[0][0] != '-' else '-'} |")
     paired = "\n\n" + "\n".join(diffs) if len(diffs) > 2 else \
-        f"\n\nNo margin head has {pairs_name} in common with {baseline} yet: no paired " \
+        f"\n\nNo {'margin head' if arm_title == 'head' else 'other ' + arm_title} has " \
+        f"{pairs_name} in common with {baseline} yet: no paired " \
         "difference."
     return "\n".join(lines) + paired + "\n"
 

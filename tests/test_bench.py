@@ -91,8 +91,13 @@ def test_benchmark_runs_its_sections_for_one_round(tmp_path):
     except ImportError:
         assert len(peer) == 1 and peer[0]["note"].startswith("skipped: PyTorch is not")
     else:
+        from tfmargin.config import RunConfig
+
+        gelu = RunConfig.for_recipe("airbench").gelu
+        other = {"keras": "fused", "fused": "keras"}[gelu]
         assert [r["name"].split(":")[0] for r in peer] == [
-            "airbench94 float32", "airbench94 bfloat16", "mobilenetv2 float32"]
+            f"airbench94 float32, --gelu {gelu}", f"airbench94 bfloat16, --gelu {gelu}",
+            f"airbench94 bfloat16, --gelu {other}", "mobilenetv2 float32"]
         assert all(r["value"] > 0 and r["target"] for r in peer)
         layers = [r["name"] for r in report["rows"] if r["section"] == "peer layer"]
         assert "GELU fused by XLA at 15x15x64 bfloat16: Keras / PyTorch, forward+backward" \

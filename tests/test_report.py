@@ -206,6 +206,31 @@ def test_seed_arms_are_keyed_by_the_whole_identity_but_the_seed():
         in text
 
 
+def test_gelu_check_pairs_the_fused_gelu_with_keras_gelu_by_seed():
+    """The same head and seeds with either GELU: arms by GELU, Keras's the baseline; a head
+    run with one GELU only is not in the check, and the heads table keeps the GELUs apart."""
+    import report
+    from tables import seed_table
+
+    stock = [seed_run(f"k{k}", "softmax", k, t, t) for k, t in enumerate([0.900, 0.904])]
+    fused = [seed_run(f"f{k}", "softmax", k, t, t) for k, t in enumerate([0.903, 0.905])]
+    for run in fused:
+        run["config"]["gelu"] = "fused"
+    arcface = seed_run("a0", "arcface", 0, 0.89, 0.89)  # Keras GELU only
+    block = report.gelu_block(stock + fused + [arcface])
+    assert "| cifar10-jpeg airbench94 airbench 50000x10 float32 | fused GELU | 0, 1 | " \
+        "90.40 ± 0.14 |" in block
+    assert "| cifar10-jpeg airbench94 airbench 50000x10 float32 | Keras GELU | 0, 1 | " \
+        "90.20 ± 0.28 |" in block
+    # Differences 0.3, 0.1 pp: mean 0.2, s.d. 0.1414, t(0.975, 1) = 12.706: half-width 1.27.
+    assert "| fused GELU | 2 | +0.20 (-1.07, +1.47) |" in block
+    assert "arcface" not in block and "| GELU − Keras GELU | common seeds |" in block
+    heads = seed_table(stock + fused + [arcface])
+    assert "| cifar10-jpeg airbench94 airbench 50000x10 float32, fused GELU | softmax | 0, 1 |" \
+        in heads
+    assert report.gelu_block(stock + [arcface]) == ""
+
+
 def test_head_spec_of_a_combined_margin_round_trips_through_the_sweep_grammar():
     import sweep
     from tables import head_spec, recipe_label
