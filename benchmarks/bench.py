@@ -3,6 +3,7 @@
     python benchmarks/bench.py --quick                 # the targets, under 10 minutes (2 cores)
     python benchmarks/bench.py --sections peer --json benchmarks/peer.json   # against PyTorch
     python benchmarks/bench.py --dataset ../shared/datasets/cifar10-jpeg   # + accuracy check
+    python benchmarks/bench.py --sections airbench --full-run results/runs/<run>  # vs bound
 
 Each ratio compares two set-ups timed in alternating blocks of training steps in this
 one process (``timing.paired``); the reported ratio is the median over rounds of the
@@ -33,6 +34,7 @@ from tfmargin.quiet import import_tensorflow  # noqa: E402
 tf = import_tensorflow()
 import keras  # noqa: E402
 from timing import (  # noqa: E402
+    conv_peak,
     images_per_second,
     matmul_peak,
     paired,
@@ -361,20 +363,58 @@ def airbench_setup(data, args, steps, activation=None, norm=None, **change):
     return RunSetup(data, steps, "airbench", network=network, loss="softmax", **settings)
 
 
+def machine_peak(report, dtype):
+    """The day's practical peak of ``dtype``: the better of chained 2048^2 ``tf.matmul`` and
+    airbench's widest convolution (``timing.conv_peak``), each reported; GFLOP/s."""
+    name = "fp32" if dtype == tf.float32 else "bfloat16"
+    matmul, conv = matmul_peak(dtype=dtype), conv_peak(dtype)
+    report.add("airbench", f"{name} matmul peak (tf.matmul 2048^2)", matmul, "GFLOP/s")
+    report.add("airbench", f"{name} conv peak (3x3 64->256 at 15x15, batch 256, forward)",
+               conv, "GFLOP/s")
+    return max(matmul, conv)
+
+
+def bench_full_run(report, data, args, run_dir):
+    """A recorded full airbench run (``--full-run``): its fit time against the time its
+    FLOPs take at the day's peak of its precision (goal: within 2x), the FLOPs counted on
+    the recipe's network as the run built it."""
+    with open(os.path.join(run_dir, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        metrics = json.load(f)
+    bfloat16 = bool(config["mixed_precision"])
+    peak = machine_peak(report, tf.bfloat16 if bfloat16 else tf.float32)
+    setup = airbench_setup(data, args, 1, mixed_precision=bfloat16,
+                           gelu=config.get("gelu", "keras"))
+    flops = training_flops_per_image(setup.model)
+    if flops is None:
+        report.add("full run", "full airbench run / FLOP bound", float("nan"),
+                   note="skipped: this TensorFlow cannot count FLOPs")
+        return
+    images = config["train_size"] * metrics["epochs"]
+    bound = flops * images / 1e9 / peak
+    wall = metrics["wall_seconds"]
+    tta = metrics.get("tta", {}).get("top1")
+    machine = config.get("machine", {})
+    report.add("full run", f"full airbench run ({'bfloat16' if bfloat16 else 'float32'}) / "
+               "FLOP-bound time at the day's peak", wall / bound, "x", "<= 2", wall / bound <= 2,
+               f"{wall:.0f} s fit vs {bound:.0f} s bound ({gflop(flops)} GFLOP/image x "
+               f"{images} images at {peak:.1f} GFLOP/s); test top-1 {100 * metrics['top1']:.2f}"
+               f" %, with TTA {100 * tta:.2f} %; run {os.path.basename(run_dir)} on "
+               f"{machine.get('model')} family {machine.get('family')}")
+
+
 def bench_airbench(report, data, args):
     """The airbench recipe: FLOP/s against the matmul peaks, and its levers, paired."""
     steps, rounds = args.steps, args.rounds
-    peak = matmul_peak()
-    report.add("airbench", "fp32 matmul peak (tf.matmul 2048^2)", peak, "GFLOP/s")
-    bf16_peak = matmul_peak(dtype=tf.bfloat16)
-    report.add("airbench", "bfloat16 matmul peak (tf.matmul 2048^2)", bf16_peak, "GFLOP/s")
+    peak, bf16_peak = (machine_peak(report, dtype) for dtype in (tf.float32, tf.bfloat16))
     base = airbench_setup(data, args, steps)
     base_memory = base.cached_batches(steps)
     flops = training_flops_per_image(base.model)
     pipeline = paired(base.rate, partial(base.rate, base_memory), rounds)
     rate = pipeline["a"]
     fraction = None if flops is None else flops * rate / 1e9 / peak
-    report.add("airbench", "airbench94 recipe training FLOP/s / matmul peak",
+    report.add("airbench", "airbench94 recipe training FLOP/s / fp32 peak",
                float("nan") if fraction is None else 100 * fraction, "%", ">= 80",
                None if fraction is None else fraction >= 0.8,
                f"{gflop(flops)} GFLOP/image x {rate:.1f} img/s (real pipeline), batch "
@@ -397,6 +437,8 @@ def bench_airbench(report, data, args):
         "BatchNorm fused by XLA": dict(norm=XlaBatchNormalization),
         "BatchNorm and GELU fused by XLA": dict(norm=XlaBatchNormalization,
                                                 activation=FusedGELU),
+        "FusedBatchNormV3 and GELU fused by XLA": dict(norm=FusedBatchNormalization,
+                                                       activation=FusedGELU),
     }
     bf16 = airbench_setup(data, args, steps, mixed_precision=True)
     lever_sets = {"float32": (fp32_levers, base), "mixed_bfloat16": (bf16_levers, bf16)}
@@ -668,6 +710,9 @@ def main(argv=None):
     parser.add_argument("--airbench-levers", default="float32,mixed_bfloat16",
                         help="precisions whose levers the airbench section times "
                              "(comma-separated: float32, mixed_bfloat16)")
+    parser.add_argument("--full-run", help="a recorded full airbench run (a results/runs/ "
+                        "directory): its fit time against the FLOP bound at the day's peak "
+                        "(section airbench)")
     parser.add_argument("--json", help="also write the table as JSON here")
     parser.add_argument("--markdown", help="also write the table as Markdown here")
     args = parser.parse_args(argv)
@@ -711,6 +756,8 @@ def main(argv=None):
             big = airbench_data(data, args, tmp)
             if "airbench" in args.sections:
                 bench_airbench(report, big, args)
+                if args.full_run:
+                    bench_full_run(report, big, args, args.full_run)
             if "peer" in args.sections:
                 bench_peer(report, big, args)
                 with contextlib.suppress(ImportError):

@@ -72,6 +72,32 @@ def matmul_peak(n=2048, repeats=10, trials=5, dtype=tf.float32):
     return best
 
 
+def conv_peak(dtype=tf.float32, batch=256, size=15, channels=(64, 256), repeats=10, trials=5):
+    """Best GFLOP/s of ``tf.nn.conv2d`` forward, 3x3 "same", on a ``(batch, size, size,
+    channels[0])`` input to ``channels[1]`` filters: airbench94's second group's first conv,
+    oneDNN's best case among the network's own shapes (on some CPUs faster than a square
+    matmul, so the matmul figure alone is no bound there)."""
+    c_in, c_out = channels
+    # A distinct input per convolution, made before the clock starts: no two are the same
+    # computation, so none can be merged away.
+    inputs = [tf.cast(tf.random.normal((batch, size, size, c_in)), dtype) for _ in range(repeats)]
+    kernel = tf.cast(tf.random.normal((3, 3, c_in, c_out)), dtype)
+
+    @tf.function
+    def chain(inputs):
+        return tf.add_n([tf.cast(tf.reduce_sum(tf.nn.conv2d(x, kernel, 1, "SAME")[:, :1, :1]),
+                                 tf.float32) for x in inputs])
+
+    chain(inputs).numpy()
+    flops = 2 * batch * size * size * 9 * c_in * c_out * repeats
+    best = 0.0
+    for _ in range(trials):
+        start = time.perf_counter()
+        chain(inputs).numpy()
+        best = max(best, flops / (time.perf_counter() - start) / 1e9)
+    return best
+
+
 def training_flops_per_image(model, batch_size=2):
     """Float operations of one training step (forward + all gradients), per image, counted
     by TensorFlow's graph profiler, or None where this TensorFlow lacks it.

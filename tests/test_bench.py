@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 from synthetic import write_image_folder
@@ -54,6 +55,44 @@ def test_batchnorm_fused_by_xla_matches_keras_batchnorm(policy):
     tolerance = 1e-5 if policy == "float32" else 2e-2
     for theirs, ours in zip(*results, strict=True):
         np.testing.assert_allclose(ours, theirs, rtol=tolerance, atol=tolerance)
+
+
+def test_full_run_row_is_fit_time_over_the_flop_bound_of_its_precision(tmp_path, monkeypatch):
+    """--full-run: wall / (FLOPs per image x images / the day's peak of the run's
+    precision), with the network built as the run built it (its GELU)."""
+    import bench
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({
+        "mixed_precision": True, "train_size": 50000, "gelu": "fused",
+        "machine": {"model": "Some CPU", "family": "6/167"}}))
+    (run / "metrics.json").write_text(json.dumps({
+        "epochs": 10, "wall_seconds": 1500.0, "top1": 0.9, "tta": {"top1": 0.91}}))
+    peaks, built = [], []
+    monkeypatch.setattr(bench, "machine_peak", lambda report, dtype: peaks.append(dtype) or 500.0)
+    monkeypatch.setattr(bench, "airbench_setup", lambda data, args, steps, **kw: built.append(
+        kw) or types.SimpleNamespace(model="network"))
+    monkeypatch.setattr(bench, "training_flops_per_image",
+                        lambda model: 0.5e9 if model == "network" else None)
+    report = bench.Report()
+    bench.bench_full_run(report, None, None, str(run))
+    assert peaks == [bench.tf.bfloat16]
+    assert built == [{"mixed_precision": True, "gelu": "fused"}]
+    (row,) = report.rows
+    # 0.5 GFLOP x 500,000 images / 500 GFLOP/s = 500 s; 1,500 s / 500 s = 3.
+    assert row["value"] == pytest.approx(3.0) and row["passed"] is False
+    assert row["note"].startswith("1500 s fit vs 500 s bound (0.500 GFLOP/image x 500000")
+    assert "with TTA 91.00 %" in row["note"] and "Some CPU family 6/167" in row["note"]
+
+
+def test_conv_peak_times_distinct_convolutions_in_either_precision():
+    import tensorflow as tf
+    from timing import conv_peak
+
+    for dtype in (tf.float32, tf.bfloat16):
+        rate = conv_peak(dtype, batch=2, size=5, channels=(4, 8), repeats=2, trials=1)
+        assert 0 < rate < 1e6  # GFLOP/s: finite, positive
 
 
 def test_training_flops_of_a_dense_layer_are_counted_forward_and_backward():
