@@ -105,7 +105,7 @@ class RunSetup:
         try:
             mean, variance = channel_statistics(data.train)
             backbone = network() if network else build_backbone(
-                self.config.backbone, gelu=self.config.gelu)
+                self.config.backbone, gelu=self.config.resolved_gelu())
             self.model = MarginClassifier(
                 backbone, data.num_classes,
                 margin_type=self.config.loss, margin=self.config.margin,

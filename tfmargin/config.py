@@ -94,6 +94,12 @@ class RunConfig:
                                             self.backbone in names.BFLOAT16_FASTER_ON_CPU)
         return bool(self.mixed_precision)
 
+    def resolved_gelu(self):
+        """The GELU the backbone is built with: ``gelu`` for the backbones built with GELU
+        (``names.GELU_BACKBONES``), Keras's (the setting's first value, which changes
+        nothing) for the others. Part of the identity as resolved."""
+        return self.gelu if self.backbone in names.GELU_BACKBONES else "keras"
+
     def class_list(self):
         """The classes to train on, as names (None: every class of the dataset)."""
         return [c for c in self.classes.split(",") if c] or None
@@ -120,6 +126,7 @@ class RunConfig:
         values["margin"] = self.resolved_margin()
         values["scale"] = self.resolved_scale()
         values["mixed_precision"] = self.resolved_mixed_precision()
+        values["gelu"] = self.resolved_gelu()
         # The class list as a set: the order given does not change the run.
         values["classes"] = ",".join(sorted(self.class_list() or []))
         return json.loads(json.dumps({k: v for k, v in values.items()
@@ -195,7 +202,8 @@ class RunConfig:
         unknown = set(self.export_formats()) - set(names.EXPORT_FORMATS)
         need(not unknown, f"unknown --export format(s) {', '.join(sorted(unknown))}; choose "
              f"from {names.choices(names.EXPORT_FORMATS)} (comma-separated) or none")
-        need(self.gelu == RunConfig.gelu or self.backbone in names.GELU_BACKBONES,
+        recipe_gelu = RECIPES.get(self.recipe, {}).get("gelu", RunConfig.gelu)
+        need(self.gelu == recipe_gelu or self.backbone in names.GELU_BACKBONES,
              f"--gelu {self.gelu} needs a backbone built with GELU "
              f"({names.choices(names.GELU_BACKBONES)}); {self.backbone} has none")
         classes = self.class_list() or []
