@@ -429,21 +429,20 @@ def bench_airbench(report, data, args):
         "mixed_bfloat16": dict(mixed_precision=True),
         f"batch {args.airbench_batch // 2}": dict(batch_size=args.airbench_batch // 2),
     }
-    bf16_levers = {  # against the recipe under mixed_bfloat16
+    other_gelu = next(g for g in GELUS if g != RunConfig.for_recipe("airbench").gelu)
+    bf16_levers = {  # against the recipe (and its GELU) under mixed_bfloat16
         "ReLU instead of GELU": dict(activation="relu"),
-        "GELU computed in float32": dict(activation=gelu_in_float32),
-        "GELU fused by XLA": dict(activation=FusedGELU),
+        "GELU computed in float32, unfused": dict(activation=gelu_in_float32),
+        f"--gelu {other_gelu}": dict(gelu=other_gelu),
         "fused BatchNorm (FusedBatchNormV3)": dict(norm=FusedBatchNormalization),
         "BatchNorm fused by XLA": dict(norm=XlaBatchNormalization),
-        "BatchNorm and GELU fused by XLA": dict(norm=XlaBatchNormalization,
-                                                activation=FusedGELU),
-        "FusedBatchNormV3 and GELU fused by XLA": dict(norm=FusedBatchNormalization,
-                                                       activation=FusedGELU),
     }
-    bf16 = airbench_setup(data, args, steps, mixed_precision=True)
-    lever_sets = {"float32": (fp32_levers, base), "mixed_bfloat16": (bf16_levers, bf16)}
-    for precision in args.airbench_levers:
-        levers, baseline = lever_sets[precision]
+    lever_sets = {"float32": (fp32_levers, lambda: base),
+                  "mixed_bfloat16": (bf16_levers, lambda: airbench_setup(
+                      data, args, steps, mixed_precision=True))}
+    for precision in (p for p in args.airbench_levers if p != "none"):
+        levers, make_baseline = lever_sets[precision]
+        baseline = make_baseline()
         base_memory = baseline.cached_batches(steps)
         for name, change in levers.items():
             settings = {"mixed_precision": precision != "float32", **change}
@@ -709,7 +708,7 @@ def main(argv=None):
                         help="batch of the airbench and peer sections (its recipe's)")
     parser.add_argument("--airbench-levers", default="float32,mixed_bfloat16",
                         help="precisions whose levers the airbench section times "
-                             "(comma-separated: float32, mixed_bfloat16)")
+                             "(comma-separated: float32, mixed_bfloat16; or none)")
     parser.add_argument("--full-run", help="a recorded full airbench run (a results/runs/ "
                         "directory): its fit time against the FLOP bound at the day's peak "
                         "(section airbench)")
@@ -723,8 +722,8 @@ def main(argv=None):
         parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; choose from "
                      f"{', '.join(SECTIONS)}")
     args.airbench_levers = args.airbench_levers.split(",")
-    if set(args.airbench_levers) - {"float32", "mixed_bfloat16"}:
-        parser.error("--airbench-levers takes float32 and/or mixed_bfloat16")
+    if set(args.airbench_levers) - {"float32", "mixed_bfloat16", "none"}:
+        parser.error("--airbench-levers takes float32 and/or mixed_bfloat16, or none")
     if min(args.steps or 2, args.peer_steps) < 2:
         parser.error("--steps and --peer-steps must be >= 2: a rate is timed from the end of "
                      "a block's first step to its last")
