@@ -55,7 +55,8 @@ def command(config):
              f"--backbone {config['backbone']}", f"--loss {config['loss']}",
              f"--dataset {config['dataset']}"]
     for key, default in defaults.items():
-        value = config.get(key, default)
+        # A setting a run predates has the value it was left out of the identity at.
+        value = config.get(key, ADDED_LATER.get(key, default))
         if key in ("backbone", "loss", "dataset", "recipe", "mixed_precision") or \
                 value == default:
             continue

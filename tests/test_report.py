@@ -229,6 +229,16 @@ def test_gelu_check_pairs_the_fused_gelu_with_keras_gelu_by_seed():
     assert "| cifar10-jpeg airbench94 airbench 50000x10 float32, fused GELU | softmax | 0, 1 |" \
         in heads
     assert report.gelu_block(stock + [arcface]) == ""
+    # Commands: a run that predates --gelu was built with Keras's GELU, which is no longer
+    # the recipe's.
+    from tables import command
+    for run in (stock[0], fused[0]):
+        run["config"] |= {"mixed_precision": True, "augment": "airbench", "embedding_dim": 0,
+                          "epochs": 10, "batch_size": 1024, "tta": 2, "val_split": 0.0,
+                          "precise_bn_batches": 0, "learning_rate": 0.1875,
+                          "weight_decay": 0.0153 / 11.5}
+    assert " --gelu keras " in command(stock[0]["config"])
+    assert "--gelu" not in command(fused[0]["config"])
 
 
 def test_head_spec_of_a_combined_margin_round_trips_through_the_sweep_grammar():

@@ -48,7 +48,7 @@ class RunConfig:
     sub_centers: int = 1
     ce_weight: float = 0.0
     embedding_dim: int = 512
-    gelu: str = "keras"  # the GELU of the backbones in names.GELU_BACKBONES
+    gelu: str = "keras"  # the GELU of names.GELU_BACKBONES (the airbench recipe: fused)
     optimizer: str = "sgd"
     learning_rate: float = 0.05  # per recipes.REFERENCE_BATCH images; see docs/recipe.md
     weight_decay: float = 5e-4  # SGD: coupled L2, as the PyTorch CIFAR recipes
