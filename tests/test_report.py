@@ -258,7 +258,7 @@ def test_selection_section_shows_precision_smoothing_and_each_command(tmp_path):
     runs = tmp_path / "runs"
     selection = dict(recipe="airbench", batch_size=1024, epochs=5, limit_train=0,
                      val_split=0.1, validation_freq=5, learning_rate=0.1875, optimizer="sgd",
-                     train_size=45000)
+                     train_size=45000, tta=2, gelu="fused")
     fake_run(runs, "a", "airbench94", "softmax", 0.9, 0.9, label_smoothing=0.2,
              mixed_precision=True, **selection)
     fake_run(runs, "b", "airbench94", "cosface", 0.9, 0.9, label_smoothing=0.0, scale=8.0,
