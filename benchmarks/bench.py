@@ -21,7 +21,7 @@ import os
 import statistics
 import sys
 import tempfile
-from functools import partial
+from functools import cache, partial
 from unittest import mock
 
 import numpy as np
@@ -363,9 +363,11 @@ def airbench_setup(data, args, steps, activation=None, norm=None, **change):
     return RunSetup(data, steps, "airbench", network=network, loss="softmax", **settings)
 
 
+@cache
 def machine_peak(report, dtype):
     """The day's practical peak of ``dtype``: the better of chained 2048^2 ``tf.matmul`` and
-    airbench's widest convolution (``timing.conv_peak``), each reported; GFLOP/s."""
+    airbench's widest convolution (``timing.conv_peak``), each reported; GFLOP/s. Measured
+    once per report: the full-run row uses the peak the airbench section measured."""
     name = "fp32" if dtype == tf.float32 else "bfloat16"
     matmul, conv = matmul_peak(dtype=dtype), conv_peak(dtype)
     report.add("airbench", f"{name} matmul peak (tf.matmul 2048^2)", matmul, "GFLOP/s")

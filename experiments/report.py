@@ -33,13 +33,14 @@ from tables import (  # noqa: E402
     metric_value,
     paper_table,
     precision_name,
+    run_gelu,
     runs_table,
     seed_table,
     setting_key,
     validation_rank,
 )
 
-from tfmargin.config import ADDED_LATER, RunConfig, dataset_label  # noqa: E402
+from tfmargin.config import RunConfig, dataset_label  # noqa: E402
 
 README_BLOCKS = ("headline", "main-command", "open-set")
 
@@ -344,7 +345,7 @@ def gelu_block(runs):
     def shared(run):
         return setting_key(run["config"], ("seed", "gelu"))
 
-    fused = {shared(r) for r in runs if r["config"].get("gelu", ADDED_LATER["gelu"]) == "fused"}
+    fused = {shared(r) for r in runs if run_gelu(r["config"]) == "fused"}
     compared = [r for r in runs if shared(r) in fused]
     if not compared:
         return ""
@@ -355,8 +356,7 @@ def gelu_block(runs):
 def at_recipe_gelu(run):
     """Whether a run was built with the GELU its recipe builds today."""
     config = run["config"]
-    return config.get("gelu", ADDED_LATER["gelu"]) == RunConfig.for_recipe(
-        config.get("recipe", "standard")).gelu
+    return run_gelu(config) == RunConfig.for_recipe(config.get("recipe", "standard")).gelu
 
 
 def headline_block(runs):

@@ -176,15 +176,20 @@ def precision_name(config):
     return "mixed" if config.get("mixed_precision") else "float32"
 
 
+def run_gelu(config):
+    """The ``--gelu`` a run was made with (``keras`` for a run that predates the setting)."""
+    return config.get("gelu", ADDED_LATER["gelu"])
+
+
 def gelu_name(config):
     """``Keras GELU`` or ``fused GELU``: the GELU a run's airbench network was built with."""
-    return f"{config.get('gelu', ADDED_LATER['gelu'])} GELU".replace("keras", "Keras")
+    return {"keras": "Keras GELU"}.get(run_gelu(config), f"{run_gelu(config)} GELU")
 
 
 def setting_label(config, leave_out=()):
     """What a group of runs shares, in words: data, backbone, recipe, budget, precision,
     and the GELU where it is not Keras's (unless ``gelu`` is in ``leave_out``)."""
-    gelu = config.get("gelu", ADDED_LATER["gelu"])
+    gelu = run_gelu(config)
     return " ".join(str(part) for part in (
         dataset_label(config["dataset"]), config["backbone"], config.get("recipe", "standard"),
         f"{config['train_size']}x{config['epochs']}", precision_name(config))) + (
