@@ -24,7 +24,7 @@ import os
 from ledger import is_recorded, record
 
 from tfmargin.cli import OneLineParser, exit_with
-from tfmargin.names import GELUS, TTA_LEVELS
+from tfmargin.names import BATCHNORMS, GELUS, TTA_LEVELS
 
 BACKBONES = ("resnet18", "efficientnetb0", "mobilenetv2")
 PAPER_HEAD = dict(loss="arcface", scale=1.0, margin=0.1, fallback="none")
@@ -141,6 +141,9 @@ def main(argv=None):
     parser.add_argument("--gelu", choices=tuple(GELUS),
                         help="the GELU of airbench's networks (as run.py; default: the "
                         "recipe's)")
+    parser.add_argument("--batchnorm", choices=tuple(BATCHNORMS),
+                        help="the BatchNorm of the backbones (as run.py; default: the "
+                        "recipe's)")
     parser.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction,
                         default="auto", help="mixed precision on or off (as run.py; default "
                         "auto)")
@@ -161,7 +164,7 @@ def main(argv=None):
     common = dict(runs_dir=args.runs_dir, export=args.export,
                   mixed_precision=args.mixed_precision)
     for key in ("epochs", "limit_train", "batch_size", "learning_rate", "label_smoothing",
-                "val_split", "tta", "gelu"):
+                "val_split", "tta", "gelu", "batchnorm"):
         if getattr(args, key) is not None:
             common[key] = getattr(args, key)
 

@@ -13,6 +13,7 @@ import numpy as np
 from keras import layers, ops
 
 from tfmargin.activations import FusedGELU
+from tfmargin.normalization import BATCHNORM_LAYERS
 
 # airbench: eps added to the patch covariance's eigenvalues before whitening.
 WHITENING_EPS = 5e-4
@@ -178,14 +179,15 @@ def airbench(input_shape=(32, 32, 3), widths=WIDTHS["airbench94"], activation="g
     return keras.Model(inputs, x, name=name)
 
 
-def airbench94(input_shape=(32, 32, 3), gelu="keras"):
+def airbench94(input_shape=(32, 32, 3), gelu="keras", batchnorm="keras"):
     """airbench94: widths 64/256/256 (94.01 % in 9.9 epochs on CIFAR-10 with its recipe);
-    ``gelu``: ``"keras"`` or ``"fused"`` (``FusedGELU``)."""
+    ``gelu``: ``"keras"`` or ``"fused"`` (``FusedGELU``); ``batchnorm``: ``"keras"`` or
+    ``"fused"`` (``FusedBatchNormalization``, whose epsilon floor 1.001e-5 replaces 1e-12)."""
     return airbench(input_shape, WIDTHS["airbench94"], activation=GELU_ACTIVATIONS[gelu],
-                    name="airbench94")
+                    name="airbench94", norm=BATCHNORM_LAYERS[batchnorm])
 
 
-def airbench93(input_shape=(32, 32, 3), gelu="keras"):
+def airbench93(input_shape=(32, 32, 3), gelu="keras", batchnorm="keras"):
     """airbench93's widths 64/128/128 (about half the FLOPs; 93 % in the airbench paper)."""
     return airbench(input_shape, WIDTHS["airbench93"], activation=GELU_ACTIVATIONS[gelu],
-                    name="airbench93")
+                    name="airbench93", norm=BATCHNORM_LAYERS[batchnorm])

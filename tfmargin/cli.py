@@ -43,6 +43,9 @@ def _help():
                          "features)",
         "gelu": f"the GELU of the backbones that have one "
                 f"({names.choices(names.GELU_BACKBONES)}): {names.described(names.GELUS)}",
+        "batchnorm": f"the BatchNorm of the backbones that have one "
+                     f"({names.choices(names.BATCHNORM_BACKBONES)}): "
+                     f"{names.described(names.BATCHNORMS)}",
         "optimizer": f"optimizer: {names.described(names.OPTIMIZERS)}",
         "learning_rate": "peak learning rate per 128 images, scaled linearly with the global "
                          "batch (the recipe sets the schedule: docs/recipe.md)",

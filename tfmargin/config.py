@@ -20,7 +20,8 @@ NOT_IDENTITY = ("name", "runs_dir", "export", "export_dir", "projector_samples",
                 "projector_every", "validation_freq")
 # Settings added after runs existed: left out of the identity at these values, so those
 # runs keep their names (and a sweep still finds them finished).
-ADDED_LATER = {"recipe": "standard", "tta": 0, "classes": "", "gelu": "keras"}
+ADDED_LATER = {"recipe": "standard", "tta": 0, "classes": "", "gelu": "keras",
+               "batchnorm": "keras"}
 
 
 
@@ -49,6 +50,7 @@ class RunConfig:
     ce_weight: float = 0.0
     embedding_dim: int = 512
     gelu: str = "keras"  # the GELU of names.GELU_BACKBONES (the airbench recipe: fused)
+    batchnorm: str = "keras"  # the BatchNorm of names.BATCHNORM_BACKBONES
     optimizer: str = "sgd"
     learning_rate: float = 0.05  # per recipes.REFERENCE_BATCH images; see docs/recipe.md
     weight_decay: float = 5e-4  # SGD: coupled L2, as the PyTorch CIFAR recipes
@@ -100,6 +102,12 @@ class RunConfig:
         nothing) for the others. Part of the identity as resolved."""
         return self.gelu if self.backbone in names.GELU_BACKBONES else "keras"
 
+    def resolved_batchnorm(self):
+        """The BatchNorm the backbone is built with: ``batchnorm`` for the backbones built
+        with BatchNorm (``names.BATCHNORM_BACKBONES``), Keras's for the others (which have
+        none). Part of the identity as resolved."""
+        return self.batchnorm if self.backbone in names.BATCHNORM_BACKBONES else "keras"
+
     def class_list(self):
         """The classes to train on, as names (None: every class of the dataset)."""
         return [c for c in self.classes.split(",") if c] or None
@@ -127,6 +135,7 @@ class RunConfig:
         values["scale"] = self.resolved_scale()
         values["mixed_precision"] = self.resolved_mixed_precision()
         values["gelu"] = self.resolved_gelu()
+        values["batchnorm"] = self.resolved_batchnorm()
         # The class list as a set: the order given does not change the run.
         values["classes"] = ",".join(sorted(self.class_list() or []))
         return json.loads(json.dumps({k: v for k, v in values.items()
@@ -177,6 +186,7 @@ class RunConfig:
                 ("backbone", self.backbone, names.BACKBONES), ("loss", self.loss, names.HEADS),
                 ("recipe", self.recipe, RECIPES), ("tta level", self.tta, names.TTA_LEVELS),
                 ("fallback", self.fallback, FALLBACKS), ("gelu", self.gelu, names.GELUS),
+                ("batchnorm", self.batchnorm, names.BATCHNORMS),
                 ("optimizer", self.optimizer, names.OPTIMIZERS),
                 ("strategy", self.strategy, names.STRATEGIES),
                 ("augmentation", self.augment, names.AUGMENTATIONS),
@@ -206,6 +216,11 @@ class RunConfig:
         need(self.gelu == recipe_gelu or self.backbone in names.GELU_BACKBONES,
              f"--gelu {self.gelu} needs a backbone built with GELU "
              f"({names.choices(names.GELU_BACKBONES)}); {self.backbone} has none")
+        recipe_batchnorm = RECIPES.get(self.recipe, {}).get("batchnorm", RunConfig.batchnorm)
+        need(self.batchnorm == recipe_batchnorm
+             or self.backbone in names.BATCHNORM_BACKBONES,
+             f"--batchnorm {self.batchnorm} needs a backbone built with BatchNorm "
+             f"({names.choices(names.BATCHNORM_BACKBONES)}); {self.backbone} has none")
         classes = self.class_list() or []
         need(not self.classes or len(set(classes)) == len(classes) >= 2,
              f"--classes needs two or more distinct class names, got {self.classes!r}")

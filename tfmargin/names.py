@@ -36,6 +36,13 @@ GELUS = {
     "fused": "tfmargin.activations.FusedGELU: the same exact GELU in float32, one "
              "XLA-compiled kernel each way on TensorFlow",
 }
+# The backbones built with BatchNorm, and the BatchNorm implementations they can be built with.
+BATCHNORM_BACKBONES = ("resnet18", "mobilenetv2", "efficientnetb0", "airbench94", "airbench93")
+BATCHNORMS = {
+    "keras": "keras.layers.BatchNormalization, its statistics computed op by op",
+    "fused": "tfmargin.normalization.FusedBatchNormalization: TensorFlow's FusedBatchNormV3 "
+             "in training (one kernel each way; epsilon at least 1.001e-5)",
+}
 HEADS = {
     "softmax": "a Dense layer on the embedding (plain cross-entropy)",
     **{name: spec.source for name, spec in MARGIN_TYPES.items()},

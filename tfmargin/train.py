@@ -165,7 +165,8 @@ def build_run_model(config, data, strategy, global_batch):
     mean, variance = channel_statistics(data.train)
     with strategy.scope():
         backbone = build_backbone(config.backbone, (config.image_size, config.image_size, 3),
-                                  gelu=config.resolved_gelu())
+                                  gelu=config.resolved_gelu(),
+                                  batchnorm=config.resolved_batchnorm())
         model = MarginClassifier(
             backbone, data.num_classes, margin_type=config.loss, margin=config.margin,
             scale=config.scale, fallback=config.fallback, sub_centers=config.sub_centers,
@@ -196,7 +197,8 @@ def start_run_dir(config, *, run_dir, overwrite, data, model, replicas, global_b
         shutil.rmtree(run_dir)
     os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
     resolved = config.identity() | {key: getattr(config, key) for key in ADDED_LATER} | {
-        "gelu": config.resolved_gelu(), "name": config.name, "run_dir": run_dir,
+        "gelu": config.resolved_gelu(), "batchnorm": config.resolved_batchnorm(),
+        "name": config.name, "run_dir": run_dir,
         "num_classes": data.num_classes,
         "class_names": data.class_names, "split_sizes": data.sizes,
         "train_size": data.train_size, "replicas": replicas,
