@@ -49,7 +49,8 @@ from tfmargin.backbones import build_backbone  # noqa: E402
 from tfmargin.classifier import MarginClassifier  # noqa: E402
 from tfmargin.config import RunConfig  # noqa: E402
 from tfmargin.data import channel_statistics, load_dataset, write_image_folder  # noqa: E402
-from tfmargin.names import GELUS  # noqa: E402
+from tfmargin.names import BATCHNORMS, GELU_BACKBONES, GELUS  # noqa: E402
+from tfmargin.normalization import BATCHNORM_LAYERS  # noqa: E402
 from tfmargin.train import (  # noqa: E402
     adapt_whitening,
     compile_model,
@@ -105,7 +106,8 @@ class RunSetup:
         try:
             mean, variance = channel_statistics(data.train)
             backbone = network() if network else build_backbone(
-                self.config.backbone, gelu=self.config.resolved_gelu())
+                self.config.backbone, gelu=self.config.resolved_gelu(),
+                batchnorm=self.config.resolved_batchnorm())
             self.model = MarginClassifier(
                 backbone, data.num_classes,
                 margin_type=self.config.loss, margin=self.config.margin,
@@ -285,27 +287,6 @@ def gelu_in_float32(x):
     return keras.ops.cast(keras.activations.gelu(keras.ops.cast(x, "float32")), x.dtype)
 
 
-class FusedBatchNormalization(keras.layers.BatchNormalization):
-    """Training-mode BatchNorm as one TensorFlow ``FusedBatchNormV3`` op (bfloat16 in,
-    float32 statistics), the moving statistics updated as Keras does (biased variance).
-    Its epsilon is at least 1.001e-5, the fused op's floor (airbench asks 1e-12): a
-    benchmark variant, not the library's layer."""
-
-    def call(self, inputs, training=None, mask=None):
-        if not training or mask is not None:
-            return super().call(inputs, training=training, mask=mask)
-        scale = self.gamma if self.scale else tf.ones_like(self.beta)
-        outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-            inputs, tf.cast(scale, tf.float32), tf.cast(self.beta, tf.float32),
-            epsilon=max(self.epsilon, 1.001e-5), is_training=True)
-        count = tf.cast(tf.reduce_prod(tf.shape(inputs)[:-1]), tf.float32)
-        variance = variance * (count - 1.0) / count  # the op returns the unbiased variance
-        self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1 - self.momentum))
-        self.moving_variance.assign(self.moving_variance * self.momentum
-                                    + variance * (1 - self.momentum))
-        return outputs
-
-
 @tf.function(jit_compile=True)
 def _norm_forward(x, beta, epsilon):
     x32 = tf.cast(x, tf.float32)
@@ -357,9 +338,9 @@ def airbench_setup(data, args, steps, activation=None, norm=None, **change):
     settings = {"batch_size": args.airbench_batch, "mixed_precision": False, **change}
     network = None
     if activation or norm:
-        gelu = settings.get("gelu", RunConfig.for_recipe("airbench").gelu)
-        network = partial(airbench, activation=activation or GELU_ACTIVATIONS[gelu],
-                          norm=norm or keras.layers.BatchNormalization)
+        recipe = RunConfig.for_recipe("airbench", **settings)
+        network = partial(airbench, activation=activation or GELU_ACTIVATIONS[recipe.gelu],
+                          norm=norm or BATCHNORM_LAYERS[recipe.batchnorm])
     return RunSetup(data, steps, "airbench", network=network, loss="softmax", **settings)
 
 
@@ -387,7 +368,8 @@ def bench_full_run(report, data, args, run_dir):
     bfloat16 = bool(config["mixed_precision"])
     peak = machine_peak(report, tf.bfloat16 if bfloat16 else tf.float32)
     setup = airbench_setup(data, args, 1, mixed_precision=bfloat16,
-                           gelu=config.get("gelu", "keras"))
+                           gelu=config.get("gelu", "keras"),
+                           batchnorm=config.get("batchnorm", "keras"))
     flops = training_flops_per_image(setup.model)
     if flops is None:
         report.add("full run", "full airbench run / FLOP bound", float("nan"),
@@ -431,12 +413,14 @@ def bench_airbench(report, data, args):
         "mixed_bfloat16": dict(mixed_precision=True),
         f"batch {args.airbench_batch // 2}": dict(batch_size=args.airbench_batch // 2),
     }
-    other_gelu = next(g for g in GELUS if g != RunConfig.for_recipe("airbench").gelu)
+    recipe = RunConfig.for_recipe("airbench")
+    other_gelu = next(g for g in GELUS if g != recipe.gelu)
+    other_batchnorm = next(b for b in BATCHNORMS if b != recipe.batchnorm)
     bf16_levers = {  # against the recipe (and its GELU) under mixed_bfloat16
         "ReLU instead of GELU": dict(activation="relu"),
         "GELU computed in float32, unfused": dict(activation=gelu_in_float32),
         f"--gelu {other_gelu}": dict(gelu=other_gelu),
-        "fused BatchNorm (FusedBatchNormV3)": dict(norm=FusedBatchNormalization),
+        f"--batchnorm {other_batchnorm}": dict(batchnorm=other_batchnorm),
         "BatchNorm fused by XLA": dict(norm=XlaBatchNormalization),
     }
     lever_sets = {"float32": (fp32_levers, lambda: base),
@@ -476,22 +460,25 @@ def bench_peer(report, data, args):
     torch.manual_seed(0)
     rounds = args.rounds
     main = RunConfig(backbone="mobilenetv2")
-    recipe_gelu = RunConfig.for_recipe("airbench").gelu
-    other_gelu = next(g for g in GELUS if g != recipe_gelu)
-    # (network, bfloat16, batch, GELU): the recipe as it trains, then bfloat16 with the other
-    # GELU, so the row the goal is about is measured both ways in one run.
-    cases = [("airbench94", False, args.airbench_batch, recipe_gelu),
-             ("airbench94", True, args.airbench_batch, recipe_gelu),
-             ("airbench94", True, args.airbench_batch, other_gelu),
-             ("mobilenetv2", main.resolved_mixed_precision(), args.batch_size, None)]
-    for name, bfloat16, batch, gelu in cases:
+    recipe = RunConfig.for_recipe("airbench")
+    other_batchnorm = next(b for b in BATCHNORMS if b != recipe.batchnorm)
+    main_batchnorm = next(b for b in BATCHNORMS if b != main.batchnorm)
+    # (network, bfloat16, batch, change): each network as its command trains it, then with
+    # the other BatchNorm, so the rows the goals are about are measured both ways in one run.
+    cases = [("airbench94", False, args.airbench_batch, {}),
+             ("airbench94", True, args.airbench_batch, {}),
+             ("airbench94", True, args.airbench_batch, dict(batchnorm=other_batchnorm)),
+             ("mobilenetv2", main.resolved_mixed_precision(), args.batch_size, {}),
+             ("mobilenetv2", main.resolved_mixed_precision(), args.batch_size,
+              dict(batchnorm=main_batchnorm))]
+    for name, bfloat16, batch, change in cases:
         steps = args.peer_steps
         if name == "airbench94":
             ours = airbench_setup(data, args, steps, mixed_precision=bfloat16, batch_size=batch,
-                                  gelu=gelu)
+                                  **change)
         else:
             ours = RunSetup(data, steps, backbone="mobilenetv2", loss="arcface", scale=8.0,
-                            margin=0.1, batch_size=batch, mixed_precision=bfloat16)
+                            margin=0.1, batch_size=batch, mixed_precision=bfloat16, **change)
         memory = ours.cached_batches(steps)
         images, labels = next(iter(memory))
         labels = np.argmax(labels, axis=-1) if labels.ndim == 2 else labels
@@ -502,7 +489,9 @@ def bench_peer(report, data, args):
         precision = "bfloat16" if bfloat16 else "float32"
         target = {("airbench94", True): ">= 1.2", ("airbench94", False): ">= 1.0",
                   ("mobilenetv2", bfloat16): ">= 1.0"}[(name, bfloat16)]
-        label = f"{name} {precision}" + (f", --gelu {gelu}" if gelu else "")
+        built = {"gelu": ours.config.resolved_gelu()} if name in GELU_BACKBONES else {}
+        built["batchnorm"] = ours.config.resolved_batchnorm()
+        label = f"{name} {precision}, " + " ".join(f"--{k} {v}" for k, v in built.items())
         report.add("peer", f"{label}: Keras (tfmargin) / PyTorch {torch.__version__}",
                    result["ratio"], "x", target, result["ratio"] >= float(target[3:]),
                    f"{result['a']:.1f} vs {result['b']:.1f} img/s, batch {batch}, in-memory "

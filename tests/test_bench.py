@@ -59,7 +59,8 @@ def test_batchnorm_fused_by_xla_matches_keras_batchnorm(policy):
 
 def test_full_run_row_is_fit_time_over_the_flop_bound_of_its_precision(tmp_path, monkeypatch):
     """--full-run: wall / (FLOPs per image x images / the day's peak of the run's
-    precision), with the network built as the run built it (its GELU)."""
+    precision), with the network built as the run built it (its GELU and BatchNorm: a run
+    recorded before --batchnorm existed trained with Keras's)."""
     import bench
 
     run = tmp_path / "run"
@@ -78,7 +79,7 @@ def test_full_run_row_is_fit_time_over_the_flop_bound_of_its_precision(tmp_path,
     report = bench.Report()
     bench.bench_full_run(report, None, None, str(run))
     assert peaks == [bench.tf.bfloat16]
-    assert built == [{"mixed_precision": True, "gelu": "fused"}]
+    assert built == [{"mixed_precision": True, "gelu": "fused", "batchnorm": "keras"}]
     (row,) = report.rows
     # 0.5 GFLOP x 500,000 images / 500 GFLOP/s = 500 s; 1,500 s / 500 s = 3.
     assert row["value"] == pytest.approx(3.0) and row["passed"] is False
@@ -132,11 +133,14 @@ def test_benchmark_runs_its_sections_for_one_round(tmp_path):
     else:
         from tfmargin.config import RunConfig
 
-        gelu = RunConfig.for_recipe("airbench").gelu
-        other = {"keras": "fused", "fused": "keras"}[gelu]
+        recipe = RunConfig.for_recipe("airbench")
+        other = {"keras": "fused", "fused": "keras"}
+        airbench = f"--gelu {recipe.gelu} --batchnorm"
         assert [r["name"].split(":")[0] for r in peer] == [
-            f"airbench94 float32, --gelu {gelu}", f"airbench94 bfloat16, --gelu {gelu}",
-            f"airbench94 bfloat16, --gelu {other}", "mobilenetv2 float32"]
+            f"airbench94 float32, {airbench} {recipe.batchnorm}",
+            f"airbench94 bfloat16, {airbench} {recipe.batchnorm}",
+            f"airbench94 bfloat16, {airbench} {other[recipe.batchnorm]}",
+            "mobilenetv2 float32, --batchnorm keras", "mobilenetv2 float32, --batchnorm fused"]
         assert all(r["value"] > 0 and r["target"] for r in peer)
         layers = [r["name"] for r in report["rows"] if r["section"] == "peer layer"]
         assert "GELU fused by XLA at 15x15x64 bfloat16: Keras / PyTorch, forward+backward" \
