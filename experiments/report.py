@@ -23,9 +23,9 @@ from ledger import LEDGER, ROOT, collect  # noqa: E402
 from sweep import CIFAR10_CLASSES, OPEN_SET_SPLITS  # noqa: E402
 from tables import (  # noqa: E402
     BACKBONE_COLUMNS,
+    KERNEL_SETTINGS,
     best_on_validation,
     command,
-    gelu_name,
     head_name,
     head_spec,
     load_runs,
@@ -33,10 +33,11 @@ from tables import (  # noqa: E402
     metric_value,
     paper_table,
     precision_name,
-    run_gelu,
+    run_setting,
     runs_table,
     seed_table,
     setting_key,
+    setting_name,
     validation_rank,
 )
 
@@ -114,6 +115,20 @@ machine for all): the speed comparison is the benchmark's, side by side
 (`docs/performance.md`).
 
 """
+
+BATCHNORM_INTRO = """
+### The fused BatchNorm against Keras's BatchNorm
+
+`--batchnorm fused` (`tfmargin.normalization.FusedBatchNormalization`: TensorFlow's
+`FusedBatchNormV3` in training, one kernel each way, with its epsilon floor of 1.001e-5
+where airbench asks 1e-12) against Keras's BatchNorm (separate ops, float32 round trip under
+mixed precision), at the same recipe, head, GELU and seeds: whether the faster BatchNorm
+changes what the network learns. The wall times are each run's own, on the machine its
+record names: the speed comparison is the benchmark's (`docs/performance.md`).
+
+"""
+
+KERNEL_INTROS = {"gelu": GELU_INTRO, "batchnorm": BATCHNORM_INTRO}
 
 OPEN_SET_INTRO = """
 ## Open set and calibration: 6 known and 4 unknown CIFAR-10 classes
@@ -340,29 +355,34 @@ def batchnorm_choice(batchnorm):
     return f"{batchnorm['chosen']} ({percent(val['moving'])} / {percent(val['recalibrated'])})"
 
 
-def gelu_block(runs):
-    """The fused GELU's paired check: the settings run with both GELUs, arms by GELU."""
+def kernel_block(runs, key):
+    """The paired check of a fused kernel (``key``: ``gelu`` or ``batchnorm``): the
+    settings run both ways and otherwise alike, arms by that kernel, Keras's the baseline."""
     def shared(run):
-        return setting_key(run["config"], ("seed", "gelu"))
+        return setting_key(run["config"], ("seed", key))
 
-    fused = {shared(r) for r in runs if run_gelu(r["config"]) == "fused"}
+    fused = {shared(r) for r in runs if run_setting(r["config"], key) == "fused"}
     compared = [r for r in runs if shared(r) in fused]
     if not compared:
         return ""
-    return GELU_INTRO + seed_table(compared, baseline="Keras GELU", arm=gelu_name,
-                                   arm_fields=("gelu",), arm_title="GELU")
+    name = KERNEL_SETTINGS[key]
+    return KERNEL_INTROS[key] + seed_table(
+        compared, baseline=f"Keras {name}", arm=lambda config: setting_name(config, key),
+        arm_fields=(key,), arm_title=name)
 
 
-def at_recipe_gelu(run):
-    """Whether a run was built with the GELU its recipe builds today."""
+def at_recipe_kernels(run):
+    """Whether a run was built with the GELU and BatchNorm its recipe builds today."""
     config = run["config"]
-    return run_gelu(config) == RunConfig.for_recipe(config.get("recipe", "standard")).gelu
+    recipe = RunConfig.for_recipe(config.get("recipe", "standard"), backbone=config["backbone"])
+    return (run_setting(config, "gelu") == recipe.resolved_gelu()
+            and run_setting(config, "batchnorm") == recipe.resolved_batchnorm())
 
 
 def headline_block(runs):
-    """The converged paired comparison of the heads at the recipe's GELU, the README's
-    headline table."""
-    converged = [r for r in runs if is_converged(r) and at_recipe_gelu(r)]
+    """The converged paired comparison of the heads at the recipe's GELU and BatchNorm,
+    the README's headline table."""
+    converged = [r for r in runs if is_converged(r) and at_recipe_kernels(r)]
     if not converged:
         return ("The converged comparison (airbench recipe, paired seeds) has no recorded runs "
                 "yet: `docs/results.md` lists what is recorded.\n")
@@ -433,7 +453,8 @@ def results_md(runs, ledger, docs_dir, plots):
     parts.append(MAIN_INTRO + main_command_block(main) + (commands(main) if main else ""))
     converged = [r for r in runs if is_converged(r)]
     if converged:
-        parts.append(CONVERGED_INTRO + seed_table(converged) + gelu_block(converged)
+        parts.append(CONVERGED_INTRO + seed_table(converged)
+                     + "".join(kernel_block(converged, key) for key in KERNEL_SETTINGS)
                      + commands(converged))
     open_set = [r for r in runs if is_open_set(r)]
     if open_set:

@@ -176,25 +176,29 @@ def precision_name(config):
     return "mixed" if config.get("mixed_precision") else "float32"
 
 
-def run_gelu(config):
-    """The ``--gelu`` a run was made with (``keras`` for a run that predates the setting)."""
-    return config.get("gelu", ADDED_LATER["gelu"])
+# The kernel settings of a network (``--gelu``, ``--batchnorm``), named for tables.
+KERNEL_SETTINGS = {"gelu": "GELU", "batchnorm": "BatchNorm"}
 
 
-def gelu_name(config):
-    """``Keras GELU`` or ``fused GELU``: the GELU a run's airbench network was built with."""
-    return {"keras": "Keras GELU"}.get(run_gelu(config), f"{run_gelu(config)} GELU")
+def run_setting(config, key):
+    """A run's ``--gelu`` or ``--batchnorm`` (``keras`` for a run that predates it)."""
+    return config.get(key, ADDED_LATER[key])
+
+
+def setting_name(config, key):
+    """``Keras GELU``, ``fused BatchNorm``: the kernel a run's network was built with."""
+    value = run_setting(config, key)
+    return f"{'Keras' if value == 'keras' else value} {KERNEL_SETTINGS[key]}"
 
 
 def setting_label(config, leave_out=()):
     """What a group of runs shares, in words: data, backbone, recipe, budget, precision,
-    and the GELU where it is not Keras's (unless ``gelu`` is in ``leave_out``)."""
-    gelu = run_gelu(config)
+    and each kernel setting where it is not Keras's (unless it is in ``leave_out``)."""
     return " ".join(str(part) for part in (
         dataset_label(config["dataset"]), config["backbone"], config.get("recipe", "standard"),
-        f"{config['train_size']}x{config['epochs']}", precision_name(config))) + (
-        f", {gelu_name(config)}" if gelu != ADDED_LATER["gelu"] and "gelu" not in leave_out
-        else "")
+        f"{config['train_size']}x{config['epochs']}", precision_name(config))) + "".join(
+        f", {setting_name(config, key)}" for key in KERNEL_SETTINGS
+        if run_setting(config, key) != ADDED_LATER[key] and key not in leave_out)
 
 
 def head_label(config):

@@ -19,7 +19,7 @@ def fake_run(runs, name, backbone, loss, top1, mAP, **changes):
               "scale": None if loss == "softmax" else 16.0,
               "margin": None if loss == "softmax" else 0.2, "fallback": "monotonic",
               "ce_weight": 0.0, "head_scale": 16.0, "train_size": 5000,
-              "label_smoothing": 0.0} | changes
+              "label_smoothing": 0.0, "batchnorm": "fused"} | changes
     metrics = {"top1": top1, "top5": 0.9, "mAP": mAP, "precision_at_1": 0.3,
                "map_at_r": 0.125, "val": {"top1": 0.5, "mAP": 0.5, "precision_at_1": 0.5,
                                           "map_at_r": 0.5}, "epochs": 3, "wall_seconds": 100.0,
@@ -206,39 +206,44 @@ def test_seed_arms_are_keyed_by_the_whole_identity_but_the_seed():
         in text
 
 
-def test_gelu_check_pairs_the_fused_gelu_with_keras_gelu_by_seed():
-    """The same head and seeds with either GELU: arms by GELU, Keras's the baseline; a head
-    run with one GELU only is not in the check, and the heads table keeps the GELUs apart."""
+@pytest.mark.parametrize("key,name", [("gelu", "GELU"), ("batchnorm", "BatchNorm")])
+def test_kernel_check_pairs_the_fused_kernel_with_keras_by_seed(key, name):
+    """The same head and seeds with either kernel: arms by kernel, Keras's the baseline; a
+    head run one way only is not in the check, and the heads table keeps the two apart."""
     import report
     from tables import seed_table
 
     stock = [seed_run(f"k{k}", "softmax", k, t, t) for k, t in enumerate([0.900, 0.904])]
     fused = [seed_run(f"f{k}", "softmax", k, t, t) for k, t in enumerate([0.903, 0.905])]
     for run in fused:
-        run["config"]["gelu"] = "fused"
-    arcface = seed_run("a0", "arcface", 0, 0.89, 0.89)  # Keras GELU only
-    block = report.gelu_block(stock + fused + [arcface])
-    assert "| cifar10-jpeg airbench94 airbench 50000x10 float32 | fused GELU | 0, 1 | " \
+        run["config"][key] = "fused"
+    arcface = seed_run("a0", "arcface", 0, 0.89, 0.89)  # Keras's kernel only
+    block = report.kernel_block(stock + fused + [arcface], key)
+    assert block.startswith(f"\n### The fused {name} against Keras's {name}\n")
+    assert f"| cifar10-jpeg airbench94 airbench 50000x10 float32 | fused {name} | 0, 1 | " \
         "90.40 ± 0.14 |" in block
-    assert "| cifar10-jpeg airbench94 airbench 50000x10 float32 | Keras GELU | 0, 1 | " \
+    assert f"| cifar10-jpeg airbench94 airbench 50000x10 float32 | Keras {name} | 0, 1 | " \
         "90.20 ± 0.28 |" in block
     # Differences 0.3, 0.1 pp: mean 0.2, s.d. 0.1414, t(0.975, 1) = 12.706: half-width 1.27.
-    assert "| fused GELU | 2 | +0.20 (-1.07, +1.47) |" in block
-    assert "arcface" not in block and "| GELU − Keras GELU | common seeds |" in block
+    assert f"| fused {name} | 2 | +0.20 (-1.07, +1.47) |" in block
+    assert "arcface" not in block and f"| {name} − Keras {name} | common seeds |" in block
     heads = seed_table(stock + fused + [arcface])
-    assert "| cifar10-jpeg airbench94 airbench 50000x10 float32, fused GELU | softmax | 0, 1 |" \
-        in heads
-    assert report.gelu_block(stock + [arcface]) == ""
-    # Commands: a run that predates --gelu was built with Keras's GELU, which is no longer
-    # the recipe's.
+    assert f"| cifar10-jpeg airbench94 airbench 50000x10 float32, fused {name} | softmax | " \
+        "0, 1 |" in heads
+    assert report.kernel_block(stock + [arcface], key) == ""
+    # Commands: a run that predates the flag was built with Keras's kernel, which is no
+    # longer the recipe's.
     from tables import command
     for run in (stock[0], fused[0]):
         run["config"] |= {"mixed_precision": True, "augment": "airbench", "embedding_dim": 0,
                           "epochs": 10, "batch_size": 1024, "tta": 2, "val_split": 0.0,
                           "precise_bn_batches": 0, "learning_rate": 0.1875,
                           "weight_decay": 0.0153 / 11.5}
-    assert " --gelu keras " in command(stock[0]["config"])
-    assert "--gelu" not in command(fused[0]["config"])
+    assert f" --{key} keras " in command(stock[0]["config"])
+    assert f"--{key}" not in command(fused[0]["config"])
+    assert not report.at_recipe_kernels(stock[0]) and not report.at_recipe_kernels(fused[0])
+    fused[0]["config"] |= {"gelu": "fused", "batchnorm": "fused"}
+    assert report.at_recipe_kernels(fused[0])
 
 
 def test_head_spec_of_a_combined_margin_round_trips_through_the_sweep_grammar():
@@ -346,8 +351,8 @@ def test_paper_backbones_on_the_whole_training_split_get_their_own_section(tmp_p
         update_metrics(runs, name, val=None, epochs=8, tta={"top1": top1 + 0.01})
     text = write_report(runs, tmp_path / "results.md")
     section = text.split("## The paper's backbones on all 50,000")[1].split("\n## ")[0]
-    assert "| cifar10-jpeg resnet18 standard 50000x8 mixed | softmax | 0 | 90.00 | 91.00 |" \
-        in section
+    assert "| cifar10-jpeg resnet18 standard 50000x8 mixed, fused BatchNorm | softmax | 0 | " \
+        "90.00 | 91.00 |" in section
     assert ("| arcface s=16 m=0.2 monotonic | 1 | -2.00 | -2.00 | -2.00 | +0.00 | +0.00 | "
             "one seed: an anecdote |") in section
     assert "tiny-run" not in section

@@ -99,6 +99,10 @@ def test_arcface_learns_shapes_and_inference_mode_holds_up(shapes, tmp_path):
     (["--gelu", "tanh"], "unknown gelu 'tanh'; choose one of keras, fused"),
     (["--gelu", "fused"], "--gelu fused needs a backbone built with GELU (airbench94, "
                           "airbench93); mobilenetv2 has none"),
+    (["--batchnorm", "sync"], "unknown batchnorm 'sync'; choose one of keras, fused"),
+    (["--backbone", "tinycnn", "--batchnorm", "keras"],
+     "--batchnorm keras needs a backbone built with BatchNorm (resnet18, mobilenetv2, "
+     "efficientnetb0, airbench94, airbench93); tinycnn has none"),
 ])
 def test_invalid_flags_exit_2_with_one_line(args, message, tmp_path):
     result = run_cli(*args, "--runs-dir", str(tmp_path))

@@ -50,7 +50,9 @@ class RunConfig:
     ce_weight: float = 0.0
     embedding_dim: int = 512
     gelu: str = "keras"  # the GELU of names.GELU_BACKBONES (the airbench recipe: fused)
-    batchnorm: str = "keras"  # the BatchNorm of names.BATCHNORM_BACKBONES
+    # The BatchNorm of names.BATCHNORM_BACKBONES. Fused: Keras's function to rounding (where
+    # epsilon >= 1.001e-5; its paired-seed check: docs/results.md), faster (docs/performance.md).
+    batchnorm: str = "fused"
     optimizer: str = "sgd"
     learning_rate: float = 0.05  # per recipes.REFERENCE_BATCH images; see docs/recipe.md
     weight_decay: float = 5e-4  # SGD: coupled L2, as the PyTorch CIFAR recipes

@@ -23,15 +23,14 @@ RECIPES = {
     "airbench": dict(backbone="airbench94", epochs=10, batch_size=1024,
                      learning_rate=1.5 * REFERENCE_BATCH / 1024, weight_decay=0.0153 / 11.5,
                      label_smoothing=0.2, augment="airbench", embedding_dim=0,
-                     precise_bn_batches=0, tta=2, val_split=0.0, gelu="fused",
-                     batchnorm="fused"),
+                     precise_bn_batches=0, tta=2, val_split=0.0, gelu="fused"),
 }
 RECIPE_HELP = {
     "standard": "SGD with Nesterov momentum, linear warm-up then cosine decay, coupled L2; "
                 "docs/recipe.md",
     "airbench": "airbench94's training: batch 1,024, Nesterov 0.85, BatchNorm offsets at "
                 "64x lr, warm-up then linear decay, lookahead, alternating flip, label "
-                "smoothing 0.2, TTA 2, 10 epochs, GELU and BatchNorm fused",
+                "smoothing 0.2, TTA 2, 10 epochs, GELU fused",
 }
 # airbench's settings that have no flag of their own.
 AIRBENCH = dict(momentum=0.85, offset_lr_scale=64.0, whiten_bias_epochs=3, warmup=0.23,
