@@ -133,14 +133,15 @@ def test_benchmark_runs_its_sections_for_one_round(tmp_path):
     else:
         from tfmargin.config import RunConfig
 
-        recipe = RunConfig.for_recipe("airbench")
+        recipe, main = RunConfig.for_recipe("airbench"), RunConfig()
         other = {"keras": "fused", "fused": "keras"}
         airbench = f"--gelu {recipe.gelu} --batchnorm"
         assert [r["name"].split(":")[0] for r in peer] == [
             f"airbench94 float32, {airbench} {recipe.batchnorm}",
             f"airbench94 bfloat16, {airbench} {recipe.batchnorm}",
             f"airbench94 bfloat16, {airbench} {other[recipe.batchnorm]}",
-            "mobilenetv2 float32, --batchnorm keras", "mobilenetv2 float32, --batchnorm fused"]
+            f"mobilenetv2 float32, --batchnorm {main.batchnorm}",
+            f"mobilenetv2 float32, --batchnorm {other[main.batchnorm]}"]
         assert all(r["value"] > 0 and r["target"] for r in peer)
         layers = [r["name"] for r in report["rows"] if r["section"] == "peer layer"]
         assert "GELU fused by XLA at 15x15x64 bfloat16: Keras / PyTorch, forward+backward" \
