@@ -4,6 +4,7 @@
     python benchmarks/bench.py --sections peer --json benchmarks/peer.json   # against PyTorch
     python benchmarks/bench.py --dataset ../shared/datasets/cifar10-jpeg   # + accuracy check
     python benchmarks/bench.py --sections airbench --full-run results/runs/<run>  # vs bound
+    python benchmarks/bench.py --sections profile --dataset ../shared/datasets/cifar10-jpeg
 
 Each ratio compares two set-ups timed in alternating blocks of training steps in this
 one process (``timing.paired``); the reported ratio is the median over rounds of the
@@ -14,10 +15,12 @@ folder unless ``--dataset`` names one.
 """
 
 import argparse
+import collections
 import contextlib
 import datetime
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -39,6 +42,8 @@ from timing import (  # noqa: E402
     matmul_peak,
     paired,
     steps_per_second,
+    tensorflow_op_times,
+    torch_op_times,
     training_flops_per_image,
 )
 
@@ -498,6 +503,87 @@ def bench_peer(report, data, args):
                    f"batches, {rounds} rounds of {steps} steps")
 
 
+PROFILE_TOP = 8  # op types reported per profiled step
+
+
+def add_op_rows(report, label, times, steps, top=PROFILE_TOP):
+    """The ``top`` op types of ``times`` (``{op type: ms}`` over ``steps`` steps), in ms per
+    step, each with its share of the step's op time."""
+    total = sum(times.values())
+    for name, ms in sorted(times.items(), key=lambda item: -item[1])[:top]:
+        report.add("profile", f"{label}: {name}", ms / steps, "ms",
+                   note=f"{ms / total:.0%} of {total / steps:.0f} ms of op time per step")
+
+
+def op_owner(op_name, model):
+    """What an op of ``model``'s training step belongs to: ``layer <class>`` of a backbone
+    layer (graph name scopes repeat layer names with a ``_N`` suffix), ``optimizer``, or the
+    rest (input normalisation, head, loss); XLA-compiled functions are not named in the
+    trace (the airbench networks' only one is ``FusedGELU``)."""
+    if not op_name:
+        return "XLA-compiled functions (FusedGELU)"
+    kinds = {layer.name: type(layer).__name__ for layer in model.backbone.layers}
+    for part in op_name.split("/"):
+        layer = kinds.get(part) or kinds.get(re.sub(r"_\d+$", "", part))
+        if layer:
+            return f"layer {layer}"
+        if re.sub(r"_\d+$", "", part) == re.sub(r"_\d+$", "", model.optimizer.name):
+            return "optimizer"
+    return "the rest (input normalisation, head, loss)"
+
+
+def profiled_rate(setup, memory, logdir):
+    """One timed block of ``setup``'s steps under TensorFlow's profiler: its images/s (None
+    where the profile cannot be read) and ``tensorflow_op_times``."""
+    rates = []
+    times = tensorflow_op_times(lambda: rates.append(setup.rate(memory)), logdir)
+    return (rates[0] if rates else None), times
+
+
+def bench_profile(report, data, args):
+    """Where a bfloat16 airbench94 step's time goes: TensorFlow's profiler over a block of
+    steps of the recipe and of it with the other BatchNorm, by op type and by the kind of
+    layer the op belongs to; then PyTorch's profiler over its step, by op."""
+    recipe = RunConfig.for_recipe("airbench")
+    other = next(b for b in BATCHNORMS if b != recipe.batchnorm)
+    steps = args.peer_steps
+    for change in ({}, dict(batchnorm=other)):
+        setup = airbench_setup(data, args, steps, mixed_precision=True, **change)
+        memory = setup.cached_batches(steps)
+        setup.rate(memory)  # traced and warm before the profiled block
+        with tempfile.TemporaryDirectory() as logdir:
+            rate, times = profiled_rate(setup, memory, logdir)
+        if times is None:
+            report.add("profile", "TensorFlow op times", float("nan"), note="skipped: this "
+                       "TensorFlow has no tensorflow.tsl.profiler.protobuf.xplane_pb2")
+            return
+        label = f"airbench94 bfloat16, --batchnorm {setup.config.resolved_batchnorm()}"
+        by_type, by_layer = collections.Counter(), collections.Counter()
+        for (name, kind), ms in times.items():
+            by_type[kind] += ms
+            by_layer[op_owner(name, setup.model)] += ms
+        report.add("profile", f"{label}: wall time per step, profiled",
+                   1000 * setup.config.batch_size / rate, "ms",
+                   note=f"batch {setup.config.batch_size}; op times below are summed over "
+                        "threads (two ops at once both count)")
+        add_op_rows(report, f"{label}, op", by_type, setup.steps)
+        add_op_rows(report, label, by_layer, setup.steps, top=len(by_layer))
+    try:
+        import peers
+    except ImportError:
+        return
+    images, labels = next(iter(memory))
+    labels = np.argmax(labels, axis=-1) if labels.ndim == 2 else labels
+    step = peers.training_step("airbench94", images.numpy(), np.asarray(labels), True)
+    step()
+
+    def block(step=step):
+        for _ in range(steps):
+            step()
+
+    add_op_rows(report, "PyTorch airbench94 bfloat16, op", torch_op_times(block), steps)
+
+
 CONV_SHAPES = {  # airbench94's convolutions: (input channels, output channels, size)
     "conv3x3 24->64 at 31x31": (24, 64, 31),
     "conv3x3 64->256 at 15x15": (64, 256, 15),
@@ -667,7 +753,7 @@ def machine():
             + (f", {len(gpus)} GPU(s)" if gpus else ", no GPU"))
 
 
-SECTIONS = ("targets", "levers", "accuracy", "airbench", "bf16", "peer")
+SECTIONS = ("targets", "levers", "accuracy", "airbench", "bf16", "peer", "profile")
 
 
 def main(argv=None):
@@ -742,7 +828,7 @@ def main(argv=None):
             bench_targets(report, data, load_mock_tfds(args.batch_size * args.steps * 2), args)
         if "levers" in args.sections:
             bench_levers(report, data, args)
-        if "airbench" in args.sections or "peer" in args.sections:
+        if {"airbench", "peer", "profile"} & set(args.sections):
             big = airbench_data(data, args, tmp)
             if "airbench" in args.sections:
                 bench_airbench(report, big, args)
@@ -753,6 +839,8 @@ def main(argv=None):
                 with contextlib.suppress(ImportError):
                     bench_peer_layers(report, args)
                     bench_peer_elementwise(report, args)
+            if "profile" in args.sections:
+                bench_profile(report, big, args)
         if "bf16" in args.sections:
             bench_bf16_layers(report, args)
         if "accuracy" in args.sections and args.dataset:

@@ -1,10 +1,13 @@
 """Timing tools of the benchmark: paired alternating measurements, the machine's matmul
-peak, and the FLOPs of a training step.
+peak, the FLOPs of a training step, and the time per op under each framework's profiler.
 
 Every speed claim in docs/performance.md is a ratio of two set-ups timed in alternating
 blocks in one process (``paired``), or a rate next to the peak measured in the same run.
 """
 
+import collections
+import glob
+import os
 import statistics
 import time
 
@@ -122,3 +125,44 @@ def training_flops_per_image(model, batch_size=2):
     options = option_builder.ProfileOptionBuilder(
         option_builder.ProfileOptionBuilder.float_operation()).with_empty_output().build()
     return model_analyzer.profile(graph, options=options).total_float_ops / batch_size
+
+
+def tensorflow_op_times(run, logdir):
+    """TensorFlow's profiler around ``run()``: ``{(op name, op type): milliseconds}``, the
+    trace's op events (named ``name:type`` on the executor threads) summed over threads, so
+    two ops run at once both count; XLA-compiled functions, which the trace does not name,
+    under ``("", "XLA executable")``. None where this TensorFlow has no XPlane protobuf to
+    read its trace with (the module is TensorFlow's, not a public API)."""
+    try:
+        from tensorflow.tsl.profiler.protobuf import xplane_pb2
+    except ImportError:
+        return None
+    tf.profiler.experimental.start(logdir)
+    try:
+        run()
+    finally:
+        tf.profiler.experimental.stop()
+    times = collections.Counter()
+    for path in glob.glob(os.path.join(logdir, "plugins", "profile", "*", "*.xplane.pb")):
+        with open(path, "rb") as f:
+            space = xplane_pb2.XSpace.FromString(f.read())
+        for plane in space.planes:
+            for line in plane.lines:
+                for event in line.events:
+                    meta = plane.event_metadata[event.metadata_id]
+                    if meta.display_name and ":" in meta.name:
+                        name = meta.name.rsplit(":", 1)[0]
+                        times[(name, meta.display_name)] += event.duration_ps / 1e9
+                    elif meta.name == "CpuExecutable::ExecuteAsyncOnStream":
+                        times[("", "XLA executable")] += event.duration_ps / 1e9
+    return times
+
+
+def torch_op_times(run):
+    """PyTorch's profiler around ``run()``: ``{op: milliseconds}`` of each op's own CPU
+    time (its children's excluded)."""
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        run()
+    return {event.key: event.self_cpu_time_total / 1e3 for event in profile.key_averages()}

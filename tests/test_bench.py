@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import types
+from functools import partial
 
 import pytest
 from synthetic import write_image_folder
@@ -107,13 +108,36 @@ def test_training_flops_of_a_dense_layer_are_counted_forward_and_backward():
     assert 128 <= flops <= 160
 
 
+def test_profiled_ops_are_attributed_to_layer_kinds_the_optimizer_or_the_rest():
+    import bench
+    import keras
+
+    conv, norm = keras.layers.Conv2D(4, 3, name="block1_conv1"), keras.layers.ReLU(name="act")
+    model = types.SimpleNamespace(backbone=types.SimpleNamespace(layers=[conv, norm]),
+                                  optimizer=types.SimpleNamespace(name="l2sgd_1"))
+    owner = partial(bench.op_owner, model=model)
+    assert owner("StatefulPartitionedCall/gradient_tape/margin_classifier_1/airbench94_1/"
+                 "block1_conv1_1/convolution/Conv2DBackpropFilter") == "layer Conv2D"
+    assert owner("StatefulPartitionedCall/margin_classifier/airbench94/act/Relu") == "layer ReLU"
+    assert owner("StatefulPartitionedCall/l2sgd/Mul_50") == "optimizer"
+    assert owner("StatefulPartitionedCall/margin_classifier_1/normalize_1/truediv") == \
+        "the rest (input normalisation, head, loss)"
+    assert owner("") == "XLA-compiled functions (FusedGELU)"
+    report = bench.Report()
+    bench.add_op_rows(report, "x", {"Conv2D": 30.0, "Mul": 10.0, "Cast": 5.0, "Sub": 5.0}, 2,
+                      top=2)
+    assert [(r["name"], r["value"]) for r in report.rows] == [("x: Conv2D", 15.0),
+                                                              ("x: Mul", 5.0)]
+    assert report.rows[0]["note"] == "60% of 25 ms of op time per step"
+
+
 @pytest.mark.slow
 def test_benchmark_runs_its_sections_for_one_round(tmp_path):
     data = write_image_folder(tmp_path / "data", num_classes=3, per_class=48, test_per_class=8)
     out = tmp_path / "bench.json"
     done = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--sections",
-         "targets,accuracy,peer", "--dataset", data, "--backbones", "tinycnn",
+         "targets,accuracy,peer,profile", "--dataset", data, "--backbones", "tinycnn",
          "--plain-backbone", "tinycnn", "--steps", "2", "--peer-steps", "2", "--rounds", "1",
          "--batch-size", "16", "--airbench-batch", "32", "--accuracy-train", "64",
          "--accuracy-epochs", "1", "--json", str(out), "--markdown", str(tmp_path / "b.md")],
@@ -146,4 +170,8 @@ def test_benchmark_runs_its_sections_for_one_round(tmp_path):
         layers = [r["name"] for r in report["rows"] if r["section"] == "peer layer"]
         assert "GELU fused by XLA at 15x15x64 bfloat16: Keras / PyTorch, forward+backward" \
             in layers
+    profile = [r["name"] for r in report["rows"] if r["section"] == "profile"]
+    assert "airbench94 bfloat16, --batchnorm fused: wall time per step, profiled" in profile
+    assert "airbench94 bfloat16, --batchnorm keras: layer BatchNormalization" in profile
+    assert "airbench94 bfloat16, --batchnorm fused: layer FusedBatchNormalization" in profile
     assert report["machine"]["model"] and "| peer |" in (tmp_path / "b.md").read_text()
