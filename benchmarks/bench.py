@@ -18,6 +18,7 @@ import argparse
 import collections
 import contextlib
 import datetime
+import importlib.util
 import json
 import os
 import re
@@ -419,8 +420,8 @@ def bench_airbench(report, data, args):
         f"batch {args.airbench_batch // 2}": dict(batch_size=args.airbench_batch // 2),
     }
     recipe = RunConfig.for_recipe("airbench")
-    other_gelu = next(g for g in GELUS if g != recipe.gelu)
-    other_batchnorm = next(b for b in BATCHNORMS if b != recipe.batchnorm)
+    other_gelu, other_batchnorm = the_other(GELUS, recipe.gelu), the_other(BATCHNORMS,
+                                                                          recipe.batchnorm)
     bf16_levers = {  # against the recipe (and its GELU) under mixed_bfloat16
         "ReLU instead of GELU": dict(activation="relu"),
         "GELU computed in float32, unfused": dict(activation=gelu_in_float32),
@@ -450,6 +451,21 @@ def bench_airbench(report, data, args):
                        result["ratio"], "x", note=note)
 
 
+def the_other(choices, value):
+    """The choice of a two-way setting (``--gelu``, ``--batchnorm``) that is not ``value``."""
+    return next(choice for choice in choices if choice != value)
+
+
+def peer_step(name, memory, bfloat16):
+    """PyTorch's training step of ``name`` on the first of our in-memory batches (integer
+    labels, whether ours are one-hot or not)."""
+    import peers
+
+    images, labels = next(iter(memory))
+    labels = np.argmax(labels, axis=-1) if labels.ndim == 2 else labels
+    return peers.training_step(name, images.numpy(), np.asarray(labels), bfloat16)
+
+
 def bench_peer(report, data, args):
     """Against PyTorch on the same CPU, same network, optimizer step, batch and precision,
     alternating blocks of steps in this process: airbench94 in float32 and bfloat16, and the
@@ -460,14 +476,13 @@ def bench_peer(report, data, args):
         report.add("peer", "PyTorch baseline", float("nan"), note="skipped: PyTorch is not "
                    "installed (pip install torch, a CPU build: README, Install)")
         return
-    import peers
 
     torch.manual_seed(0)
     rounds = args.rounds
     main = RunConfig(backbone="mobilenetv2")
     recipe = RunConfig.for_recipe("airbench")
-    other_batchnorm = next(b for b in BATCHNORMS if b != recipe.batchnorm)
-    main_batchnorm = next(b for b in BATCHNORMS if b != main.batchnorm)
+    other_batchnorm = the_other(BATCHNORMS, recipe.batchnorm)
+    main_batchnorm = the_other(BATCHNORMS, main.batchnorm)
     # (network, bfloat16, batch, change): each network as its command trains it, then with
     # the other BatchNorm, so the rows the goals are about are measured both ways in one run.
     cases = [("airbench94", False, args.airbench_batch, {}),
@@ -485,9 +500,7 @@ def bench_peer(report, data, args):
             ours = RunSetup(data, steps, backbone="mobilenetv2", loss="arcface", scale=8.0,
                             margin=0.1, batch_size=batch, mixed_precision=bfloat16, **change)
         memory = ours.cached_batches(steps)
-        images, labels = next(iter(memory))
-        labels = np.argmax(labels, axis=-1) if labels.ndim == 2 else labels
-        step = peers.training_step(name, images.numpy(), np.asarray(labels), bfloat16)
+        step = peer_step(name, memory, bfloat16)
         result = paired(partial(ours.rate, memory),
                         lambda step=step, batch=batch, steps=steps: batch * steps_per_second(
                             step, steps), rounds)
@@ -515,19 +528,26 @@ def add_op_rows(report, label, times, steps, top=PROFILE_TOP):
                    note=f"{ms / total:.0%} of {total / steps:.0f} ms of op time per step")
 
 
-def op_owner(op_name, model):
-    """What an op of ``model``'s training step belongs to: ``layer <class>`` of a backbone
-    layer (graph name scopes repeat layer names with a ``_N`` suffix), ``optimizer``, or the
+def op_owners(model):
+    """``op_owner`` for ``model``'s ops, its layer table built once."""
+    kinds = {layer.name: type(layer).__name__ for layer in model.backbone.layers}
+    return partial(op_owner, kinds=kinds, optimizer=re.sub(r"_\d+$", "", model.optimizer.name))
+
+
+def op_owner(op_name, kinds, optimizer):
+    """What an op of a training step belongs to: ``layer <class>`` of a backbone layer
+    (``kinds``: layer name -> class name; graph name scopes repeat layer names with a ``_N``
+    suffix), ``optimizer`` (the optimizer's name without that suffix), or the
     rest (input normalisation, head, loss); XLA-compiled functions are not named in the
     trace (the airbench networks' only one is ``FusedGELU``)."""
     if not op_name:
         return "XLA-compiled functions (FusedGELU)"
-    kinds = {layer.name: type(layer).__name__ for layer in model.backbone.layers}
     for part in op_name.split("/"):
-        layer = kinds.get(part) or kinds.get(re.sub(r"_\d+$", "", part))
+        base = re.sub(r"_\d+$", "", part)
+        layer = kinds.get(part) or kinds.get(base)
         if layer:
             return f"layer {layer}"
-        if re.sub(r"_\d+$", "", part) == re.sub(r"_\d+$", "", model.optimizer.name):
+        if base == optimizer:
             return "optimizer"
     return "the rest (input normalisation, head, loss)"
 
@@ -545,7 +565,7 @@ def bench_profile(report, data, args):
     steps of the recipe and of it with the other BatchNorm, by op type and by the kind of
     layer the op belongs to; then PyTorch's profiler over its step, by op."""
     recipe = RunConfig.for_recipe("airbench")
-    other = next(b for b in BATCHNORMS if b != recipe.batchnorm)
+    other = the_other(BATCHNORMS, recipe.batchnorm)
     steps = args.peer_steps
     for change in ({}, dict(batchnorm=other)):
         setup = airbench_setup(data, args, steps, mixed_precision=True, **change)
@@ -559,22 +579,19 @@ def bench_profile(report, data, args):
             return
         label = f"airbench94 bfloat16, --batchnorm {setup.config.resolved_batchnorm()}"
         by_type, by_layer = collections.Counter(), collections.Counter()
+        owner = op_owners(setup.model)
         for (name, kind), ms in times.items():
             by_type[kind] += ms
-            by_layer[op_owner(name, setup.model)] += ms
+            by_layer[owner(name)] += ms
         report.add("profile", f"{label}: wall time per step, profiled",
                    1000 * setup.config.batch_size / rate, "ms",
                    note=f"batch {setup.config.batch_size}; op times below are summed over "
                         "threads (two ops at once both count)")
         add_op_rows(report, f"{label}, op", by_type, setup.steps)
         add_op_rows(report, label, by_layer, setup.steps, top=len(by_layer))
-    try:
-        import peers
-    except ImportError:
+    if importlib.util.find_spec("torch") is None:
         return
-    images, labels = next(iter(memory))
-    labels = np.argmax(labels, axis=-1) if labels.ndim == 2 else labels
-    step = peers.training_step("airbench94", images.numpy(), np.asarray(labels), True)
+    step = peer_step("airbench94", memory, bfloat16=True)
     step()
 
     def block(step=step):

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 import types
-from functools import partial
 
 import pytest
 from synthetic import write_image_folder
@@ -115,7 +114,7 @@ def test_profiled_ops_are_attributed_to_layer_kinds_the_optimizer_or_the_rest():
     conv, norm = keras.layers.Conv2D(4, 3, name="block1_conv1"), keras.layers.ReLU(name="act")
     model = types.SimpleNamespace(backbone=types.SimpleNamespace(layers=[conv, norm]),
                                   optimizer=types.SimpleNamespace(name="l2sgd_1"))
-    owner = partial(bench.op_owner, model=model)
+    owner = bench.op_owners(model)
     assert owner("StatefulPartitionedCall/gradient_tape/margin_classifier_1/airbench94_1/"
                  "block1_conv1_1/convolution/Conv2DBackpropFilter") == "layer Conv2D"
     assert owner("StatefulPartitionedCall/margin_classifier/airbench94/act/Relu") == "layer ReLU"
