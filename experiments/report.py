@@ -42,6 +42,7 @@ from tables import (  # noqa: E402
 )
 
 from tfmargin.config import RunConfig, dataset_label  # noqa: E402
+from tfmargin.provenance import SHARED_MACHINE, timed_on_shared_machine  # noqa: E402
 
 README_BLOCKS = ("headline", "main-command", "open-set")
 
@@ -70,7 +71,8 @@ nearest). *ECE*: expected calibration error over 15 equal-width confidence bins;
 with the temperature fitted by NLL on the validation split. *val*: the validation split (10 %
 of the training images per class, never trained on), on which anything is chosen; the test
 split chooses nothing. *wall*: the time of `fit` in the process that finished the run (a
-resumed run says which epochs it covers).
+resumed run says which epochs it covers; a run during whose fit other processes used 10 % or
+more of the machine's CPU says how much, and is left out of the mean wall time of a study).
 
 **Data.** CIFAR-10 runs read the JPEG re-encoding of the real data set (50,000 train / 10,000
 test, quality 75, 4:2:0; `python experiments/make_cifar10_jpeg.py` writes such a copy from
@@ -338,11 +340,27 @@ def main_command_block(runs):
             f"| `--loss {c['loss']}` | {percent(m['top1'])} | "
             + (f"{percent(metric_value(run, 'tta.top1'))} | " if tta else "")
             + f"{percent(m['mAP'])} | {percent(m['precision_at_1'])} | "
-            f"{percent(m['map_at_r'])} | {m['wall_seconds'] / 60:.0f} min | "
-            f"{m['train_images_per_second']:.0f} | {run['finished'][:10]}, "
+            f"{percent(m['map_at_r'])} | {speed_cells(m)} | {run['finished'][:10]}, "
             f"{machine.get('model', '?')} ({machine.get('cores', '?')} cores) |"
             + (f" {batchnorm_choice(m.get('batchnorm'))} |" if chosen else ""))
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + SPEED_LEGEND
+
+
+SPEED_LEGEND = ("Training time and images/s are those of a run whose record shows the machine "
+                f"otherwise idle (other processes under {100 * SHARED_MACHINE:.0f} % of its CPU "
+                "during the fit); a run timed beside other work, or recorded before the runner "
+                "measured that, shows its accuracy only.\n")
+
+
+def speed_cells(metrics):
+    """``55 min | 74``: the fit's wall time and images/s, where the record shows the machine
+    was otherwise idle; what kept them out, where it was not or the record does not say."""
+    share = metrics.get("cpu_share_of_other_processes")
+    if share is None:
+        return "- (machine load not recorded) | -"
+    if timed_on_shared_machine(metrics):
+        return f"- (others used {100 * share:.0f} % of the CPU) | -"
+    return f"{metrics['wall_seconds'] / 60:.0f} min | {metrics['train_images_per_second']:.0f}"
 
 
 def batchnorm_choice(batchnorm):

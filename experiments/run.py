@@ -15,6 +15,7 @@ from tfmargin.cli import (
     exit_with,
     parse_run_args,
 )
+from tfmargin.provenance import timed_on_shared_machine
 
 
 def batchnorm_line(batchnorm):
@@ -33,6 +34,15 @@ def batchnorm_line(batchnorm):
     return line
 
 
+def shared_note(metrics):
+    """`` (other processes used 45 % of the CPU meanwhile)`` where they used a tenth or more
+    of it, so a time measured beside other work is not read as the command's speed."""
+    if not timed_on_shared_machine(metrics):
+        return ""
+    share = metrics["cpu_share_of_other_processes"]
+    return f" (other processes used {100 * share:.0f} % of the CPU meanwhile)"
+
+
 def summary(config, metrics):
     """What the run reached, where it wrote, and what to type next."""
     run_dir = os.path.join(config.runs_dir, config.run_name())
@@ -40,7 +50,7 @@ def summary(config, metrics):
     lines = [f"{config.run_name()}: test top-1 {100 * metrics['top1']:.2f} %{tta}, mAP "
              f"{100 * metrics['mAP']:.2f} %, P@1 {100 * metrics['precision_at_1']:.2f} %, "
              f"MAP@R {100 * metrics['map_at_r']:.2f} %, training "
-             f"{metrics['wall_seconds'] / 60:.1f} min",
+             f"{metrics['wall_seconds'] / 60:.1f} min{shared_note(metrics)}",
              f"  run directory: {run_dir} (config.json, metrics.json, log.csv, logs/)"]
     if "export" in metrics:
         lines.append(f"  export: {metrics['export']} (" + ", ".join(config.export_formats())

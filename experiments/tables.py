@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from tfmargin.config import ADDED_LATER, NOT_IDENTITY, RunConfig, dataset_label
+from tfmargin.provenance import timed_on_shared_machine
 
 BACKBONE_COLUMNS = ("resnet18", "efficientnetb0", "mobilenetv2")
 # Every setting of a run's identity (what its hash covers).
@@ -74,10 +75,15 @@ def _percent(value):
 
 
 def _wall_cell(metrics):
-    """The fit's wall seconds; for a resumed run, which epochs they cover."""
+    """The fit's wall seconds; for a resumed run, which epochs they cover; for one timed on
+    a shared machine, how much of it others used."""
     resumed_at = metrics.get("resumed_at_epoch", 0)
     wall = f"{metrics['wall_seconds']:.0f}"
-    return f"{wall} (epochs {resumed_at + 1}–{metrics['epochs']})" if resumed_at else wall
+    if resumed_at:
+        wall += f" (epochs {resumed_at + 1}–{metrics['epochs']})"
+    if timed_on_shared_machine(metrics):
+        wall += f" (others {100 * metrics['cpu_share_of_other_processes']:.0f} % of the CPU)"
+    return wall
 
 
 def runs_table(runs):
@@ -291,9 +297,11 @@ def seed_table(runs, columns=SEED_METRICS, baseline="softmax", pair_by="seed",
         for key, _ in columns:
             values = [metric_value(r, key) for r in pairs.values()]
             cells.append("-" if None in values else _mean_sd(values))
-        # A resumed run's wall time covers only the epochs after the resume.
+        # A resumed run's wall time covers only the epochs after the resume; one timed
+        # beside other work is not the recipe's time.
         walls = [r["metrics"]["wall_seconds"] / 60 for r in pairs.values()
-                 if not r["metrics"].get("resumed_at_epoch")]
+                 if not r["metrics"].get("resumed_at_epoch")
+                 and not timed_on_shared_machine(r["metrics"])]
         wall = f"{np.mean(walls):.1f}" if walls else "-"
         names = ", ".join(map(str, sorted(pairs))) if pair_by == "seed" else str(len(pairs))
         lines.append(f"| {setting[0]} | {head} | {names} | " + " | ".join(cells)

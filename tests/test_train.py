@@ -42,6 +42,7 @@ def test_cli_end_to_end_writes_the_run_directory(shapes, tmp_path):
     assert metrics["top5"] == 1.0  # 4 classes
     assert metrics["train_images_per_second"] > 0 and metrics["wall_seconds"] > 0
     assert metrics["resumed_at_epoch"] == 0
+    assert 0.0 <= metrics["cpu_share_of_other_processes"] <= 1.0
     # Served plain, and reported with airbench's six test-time views beside it.
     assert metrics["tta"]["level"] == 2 and metrics["tta"]["served"] is False
     assert 0.0 <= metrics["tta"]["top1"] <= 1.0
@@ -628,3 +629,46 @@ def test_cpu_description_reads_model_family_and_the_bfloat16_flags(monkeypatch, 
     assert description["model"] == "AMD EPYC" and description["family"] == "26/2"
     assert description["flags"] == ["avx2", "avx512f", "avx512_bf16"]
     assert provenance.has_bfloat16_instructions()
+
+
+def test_machine_busy_seconds_reads_the_busy_fields_of_proc_stat(tmp_path):
+    """user + nice + system + irq + softirq + steal, in clock ticks; idle and iowait not."""
+    from tfmargin import provenance
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 20 30 5000 70 4 6 10 0 0\ncpu0 50 10 15 2500 35 2 3 5 0 0\n")
+    ticks = os.sysconf("SC_CLK_TCK")
+    assert provenance.machine_busy_seconds(str(stat)) == pytest.approx(170 / ticks)
+    assert provenance.machine_busy_seconds(str(tmp_path / "missing")) is None
+    assert provenance.MachineShare(str(tmp_path / "missing")).others() is None
+
+
+def test_machine_share_counts_only_other_processes_time(tmp_path, monkeypatch):
+    """Over 10 s of wall on 2 cores (20 CPU seconds), the machine was busy 12 s, 4 of them
+    this process's own: others used 8 / 20."""
+    from tfmargin import provenance
+
+    ticks = os.sysconf("SC_CLK_TCK")
+    stat = tmp_path / "stat"
+    clock = {"own": 3.0, "wall": 100.0}
+    monkeypatch.setattr(provenance.time, "process_time", lambda: clock["own"])
+    monkeypatch.setattr(provenance.time, "monotonic", lambda: clock["wall"])
+    monkeypatch.setattr(provenance.os, "cpu_count", lambda: 2)
+    stat.write_text(f"cpu  {100 * ticks} 0 0 0 0 0 0 0 0 0\n")
+    share = provenance.MachineShare(str(stat))
+    stat.write_text(f"cpu  {112 * ticks} 0 0 0 0 0 0 0 0 0\n")
+    clock.update(own=7.0, wall=110.0)
+    assert share.others() == pytest.approx(0.4)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads Linux's /proc/stat")
+def test_machine_share_sees_another_process_burning_a_core():
+    """A busy loop in a child process takes one core while this process waits for it: at
+    least 0.9 of a core's share of the machine is others' time."""
+    from tfmargin import provenance
+
+    share = provenance.MachineShare()
+    subprocess.run([sys.executable, "-c", "import time\nend = time.time() + 1.5\n"
+                    "while time.time() < end: pass"], check=True, timeout=60)
+    others = share.others()
+    assert 0.9 / os.cpu_count() <= others <= 1.0, others

@@ -10,12 +10,16 @@ import json
 import os
 import platform
 import subprocess
+import time
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FINGERPRINT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "tfmargin",
                                  "fingerprints.json")
 # CPU features that decide how fast the mixed-precision path can be.
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16")
+# The share of the machine's CPU other processes may use during a timed fit before its wall
+# time stops being a speed figure (MachineShare).
+SHARED_MACHINE = 0.10
 
 
 def utc_now():
@@ -72,6 +76,57 @@ def cpu_description():
     family = "/".join(numbers[k] for k in ("cpu family", "model") if k in numbers) or None
     return {"model": model, "family": family, "cores": os.cpu_count(),
             "flags": [flag for flag in CPU_FLAGS if flag in flags]}
+
+
+def machine_busy_seconds(stat_path="/proc/stat"):
+    """CPU seconds all processes have spent busy since boot, summed over cores (Linux's
+    ``/proc/stat``: user, nice, system, irq, softirq and steal; ``None`` where unreadable).
+    Steal counts: time a hypervisor gave to another guest is time this run did not get."""
+    try:
+        with open(stat_path) as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class MachineShare:
+    """How much of the machine's CPU other processes used while this one worked: a wall
+    time measured beside other work is not a speed figure, and the record should say so.
+
+    Example::
+
+        share = MachineShare()
+        model.fit(...)
+        share.others()  # 0.02 on an otherwise idle machine; None off Linux
+    """
+
+    def __init__(self, stat_path="/proc/stat"):
+        self.stat_path = stat_path
+        self.start = self._sample()
+
+    def _sample(self):
+        return machine_busy_seconds(self.stat_path), time.process_time(), time.monotonic()
+
+    def others(self):
+        """The fraction of the machine's CPU time (cores × wall time since construction)
+        that processes other than this one used, in [0, 1]; ``None`` where the machine's
+        busy time cannot be read."""
+        (busy0, own0, wall0), (busy1, own1, wall1) = self.start, self._sample()
+        if busy0 is None or busy1 is None or wall1 <= wall0:
+            return None
+        others = (busy1 - busy0) - (own1 - own0)
+        return min(max(others / ((wall1 - wall0) * (os.cpu_count() or 1)), 0.0), 1.0)
+
+
+def timed_on_shared_machine(metrics):
+    """True where a run's record says other processes used ``SHARED_MACHINE`` or more of
+    the CPU during its fit (False where it does not say: runs recorded before the measure)."""
+    share = metrics.get("cpu_share_of_other_processes")
+    return share is not None and share >= SHARED_MACHINE
 
 
 def has_bfloat16_instructions():

@@ -213,8 +213,10 @@ def start_run_dir(config, *, run_dir, overwrite, data, model, replicas, global_b
 
 def fit(config, *, run_dir, data, model, global_batch, projector, extra_callbacks):
     """``model.fit`` with the run's callbacks; returns ``(history, timing)``: the wall time
-    and training images/s of this process's ``fit`` and the epoch it resumed at (0 when the
-    run started here), so a resumed run's time is not mistaken for the whole run's."""
+    and training images/s of this process's ``fit``, the epoch it resumed at (0 when the
+    run started here), so a resumed run's time is not mistaken for the whole run's, and the
+    share of the machine's CPU other processes used meanwhile (None off Linux), so a time
+    measured beside other work is not mistaken for a speed."""
     steps = data.train_size // global_batch
     resume = ResumeEpoch(steps)
     train_ds, val_ds = make_datasets(config, data, global_batch, resume.first_epoch)
@@ -234,6 +236,7 @@ def fit(config, *, run_dir, data, model, global_batch, projector, extra_callback
         *([projector] if projector else []),
         *extra_callbacks,
     ]
+    share = provenance.MachineShare()
     start = time.perf_counter()
     history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs,
                         steps_per_epoch=steps, callbacks=callbacks,
@@ -241,7 +244,8 @@ def fit(config, *, run_dir, data, model, global_batch, projector, extra_callback
                         verbose=2 if os.environ.get("CI") else 1)
     return history, {"wall_seconds": time.perf_counter() - start,
                      "train_images_per_second": throughput.images_per_second,
-                     "resumed_at_epoch": int(resume.first_epoch.numpy())}
+                     "resumed_at_epoch": int(resume.first_epoch.numpy()),
+                     "cpu_share_of_other_processes": share.others()}
 
 
 def check_diverged(history, run_dir, has_validation):
