@@ -830,6 +830,7 @@ def main(argv=None):
 
     tf.get_logger().setLevel("ERROR")  # AutoGraph and deprecation chatter
     started = tf.timestamp()
+    share = provenance.MachineShare()  # ratios survive a busy machine; images/s do not
     header = (f"tfmargin benchmark {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
               f"{machine()}, TensorFlow {tf.__version__}, Keras {keras.__version__}; batch "
               f"{args.batch_size}, {args.steps} steps x {args.rounds} rounds")
@@ -863,14 +864,18 @@ def main(argv=None):
         if "accuracy" in args.sections and args.dataset:
             bench_accuracy(report, args, os.path.join(tmp, "runs"))
     seconds = float(tf.timestamp() - started)
-    print(f"finished in {seconds:.0f} s", flush=True)
+    others = share.others()
+    load = ("" if others is None else
+            f"; other processes used {100 * others:.0f} % of the CPU meanwhile")
+    print(f"finished in {seconds:.0f} s{load}", flush=True)
     command = f"python benchmarks/bench.py {' '.join(sys.argv[1:] if argv is None else argv)}"
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(f"{header}\n\n`{command}` ({seconds:.0f} s)\n\n" + report.markdown())
+            f.write(f"{header}\n\n`{command}` ({seconds:.0f} s{load})\n\n" + report.markdown())
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"header": header, "command": command, "seconds": seconds,
+                       "cpu_share_of_other_processes": others,
                        "machine": provenance.cpu_description(),
                        "code": provenance.code_version(), "versions": provenance.library_versions(),
                        "rows": report.rows}, f, indent=2)

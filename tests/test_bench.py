@@ -143,6 +143,11 @@ def test_benchmark_runs_its_sections_for_one_round(tmp_path):
         capture_output=True, text=True, timeout=1200, env={**os.environ, "CI": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
+    # Whether the machine was shared while it ran, in the record and its Markdown.
+    others = report["cpu_share_of_other_processes"]
+    assert 0.0 <= others <= 1.0
+    assert f"other processes used {100 * others:.0f} % of the CPU meanwhile)" in \
+        (tmp_path / "b.md").read_text()
     sections = {row["section"] for row in report["rows"]}
     assert {"head", "input", "machine", "utilization", "vs plain", "peer"} <= sections
     accuracy = [r for r in report["rows"] if r["name"].startswith("tinycnn test top-1")]
