@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -352,6 +353,15 @@ def test_main_command_block_holds_the_command_as_typed_only(tmp_path):
     assert rows[0].endswith("| BatchNorm statistics (val top-1: moving / recalibrated) |")
     assert rows[2].endswith("(2 cores) | moving (80.04 / 77.58) |")
     assert rows[3].endswith("(2 cores) | - |")
+    assert "Beside it, the same command with `--loss softmax` and the same seed." in \
+        (tmp_path / "results.md").read_text()
+
+    # Without the softmax run, the results page does not claim one.
+    shutil.rmtree(runs / "m-soft")
+    write_report(runs, tmp_path / "results.md")
+    results = (tmp_path / "results.md").read_text()
+    assert "The same command with `--loss softmax` has no recorded run yet" in results
+    assert "Beside it" not in results
 
 
 def test_paper_backbones_on_the_whole_training_split_get_their_own_section(tmp_path):
