@@ -103,13 +103,6 @@ at its defaults (`docs/recipe.md` says how they were chosen), on the CIFAR-10 JP
 temperature and the reject threshold), tested once on the 10,000 test images.
 """
 
-MAIN_BESIDE = {
-    True: ("Beside it, the same command with `--loss softmax` and the same seed. One seed each: "
-           "a difference between the two is an anecdote.\n\n"),
-    False: ("The same command with `--loss softmax` has no recorded run yet: nothing here "
-            "compares the two heads at the main command's budget.\n\n"),
-}
-
 GELU_INTRO = """
 ### The fused GELU against Keras's GELU
 
@@ -325,6 +318,15 @@ def five_split_means(runs):
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
+def main_beside(runs):
+    """What stands beside the main command's ArcFace run: its softmax twin, or nothing yet."""
+    if any(run["config"]["loss"] == "softmax" for run in runs):
+        return ("Beside it, the same command with `--loss softmax` and the same seed. One seed "
+                "each: a difference between the two is an anecdote.\n\n")
+    return ("The same command with `--loss softmax` has no recorded run yet: nothing here "
+            "compares the two heads at the main command's budget.\n\n")
+
+
 def main_command_block(runs):
     """The main command's measured result, for the README and docs/results.md."""
     if not runs:
@@ -472,8 +474,7 @@ def results_md(runs, ledger, docs_dir, plots):
                            f"`{r['config'].get('data_fingerprint', '?')[:16]}`" for r in runs})
     parts = [INTRO.format(fingerprints="; ".join(fingerprints) or "none yet")]
     main = [r for r in runs if is_main_command(r)]
-    softmax = any(run["config"]["loss"] == "softmax" for run in main)
-    parts.append(MAIN_INTRO + MAIN_BESIDE[softmax] + main_command_block(main)
+    parts.append(MAIN_INTRO + main_beside(main) + main_command_block(main)
                  + (commands(main) if main else ""))
     converged = [r for r in runs if is_converged(r)]
     if converged:
