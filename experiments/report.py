@@ -30,11 +30,14 @@ from tables import (  # noqa: E402
     head_spec,
     load_runs,
     margin_curves,
+    mean_sd,
     metric_value,
+    paired_difference,
     paper_table,
     precision_name,
     run_setting,
     runs_table,
+    seed_arms,
     seed_table,
     setting_key,
     setting_name,
@@ -441,12 +444,41 @@ def open_set_summary(runs):
             f"strong closed-set classifier with the maximum logit); {correlation}.\n")
 
 
+BRIEF_COLUMNS = (("open_set.max_logit.oscr", "OSCR"),
+                 ("open_set.closed_set_top1", "closed-set top-1"),
+                 ("calibration.before.ece", "ECE"), ("calibration.after.ece", "ECE scaled"))
+
+
+def open_set_brief(runs):
+    """The README's one table: per head, mean +- s.d. over the splits of the max-logit AUROC,
+    its paired difference from softmax (95 % interval) and the other columns' means."""
+    key = OPEN_SET_COLUMNS[0][0]
+    lines = ["| head | splits | AUROC max logit | AUROC Δ softmax (95 % CI) | "
+             + " | ".join(name for _, name in BRIEF_COLUMNS) + " |",
+             "|" + "---|" * (len(BRIEF_COLUMNS) + 4)]
+    arms = seed_arms(runs, pair_by="classes")
+    for (setting, head), pairs in sorted(arms.items()):
+        base = arms.get((setting, "softmax"), {})
+        common = sorted(set(pairs) & set(base))
+        difference = "-"
+        if head != "softmax" and common:
+            mean, interval = paired_difference(
+                [100 * metric_value(pairs[k], key) for k in common],
+                [100 * metric_value(base[k], key) for k in common])
+            difference = f"{mean:+.2f}" + (f" ({interval[0]:+.2f}, {interval[1]:+.2f})"
+                                           if interval else "") + f", {len(common)} splits"
+        cells = [mean_sd([metric_value(r, k) for r in pairs.values()])
+                 for k, _ in ((key, None),) + BRIEF_COLUMNS]
+        lines.append(f"| {head} | {len(pairs)} | {cells[0]} | {difference} | "
+                     + " | ".join(cells[1:]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def open_set_block(runs):
     runs = [r for r in runs if is_open_set(r)]
     if not runs:
         return "The open-set study has no recorded runs yet.\n"
-    return (seed_table(runs, columns=OPEN_SET_COLUMNS[:1] + OPEN_SET_COLUMNS[5:],
-                       pair_by="classes", pairs_name="splits") + "\n" + open_set_summary(runs))
+    return open_set_brief(runs) + "\n" + open_set_summary(runs)
 
 
 def diagnostics_section(runs, ledger, docs_dir, plots):

@@ -274,7 +274,7 @@ def verdict(interval):
     return "helps" if low > 0 else "hurts" if high < 0 else "within noise"
 
 
-def _mean_sd(values):
+def mean_sd(values):
     values = 100 * np.asarray(values, float)
     spread = f" ± {values.std(ddof=1):.2f}" if len(values) > 1 else ""
     return f"{values.mean():.2f}{spread}"
@@ -296,7 +296,7 @@ def seed_table(runs, columns=SEED_METRICS, baseline="softmax", pair_by="seed",
         cells = []
         for key, _ in columns:
             values = [metric_value(r, key) for r in pairs.values()]
-            cells.append("-" if None in values else _mean_sd(values))
+            cells.append("-" if None in values else mean_sd(values))
         # A resumed run's wall time covers only the epochs after the resume; one timed
         # beside other work is not the recipe's time.
         walls = [r["metrics"]["wall_seconds"] / 60 for r in pairs.values()

@@ -452,7 +452,10 @@ def test_open_set_study_is_paired_by_split_with_five_list_means(tmp_path):
     auroc = list(0.80 + splits) + list(0.82 + splits)
     assert f"Pearson r = {np.corrcoef(accuracy, auroc)[0, 1]:.2f}" in section
     readme = (tmp_path / "README.md").read_text()
-    assert "| softmax | 4 | 82.25 ± 1.71 |" in readme.split("results:open-set")[1]
+    block = readme.split("results:open-set")[1]
+    assert "| softmax | 4 | 82.25 ± 1.71 | - | 70.00 ± 0.00 | 95.00 ± 0.00 |" in block
+    assert "| arcface s=8 m=0.1 monotonic | 4 | 84.25 ± 1.71 | +2.00 (+2.00, +2.00), 4 splits |" \
+        in block
 
 
 def test_a_run_timed_beside_other_work_says_so_when_it_ends():
