@@ -432,6 +432,7 @@ def test_open_set_study_is_paired_by_split_with_five_list_means(tmp_path):
             scores = {k: {"auroc": auroc - (0.0 if k == "max_logit" else 0.05), "oscr": 0.7}
                       for k in ("max_logit", "msp", "energy", "feature_norm", "knn")}
             update_metrics(runs, name, open_set=scores | {"closed_set_top1": top1},
+                           reject={"unknown_rejected": 0.3, "test_rejected": 0.05},
                            calibration={"before": {"ece": 0.05, "nll": 0.3, "brier": 0.1},
                                         "after": {"ece": 0.01, "nll": 0.2, "brier": 0.09},
                                         "temperature": 1.5})
@@ -451,9 +452,12 @@ def test_open_set_study_is_paired_by_split_with_five_list_means(tmp_path):
     accuracy = [0.95] * 4 + [0.94] * 4
     auroc = list(0.80 + splits) + list(0.82 + splits)
     assert f"Pearson r = {np.corrcoef(accuracy, auroc)[0, 1]:.2f}" in section
+    assert ("Each head's best score: arcface s=8 m=0.1 monotonic: max logit (84.25); "
+            "softmax: max logit (82.25)." in section)
     readme = (tmp_path / "README.md").read_text()
     block = readme.split("results:open-set")[1]
-    assert "| softmax | 4 | 82.25 ± 1.71 | - | 70.00 ± 0.00 | 95.00 ± 0.00 |" in block
+    assert ("| softmax | 4 | 82.25 ± 1.71 | - | 70.00 ± 0.00 | 95.00 ± 0.00 | 5.00 ± 0.00 "
+            "| 1.00 ± 0.00 | 30.00 ± 0.00 |" in block)
     assert "| arcface s=8 m=0.1 monotonic | 4 | 84.25 ± 1.71 | +2.00 (+2.00, +2.00), 4 splits |" \
         in block
 
