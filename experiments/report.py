@@ -184,8 +184,11 @@ data. On a machine with internet access:
 
 
 def commands(runs):
-    """The run.py command of each run, as a Markdown list."""
-    return "\nCommands:\n\n" + "".join(f"- `{command(run['config'])}`\n" for run in runs)
+    """The run.py command of each run, with its seed and when it finished, as a Markdown
+    list."""
+    return "\nCommands:\n\n" + "".join(
+        f"- `{command(run['config'])}` (seed {run['config']['seed']}, finished "
+        f"{run['finished']})\n" for run in runs)
 
 
 def budget(run):

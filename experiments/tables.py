@@ -267,9 +267,9 @@ def paired_difference(a, b, confidence=0.95):
     return mean, (mean - half, mean + half)
 
 
-def verdict(interval):
+def verdict(interval, pairs_name="seeds"):
     if interval is None:
-        return "one seed: an anecdote"
+        return f"one {pairs_name[:-1]}: an anecdote"
     low, high = interval
     return "helps" if low > 0 else "hurts" if high < 0 else "within noise"
 
@@ -325,7 +325,7 @@ def seed_table(runs, columns=SEED_METRICS, baseline="softmax", pair_by="seed",
             row.append((text, interval))
         diffs.append(f"| {setting[0]} | {head} | {len(common)} | "
                      + " | ".join(text for text, _ in row)
-                     + f" | {verdict(row[0][1]) if row[0][0] != '-' else '-'} |")
+                     + f" | {verdict(row[0][1], pairs_name) if row[0][0] != '-' else '-'} |")
     paired = "\n\n" + "\n".join(diffs) if len(diffs) > 2 else \
         f"\n\nNo {'margin head' if arm_title == 'head' else 'other ' + arm_title} has " \
         f"{pairs_name} in common with {baseline} yet: no paired " \

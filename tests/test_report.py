@@ -444,6 +444,7 @@ def test_open_set_study_is_paired_by_split_with_five_list_means(tmp_path):
     assert "helps" in section
     # Five lists, list 0's run counted twice: (2 * 80 + 82 + 83 + 84) / 5 = 81.8.
     assert "| softmax | 5 (0 = 1) | 81.80 |" in section
+    assert "--mixed-precision` (seed 0, finished 2026-12-01 10:20 UTC)" in section
     assert ("**arcface s=8 m=0.1 monotonic with the max logit score, AUROC 84.25**"
             in section)
     import numpy as np
