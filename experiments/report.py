@@ -26,13 +26,13 @@ from tables import (  # noqa: E402
     KERNEL_SETTINGS,
     best_on_validation,
     command,
+    difference_cell,
     head_name,
     head_spec,
     load_runs,
     margin_curves,
     mean_sd,
     metric_value,
-    paired_difference,
     paper_table,
     precision_name,
     run_setting,
@@ -447,9 +447,10 @@ def open_set_summary(runs):
                    "too few runs to relate AUROC to closed-set accuracy")
     per_head = {}
     for (name, score_name), scores in means.items():
-        if np.mean(scores) > per_head.get(name, ("", -1.0))[1]:
-            per_head[name] = (score_name, float(np.mean(scores)))
-    each = "; ".join(f"{name}: {s} ({percent(v)})" for name, (s, v) in sorted(per_head.items()))
+        per_head.setdefault(name, []).append((np.mean(scores), score_name))
+    each = "; ".join(f"{name}: {score_name} ({percent(value)})"
+                     for name, (value, score_name) in sorted(
+                         (name, max(scores)) for name, scores in per_head.items()))
     splits = "the one split" if len(values) == 1 else f"the {len(values)} distinct splits"
     return (f"Best at telling unknown classes apart, on average over {splits}: "
             f"**{head} with the {score} score, AUROC {percent(np.mean(values))}**"
@@ -477,12 +478,9 @@ def open_set_brief(runs):
         common = sorted(set(pairs) & set(base))
         difference = "-"
         if head != "softmax" and common:
-            mean, interval = paired_difference(
-                [100 * metric_value(pairs[k], key) for k in common],
-                [100 * metric_value(base[k], key) for k in common])
-            splits = f"{len(common)} split" + "s" * (len(common) > 1)
-            difference = f"{mean:+.2f}" + (f" ({interval[0]:+.2f}, {interval[1]:+.2f})"
-                                           if interval else "") + f", {splits}"
+            text, _ = difference_cell([metric_value(pairs[k], key) for k in common],
+                                      [metric_value(base[k], key) for k in common])
+            difference = f"{text}, {len(common)} split" + "s" * (len(common) > 1)
         cells = [mean_sd([metric_value(r, k) for r in pairs.values()])
                  for k, _ in ((key, None),) + BRIEF_COLUMNS]
         lines.append(f"| {head} | {len(pairs)} | {cells[0]} | {difference} | "

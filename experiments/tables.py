@@ -267,6 +267,14 @@ def paired_difference(a, b, confidence=0.95):
     return mean, (mean - half, mean + half)
 
 
+def difference_cell(a, b):
+    """``a - b`` over pairs of fractions, in percent, as ``+m (+low, +high)`` (the mean alone
+    for one pair); returns ``(text, interval)``."""
+    mean, interval = paired_difference(100 * np.asarray(a, float), 100 * np.asarray(b, float))
+    return (f"{mean:+.2f}" + (f" ({interval[0]:+.2f}, {interval[1]:+.2f})" if interval else ""),
+            interval)
+
+
 def verdict(interval, pairs_name="seeds"):
     if interval is None:
         return f"one {pairs_name[:-1]}: an anecdote"
@@ -319,10 +327,7 @@ def seed_table(runs, columns=SEED_METRICS, baseline="softmax", pair_by="seed",
             if None in a or None in b:
                 row.append(("-", None))
                 continue
-            mean, interval = paired_difference(100 * np.asarray(a), 100 * np.asarray(b))
-            text = f"{mean:+.2f}" + (f" ({interval[0]:+.2f}, {interval[1]:+.2f})"
-                                     if interval else "")
-            row.append((text, interval))
+            row.append(difference_cell(a, b))
         diffs.append(f"| {setting[0]} | {head} | {len(common)} | "
                      + " | ".join(text for text, _ in row)
                      + f" | {verdict(row[0][1], pairs_name) if row[0][0] != '-' else '-'} |")
