@@ -444,9 +444,18 @@ def test_open_set_study_is_paired_by_split_with_five_list_means(tmp_path):
     assert "helps" in section
     # Five lists, list 0's run counted twice: (2 * 80 + 82 + 83 + 84) / 5 = 81.8.
     assert "| softmax | 5 (0 = 1) | 81.80 |" in section
-    assert "--mixed-precision` (seed 0, finished 2026-12-01 10:20 UTC)" in section
-    assert ("**arcface s=8 m=0.1 monotonic with the max logit score, AUROC 84.25**"
+    assert "--mixed-precision` (split 2, seed 0, finished 2026-12-01 10:20 UTC)" in section
+    assert "--mixed-precision` (split 0 (= list 1), seed 0, finished" in section
+    # Commands in split order: split 0's two heads first, split 4's last.
+    listed = [line for line in section.splitlines() if line.startswith("- `python")]
+    assert [line.split("(split ")[1][0] for line in listed] == list("00223344")
+    assert ("**arcface s=8 m=0.1 monotonic with the max logit score, AUROC 84.25**, "
+            "+2.00 (+2.00, +2.00) against softmax with the maximum logit over 4 splits"
             in section)
+    # Closed-set top-1 -1.00 point against +2.00 AUROC: within three times, so it follows.
+    assert ("the other heads' closed-set top-1 differs by -1.00 to -1.00 points and their "
+            "max-logit AUROC by +2.00 to +2.00, gaps of the size closed-set accuracy "
+            "explains." in section)
     import numpy as np
 
     splits = np.array([0, 2, 3, 4]) / 100
