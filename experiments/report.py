@@ -321,15 +321,16 @@ def five_split_means(runs):
     for run in runs:
         by_head.setdefault(head_name(run["config"]), {})[split_index(
             run["config"]["classes"])] = run
-    lines = ["| head | lists | AUROC max logit | AUROC MSP | AUROC kNN | OSCR | closed-set top-1 |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| head | lists | AUROC max logit | AUROC MSP | AUROC norm | AUROC kNN | OSCR | "
+             "closed-set top-1 |", "|---|---|---|---|---|---|---|---|"]
     for head, splits in sorted(by_head.items()):
         # Split 1 is split 0's class set: the same run.
         weights = {i: (2 if i == 0 else 1) for i in splits}
         if set(splits) != {0, 2, 3, 4}:
             continue
         cells = []
-        for key in ("open_set.max_logit.auroc", "open_set.msp.auroc", "open_set.knn.auroc",
+        for key in ("open_set.max_logit.auroc", "open_set.msp.auroc",
+                    "open_set.feature_norm.auroc", "open_set.knn.auroc",
                     "open_set.max_logit.oscr", "open_set.closed_set_top1"):
             values = [metric_value(splits[i], key) for i in splits]
             cells.append(percent(sum(w * v for w, v in zip(weights.values(), values,
