@@ -230,3 +230,37 @@ def test_open_set_scores_rank_known_images_higher():
     # k-th nearest: the second most similar gallery embedding's cosine.
     np.testing.assert_allclose(knn_similarity(np.array([[1.0, 0.0]]), gallery, k=2),
                                [1.0 / np.sqrt(1 + 0.05**2)])
+
+
+@pytest.mark.parametrize("name", ["max_logit", "msp", "energy", "feature_norm"])
+def test_the_exports_reject_scores_are_the_reported_ones(name):
+    """The export's score (TensorFlow) per image equals the open-set score the metrics
+    report (NumPy), and the reject option thresholds that score at the validation quantile."""
+    from tfmargin.evaluation import REJECT_KEEP, reject_option
+    from tfmargin.export import open_set_score
+    from tfmargin.metrics import open_set_scores, rejection_threshold
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(scale=4.0, size=(60, 5)).astype("float32")
+    embeddings = rng.normal(size=(60, 8)).astype("float32")
+    served = open_set_score(name, logits, embeddings).numpy()
+    reported = open_set_scores(logits, embeddings)[name]
+    np.testing.assert_allclose(served, reported, rtol=1e-5)
+    val = {"served": logits[:40], "embeddings": embeddings[:40]}
+    test = {"served": logits[40:], "embeddings": embeddings[40:]}
+    option = reject_option(val, test, score_name=name)
+    assert option["score"] == name and option["keep"] == REJECT_KEEP
+    assert option["threshold"] == rejection_threshold(reported[:40], REJECT_KEEP)
+    assert option["val_rejected"] == 0.05  # floor(5 % of 40) = 2 of 40
+    assert option["test_rejected"] == np.mean(reported[40:] < option["threshold"])
+
+
+def test_an_unknown_reject_score_is_refused_with_the_choices():
+    from tfmargin.config import ConfigError, RunConfig
+    from tfmargin.export import open_set_score
+
+    with pytest.raises(ConfigError, match="unknown reject score 'knn'; choose one of "
+                                          "max_logit, msp, energy, feature_norm"):
+        RunConfig(reject_score="knn").validate()
+    with pytest.raises(ValueError, match="unknown reject score 'knn'"):
+        open_set_score("knn", np.zeros((1, 2)), np.zeros((1, 2)))

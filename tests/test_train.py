@@ -25,8 +25,8 @@ def shapes(tmp_path_factory):
 def test_cli_end_to_end_writes_the_run_directory(shapes, tmp_path):
     result = run_cli("--backbone", "tinycnn", "--loss", "arcface", "--dataset", shapes,
                      "--mix", "cutmix", "--epochs", "2", "--batch-size", "32",
-                     "--runs-dir", str(tmp_path), "--name", "smoke",
-                     "--export-dir", str(tmp_path / "exports"))
+                     "--reject-score", "feature_norm", "--runs-dir", str(tmp_path),
+                     "--name", "smoke", "--export-dir", str(tmp_path / "exports"))
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "smoke"
     config = json.loads((run_dir / "config.json").read_text())
@@ -68,6 +68,28 @@ def test_cli_end_to_end_writes_the_run_directory(shapes, tmp_path):
     assert sorted(os.listdir(tmp_path / "exports" / "smoke")) == [
         "class_names.txt", "model.keras", "savedmodel", "serving.json"]
     assert os.readlink(tmp_path / "exports" / "latest") == "smoke"
+    # The reject option thresholds the embedding's norm, as asked, chosen on validation, and
+    # the SavedModel serves that score and rejects at the recorded threshold.
+    reject = metrics["reject"]
+    assert (reject["score"], reject["chosen_on"], config["reject_score"]) == (
+        "feature_norm", "validation", "feature_norm")
+    serving = json.loads((tmp_path / "exports" / "smoke" / "serving.json").read_text())
+    assert serving["reject"]["score"] == "feature_norm"
+    import tensorflow as tf
+
+    from tfmargin.data import load_dataset
+
+    val = np.stack([x.numpy() for x, _ in load_dataset(shapes).val])
+    served = tf.saved_model.load(str(tmp_path / "exports" / "smoke" / "savedmodel")).serve(
+        tf.constant(val))
+    import tfmargin
+
+    plain = tfmargin.load_model(tmp_path / "exports" / "smoke" / "model.keras")
+    norms = np.linalg.norm(plain.embedding(val.astype("float32"), training=False), axis=1)
+    np.testing.assert_allclose(served["score"].numpy(), norms, rtol=1e-4)
+    np.testing.assert_array_equal(served["rejected"].numpy(),
+                                  served["score"].numpy() < reject["threshold"])
+    assert float(np.mean(served["rejected"].numpy())) == pytest.approx(reject["val_rejected"])
     assert config["code"]["commit"] and isinstance(config["code"]["dirty"], bool)
     assert set(config["versions"]) >= {"python", "tensorflow", "keras", "numpy"}
     assert config["machine"]["model"] and len(config["data_fingerprint"]) == 64

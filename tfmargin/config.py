@@ -21,7 +21,7 @@ NOT_IDENTITY = ("name", "runs_dir", "export", "export_dir", "projector_samples",
 # Settings added after runs existed: left out of the identity at these values, so those
 # runs keep their names (and a sweep still finds them finished).
 ADDED_LATER = {"recipe": "standard", "tta": 0, "classes": "", "gelu": "keras",
-               "batchnorm": "keras"}
+               "batchnorm": "keras", "reject_score": "max_logit"}
 
 
 
@@ -68,6 +68,7 @@ class RunConfig:
     precise_bn_batches: int = 20
     tta: int = 0
     classes: str = ""  # comma-separated class names to train on (""): all; see class_list
+    reject_score: str = "max_logit"  # the export's reject option: names.REJECT_SCORES
     validation_freq: int = 1
     val_split: float = 0.1
     test_split: float = 0.1
@@ -192,7 +193,8 @@ class RunConfig:
                 ("optimizer", self.optimizer, names.OPTIMIZERS),
                 ("strategy", self.strategy, names.STRATEGIES),
                 ("augmentation", self.augment, names.AUGMENTATIONS),
-                ("mix", self.mix, names.MIXES)):
+                ("mix", self.mix, names.MIXES),
+                ("reject score", self.reject_score, names.REJECT_SCORES)):
             need(value in allowed,
                  f"unknown {flag} {value!r}; choose one of {names.choices(allowed)}")
         for flag, value, low in (("epochs", self.epochs, 1), ("batch-size", self.batch_size, 1),

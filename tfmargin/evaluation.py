@@ -11,10 +11,8 @@ from tfmargin import metrics as m
 from tfmargin.names import TTA_LEVELS
 from tfmargin.tta import tta_logits
 
-# The export's reject option: the score it thresholds, and the fraction of known
-# validation images it keeps (Vaze et al. 2022: the maximum logit is a strong score; for a
-# cosine head it ranks as the maximum cosine).
-REJECT_SCORE = "max_logit"
+# The export's reject option keeps this fraction of the known validation images (the score
+# it thresholds is the run's --reject-score, tfmargin.names.REJECT_SCORES).
 REJECT_KEEP = 0.95
 # A run without test-time augmentation still reports the test top-1 with it, at this level
 # (airbench's six views), beside the plain figure.
@@ -80,15 +78,16 @@ def calibration(test, val):
     return result
 
 
-def reject_option(val, test, unknown=None):
-    """The reject threshold: the served ``REJECT_SCORE`` above which ``REJECT_KEEP`` of
-    the known validation images lie; and how many images of each split it rejects."""
+def reject_option(val, test, unknown=None, score_name="max_logit"):
+    """The reject threshold: the served score ``score_name`` (``names.REJECT_SCORES``)
+    above which ``REJECT_KEEP`` of the known validation images lie; and how many images of
+    each split it rejects."""
     def score(predicted):
-        return m.open_set_scores(predicted["served"], predicted["embeddings"])[REJECT_SCORE]
+        return m.open_set_scores(predicted["served"], predicted["embeddings"])[score_name]
 
     val_scores = score(val)
     threshold = m.rejection_threshold(val_scores, REJECT_KEEP)
-    result = {"score": REJECT_SCORE, "keep": REJECT_KEEP, "threshold": threshold,
+    result = {"score": score_name, "keep": REJECT_KEEP, "threshold": threshold,
               "chosen_on": "validation",
               "val_rejected": float(np.mean(val_scores < threshold)),
               "test_rejected": float(np.mean(score(test) < threshold))}
@@ -108,7 +107,7 @@ def open_set(test, unknown, gallery):
             np.mean(correct))}
 
 
-def evaluate(model, data, batch_size, tta=0):
+def evaluate(model, data, batch_size, tta=0, reject_score="max_logit"):
     """Every metric of a trained model; returns ``(metrics, test predictions)``.
 
     Test: classification (also with test-time augmentation, ``REPORTED_TTA``
@@ -139,5 +138,5 @@ def evaluate(model, data, batch_size, tta=0):
         results["open_set"] = open_set(test, unknown, gallery["embeddings"])
     if val is not None:
         results["val"] = split_metrics(val)
-        results["reject"] = reject_option(val, test, unknown)
+        results["reject"] = reject_option(val, test, unknown, reject_score)
     return results, test

@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from tfmargin.atomic import atomic_directory
 from tfmargin.data import decode_image
-from tfmargin.names import EXPORT_FORMATS, choices
+from tfmargin.names import EXPORT_FORMATS, REJECT_SCORES, choices
 from tfmargin.tta import tta_logits
 
 UNKNOWN = "unknown"  # class_name of a rejected input; its class_id is -1
@@ -31,15 +31,31 @@ def _logits_and_cosine(model, images):
     return head(embedding), cosine, embedding
 
 
-def serving_outputs(model, class_names, images, tta=0, temperature=1.0, threshold=None):
+def open_set_score(name, logits, embedding):
+    """The reject option's score ``name`` (``names.REJECT_SCORES``) per image, from the
+    served logits and the embedding before normalisation; higher: more likely a known
+    class. The same scores as ``tfmargin.metrics.open_set_scores``, in TensorFlow."""
+    if name == "max_logit":
+        return tf.reduce_max(logits, axis=-1)
+    if name == "msp":
+        return tf.reduce_max(tf.nn.softmax(logits), axis=-1)
+    if name == "energy":
+        return tf.reduce_logsumexp(logits, axis=-1)
+    if name == "feature_norm":
+        return tf.norm(embedding, axis=-1)
+    raise ValueError(f"unknown reject score {name!r}; choose one of {choices(REJECT_SCORES)}")
+
+
+def serving_outputs(model, class_names, images, tta=0, temperature=1.0, threshold=None,
+                    score_name="max_logit"):
     """The serving dict for uint8 ``images`` (N, H, W, 3); no label input anywhere.
 
     ``tta > 0``: logits and cosines are averaged over the test-time
     augmentation views of ``tfmargin.tta``; the embedding is the plain image's.
     ``probabilities`` are ``softmax(logits / temperature)`` (the temperature
-    fitted on the validation split). ``score`` is the maximum logit, the
-    reject option's score; with a ``threshold``, an image scoring below it is
-    ``rejected``: ``class_id`` -1, ``class_name`` "unknown".
+    fitted on the validation split). ``score`` is the reject option's score
+    ``score_name`` (:func:`open_set_score`); with a ``threshold``, an image scoring
+    below it is ``rejected``: ``class_id`` -1, ``class_name`` "unknown".
     """
     images = tf.cast(images, tf.float32)
     logits, cosine, embedding = _logits_and_cosine(model, images)
@@ -48,7 +64,7 @@ def serving_outputs(model, class_names, images, tta=0, temperature=1.0, threshol
                               images, tta, plain=tf.stack([logits, cosine]))
         logits, cosine = averaged[0], averaged[1]
     normalized = tf.math.l2_normalize(embedding, axis=-1, epsilon=1e-12)
-    score = tf.reduce_max(logits, axis=-1)
+    score = open_set_score(score_name, logits, embedding)
     rejected = score < threshold if threshold is not None else tf.zeros_like(score, tf.bool)
     class_id = tf.where(rejected, -1, tf.argmax(logits, axis=-1, output_type=tf.int32))
     names = tf.constant([*class_names, UNKNOWN])  # index -1 is "unknown"
@@ -82,16 +98,19 @@ def export_models(model, class_names, export_path, *, formats=("savedmodel", "ke
     classifier (logits only).
 
     Args:
-        reject: ``{"score": "max_logit", "threshold": t, ...}`` as chosen on the
-            validation split (``tfmargin.evaluation.reject_option``), or None.
+        reject: ``{"score": name, "threshold": t, ...}`` as chosen on the validation
+            split (``tfmargin.evaluation.reject_option``; ``name`` one of
+            ``names.REJECT_SCORES``), or None.
     """
     unknown = set(formats) - set(EXPORT_FORMATS)
     if unknown:
         raise ValueError(f"Unknown export format(s) {sorted(unknown)}; choose from "
                          f"{choices(EXPORT_FORMATS)}.")
-    if reject is not None and reject.get("score") != "max_logit":
-        raise ValueError(f"the export thresholds the maximum logit, not {reject['score']!r}")
+    if reject is not None and reject.get("score") not in REJECT_SCORES:
+        raise ValueError(f"unknown reject score {reject.get('score')!r}; choose one of "
+                         f"{choices(REJECT_SCORES)}")
     threshold = None if reject is None else float(reject["threshold"])
+    score_name = "max_logit" if reject is None else reject["score"]
     serving = {"tta_level": tta, "temperature": float(temperature), "reject": reject,
                "image_size": image_size, "outputs": ["probabilities", "logits", "cosine",
                                                       "embedding", "score", "rejected",
@@ -104,7 +123,8 @@ def export_models(model, class_names, export_path, *, formats=("savedmodel", "ke
             json.dump(serving, f, indent=2)
         if "savedmodel" in formats or "onnx" in formats:
             def outputs(images):
-                return serving_outputs(model, class_names, images, tta, temperature, threshold)
+                return serving_outputs(model, class_names, images, tta, temperature, threshold,
+                                       score_name)
 
             archive = keras.export.ExportArchive()
             archive.track(model)

@@ -339,7 +339,8 @@ def train(config, resume=False, overwrite=False, callbacks=()):
                                             num_batches=config.precise_bn_batches)
     if projector:  # after the statistics are chosen: it embeds in inference mode
         projector.write(config.epochs)
-    metrics, test = evaluate(model, data, global_batch, resolved["tta"])
+    metrics, test = evaluate(model, data, global_batch, resolved["tta"],
+                             reject_score=config.reject_score)
     metrics |= {"epochs": config.epochs, **timing, **({"batchnorm": batchnorm} if batchnorm
                                                         else {}),
                 "train_accuracy_last_epoch": history.history.get("accuracy", [None])[-1]}
