@@ -465,8 +465,8 @@ def open_set_summary(runs):
                          (name, max(scores)) for name, scores in per_head.items()))
     splits = "the one split" if len(values) == 1 else f"the {len(values)} distinct splits"
     return (f"Best at telling unknown classes apart, on average over {splits} (an "
-            f"observation on the test split, not a choice: the export serves the maximum "
-            f"logit): "
+            f"observation on the test split, not a choice: the study's exports serve the "
+            f"maximum logit): "
             f"**{head} with the {names[best]} score, AUROC {percent(np.mean(values))}**"
             f"{against_softmax(runs, head, best)} (published, on these splits: plain softmax "
             f"86.1 with the ARPL code, 93.6 for a strong closed-set classifier with the maximum "
@@ -474,14 +474,22 @@ def open_set_summary(runs):
             f"{accuracy_gaps(runs)}. Each head's best score: {each}.\n")
 
 
+def paired_with_softmax(runs):
+    """``(head, its runs, softmax's runs, their common splits)`` for each head of the
+    open-set study but softmax that shares splits with it (``seed_arms`` by split)."""
+    arms = seed_arms(runs, pair_by="classes")
+    for (setting, head), pairs in arms.items():
+        base = arms.get((setting, "softmax"), {})
+        common = sorted(set(pairs) & set(base))
+        if head != "softmax" and common:
+            yield head, pairs, base, common
+
+
 def against_softmax(runs, head, score):
     """``head``'s AUROC with ``score`` minus softmax's with the maximum logit (the score
     chosen before the study), paired by split, with its 95 % interval."""
-    arms = seed_arms(runs, pair_by="classes")
-    for (setting, name), pairs in arms.items():
-        base = arms.get((setting, "softmax"), {})
-        common = sorted(set(pairs) & set(base))
-        if name == head and name != "softmax" and common:
+    for name, pairs, base, common in paired_with_softmax(runs):
+        if name == head:
             text, _ = difference_cell(
                 [metric_value(pairs[k], f"open_set.{score}.auroc") for k in common],
                 [metric_value(base[k], "open_set.max_logit.auroc") for k in common])
@@ -495,13 +503,8 @@ def accuracy_gaps(runs):
     the range of their paired (by split) differences in closed-set top-1 and in max-logit
     AUROC, in points. Vaze et al. (2022) find AUROC tracking closed-set accuracy; an AUROC
     gap more than three times the largest accuracy gap is not that relation."""
-    arms = seed_arms(runs, pair_by="classes")
     top1, auroc = [], []
-    for (setting, head), pairs in arms.items():
-        base = arms.get((setting, "softmax"), {})
-        common = sorted(set(pairs) & set(base))
-        if head == "softmax" or not common:
-            continue
+    for _, pairs, base, common in paired_with_softmax(runs):
         for key, gaps in (("open_set.closed_set_top1", top1), ("open_set.max_logit.auroc",
                                                                 auroc)):
             gaps.append(100 * np.mean([metric_value(pairs[k], key) - metric_value(base[k], key)
