@@ -80,8 +80,8 @@ def test_cli_end_to_end_writes_the_run_directory(shapes, tmp_path):
     from tfmargin.data import load_dataset
 
     val = np.stack([x.numpy() for x, _ in load_dataset(shapes).val])
-    served = tf.saved_model.load(str(tmp_path / "exports" / "smoke" / "savedmodel")).serve(
-        tf.constant(val))
+    exported = tf.saved_model.load(str(tmp_path / "exports" / "smoke" / "savedmodel"))
+    served = exported.serve(tf.constant(val))
     import tfmargin
 
     plain = tfmargin.load_model(tmp_path / "exports" / "smoke" / "model.keras")

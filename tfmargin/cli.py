@@ -73,7 +73,7 @@ def _help():
         "classes": "comma-separated class names to train on (default: all); the test images "
                    "of the others are the unknowns of the open-set metrics",
         "reject_score": f"the score the export's reject option thresholds (at the value that "
-                        f"keeps 95 % of the known validation images): "
+                        f"keeps 95 %% of the known validation images): "
                         f"{names.described(names.REJECT_SCORES)}",
         "validation_freq": "validate on the validation split every N epochs",
         "val_split": "fraction of the training data held out for validation (per class); 0 "

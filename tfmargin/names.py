@@ -66,7 +66,7 @@ TTA_LEVELS = {
 # The scores the export's reject option can threshold (higher: more likely a known class),
 # computed from the served logits and the embedding before normalisation.
 REJECT_SCORES = {
-    "max_logit": "the maximum logit (a cosine head: s times the maximum cosine)",
+    "max_logit": "the maximum logit; for a cosine head, s times the maximum cosine",
     "msp": "the maximum softmax probability",
     "energy": "logsumexp of the logits",
     "feature_norm": "the embedding's norm before normalisation",
