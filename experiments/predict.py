@@ -6,8 +6,9 @@ Needs only TensorFlow and the SavedModel, no tfmargin model code: what a client 
 (``tfmargin.quiet``, standard library only, keeps TensorFlow's start-up lines quiet).
 The export's ``serve_encoded`` endpoint decodes and resizes the image bytes with
 the same function the training data went through; its probabilities carry the
-temperature fitted on the validation split, and an image whose score (the
-maximum logit) falls below the threshold chosen there is printed as "unknown".
+temperature fitted on the validation split, and an image whose score (the run's
+``--reject-score``, named in ``serving.json``) falls below the threshold chosen there is
+printed as "unknown".
 """
 
 import argparse
@@ -53,7 +54,7 @@ def main(argv=None):
         guesses = ", ".join(f"{names[i]} {probabilities[i]:.3f}" for i in top)
         if "rejected" in out and bool(out["rejected"].numpy()[0]):
             score = float(out["score"].numpy()[0])
-            print(f"{path}: unknown (score {score:.3f} below the threshold "
+            print(f"{path}: unknown (score {score:.3f}, {reject['score']}, below the threshold "
                   f"{reject['threshold']:.3f} chosen on validation; nearest: {guesses})")
         else:
             print(f"{path}: {guesses}")

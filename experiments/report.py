@@ -148,7 +148,8 @@ logsumexp of the logits; *norm*: the embedding's norm before normalisation; *kNN
 similarity to the 50th nearest training embedding). *OSCR*: the area under the curve of
 correct classification of known images against false acceptance of unknown ones (max logit).
 *Unknowns rejected*, *known rejected*: what the export's reject option does on the test
-images, at the max-logit threshold that keeps 95 % of the known validation images.
+images, at the threshold of the maximum logit (every run's `--reject-score` here) that keeps
+95 % of the known validation images.
 Scores are computed on the served logits (test-time augmentation level 2). Published anchors
 on these splits (not re-run here): plain softmax 86.1 AUROC with the ARPL code (94.3 % closed
 set), 93.6 for a strong closed-set classifier with the maximum logit (Vaze et al. 2022).

@@ -218,6 +218,7 @@ def test_predict_script_prints_unknown_for_a_rejected_image(finished_run, fresh,
     assert result.returncode == 0, result.stderr[-2000:]
     line = result.stdout.strip().splitlines()[-1]
     assert line.startswith(f"{path}: unknown (score ") and "chosen on validation" in line
+    assert ", max_logit, below the threshold " in line  # the score it thresholds, named
 
 
 def test_hparams_and_metrics_are_logged(finished_run):
