@@ -5,6 +5,7 @@
     python benchmarks/bench.py --dataset ../shared/datasets/cifar10-jpeg   # + accuracy check
     python benchmarks/bench.py --sections airbench --full-run results/runs/<run>  # vs bound
     python benchmarks/bench.py --sections profile --dataset ../shared/datasets/cifar10-jpeg
+    python benchmarks/bench.py --sections primitives   # oneDNN's kernels, Keras vs PyTorch
 
 Each ratio compares two set-ups timed in alternating blocks of training steps in this
 one process (``timing.paired``); the reported ratio is the median over rounds of the
@@ -601,6 +602,79 @@ def bench_profile(report, data, args):
     add_op_rows(report, "PyTorch airbench94 bfloat16, op", torch_op_times(block), steps)
 
 
+def conv_label(problem):
+    """``3x3 256->256 at 7x7`` from a oneDNN convolution problem
+    (``mb1024_ic256oc256_ih7oh7kh3sh1...``)."""
+    found = re.search(r"ic(\d+)oc(\d+)_ih(\d+)oh\d+kh(\d+)", problem)
+    if not found:
+        return problem
+    ic, oc, size, kernel = found.groups()
+    return f"{kernel}x{kernel} {ic}->{oc} at {size}x{size}"
+
+
+def bench_primitives(report, args):
+    """Each framework's bfloat16 airbench94 step under oneDNN's verbose mode, each in a
+    child process (``onednn.py``): the convolution primitives' milliseconds per step by
+    propagation and by shape, Keras against PyTorch, whether both chose the same
+    implementation and memory formats, and what the Keras step would take with PyTorch's
+    convolution times (the ratio its other work allows)."""
+    import onednn
+
+    if importlib.util.find_spec("torch") is None:
+        report.add("primitives", "oneDNN primitives", float("nan"), note="skipped: PyTorch is "
+                   "not installed (pip install torch, a CPU build: README, Install)")
+        return
+    measured = {}
+    for framework in ("keras", "pytorch"):
+        done = onednn.run_child(framework, args.airbench_batch, args.peer_steps, args.dataset)
+        if done.returncode:
+            raise RuntimeError(f"onednn.py {framework} failed: {done.stderr[-2000:]}")
+        times = onednn.primitive_times(done.stdout, args.peer_steps)
+        if not times:
+            report.add("primitives", "oneDNN primitives", float("nan"), note=f"skipped: "
+                       f"{framework} printed no oneDNN verbose lines (oneDNN not in use)")
+            return
+        measured[framework] = times, onednn.wall_ms(done.stdout), onednn.build(done.stdout)
+    (ours, our_wall, our_build), (peer, peer_wall, peer_build) = (measured["keras"],
+                                                                  measured["pytorch"])
+
+    def conv_ms(times, propagation=None):
+        return sum(entry["ms"] for (kind, prop, _), entry in times.items()
+                   if kind == "convolution" and propagation in (None, prop))
+
+    batch = f"batch {args.airbench_batch}, {args.peer_steps} steps"
+    report.add("primitives", "airbench94 bfloat16 step, wall time: Keras (one op at a time)",
+               our_wall, "ms", note=f"{batch}, under ONEDNN_VERBOSE=1; {our_build}")
+    report.add("primitives", "airbench94 bfloat16 step, wall time: PyTorch", peer_wall, "ms",
+               note=f"{batch}, under ONEDNN_VERBOSE=1; {peer_build}")
+    for propagation in ("forward_training", "backward_data", "backward_weights", None):
+        a, b = conv_ms(ours, propagation), conv_ms(peer, propagation)
+        report.add("primitives", f"convolutions, {propagation or 'all'}: Keras / PyTorch speed",
+                   b / a, "x", note=f"{a:.1f} vs {b:.1f} ms per step")
+    problems = sorted({key for key in {**ours, **peer} if key[0] == "convolution"},
+                      key=lambda key: (key[1], -max(ours.get(key, peer.get(key))["ms"], 0)))
+    for key in problems:
+        a, b = ours.get(key), peer.get(key)
+        name = f"{key[1]} {conv_label(key[2])}: Keras / PyTorch speed"
+        if a is None or b is None:
+            report.add("primitives", name, float("nan"), "x",
+                       note=f"run by {'PyTorch' if a is None else 'Keras'} only")
+            continue
+        same = a["impls"] == b["impls"]
+        impls = " ".join(sorted(impl for impl, _ in a["impls"] | b["impls"]))
+        report.add("primitives", name, b["ms"] / a["ms"], "x",
+                   note=f"{a['ms']:.1f} vs {b['ms']:.1f} ms per step; {impls}; "
+                        + ("same implementation and memory formats" if same else
+                           "implementations or memory formats differ"))
+    rest_ours, rest_peer = our_wall - conv_ms(ours), peer_wall - conv_ms(peer)
+    report.add("primitives", "the step's other work (wall time - convolutions): Keras",
+               rest_ours, "ms", note=f"PyTorch {rest_peer:.1f} ms")
+    report.add("primitives", "Keras / PyTorch step speed with PyTorch's convolution times",
+               peer_wall / (rest_ours + conv_ms(peer)), "x", ">= 1.2",
+               peer_wall / (rest_ours + conv_ms(peer)) >= 1.2,
+               note="the bfloat16 goal's bound: Keras's other work plus PyTorch's convolutions")
+
+
 CONV_SHAPES = {  # airbench94's convolutions: (input channels, output channels, size)
     "conv3x3 24->64 at 31x31": (24, 64, 31),
     "conv3x3 64->256 at 15x15": (64, 256, 15),
@@ -746,11 +820,11 @@ def bench_accuracy(report, args, runs_dir):
                f"{args.accuracy_epochs} epochs, {data.sizes['test']} test images")
 
 
-def airbench_data(data, args, tmp):
-    """Enough images for the airbench section's batches: the loaded data, or more random
-    JPEGs when it is too small."""
+def airbench_data(args, tmp, data=None):
+    """Enough images for the airbench section's batches: ``data`` where it has them, else
+    ``--dataset``, else random JPEGs written under ``tmp``."""
     needed = args.airbench_batch * (max(args.steps, args.peer_steps) + 1)
-    if data.train_size >= needed:
+    if data is not None and data.train_size >= needed:
         return data
     if args.dataset:
         return load_dataset(args.dataset, limit_train=needed, val_split=0.0)
@@ -770,7 +844,8 @@ def machine():
             + (f", {len(gpus)} GPU(s)" if gpus else ", no GPU"))
 
 
-SECTIONS = ("targets", "levers", "accuracy", "airbench", "bf16", "peer", "profile")
+SECTIONS = ("targets", "levers", "accuracy", "airbench", "bf16", "peer", "profile",
+            "primitives")
 
 
 def main(argv=None):
@@ -830,7 +905,9 @@ def main(argv=None):
 
     tf.get_logger().setLevel("ERROR")  # AutoGraph and deprecation chatter
     started = tf.timestamp()
-    share = provenance.MachineShare()  # ratios survive a busy machine; images/s do not
+    # Ratios survive a busy machine; images/s do not. The primitives section's
+    # children are this benchmark's own work.
+    share = provenance.MachineShare(own_children=True)
     header = (f"tfmargin benchmark {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
               f"{machine()}, TensorFlow {tf.__version__}, Keras {keras.__version__}; batch "
               f"{args.batch_size}, {args.steps} steps x {args.rounds} rounds")
@@ -847,7 +924,7 @@ def main(argv=None):
         if "levers" in args.sections:
             bench_levers(report, data, args)
         if {"airbench", "peer", "profile"} & set(args.sections):
-            big = airbench_data(data, args, tmp)
+            big = airbench_data(args, tmp, data)
             if "airbench" in args.sections:
                 bench_airbench(report, big, args)
                 if args.full_run:
@@ -859,6 +936,8 @@ def main(argv=None):
                     bench_peer_elementwise(report, args)
             if "profile" in args.sections:
                 bench_profile(report, big, args)
+        if "primitives" in args.sections:
+            bench_primitives(report, args)
         if "bf16" in args.sections:
             bench_bf16_layers(report, args)
         if "accuracy" in args.sections and args.dataset:

@@ -2,10 +2,11 @@
 descriptions (not from this project's Keras code):
 
 * airbench94 (Jordan 2024, ``KellerJordan/cifar10-airbench`` ``legacy/airbench94.py``): a
-  2x2 whitening conv with 24 outputs and GELU, three conv groups (conv3x3, max-pool 2,
-  BatchNorm without scale, GELU, conv3x3, BatchNorm, GELU) of 64/256/256 channels, a global
-  max-pool, a bias-free linear head scaled by 1/9; SGD with Nesterov momentum 0.85 in two
-  groups (BatchNorm offsets at 64x the learning rate), label smoothing 0.2.
+  2x2 whitening conv with 24 outputs (fixed filters, a trainable bias) and GELU, three conv
+  groups (conv3x3, max-pool 2, BatchNorm without scale, GELU, conv3x3, BatchNorm, GELU) of
+  64/256/256 channels, a global max-pool, a bias-free linear head scaled by 1/9; SGD with
+  Nesterov momentum 0.85 in two groups (BatchNorm offsets at 64x the learning rate), label
+  smoothing 0.2.
 * MobileNetV2 (Sandler et al. 2018, Table 2) adapted to 32x32 as this project adapts it: the
   first conv and the first stride-2 bottleneck at stride 1; then this project's neck
   (global pooling, a 512-wide bias-free projection, BatchNorm) and an ArcFace head
@@ -25,7 +26,9 @@ from torch import nn
 
 
 def airbench94(num_classes=10):
-    layers = [nn.Conv2d(3, 24, 2, bias=True), nn.GELU()]
+    whitening = nn.Conv2d(3, 24, 2, bias=True)
+    whitening.weight.requires_grad = False  # fixed filters, as airbench: only its bias learns
+    layers = [whitening, nn.GELU()]
     channels = 24
     for width in (64, 256, 256):
         for i in (1, 2):

@@ -130,13 +130,48 @@ def test_profiled_ops_are_attributed_to_layer_kinds_the_optimizer_or_the_rest():
     assert report.rows[0]["note"] == "60% of 25 ms of op time per step"
 
 
+def test_onednn_verbose_lines_after_the_marker_are_summed_per_step_and_problem():
+    import bench
+    from onednn import MARKER, build, primitive_times, wall_ms
+
+    problem = "mb8_ic4oc16_ih7oh7kh3sh1dh0ph1_iw7ow7kw3sw1dw0pw1"
+    formats = "src:bf16::blocked:acdb::f0 wei:bf16:a:blocked:ABcd16b16a::f0"
+    conv = (f"onednn_verbose,v1,primitive,exec,cpu,convolution,jit_bf16:avx512_core_bf16,"
+            f"backward_weights,{formats},,alg:convolution_direct,{problem},")
+    text = "\n".join([
+        "onednn_verbose,v1,info,oneDNN v3.7.3 (commit N/A)",
+        "onednn_verbose,v1,info,cpu,runtime:threadpool,nthr:2",
+        conv + "9.0",  # warm-up, before the marker: not counted
+        MARKER,
+        conv + "2.0",
+        "onednn_verbose,v1,primitive,create:cache_miss,cpu,convolution,x,y,z,,,p,0.5",
+        conv + "4.0",
+        "onednn_verbose,exec,cpu,reorder,jit:uni,undef,src:f32 dst:bf16,,,4x4x3x3,0.5",
+        "an unrelated line, with commas",
+        "wall ms per step: 12.5"])
+    times = primitive_times(text, steps=2)
+    assert set(times) == {("convolution", "backward_weights", problem),
+                          ("reorder", "undef", "4x4x3x3")}
+    entry = times[("convolution", "backward_weights", problem)]
+    assert entry["ms"] == 3.0 and entry["count"] == 1.0
+    assert entry["impls"] == {("jit_bf16:avx512_core_bf16", formats)}
+    assert times[("reorder", "undef", "4x4x3x3")]["ms"] == 0.25
+    assert wall_ms(text) == 12.5 and wall_ms("no timing") is None
+    assert build(text) == "oneDNN v3.7.3, threadpool runtime, 2 threads"
+    assert build("onednn_verbose,info,oneDNN v3.12.0 (commit 80afa71)\n"
+                 "onednn_verbose,info,cpu,runtime:OpenMP,nthr:16") == \
+        "oneDNN v3.12.0, OpenMP runtime, 16 threads"
+    assert build(conv + "1.0") is None
+    assert bench.conv_label(problem) == "3x3 4->16 at 7x7"
+
+
 @pytest.mark.slow
 def test_benchmark_runs_its_sections_for_one_round(tmp_path):
     data = write_image_folder(tmp_path / "data", num_classes=3, per_class=48, test_per_class=8)
     out = tmp_path / "bench.json"
     done = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--sections",
-         "targets,accuracy,peer,profile", "--dataset", data, "--backbones", "tinycnn",
+         "targets,accuracy,peer,profile,primitives", "--dataset", data, "--backbones", "tinycnn",
          "--plain-backbone", "tinycnn", "--steps", "2", "--peer-steps", "2", "--rounds", "1",
          "--batch-size", "16", "--airbench-batch", "32", "--accuracy-train", "64",
          "--accuracy-epochs", "1", "--json", str(out), "--markdown", str(tmp_path / "b.md")],
@@ -179,3 +214,12 @@ def test_benchmark_runs_its_sections_for_one_round(tmp_path):
     assert "airbench94 bfloat16, --batchnorm keras: layer BatchNormalization" in profile
     assert "airbench94 bfloat16, --batchnorm fused: layer FusedBatchNormalization" in profile
     assert report["machine"]["model"] and "| peer |" in (tmp_path / "b.md").read_text()
+    primitives = {r["name"]: r for r in report["rows"] if r["section"] == "primitives"}
+    if len(primitives) == 1:  # no PyTorch, or oneDNN not in use: a stated reason
+        assert next(iter(primitives.values()))["note"].startswith("skipped: ")
+    else:
+        for propagation in ("forward_training", "backward_data", "backward_weights", "all"):
+            assert primitives[f"convolutions, {propagation}: Keras / PyTorch speed"]["value"] > 0
+        assert "backward_weights 3x3 256->256 at 3x3: Keras / PyTorch speed" in primitives
+        assert primitives["Keras / PyTorch step speed with PyTorch's convolution times"][
+            "target"] == ">= 1.2"

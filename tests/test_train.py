@@ -683,6 +683,27 @@ def test_machine_share_counts_only_other_processes_time(tmp_path, monkeypatch):
     assert share.others() == pytest.approx(0.4)
 
 
+def test_machine_share_can_count_waited_for_children_as_its_own(tmp_path, monkeypatch):
+    """The same 12 busy seconds, 4 of them this process's and 5 its children's: others used
+    3 / 20 when children are its own, 8 / 20 when they are not."""
+    from tfmargin import provenance
+
+    ticks = os.sysconf("SC_CLK_TCK")
+    stat = tmp_path / "stat"
+    clock = {"own": 3.0, "children": 1.0, "wall": 100.0}
+    monkeypatch.setattr(provenance.time, "process_time", lambda: clock["own"])
+    monkeypatch.setattr(provenance.time, "monotonic", lambda: clock["wall"])
+    monkeypatch.setattr(provenance.os, "times", lambda: os.times_result(
+        (0.0, 0.0, clock["children"] - 0.5, 0.5, 0.0)))
+    monkeypatch.setattr(provenance.os, "cpu_count", lambda: 2)
+    stat.write_text(f"cpu  {100 * ticks} 0 0 0 0 0 0 0 0 0\n")
+    shares = [provenance.MachineShare(str(stat), own_children=True),
+              provenance.MachineShare(str(stat))]
+    stat.write_text(f"cpu  {112 * ticks} 0 0 0 0 0 0 0 0 0\n")
+    clock.update(own=7.0, children=6.0, wall=110.0)
+    assert [share.others() for share in shares] == pytest.approx([0.15, 0.4])
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads Linux's /proc/stat")
 def test_machine_share_sees_another_process_burning_a_core():
     """A busy loop in a child process takes one core while this process waits for it: at
