@@ -44,7 +44,8 @@ from tables import (  # noqa: E402
     validation_rank,
 )
 
-from tfmargin.config import RunConfig, dataset_label  # noqa: E402
+from tfmargin.config import ADDED_LATER, RunConfig, dataset_label  # noqa: E402
+from tfmargin.names import BATCHNORM_BACKBONES  # noqa: E402
 from tfmargin.provenance import SHARED_MACHINE, timed_on_shared_machine  # noqa: E402
 
 README_BLOCKS = ("headline", "main-command", "open-set")
@@ -244,13 +245,15 @@ def is_full_paper_backbone(run):
 def selection_table(runs):
     """Validation metrics of selection runs, best first (the test columns are left out:
     nothing is chosen on them)."""
-    lines = ["| backbone | head | precision | label smoothing | lr | seed | train images | "
-             "epochs | val top-1 | val mAP | val P@1 | val MAP@R |",
-             "|" + "---|" * 12]
+    lines = ["| backbone | head | BatchNorm | precision | label smoothing | lr | seed | "
+             "train images | epochs | val top-1 | val mAP | val P@1 | val MAP@R |",
+             "|" + "---|" * 13]
     for run in sorted(runs, key=lambda r: (r["config"]["backbone"], [-v for v in
                                                                      validation_rank(r)])):
         c, v = run["config"], run["metrics"]["val"]
-        lines.append(f"| {c['backbone']} | {head_name(c)} | {precision_name(c)} | "
+        batchnorm = (c.get("batchnorm") or ADDED_LATER["batchnorm"]
+                     if c["backbone"] in BATCHNORM_BACKBONES else "-")
+        lines.append(f"| {c['backbone']} | {head_name(c)} | {batchnorm} | {precision_name(c)} | "
                      f"{c['label_smoothing']} | {c['learning_rate']} | {c['seed']} | "
                      f"{c['train_size']} | {c['epochs']} | {percent(v['top1'])} | "
                      f"{percent(v['mAP'])} | {percent(v['precision_at_1'])} | "

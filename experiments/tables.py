@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from tfmargin.config import ADDED_LATER, NOT_IDENTITY, RunConfig, dataset_label
+from tfmargin.names import BATCHNORM_BACKBONES
 from tfmargin.provenance import timed_on_shared_machine
 
 BACKBONE_COLUMNS = ("resnet18", "efficientnetb0", "mobilenetv2")
@@ -207,6 +208,16 @@ def setting_label(config, leave_out=()):
         if run_setting(config, key) != ADDED_LATER[key] and key not in leave_out)
 
 
+def batchnorm_label(config):
+    """``Keras BatchNorm`` for a run of a backbone built with BatchNorm whose BatchNorm is not
+    today's default (runs from before the fused one record none: Keras's), else ``""``."""
+    if config["backbone"] not in BATCHNORM_BACKBONES:
+        return ""
+    used = config.get("batchnorm") or ADDED_LATER["batchnorm"]
+    recipe = RunConfig.for_recipe(config.get("recipe", "standard"))
+    return "" if used == recipe.batchnorm else f"{used.capitalize()} BatchNorm"
+
+
 def head_label(config):
     """A run's head and non-default recipe: ``softmax``, ``arcface s=16 m=0.5 monotonic``."""
     label, recipe = head_name(config), recipe_label(config)
@@ -346,6 +357,8 @@ def paper_table(runs, paper, metric="mAP"):
     ours = {}
     for run in runs:
         head, backbone = head_label(run["config"]), run["config"]["backbone"]
+        if batchnorm_label(run["config"]):
+            head += f", {batchnorm_label(run['config'])}"
         cells = ours.setdefault(head, {})
         if backbone in cells:
             raise ValueError(f"two runs for one cell of the paper table: {head}, {backbone}")

@@ -283,9 +283,9 @@ def test_selection_section_shows_precision_smoothing_and_each_command(tmp_path):
                                         "map_at_r": 0.5})
     text = write_report(runs, tmp_path / "results.md")
     # Sorted by validation top-1: the cosface run first.
-    assert ("| airbench94 | cosface s=8 m=0.3 LS 0.0 | float32 | 0.0 | 0.1875 | 0 | 45000 | 5 | "
-            "92.00 | 95.00 | 85.00 | 50.00 |\n| airbench94 | cosface s=8 m=0.1 | float32 | 0.2 | "
-            "0.1875 | 0 | 45000 | 5 | 92.00 | 94.00 |") in text
+    assert ("| airbench94 | cosface s=8 m=0.3 LS 0.0 | fused | float32 | 0.0 | 0.1875 | 0 | "
+            "45000 | 5 | 92.00 | 95.00 | 85.00 | 50.00 |\n| airbench94 | cosface s=8 m=0.1 | "
+            "fused | float32 | 0.2 | 0.1875 | 0 | 45000 | 5 | 92.00 | 94.00 |") in text
     # The margin head chosen on validation (not the run best on test).
     assert ("- airbench94, cosface: **cosface s=8 m=0.3 LS 0.0**, lr 0.1875, label smoothing 0 "
             "(one seed, 92.00 % validation top-1; `cosface:s=8:m=0.3:ls=0`)") in text
