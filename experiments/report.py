@@ -24,6 +24,7 @@ from sweep import CIFAR10_CLASSES, OPEN_SET_SPLITS  # noqa: E402
 from tables import (  # noqa: E402
     BACKBONE_COLUMNS,
     KERNEL_SETTINGS,
+    batchnorm_used,
     best_on_validation,
     command,
     difference_cell,
@@ -44,7 +45,7 @@ from tables import (  # noqa: E402
     validation_rank,
 )
 
-from tfmargin.config import ADDED_LATER, RunConfig, dataset_label  # noqa: E402
+from tfmargin.config import RunConfig, dataset_label  # noqa: E402
 from tfmargin.names import BATCHNORM_BACKBONES  # noqa: E402
 from tfmargin.provenance import SHARED_MACHINE, timed_on_shared_machine  # noqa: E402
 
@@ -251,8 +252,7 @@ def selection_table(runs):
     for run in sorted(runs, key=lambda r: (r["config"]["backbone"], [-v for v in
                                                                      validation_rank(r)])):
         c, v = run["config"], run["metrics"]["val"]
-        batchnorm = (c.get("batchnorm") or ADDED_LATER["batchnorm"]
-                     if c["backbone"] in BATCHNORM_BACKBONES else "-")
+        batchnorm = batchnorm_used(c) if c["backbone"] in BATCHNORM_BACKBONES else "-"
         lines.append(f"| {c['backbone']} | {head_name(c)} | {batchnorm} | {precision_name(c)} | "
                      f"{c['label_smoothing']} | {c['learning_rate']} | {c['seed']} | "
                      f"{c['train_size']} | {c['epochs']} | {percent(v['top1'])} | "

@@ -208,12 +208,18 @@ def setting_label(config, leave_out=()):
         if run_setting(config, key) != ADDED_LATER[key] and key not in leave_out)
 
 
+def batchnorm_used(config):
+    """The BatchNorm a run was built with (runs from before the setting record none:
+    Keras's)."""
+    return config.get("batchnorm") or ADDED_LATER["batchnorm"]
+
+
 def batchnorm_label(config):
     """``Keras BatchNorm`` for a run of a backbone built with BatchNorm whose BatchNorm is not
     today's default (runs from before the fused one record none: Keras's), else ``""``."""
     if config["backbone"] not in BATCHNORM_BACKBONES:
         return ""
-    used = config.get("batchnorm") or ADDED_LATER["batchnorm"]
+    used = batchnorm_used(config)
     recipe = RunConfig.for_recipe(config.get("recipe", "standard"))
     return "" if used == recipe.batchnorm else f"{used.capitalize()} BatchNorm"
 
