@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import shutil
@@ -111,6 +112,48 @@ def test_sigkill_mid_epoch_then_same_command_resumes(shapes, tmp_path, torn_back
     assert metrics["resumed_at_epoch"] == resumed_at - 1  # its wall time covers the rest
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["best.weights.h5",
                                                            "best.weights.h5.json"]
+
+
+def test_a_run_killed_while_it_evaluates_is_evaluated_again_not_trained_again(
+        shapes, tmp_path, monkeypatch):
+    """Keras's BackupAndRestore deletes its backup when fit returns; the weights fit ended
+    with are kept until metrics.json is written, so the same command only evaluates."""
+    from tfmargin import train as train_module
+    from tfmargin.config import RunConfig
+
+    config = RunConfig(backbone="tinycnn", dataset=shapes, epochs=2, batch_size=16,
+                       embedding_dim=0, projector_samples=0, export="none", seed=3,
+                       deterministic=True, runs_dir=str(tmp_path), name="r")
+    evaluate = train_module.evaluate
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "evaluate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train(config)
+    run_dir = tmp_path / "r"
+    fitted = json.loads((run_dir / train_module.FIT_RECORD).read_text())
+    assert len(fitted["history"]["loss"]) == 2 and fitted["timing"]["resumed_at_epoch"] == 0
+    assert (run_dir / train_module.TRAINED_WEIGHTS).exists()
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "backup").exists()
+
+    def trains_again(*args, **kwargs):
+        raise AssertionError("fit ran again")
+
+    monkeypatch.setattr(train_module, "evaluate", evaluate)
+    monkeypatch.setattr(train_module, "fit", trains_again)
+    metrics = train_module.train(config)
+    assert metrics["epochs"] == 2 and metrics["test_size"] == 24
+    assert metrics["wall_seconds"] == fitted["timing"]["wall_seconds"]
+    assert metrics["train_accuracy_last_epoch"] == fitted["history"]["accuracy"][-1]
+    assert len((run_dir / "log.csv").read_text().splitlines()) == 3  # a header and 2 epochs
+    assert not (run_dir / train_module.TRAINED_WEIGHTS).exists()  # inference.keras has it
+    # The evaluated weights are the ones fit ended with: as a run never interrupted.
+    monkeypatch.undo()
+    whole = train_module.train(dataclasses.replace(config, runs_dir=str(tmp_path / "w")))
+    assert {k: whole[k] for k in ("top1", "mAP", "map_at_r")} == {
+        k: metrics[k] for k in ("top1", "mAP", "map_at_r")}
 
 
 def test_checkpoint_write_that_dies_keeps_the_previous_best(tmp_path):

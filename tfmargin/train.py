@@ -248,8 +248,37 @@ def fit(config, *, run_dir, data, model, global_batch, projector, extra_callback
                      "cpu_share_of_other_processes": share.others()}
 
 
+FIT_RECORD = "fit.json"
+TRAINED_WEIGHTS = os.path.join("checkpoints", "trained.weights.h5")
+
+
+def fit_once(config, *, run_dir, model, **fit_args):
+    """``fit``'s history (``{metric: [per epoch]}``) and timing, from this process or from
+    the one before it. ``BackupAndRestore`` deletes its backup when ``fit`` returns, so a
+    run killed while it evaluated would otherwise train again from epoch 1: the weights fit
+    ended with and its history are kept (weights first; the record marks them whole) until
+    ``metrics.json`` is written, and the same command then evaluates them."""
+    record_path = os.path.join(run_dir, FIT_RECORD)
+    weights_path = os.path.join(run_dir, TRAINED_WEIGHTS)
+    if os.path.exists(record_path):
+        with model.distribute_strategy.scope():  # the file holds the optimizer's state too
+            model.optimizer.build(model.trainable_variables)
+        model.load_weights(weights_path)
+        with open(record_path) as f:
+            done = json.load(f)
+        return done["history"], done["timing"]
+    history, timing = fit(config, run_dir=run_dir, model=model, **fit_args)
+    history = {key: [float(value) for value in values]
+               for key, values in history.history.items()}
+    check_diverged(history, run_dir, fit_args["data"].val is not None)
+    with atomic_file(weights_path) as tmp:
+        model.save_weights(tmp)
+    _write_json(record_path, {"history": history, "timing": timing})
+    return history, timing
+
+
 def check_diverged(history, run_dir, has_validation):
-    losses = history.history.get("loss", [])
+    losses = history.get("loss", [])
     if losses and not math.isfinite(losses[-1]):
         best = os.path.join(run_dir, "checkpoints", "best.weights.h5")
         if os.path.exists(best):
@@ -331,10 +360,9 @@ def train(config, resume=False, overwrite=False, callbacks=()):
         data.train if data.val is None else data.val, data.class_names,
         config.projector_samples, config.projector_every) if config.projector_samples else None
 
-    history, timing = fit(config, run_dir=run_dir, data=data, model=model,
-                          global_batch=global_batch, projector=projector,
-                          extra_callbacks=callbacks)
-    check_diverged(history, run_dir, data.val is not None)
+    history, timing = fit_once(config, run_dir=run_dir, data=data, model=model,
+                               global_batch=global_batch, projector=projector,
+                               extra_callbacks=callbacks)
     batchnorm = choose_batchnorm_statistics(model, data, global_batch=global_batch,
                                             num_batches=config.precise_bn_batches)
     if projector:  # after the statistics are chosen: it embeds in inference mode
@@ -343,7 +371,7 @@ def train(config, resume=False, overwrite=False, callbacks=()):
                              reject_score=config.reject_score)
     metrics |= {"epochs": config.epochs, **timing, **({"batchnorm": batchnorm} if batchnorm
                                                         else {}),
-                "train_accuracy_last_epoch": history.history.get("accuracy", [None])[-1]}
+                "train_accuracy_last_epoch": history.get("accuracy", [None])[-1]}
     with atomic_file(os.path.join(run_dir, "inference.keras")) as tmp:
         model.save(tmp)
     if config.export_formats():
@@ -354,6 +382,7 @@ def train(config, resume=False, overwrite=False, callbacks=()):
             reject=metrics.get("reject"))
     log_hparams(os.path.join(run_dir, "logs"), resolved, metrics)
     record(run_dir, resolved, metrics, test)
+    os.remove(os.path.join(run_dir, TRAINED_WEIGHTS))  # inference.keras holds the model now
     if config.export_formats():  # not in runs/: TensorBoard would list the run twice
         point_latest(config.export_dir, config.run_name())
     return metrics
