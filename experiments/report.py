@@ -48,6 +48,7 @@ from tables import (  # noqa: E402
 from tfmargin.config import RunConfig, dataset_label  # noqa: E402
 from tfmargin.names import BATCHNORM_BACKBONES  # noqa: E402
 from tfmargin.provenance import SHARED_MACHINE, timed_on_shared_machine  # noqa: E402
+from tfmargin.recipes import MARGIN_HEAD_LEARNING_RATE  # noqa: E402
 
 README_BLOCKS = ("headline", "main-command", "open-set")
 
@@ -261,25 +262,64 @@ def selection_table(runs):
     return "\n".join(lines) + "\n"
 
 
+VALIDATION_COLUMNS = (("val.top1", "val top-1"), ("val.mAP", "val mAP"),
+                      ("val.map_at_r", "val MAP@R"))
+
+LEARNING_RATE_INTRO = """
+### The learning rate of each head at the main command's budget
+
+The main command with each head at more than one learning rate, the runs paired by seed,
+each rate against the margin heads' ({rate:g} per 128 images): validation only, where each
+head's default rate (`tfmargin.recipes.HEAD_LEARNING_RATES`) is chosen.
+
+"""
+
+
+def learning_rate_block(runs):
+    """The main command's settings at other learning rates, paired by seed with the margin
+    heads' rate, on validation; empty while every such run is at one rate."""
+    def shared(run):
+        return setting_key(run["config"], ("seed", "learning_rate"))
+
+    main = {shared(run) for run in runs if is_main_command(run)}
+    compared = [run for run in runs if shared(run) in main]
+    if len({run["config"]["learning_rate"] for run in compared}) < 2:
+        return ""
+    return LEARNING_RATE_INTRO.format(rate=MARGIN_HEAD_LEARNING_RATE) + seed_table(
+        compared, columns=VALIDATION_COLUMNS, baseline=f"lr {MARGIN_HEAD_LEARNING_RATE:g}",
+        arm=lambda config: f"lr {config['learning_rate']:g}", arm_fields=("learning_rate",),
+        arm_title="learning rate")
+
+
+def budget_of(run):
+    """``(backbone, training images, epochs)``: runs are ranked against runs of their own."""
+    config = run["config"]
+    return config["backbone"], config["train_size"], config["epochs"]
+
+
 def chosen_heads(runs):
-    """Each head type's setting that ranks first on validation, per backbone."""
+    """Each head type's setting that ranks first on validation, per backbone and budget."""
     lines = []
-    for backbone in sorted({r["config"]["backbone"] for r in runs}):
-        best = best_on_validation([r for r in runs if r["config"]["backbone"] == backbone])
+    for backbone, images, epochs in sorted({budget_of(r) for r in runs},
+                                           key=lambda b: (b[0], -b[1] * b[2])):
+        best = best_on_validation([r for r in runs
+                                   if budget_of(r) == (backbone, images, epochs)])
         for loss, group in sorted(best.items()):
             c = group[0]["config"]
             top1 = [run["metrics"]["val"]["top1"] for run in group]
             seeds = (f"mean of {len(group)} seeds, {percent(np.mean(top1))} ± "
                      f"{percent(np.std(top1, ddof=1))} %" if len(group) > 1 else
                      f"one seed, {percent(top1[0])} %")
-            lines.append(f"- {backbone}, {loss}: **{head_name(c)}**, lr {c['learning_rate']:g},"
+            lines.append(f"- {backbone}, {images}x{epochs}, {loss}: **{head_name(c)}**, "
+                         f"lr {c['learning_rate']:g},"
                          f" label smoothing {c['label_smoothing']:g} ({seeds} validation "
                          f"top-1; `{head_spec(c)}`)")
     if not lines:
         return ""
-    return ("\nBest on validation (highest validation top-1 of each head type, a setting's "
-            "value the mean over its seeds, ties broken by validation mAP; with one seed a "
-            "choice, not a comparison):\n\n" + "\n".join(lines) + "\n")
+    return ("\nBest on validation (highest validation top-1 of each head type per training "
+            "budget, the main command's runs included, a setting's value the mean over its "
+            "seeds, ties broken by validation mAP; with one seed a choice, not a "
+            "comparison):\n\n" + "\n".join(lines) + "\n")
 
 
 def calibration_table(runs):
@@ -346,8 +386,9 @@ def five_split_means(runs):
 def main_beside(runs):
     """What stands beside the main command's ArcFace run: its softmax twin, or nothing yet."""
     if any(run["config"]["loss"] == "softmax" for run in runs):
-        return ("Beside it, the same command with `--loss softmax` and the same seed. One seed "
-                "each: a difference between the two is an anecdote.\n\n")
+        return ("Beside it, the same command with `--loss softmax` and the same seed, each "
+                "head at its own default learning rate. One seed each: a difference between "
+                "the two is an anecdote.\n\n")
     return ("The same command with `--loss softmax` has no recorded run yet: nothing here "
             "compares the two heads at the main command's budget.\n\n")
 
@@ -603,8 +644,8 @@ def results_md(runs, ledger, docs_dir, plots):
     if selection:
         parts.append("\n## Choosing settings on validation\n\nShort runs with a validation "
                      "split held out of the training images, best first per backbone.\n\n"
-                     + selection_table(selection) + chosen_heads(selection)
-                     + commands(selection))
+                     + selection_table(selection) + chosen_heads(selection + main)
+                     + commands(selection) + learning_rate_block(runs))
     full = [r for r in runs if is_full_paper_backbone(r)]
     if full:
         parts.append("\n## The paper's backbones on all 50,000 CIFAR-10 training images\n\n"

@@ -112,13 +112,14 @@ RECIPE_KEYS = ("optimizer", "learning_rate", "weight_decay", "seed")
 
 
 def recipe_label(config, keys=RECIPE_KEYS):
-    """The recipe settings that differ from the run's recipe's defaults, e.g.
+    """The recipe settings that differ from the run's recipe's defaults for its head, e.g.
     ``adamw lr=0.002``."""
-    defaults = RunConfig.for_recipe(config.get("recipe", "standard"))
+    defaults = RunConfig.for_recipe(config.get("recipe", "standard"),
+                                    loss=config["loss"]).identity()
     names = {"learning_rate": "lr", "weight_decay": "wd"}
     return " ".join(str(config[key]) if key == "optimizer" else f"{names.get(key, key)}="
                     f"{config[key]}" for key in keys
-                    if key in config and config[key] != getattr(defaults, key))
+                    if key in config and config[key] != defaults[key])
 
 
 def smoothing_label(config):
@@ -244,22 +245,34 @@ def metric_value(run, key):
     return value
 
 
+# A head is compared at its own learning rate (recipes.HEAD_LEARNING_RATES): the rate is
+# part of the arm, not of the setting the arms share.
 HEAD_FIELDS = ("loss", "scale", "margin", "fallback", "sub_centers", "ce_weight",
-               "label_smoothing")
+               "label_smoothing", "learning_rate")
+
+
+def head_arm(config):
+    """A head's arm: ``softmax``, or ``softmax lr=0.05`` at a rate not the head's default."""
+    rate = recipe_label(config, keys=("learning_rate",))
+    return f"{head_name(config)} {rate}" if rate else head_name(config)
 
 
 def seed_arms(runs, pair_by="seed", arm=None, arm_fields=None):
     """``{(setting, arm): {pair: run}}``: runs whose identities differ only by ``pair_by``
     (``seed``; ``classes`` for the splits of the open-set study) are one arm; arms whose
     settings differ only in ``arm_fields`` (default: the head's, ``HEAD_FIELDS``) are
-    compared, each arm named by ``arm(config)`` (default ``head_name``). ``setting`` is
+    compared, each arm named by ``arm(config)`` (default ``head_arm``). ``setting`` is
     ``(label, key)``."""
-    arm, arm_fields = arm or head_name, arm_fields or HEAD_FIELDS
+    arm, arm_fields = arm or head_arm, arm_fields or HEAD_FIELDS
     arms = {}
     for run in runs:
         config = run["config"]
-        recipe = recipe_label(config, keys=RECIPE_KEYS[:-1])  # the seed pairs, not labels
-        setting = (setting_label(config, leave_out=arm_fields)
+        # The seed pairs, it labels nothing; an arm's own setting is in its arm's name.
+        recipe = recipe_label(config, keys=[key for key in RECIPE_KEYS[:-1]
+                                            if key not in arm_fields])
+        # Arms that are not heads compare one head's runs: the setting names it.
+        head = "" if "loss" in arm_fields else f", {head_name(config)}"
+        setting = (setting_label(config, leave_out=arm_fields) + head
                    + (f", {recipe}" if recipe else ""),
                    setting_key(config, (pair_by, *arm_fields)))
         pairs = arms.setdefault((setting, arm(config)), {})

@@ -16,7 +16,7 @@ def fake_run(runs, name, backbone, loss, top1, mAP, **changes):
     os.makedirs(runs / name)
     config = {"backbone": backbone, "loss": loss, "dataset": "data/cifar10-jpeg", "epochs": 3,
               "limit_train": 5000, "batch_size": 128, "optimizer": "sgd", "seed": 0,
-              "learning_rate": 0.05, "validation_freq": 3,
+              "learning_rate": 0.025 if loss == "softmax" else 0.05, "validation_freq": 3,
               "scale": None if loss == "softmax" else 16.0,
               "margin": None if loss == "softmax" else 0.2, "fallback": "monotonic",
               "ce_weight": 0.0, "head_scale": 16.0, "train_size": 5000,
@@ -207,7 +207,7 @@ def test_seed_arms_are_keyed_by_the_whole_identity_but_the_seed():
     text = seed_table(runs + [other])
     assert "| cifar10-jpeg airbench94 airbench 50000x10 float32 | softmax | 0, 1 | 91.00 ± 1.41" \
         in text
-    assert "| cifar10-jpeg airbench94 airbench 50000x10 float32, lr=0.5 | softmax | 0 | 50.00" \
+    assert "| cifar10-jpeg airbench94 airbench 50000x10 float32 | softmax lr=0.5 | 0 | 50.00" \
         in text
 
 
@@ -225,10 +225,11 @@ def test_kernel_check_pairs_the_fused_kernel_with_keras_by_seed(key, name):
     arcface = seed_run("a0", "arcface", 0, 0.89, 0.89)  # Keras's kernel only
     block = report.kernel_block(stock + fused + [arcface], key)
     assert block.startswith(f"\n### The fused {name} against Keras's {name}\n")
-    assert f"| cifar10-jpeg airbench94 airbench 50000x10 float32 | fused {name} | 0, 1 | " \
-        "90.40 ± 0.14 |" in block
-    assert f"| cifar10-jpeg airbench94 airbench 50000x10 float32 | Keras {name} | 0, 1 | " \
-        "90.20 ± 0.28 |" in block
+    # The arms are kernels: the setting they share names the head.
+    assert f"| cifar10-jpeg airbench94 airbench 50000x10 float32, softmax | fused {name} | " \
+        "0, 1 | 90.40 ± 0.14 |" in block
+    assert f"| cifar10-jpeg airbench94 airbench 50000x10 float32, softmax | Keras {name} | " \
+        "0, 1 | 90.20 ± 0.28 |" in block
     # Differences 0.3, 0.1 pp: mean 0.2, s.d. 0.1414, t(0.975, 1) = 12.706: half-width 1.27.
     assert f"| fused {name} | 2 | +0.20 (-1.07, +1.47) |" in block
     assert "arcface" not in block and f"| {name} − Keras {name} | common seeds |" in block
@@ -287,7 +288,8 @@ def test_selection_section_shows_precision_smoothing_and_each_command(tmp_path):
             "45000 | 5 | 92.00 | 95.00 | 85.00 | 50.00 |\n| airbench94 | cosface s=8 m=0.1 | "
             "fused | float32 | 0.2 | 0.1875 | 0 | 45000 | 5 | 92.00 | 94.00 |") in text
     # The margin head chosen on validation (not the run best on test).
-    assert ("- airbench94, cosface: **cosface s=8 m=0.3 LS 0.0**, lr 0.1875, label smoothing 0 "
+    assert ("- airbench94, 45000x5, cosface: **cosface s=8 m=0.3 LS 0.0**, lr 0.1875, "
+            "label smoothing 0 "
             "(one seed, 92.00 % validation top-1; `cosface:s=8:m=0.3:ls=0`)") in text
     assert ("`python experiments/run.py --recipe airbench --backbone airbench94 --loss softmax "
             "--dataset data/cifar10-jpeg --epochs 5 --val-split 0.1 --mixed-precision`") in text
@@ -309,6 +311,36 @@ def test_a_setting_with_several_seeds_is_chosen_by_its_mean():
         "metrics": {"val": {"top1": 0.2, "mAP": 0.2}}}])
     assert [r["name"] for r in best["arcface"]] == ["0.1-0", "0.1-1", "0.1-2"]
     assert [r["name"] for r in best["softmax"]] == ["s"]
+
+
+def test_learning_rate_block_pairs_the_main_commands_rates_by_seed_on_validation(tmp_path):
+    """Softmax at its own rate and at the margin heads' rate, the main command otherwise,
+    paired by seed on validation; a run at another budget stays out of it."""
+    import report
+    from tables import load_runs
+
+    runs = tmp_path / "runs"
+    typed = dict(epochs=5, limit_train=0, train_size=45000, val_split=0.1,
+                 mixed_precision=False, validation_freq=1)
+    for name, rate, seed, top1 in (("own0", 0.025, 0, 0.77), ("own1", 0.025, 1, 0.78),
+                                   ("old0", 0.05, 0, 0.62), ("old1", 0.05, 1, 0.66)):
+        fake_run(runs, name, "mobilenetv2", "softmax", 0.5, 0.5, learning_rate=rate,
+                 seed=seed, **typed)
+        update_metrics(runs, name, val={"top1": top1, "mAP": top1, "precision_at_1": 0.5,
+                                        "map_at_r": 0.5})
+    fake_run(runs, "short", "mobilenetv2", "softmax", 0.5, 0.5, learning_rate=0.0125,
+             **typed | {"epochs": 2})
+    loaded = load_runs(runs)
+    assert [r["name"] for r in loaded if report.is_main_command(r)] == ["own0"]
+    block = report.learning_rate_block(loaded)
+    assert block.startswith("\n### The learning rate of each head at the main command's budget")
+    assert "| cifar10-jpeg mobilenetv2 standard 45000x5 float32, fused BatchNorm, softmax | " \
+        "lr 0.025 | 0, 1 | 77.50 ± 0.71 |" in block
+    # Differences 15 and 12 points: mean 13.5, s.d. 2.121, t(0.975, 1) = 12.706: +- 19.06.
+    assert "| lr 0.025 | 2 | +13.50 (-5.56, +32.56) |" in block
+    assert "0.0125" not in block
+    assert report.learning_rate_block([r for r in loaded if r["name"] != "old0"
+                                       and r["name"] != "old1"]) == ""
 
 
 def test_main_command_block_holds_the_command_as_typed_only(tmp_path):
@@ -353,7 +385,8 @@ def test_main_command_block_holds_the_command_as_typed_only(tmp_path):
     assert rows[0].endswith("| BatchNorm statistics (val top-1: moving / recalibrated) |")
     assert rows[2].endswith("(2 cores) | moving (80.04 / 77.58) |")
     assert rows[3].endswith("(2 cores) | - |")
-    assert "Beside it, the same command with `--loss softmax` and the same seed." in \
+    assert "Beside it, the same command with `--loss softmax` and the same seed, each head " \
+        "at its own default learning rate." in \
         (tmp_path / "results.md").read_text()
 
     # Without the softmax run, the results page does not claim one.

@@ -338,6 +338,24 @@ def test_a_sweep_at_another_learning_rate_trains_new_runs_and_a_name_clash_is_re
     assert (tmp_path / "fixed" / "metrics.json").read_text() == metrics
 
 
+def test_the_learning_rate_defaults_to_the_heads_and_an_explicit_one_names_the_same_run():
+    from tfmargin.config import RunConfig
+    from tfmargin.recipes import peak_learning_rate
+
+    assert RunConfig(loss="softmax").resolved_learning_rate() == 0.025
+    for loss in ("arcface", "cosface", "sphereface", "normface", "combined"):
+        assert RunConfig(loss=loss).resolved_learning_rate() == 0.05
+    assert RunConfig(loss="softmax", learning_rate=0.1).resolved_learning_rate() == 0.1
+    assert RunConfig.for_recipe("airbench", loss="softmax").resolved_learning_rate() == 0.1875
+    assert peak_learning_rate(RunConfig(loss="softmax"), global_batch=256) == 0.05
+    # A run given its head's rate is the default run (ledger runs keep their names), and
+    # another rate is another run.
+    assert RunConfig(loss="softmax", learning_rate=0.025).run_name() == \
+        RunConfig(loss="softmax").run_name() != RunConfig(loss="softmax",
+                                                        learning_rate=0.05).run_name()
+    assert RunConfig(loss="softmax").identity()["learning_rate"] == 0.025
+
+
 def test_learning_rate_scales_linearly_with_the_global_batch():
     from tfmargin.config import RunConfig
     from tfmargin.recipes import learning_rate_schedule

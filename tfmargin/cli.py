@@ -11,7 +11,7 @@ import sys
 from tfmargin import names
 from tfmargin.config import ConfigError, RunConfig
 from tfmargin.margins import FALLBACKS, MARGIN_TYPES
-from tfmargin.recipes import RECIPE_HELP
+from tfmargin.recipes import HEAD_LEARNING_RATES, MARGIN_HEAD_LEARNING_RATE, RECIPE_HELP
 
 
 def _help():
@@ -48,7 +48,10 @@ def _help():
                      f"{names.described(names.BATCHNORMS)}",
         "optimizer": f"optimizer: {names.described(names.OPTIMIZERS)}",
         "learning_rate": "peak learning rate per 128 images, scaled linearly with the global "
-                         "batch (the recipe sets the schedule: docs/recipe.md)",
+                         "batch (the recipe sets the schedule: docs/recipe.md); default: the "
+                         "head's, " + ", ".join(f"{loss} {rate:g}" for loss, rate in
+                                                HEAD_LEARNING_RATES.items())
+                         + f", the margin heads {MARGIN_HEAD_LEARNING_RATE:g}",
         "weight_decay": "weight decay: coupled L2 for sgd (as PyTorch's SGD), decoupled for "
                         "adamw",
         "warmup_epochs": "linear warm-up length in epochs (standard recipe only)",
@@ -126,6 +129,8 @@ def add_run_arguments(parser):
             parser.add_argument(flag, action="store_true", help=text)
         elif field.name == "scale":
             parser.add_argument(flag, type=_scale, default=default, help=text)
+        elif field.name == "learning_rate":
+            parser.add_argument(flag, type=float, default=default, help=text)
         elif field.name == "margin":
             parser.add_argument(flag, type=float, nargs="+", default=None, help=text)
         else:

@@ -11,7 +11,7 @@ import os
 
 from tfmargin import names, provenance
 from tfmargin.margins import FALLBACKS, MARGIN_TYPES, check_head_arguments
-from tfmargin.recipes import AIRBENCH, RECIPES
+from tfmargin.recipes import AIRBENCH, HEAD_LEARNING_RATES, MARGIN_HEAD_LEARNING_RATE, RECIPES
 
 # Settings that change neither the trained weights nor the reported metrics: they are left
 # out of a run's identity. (validation_freq only decides which epochs are validated, and
@@ -54,7 +54,8 @@ class RunConfig:
     # epsilon >= 1.001e-5; its paired-seed check: docs/results.md), faster (docs/performance.md).
     batchnorm: str = "fused"
     optimizer: str = "sgd"
-    learning_rate: float = 0.05  # per recipes.REFERENCE_BATCH images; see docs/recipe.md
+    # Per recipes.REFERENCE_BATCH images; None: the head's (resolved_learning_rate).
+    learning_rate: object = None
     weight_decay: float = 5e-4  # SGD: coupled L2, as the PyTorch CIFAR recipes
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.0
@@ -131,11 +132,21 @@ class RunConfig:
             return None
         return MARGIN_TYPES[self.loss].default_scale if self.scale is None else self.scale
 
+    def resolved_learning_rate(self):
+        """The peak learning rate per ``recipes.REFERENCE_BATCH`` images: the given one, or
+        the head's (``recipes.HEAD_LEARNING_RATES``; the margin heads share
+        ``MARGIN_HEAD_LEARNING_RATE``). Part of the identity as resolved, so a run given the
+        head's rate explicitly is the default run."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return HEAD_LEARNING_RATES.get(self.loss, MARGIN_HEAD_LEARNING_RATE)
+
     def identity(self):
         """Every setting that changes the results, as JSON-ready values."""
         values = dataclasses.asdict(self)
         values["margin"] = self.resolved_margin()
         values["scale"] = self.resolved_scale()
+        values["learning_rate"] = self.resolved_learning_rate()
         values["mixed_precision"] = self.resolved_mixed_precision()
         values["gelu"] = self.resolved_gelu()
         values["batchnorm"] = self.resolved_batchnorm()
@@ -207,7 +218,8 @@ class RunConfig:
             need(value >= low, f"--{flag} must be >= {low}, got {value}")
         need(self.embedding_dim >= 1 or self.embedding_dim == 0,
              f"--embedding-dim must be >= 1 (0: pooled features), got {self.embedding_dim}")
-        need(self.learning_rate > 0, f"--learning-rate must be > 0, got {self.learning_rate}")
+        need(self.resolved_learning_rate() > 0,
+             f"--learning-rate must be > 0, got {self.learning_rate}")
         need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
         need(0 <= self.label_smoothing < 1,
              f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")

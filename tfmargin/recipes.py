@@ -18,6 +18,11 @@ import os
 # The learning rate is given for this many images per step and scaled linearly with the
 # global batch (Goyal et al. 2017, "Accurate, Large Minibatch SGD").
 REFERENCE_BATCH = 128
+# The standard recipe's learning rate per REFERENCE_BATCH images, by head: softmax's chosen
+# on validation at the main command's budget, paired by seed; every margin head's is the one
+# its scale and margin were chosen at (docs/recipe.md, "The learning rate of each head").
+HEAD_LEARNING_RATES = {"softmax": 0.025}
+MARGIN_HEAD_LEARNING_RATE = 0.05
 RECIPES = {
     "standard": {},
     "airbench": dict(backbone="airbench94", epochs=10, batch_size=1024,
@@ -39,7 +44,7 @@ AIRBENCH = dict(momentum=0.85, offset_lr_scale=64.0, whiten_bias_epochs=3, warmu
 
 def peak_learning_rate(config, global_batch):
     """``--learning-rate`` is per ``REFERENCE_BATCH`` images: linear scaling with the batch."""
-    return config.learning_rate * global_batch / REFERENCE_BATCH
+    return config.resolved_learning_rate() * global_batch / REFERENCE_BATCH
 
 
 def learning_rate_schedule(config, steps_per_epoch, global_batch=REFERENCE_BATCH):
