@@ -617,16 +617,21 @@ def bench_primitives(report, args):
     child process (``onednn.py``): the convolution primitives' milliseconds per step by
     propagation and by shape, Keras against PyTorch, whether both chose the same
     implementation and memory formats, and what the Keras step would take with PyTorch's
-    convolution times (the ratio its other work allows)."""
+    convolution times (the ratio its other work allows). With ``--peer-python``, PyTorch's
+    step again under that Python's PyTorch (another build, another oneDNN), its convolutions
+    against Keras's: which of the two builds' differences a gap follows."""
     import onednn
 
     if importlib.util.find_spec("torch") is None:
         report.add("primitives", "oneDNN primitives", float("nan"), note="skipped: PyTorch is "
                    "not installed (pip install torch, a CPU build: README, Install)")
         return
+    children = {"keras": ("keras", None), "pytorch": ("pytorch", None),
+                **({"other": ("pytorch", args.peer_python)} if args.peer_python else {})}
     measured = {}
-    for framework in ("keras", "pytorch"):
-        done = onednn.run_child(framework, args.airbench_batch, args.peer_steps, args.dataset)
+    for name, (framework, python) in children.items():
+        done = onednn.run_child(framework, args.airbench_batch, args.peer_steps, args.dataset,
+                                python=python)
         if done.returncode:
             raise RuntimeError(f"onednn.py {framework} failed: {done.stderr[-2000:]}")
         times = onednn.primitive_times(done.stdout, args.peer_steps)
@@ -634,13 +639,23 @@ def bench_primitives(report, args):
             report.add("primitives", "oneDNN primitives", float("nan"), note=f"skipped: "
                        f"{framework} printed no oneDNN verbose lines (oneDNN not in use)")
             return
-        measured[framework] = times, onednn.wall_ms(done.stdout), onednn.build(done.stdout)
+        measured[name] = times, onednn.wall_ms(done.stdout), onednn.build(done.stdout)
     (ours, our_wall, our_build), (peer, peer_wall, peer_build) = (measured["keras"],
                                                                   measured["pytorch"])
 
     def conv_ms(times, propagation=None):
         return sum(entry["ms"] for (kind, prop, _), entry in times.items()
                    if kind == "convolution" and propagation in (None, prop))
+
+    if "other" in measured:
+        other, other_wall, other_build = measured["other"]
+        report.add("primitives", "airbench94 bfloat16 step, wall time: the other PyTorch",
+                   other_wall, "ms", note=f"{args.peer_python}; {other_build}")
+        for propagation in ("forward_training", "backward_data", "backward_weights", None):
+            a, b, c = (conv_ms(t, propagation) for t in (ours, peer, other))
+            report.add("primitives", f"convolutions, {propagation or 'all'}: Keras / the other "
+                       "PyTorch speed", c / a, "x", note=f"{a:.1f} vs {c:.1f} ms per step "
+                       f"(PyTorch {b:.1f})")
 
     batch = f"batch {args.airbench_batch}, {args.peer_steps} steps"
     report.add("primitives", "airbench94 bfloat16 step, wall time: Keras (one op at a time)",
@@ -858,6 +873,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=None,
                         help="per-step batch (default 64 quick, 128 full)")
     parser.add_argument("--steps", type=int, default=None, help="steps per timed block")
+    parser.add_argument("--peer-python", help="primitives: also time PyTorch's step under this "
+                        "Python, whose PyTorch is another build (another oneDNN version)")
     parser.add_argument("--peer-steps", type=int, default=3,
                         help="steps per timed block of the peer section")
     parser.add_argument("--rounds", type=int, default=None, help="alternations per ratio")

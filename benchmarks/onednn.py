@@ -13,7 +13,10 @@ child process of its own (``bench.py --sections primitives`` starts them):
 
 The child traces and warms the step, prints ``MARKER``, runs ``--steps`` steps, and prints
 their wall time per step (Keras's counted from the end of the first step, as ``bench.py``
-counts); only the lines after the marker are counted. TensorFlow's child
+counts); only the lines after the marker are counted. PyTorch's child trains on random
+images (a convolution's time does not depend on the pixel values) and imports neither
+TensorFlow nor this project, so it can run under another Python with another PyTorch build
+(``bench.py --peer-python``), one that bundles another oneDNN. TensorFlow's child
 runs one op at a time (``TF_NUM_INTEROP_THREADS=1``): two ops at once would each be timed
 while sharing the two threads, so a primitive's time would not be its own.
 """
@@ -70,10 +73,11 @@ def wall_ms(text):
     return None
 
 
-def run_child(framework, batch, steps, dataset=None):
-    """Run this file for ``framework`` under ``ONEDNN_VERBOSE=1``: the finished process
-    (its ``stdout`` holds the verbose lines)."""
-    command = [sys.executable, os.path.abspath(__file__), framework, "--batch", str(batch),
+def run_child(framework, batch, steps, dataset=None, python=None):
+    """Run this file for ``framework`` under ``ONEDNN_VERBOSE=1``, with ``python`` (default:
+    this interpreter): the finished process (its ``stdout`` holds the verbose lines)."""
+    command = [python or sys.executable, os.path.abspath(__file__), framework, "--batch",
+               str(batch),
                "--steps", str(steps)] + (["--dataset", dataset] if dataset else [])
     env = {**os.environ, "ONEDNN_VERBOSE": "1", "TF_NUM_INTEROP_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, env=env)
@@ -85,32 +89,48 @@ def main():
     parser.add_argument("framework", choices=("keras", "pytorch"))
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--dataset", help="image folder (default: generated random JPEGs)")
+    parser.add_argument("--dataset", help="image folder of Keras's batches (default: "
+                                          "generated random JPEGs)")
     args = parser.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    if args.framework == "keras":
+        time_keras(args.batch, args.steps, args.dataset)
+    else:
+        time_pytorch(args.batch, args.steps)
+
+
+def time_keras(batch, steps, dataset):
+    """The Keras port's bfloat16 airbench94 step, as ``bench.py`` times it."""
     import bench
 
-    settings = argparse.Namespace(airbench_batch=args.batch, steps=args.steps,
-                                  peer_steps=args.steps, dataset=args.dataset)
+    settings = argparse.Namespace(airbench_batch=batch, steps=steps, peer_steps=steps,
+                                  dataset=dataset)
     with tempfile.TemporaryDirectory() as tmp:
-        setup = bench.airbench_setup(bench.airbench_data(settings, tmp), settings, args.steps,
+        setup = bench.airbench_setup(bench.airbench_data(settings, tmp), settings, steps,
                                      mixed_precision=True)
-        memory = setup.cached_batches(args.steps)
-        if args.framework == "keras":
-            setup.rate(memory)  # traced and warm
-            print(MARKER, flush=True)
-            # Counted as the benchmark counts: from the end of the first step to the last.
-            ms = 1000 * args.batch / setup.rate(memory)
-        else:
-            step = bench.peer_step("airbench94", memory, bfloat16=True)
-            for _ in range(2):  # warm: oneDNN creates its primitives on first use
-                step()
-            print(MARKER, flush=True)
-            started = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            ms = 1000 * (time.perf_counter() - started) / args.steps
-        print(f"{WALL} {ms:.3f}", flush=True)
+        memory = setup.cached_batches(steps)
+        setup.rate(memory)  # traced and warm
+        print(MARKER, flush=True)
+        # Counted as the benchmark counts: from the end of the first step to the last.
+        ms = 1000 * batch / setup.rate(memory)
+    print(f"{WALL} {ms:.3f}", flush=True)
+
+
+def time_pytorch(batch, steps):
+    """PyTorch's bfloat16 airbench94 step (``peers.py``) on a random batch."""
+    import numpy as np
+    import peers
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (batch, 32, 32, 3)).astype("float32")
+    step = peers.training_step("airbench94", images, rng.integers(0, 10, batch), bfloat16=True)
+    for _ in range(2):  # warm: oneDNN creates its primitives on first use
+        step()
+    print(MARKER, flush=True)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    print(f"{WALL} {1000 * (time.perf_counter() - started) / steps:.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -174,7 +174,8 @@ def test_benchmark_runs_its_sections_for_one_round(tmp_path):
          "targets,accuracy,peer,profile,primitives", "--dataset", data, "--backbones", "tinycnn",
          "--plain-backbone", "tinycnn", "--steps", "2", "--peer-steps", "2", "--rounds", "1",
          "--batch-size", "16", "--airbench-batch", "32", "--accuracy-train", "64",
-         "--accuracy-epochs", "1", "--json", str(out), "--markdown", str(tmp_path / "b.md")],
+         "--accuracy-epochs", "1", "--json", str(out), "--markdown", str(tmp_path / "b.md"),
+         "--peer-python", sys.executable],  # the same PyTorch again, as another build's path
         capture_output=True, text=True, timeout=1200, env={**os.environ, "CI": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -220,6 +221,10 @@ def test_benchmark_runs_its_sections_for_one_round(tmp_path):
     else:
         for propagation in ("forward_training", "backward_data", "backward_weights", "all"):
             assert primitives[f"convolutions, {propagation}: Keras / PyTorch speed"]["value"] > 0
+            other = primitives[f"convolutions, {propagation}: Keras / the other PyTorch speed"]
+            assert other["value"] > 0 and " ms per step (PyTorch " in other["note"]
+        assert primitives["airbench94 bfloat16 step, wall time: the other PyTorch"][
+            "note"].startswith(f"{sys.executable}; oneDNN v")
         assert "backward_weights 3x3 256->256 at 3x3: Keras / PyTorch speed" in primitives
         assert primitives["Keras / PyTorch step speed with PyTorch's convolution times"][
             "target"] == ">= 1.2"
