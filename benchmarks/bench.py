@@ -135,10 +135,10 @@ class RunSetup:
             pass
         return memory
 
-    def rate(self, batches=None):
-        def fit(callbacks):
+    def rate(self, batches=None, callbacks=()):
+        def fit(clock):
             self.model.fit(batches or self.batches, steps_per_epoch=self.steps, epochs=1,
-                           verbose=0, callbacks=callbacks, shuffle=False)
+                           verbose=0, callbacks=[*clock, *callbacks], shuffle=False)
 
         return images_per_second(fit, self.config.batch_size)
 

@@ -12,8 +12,10 @@ child process of its own (``bench.py --sections primitives`` starts them):
     ONEDNN_VERBOSE=1 python benchmarks/onednn.py keras --batch 1024 --steps 2
 
 The child traces and warms the step, prints ``MARKER``, runs ``--steps`` steps, and prints
-their wall time per step (Keras's counted from the end of the first step, as ``bench.py``
-counts); only the lines after the marker are counted. PyTorch's child trains on random
+their wall time per step; only the lines after the marker are counted. Keras's child runs
+one step more and prints the marker at the end of the first, since ``bench.py`` counts a
+rate from the end of a fit's first step: the wall time and the primitives cover the same
+steps. PyTorch's child trains on random
 images (a convolution's time does not depend on the pixel values) and imports neither
 TensorFlow nor this project, so it can run under another Python with another PyTorch build
 (``bench.py --peer-python``), one that bundles another oneDNN. TensorFlow's child
@@ -102,17 +104,22 @@ def main():
 def time_keras(batch, steps, dataset):
     """The Keras port's bfloat16 airbench94 step, as ``bench.py`` times it."""
     import bench
+    import keras
 
-    settings = argparse.Namespace(airbench_batch=batch, steps=steps, peer_steps=steps,
-                                  dataset=dataset)
+    class MarkAfterFirstStep(keras.callbacks.Callback):
+        def on_train_batch_end(self, step, logs=None):
+            if step == 0:
+                print(MARKER, flush=True)
+
+    settings = argparse.Namespace(airbench_batch=batch, steps=steps + 1,
+                                  peer_steps=steps + 1, dataset=dataset)
     with tempfile.TemporaryDirectory() as tmp:
-        setup = bench.airbench_setup(bench.airbench_data(settings, tmp), settings, steps,
+        setup = bench.airbench_setup(bench.airbench_data(settings, tmp), settings, steps + 1,
                                      mixed_precision=True)
-        memory = setup.cached_batches(steps)
+        memory = setup.cached_batches(steps + 1)
         setup.rate(memory)  # traced and warm
-        print(MARKER, flush=True)
-        # Counted as the benchmark counts: from the end of the first step to the last.
-        ms = 1000 * batch / setup.rate(memory)
+        # From the end of the first step to the end of the last: ``steps`` steps.
+        ms = 1000 * batch / setup.rate(memory, callbacks=[MarkAfterFirstStep()])
     print(f"{WALL} {ms:.3f}", flush=True)
 
 
