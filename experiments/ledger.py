@@ -19,16 +19,19 @@ def is_recorded(name, ledger=LEDGER):
 
 def record(run_dir, ledger=LEDGER):
     """Copy one finished run's small files into the ledger; False if it is not finished or
-    already there (a recorded run is never overwritten)."""
+    already there (a recorded run is never overwritten). The files are copied into a
+    temporary directory renamed into place, so a crash never leaves a run half recorded
+    (``metrics.json``, which marks it recorded, never stands without the others)."""
+    from tfmargin.atomic import atomic_directory
+
     name = os.path.basename(os.path.normpath(run_dir))
     if (not os.path.exists(os.path.join(run_dir, "metrics.json")) or os.path.islink(run_dir)
             or is_recorded(name, ledger)):
         return False
-    target = os.path.join(ledger, name)
-    os.makedirs(target, exist_ok=True)
-    for file in LEDGER_FILES:
-        if os.path.exists(os.path.join(run_dir, file)):
-            shutil.copy2(os.path.join(run_dir, file), os.path.join(target, file))
+    with atomic_directory(os.path.join(ledger, name)) as target:
+        for file in LEDGER_FILES:
+            if os.path.exists(os.path.join(run_dir, file)):
+                shutil.copy2(os.path.join(run_dir, file), os.path.join(target, file))
     return True
 
 

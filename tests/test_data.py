@@ -200,9 +200,14 @@ def test_classes_keep_a_subset_and_the_rest_become_unknown_test_images(tmp_path)
     root = write_image_folder(tmp_path / "d", num_classes=4, per_class=10, test_per_class=3)
     data = load_dataset(root, classes=["class_3", "class_1"])
     assert data.class_names == ["class_1", "class_3"]  # the dataset's order, ids 0 and 1
-    assert data.sizes == {"train": 18, "val": 2, "test": 6, "unknown_test": 6}
+    # 10 % of each held-out class's training images: validation unknowns, never test ones.
+    assert data.sizes == {"train": 18, "val": 2, "test": 6, "unknown_test": 6,
+                          "unknown_val": 2}
     assert {int(y) for _, y in data.train} == {0, 1}
     assert {int(y) for _, y in data.unknown_test} == {-1}
+    assert {int(y) for _, y in data.unknown_val} == {-1}
+    test_pixels = {x.numpy().tobytes() for _, x in ((y, x) for x, y in data.unknown_test)}
+    assert not test_pixels & {x.numpy().tobytes() for x, _ in data.unknown_val}
     with pytest.raises(DatasetError, match="has no class 'dog'; its classes are class_0"):
         load_dataset(root, classes=["class_1", "dog"])
 

@@ -222,7 +222,8 @@ def test_open_set_scores_rank_known_images_higher():
     logits = np.array([[4.0, 0.0, 0.0], [0.5, 0.4, 0.3]])
     embeddings = np.array([[3.0, 0.0], [0.0, 0.5]])
     gallery = np.array([[1.0, 0.0], [0.9, 0.1], [1.0, 0.05]])
-    scores = open_set_scores(logits, embeddings, gallery, k=2)
+    scores = open_set_scores(logits, np.linalg.norm(embeddings, axis=1),
+                             knn_similarity(embeddings, gallery, k=2))
     assert set(scores) == {"msp", "max_logit", "energy", "feature_norm", "knn"}
     assert all(scores[name][0] > scores[name][1] for name in scores)
     assert scores["feature_norm"].tolist() == [3.0, 0.5]
@@ -230,6 +231,18 @@ def test_open_set_scores_rank_known_images_higher():
     # k-th nearest: the second most similar gallery embedding's cosine.
     np.testing.assert_allclose(knn_similarity(np.array([[1.0, 0.0]]), gallery, k=2),
                                [1.0 / np.sqrt(1 + 0.05**2)])
+
+
+def outputs_of(logits, embeddings, labels, val=slice(0, 40), test=slice(40, None)):
+    """Per-image outputs (``tfmargin.evaluation.per_image_outputs``'s layout) of made-up
+    predictions: the first rows as the validation split, the rest as the test split."""
+    from tfmargin.evaluation import rounded
+
+    norm = np.linalg.norm(embeddings, axis=1)
+    return {"logits": rounded(logits[test]), "embedding_norm": norm[test],
+            "knn": norm[test] * 0, "labels": labels[test],
+            "val_logits": rounded(logits[val]), "val_embedding_norm": norm[val],
+            "val_knn": norm[val] * 0, "val_labels": labels[val]}
 
 
 @pytest.mark.parametrize("name", ["max_logit", "msp", "energy", "feature_norm"])
@@ -241,18 +254,19 @@ def test_the_exports_reject_scores_are_the_reported_ones(name):
     from tfmargin.metrics import open_set_scores, rejection_threshold
 
     rng = np.random.default_rng(0)
-    logits = rng.normal(scale=4.0, size=(60, 5)).astype("float32")
+    logits = rng.normal(scale=4.0, size=(60, 5)).astype("float16").astype("float32")
     embeddings = rng.normal(size=(60, 8)).astype("float32")
     served = open_set_score(name, logits, embeddings).numpy()
-    reported = open_set_scores(logits, embeddings)[name]
+    reported = open_set_scores(logits, np.linalg.norm(embeddings, axis=1))[name]
     np.testing.assert_allclose(served, reported, rtol=1e-5)
-    val = {"served": logits[:40], "embeddings": embeddings[:40]}
-    test = {"served": logits[40:], "embeddings": embeddings[40:]}
-    option = reject_option(val, test, score_name=name)
+    outputs = outputs_of(logits, embeddings, rng.integers(0, 5, 60))
+    option = reject_option(outputs, score_name=name)
+    kept = open_set_scores(outputs["val_logits"], outputs["val_embedding_norm"])[name]
     assert option["score"] == name and option["keep"] == REJECT_KEEP
-    assert option["threshold"] == rejection_threshold(reported[:40], REJECT_KEEP)
+    assert option["threshold"] == rejection_threshold(kept, REJECT_KEEP)
     assert option["val_rejected"] == 0.05  # floor(5 % of 40) = 2 of 40
-    assert option["test_rejected"] == np.mean(reported[40:] < option["threshold"])
+    tested = open_set_scores(outputs["logits"], outputs["embedding_norm"])[name]
+    assert option["test_rejected"] == np.mean(tested < option["threshold"])
 
 
 def test_an_unknown_reject_score_is_refused_with_the_choices():

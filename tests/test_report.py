@@ -512,3 +512,30 @@ def test_a_run_timed_beside_other_work_says_so_when_it_ends():
         " (other processes used 45 % of the CPU meanwhile)")
     assert shared_note({"cpu_share_of_other_processes": 0.02}) == ""
     assert shared_note({}) == ""  # recorded before the measure: nothing claimed
+
+
+def test_a_run_is_recorded_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A crash while the ledger copies a run leaves nothing the ledger counts as recorded,
+    so the next ``record`` copies the run again, whole."""
+    import shutil
+
+    import ledger
+
+    run = tmp_path / "runs" / "a-run"
+    run.mkdir(parents=True)
+    for file in ledger.LEDGER_FILES:
+        (run / file).write_text(file)
+    copy = shutil.copy2
+
+    def crash_after_metrics(source, target):
+        copy(source, target)
+        if source.endswith("metrics.json"):
+            raise OSError("disk full")
+
+    monkeypatch.setattr(shutil, "copy2", crash_after_metrics)
+    with pytest.raises(OSError, match="disk full"):
+        ledger.record(str(run), str(tmp_path / "ledger"))
+    assert not ledger.is_recorded("a-run", str(tmp_path / "ledger"))
+    monkeypatch.setattr(shutil, "copy2", copy)
+    assert ledger.record(str(run), str(tmp_path / "ledger"))
+    assert sorted(os.listdir(tmp_path / "ledger" / "a-run")) == sorted(ledger.LEDGER_FILES)

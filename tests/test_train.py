@@ -733,3 +733,38 @@ def test_machine_share_sees_another_process_burning_a_core():
                     "while time.time() < end: pass"], check=True, timeout=60)
     others = share.others()
     assert 0.9 / os.cpu_count() <= others <= 1.0, others
+
+
+def test_an_open_set_run_keeps_per_image_outputs_that_give_its_figures(shapes, tmp_path):
+    """Classes typed in any order, trained, then resumed as finished; its
+    test_predictions.npz holds the per-image outputs of every split, and the figures of
+    metrics.json follow from them alone."""
+    from tfmargin.evaluation import metrics_from_outputs
+
+    args = ["--backbone", "tinycnn", "--dataset", shapes, "--epochs", "1", "--batch-size",
+            "32", "--runs-dir", str(tmp_path), "--name", "open", "--export", "none",
+            "--projector-samples", "0", "--classes", "class_2,class_0,class_1"]
+    assert run_cli(*args).returncode == 0
+    run = tmp_path / "open"
+    config = json.loads((run / "config.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert config["classes"] == "class_0,class_1,class_2"
+    resumed = run_cli(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((run / "metrics.json").read_text()) == metrics
+    # 48 per class: 5 of class_3's training images are validation unknowns, never a test one.
+    assert config["split_sizes"] == {"train": 129, "val": 15, "test": 48,
+                                     "unknown_test": 16, "unknown_val": 5}
+    outputs = dict(np.load(run / "test_predictions.npz"))
+    shapes_of = {key: value.shape for key, value in outputs.items()}
+    assert shapes_of == {
+        "labels": (48,), "predicted": (48,), "target_angle_deg": (48,), "logits": (48, 3),
+        "embedding_norm": (48,), "knn": (48,), "val_labels": (15,), "val_logits": (15, 3),
+        "val_embedding_norm": (15,), "val_knn": (15,), "unknown_logits": (16, 3),
+        "unknown_embedding_norm": (16,), "unknown_knn": (16,), "unknown_val_logits": (5, 3),
+        "unknown_val_embedding_norm": (5,), "unknown_val_knn": (5,)}
+    assert outputs["logits"].dtype == np.float16
+    again = metrics_from_outputs(outputs, tta_level=0, reject_score=config["reject_score"])
+    for key in ("top1", "top5", "mAP", "calibration", "open_set", "open_set_val", "reject"):
+        assert again[key] == metrics[key], key
+    assert set(metrics["open_set_val"]) >= {"max_logit", "feature_norm", "knn"}

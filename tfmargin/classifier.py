@@ -1,5 +1,7 @@
 """The one Task model: backbone, embedding neck and head, trained with ``fit(images, targets)``."""
 
+import functools
+
 import keras
 from keras import layers, ops
 
@@ -151,7 +153,9 @@ class MarginClassifier(keras.Model):
     def uses_margin(self):
         return self.margin_type != "softmax"
 
-    @property
+    # Sub-models sharing these layers, built once on first use (``cached_property`` stores
+    # them outside Keras's attribute tracking, so they add nothing to what is saved).
+    @functools.cached_property
     def embedding(self):
         """image -> embedding (before L2 normalisation), a model sharing these layers; what
         the projector and the exports read, with ``head``."""
@@ -162,10 +166,14 @@ class MarginClassifier(keras.Model):
         """The embeddings (before L2 normalisation) of ``images``, label-free."""
         return self.embedding(images, training=training)
 
-    def logits_and_embeddings(self):
-        """image -> (logits, embedding) in one backbone pass, label-free."""
+    @functools.cached_property
+    def _logits_and_embeddings(self):
         return keras.Model(self.input, [self.output, self.get_layer("embedding").output],
                            name="logits_and_embeddings")
+
+    def logits_and_embeddings(self):
+        """image -> (logits, embedding) in one backbone pass, label-free."""
+        return self._logits_and_embeddings
 
     def compile(self, optimizer="sgd", loss=None, metrics=None, **kwargs):
         """``keras.Model.compile``; the loss defaults to sparse cross-entropy on logits, and

@@ -31,6 +31,11 @@ def dataset_label(dataset):
     return os.path.basename(os.path.normpath(dataset.removeprefix("tfds:")))
 
 
+def normalized_classes(classes):
+    """A ``--classes`` value in one spelling: the names sorted, comma-separated."""
+    return ",".join(sorted(c for c in classes.split(",") if c))
+
+
 class ConfigError(ValueError):
     """An impossible run configuration, with a message saying how to fix it."""
 
@@ -82,6 +87,12 @@ class RunConfig:
     export_dir: str = "saved_models"
     name: str = ""
     runs_dir: str = "runs"
+
+    def __post_init__(self):
+        # The class list as a set, in one spelling: the order given does not change the run,
+        # and config.json records it as the identity does (so a run resumes however the
+        # classes were typed).
+        self.classes = normalized_classes(self.classes)
 
     @classmethod
     def for_recipe(cls, recipe="standard", **settings):
@@ -150,8 +161,6 @@ class RunConfig:
         values["mixed_precision"] = self.resolved_mixed_precision()
         values["gelu"] = self.resolved_gelu()
         values["batchnorm"] = self.resolved_batchnorm()
-        # The class list as a set: the order given does not change the run.
-        values["classes"] = ",".join(sorted(self.class_list() or []))
         return json.loads(json.dumps({k: v for k, v in values.items()
                                       if k not in NOT_IDENTITY
                                       and not (k in ADDED_LATER and v == ADDED_LATER[k])}))
@@ -186,7 +195,9 @@ class RunConfig:
         return f"{data}-{self.backbone}-{head}-{budget}-{self.identity_hash()}"
 
     def differences(self, stored):
-        """``"key stored -> new"`` for each identity setting that differs from ``stored``."""
+        """``"key stored -> new"`` for each identity setting that differs from ``stored`` (a
+        run directory's ``config.json``; its class list read as a set, as the identity's)."""
+        stored = stored | {"classes": normalized_classes(stored.get("classes", ""))}
         return [f"{key} {stored.get(key)!r} -> {value!r}"
                 for key, value in self.identity().items() if stored.get(key) != value]
 

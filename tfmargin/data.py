@@ -4,7 +4,9 @@
 ``val`` (held out from the training data; everything that is chosen is chosen
 on it) and ``test`` (touched once, for the reported numbers); with ``classes``,
 also ``unknown_test``, the test images of the classes left out (open-set
-evaluation). ``make_pipeline`` turns a split into batches for ``model.fit``.
+evaluation), and ``unknown_val``, a ``val_split`` share of their training images (open-set
+figures on validation that never touch a test image). ``make_pipeline`` turns a split into
+batches for ``model.fit``.
 """
 
 import dataclasses
@@ -19,6 +21,10 @@ from tfmargin.names import AUGMENTATIONS, MIXES, choices
 from tfmargin.provenance import fingerprint_files
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+# The seed of the splits that must not change with a run's --seed: a flat folder's test
+# split (so paired seeds are tested on the same images) and the held-out classes'
+# validation images.
+SPLIT_SEED = 0
 TFDS_PREFIX = "tfds:"
 
 
@@ -32,10 +38,12 @@ class Dataset:
     val: tf.data.Dataset  # held out from the training data; None with val_split 0
     test: tf.data.Dataset
     class_names: list
-    sizes: dict  # images per split: {"train": n, "val": n, "test": n[, "unknown_test": n]}
+    sizes: dict  # images per split: {"train": n, "val": n, "test": n[, "unknown_test": n,
+    #              "unknown_val": n]}
     source: str
     fingerprint: str  # SHA-256 of the data's files (tfmargin.provenance)
     unknown_test: tf.data.Dataset = None  # test images of the classes left out (label -1)
+    unknown_val: tf.data.Dataset = None  # some of their training images (label -1)
 
     @property
     def num_classes(self):
@@ -166,11 +174,13 @@ def load_image_folder(folder, *, image_size=32, val_split=0.1, test_split=0.1,
     """Class sub-folders (``folder/<class>/*.jpg``), or ``train/`` and ``test/`` of them.
 
     Without ``train/``+``test/``, a stratified ``test_split`` of each class is
-    held out as the test split. Then a stratified ``val_split`` of the training
-    images is held out for validation; ``limit_train`` keeps the first N of the
-    rest (in a fixed shuffled order). Class ids are the sorted folder names.
+    held out as the test split (drawn with ``SPLIT_SEED``, whatever ``seed``). Then a
+    stratified ``val_split`` of the training images is held out for validation;
+    ``limit_train`` keeps the first N of the rest (in a fixed shuffled order).
+    Class ids are the sorted folder names.
     ``classes``: train on these only; the others' test images become
-    ``unknown_test``.
+    ``unknown_test``, a stratified ``val_split`` of their training images (drawn with
+    ``SPLIT_SEED``) ``unknown_val``.
     """
     if not os.path.isdir(folder):
         raise DatasetError(f"Dataset folder {folder!r} does not exist.")
@@ -192,7 +202,7 @@ def load_image_folder(folder, *, image_size=32, val_split=0.1, test_split=0.1,
                                "train/ and test/: give it both, or class folders only.")
         train_files = _list_images(folder)
         all_files = [f for fs in train_files.values() for f in fs]
-        kept, test = _stratified_split(train_files, test_split, rng)
+        kept, test = _stratified_split(train_files, test_split, random.Random(SPLIT_SEED))
         train_files = _by_class(kept)
     class_names = sorted(train_files)
     if len(class_names) < 2:
@@ -201,10 +211,13 @@ def load_image_folder(folder, *, image_size=32, val_split=0.1, test_split=0.1,
             "needs at least 2 (layout: <folder>/<class>/<image>.jpg)."
         )
     fingerprint = fingerprint_files(folder, [os.path.relpath(f, folder) for f in all_files])
-    unknown_test = []
+    unknown_test, unknown_val = [], []
     if classes:
         class_names = check_classes(classes, class_names, folder)
         unknown_test = [(f, c) for f, c in test if c not in class_names]
+        unknown_val = _stratified_split({c: fs for c, fs in train_files.items()
+                                         if c not in class_names}, val_split,
+                                        random.Random(SPLIT_SEED))[1]
         test = [(f, c) for f, c in test if c in class_names]
         train_files = {c: train_files[c] for c in class_names}
     train, val = _stratified_split(train_files, val_split, rng)
@@ -218,6 +231,8 @@ def load_image_folder(folder, *, image_size=32, val_split=0.1, test_split=0.1,
         pairs["train"] = pairs["train"][:limit_train]
     if unknown_test:
         pairs["unknown_test"] = unknown_test
+    if unknown_val:
+        pairs["unknown_val"] = unknown_val
     splits = {
         name: _materialise([p for p, _ in ps], [index.get(c, -1) for _, c in ps], image_size)
         if ps else None for name, ps in pairs.items()
@@ -225,7 +240,8 @@ def load_image_folder(folder, *, image_size=32, val_split=0.1, test_split=0.1,
     return Dataset(splits["train"], splits["val"], splits["test"], class_names,
                    {name: len(ps) for name, ps in pairs.items()},
                    source=os.path.abspath(folder), fingerprint=fingerprint,
-                   unknown_test=splits.get("unknown_test"))
+                   unknown_test=splits.get("unknown_test"),
+                   unknown_val=splits.get("unknown_val"))
 
 
 def _check_reachable(url):
@@ -294,7 +310,8 @@ def prepare_tfds(builder, name):
 def load_tfds(name, *, image_size=32, limit_train=None, val_split=0.1, classes=None,
               data_dir=None):
     """A TFDS image-classification dataset; validation is the last ``val_split`` of train.
-    ``classes``: train on these only; the others' test images become ``unknown_test``."""
+    ``classes``: train on these only; the others' test images become ``unknown_test``, the
+    last ``val_split`` of their training images ``unknown_val``."""
     builder = tfds_builder(name, data_dir)
     prepare_tfds(builder, name)
     keys = builder.info.supervised_keys
@@ -318,15 +335,20 @@ def load_tfds(name, *, image_size=32, limit_train=None, val_split=0.1, classes=N
     limit = min(limit_train or n_fit, n_fit)
     sizes = {"train": limit, "val": n_train - n_fit, "test": _fill_cache(test)}
     val = full_train.skip(n_fit) if n_fit < n_train else None
-    unknown_test = None
+    unknown_test = unknown_val = None
     if classes and len(kept) < len(class_names):
         unknown_test = decoded("test", known=False)
         sizes["unknown_test"] = _fill_cache(unknown_test)
+        unknown_train = decoded("train", known=False)
+        n_unknown = _fill_cache(unknown_train)
+        if val_split:
+            sizes["unknown_val"] = max(1, round(n_unknown * val_split))
+            unknown_val = unknown_train.skip(n_unknown - sizes["unknown_val"])
     files = [os.path.relpath(os.path.join(folder, f), builder.data_dir)
              for folder, _, names in os.walk(builder.data_dir) for f in names]
     return Dataset(full_train.take(limit), val, test, kept, sizes, source=f"tfds:{name}",
                    fingerprint=fingerprint_files(builder.data_dir, files),
-                   unknown_test=unknown_test)
+                   unknown_test=unknown_test, unknown_val=unknown_val)
 
 
 def load_dataset(name, *, image_size=32, limit_train=None, val_split=0.1, test_split=0.1,

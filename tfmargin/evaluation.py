@@ -1,7 +1,12 @@
-"""A trained model's numbers: predictions of each split, then every metric of the run.
+"""A trained model's numbers: predictions of each split, the per-image outputs the ledger
+keeps, and every metric of the run computed from those outputs.
 
 The validation split chooses (the temperature, the reject threshold); the test split
-is predicted once, here, for the reported numbers.
+is predicted once, here, for the reported numbers. Every logit-based figure (top-1, mAP,
+calibration, open set, rejection) is computed from the float16 per-image outputs that
+``test_predictions.npz`` keeps (``PER_IMAGE``), so anyone can recompute it from the ledger
+(``metrics_from_outputs``); retrieval needs the embeddings themselves and is computed from
+them here.
 """
 
 import numpy as np
@@ -17,11 +22,25 @@ REJECT_KEEP = 0.95
 # A run without test-time augmentation still reports the test top-1 with it, at this level
 # (airbench's six views), beside the plain figure.
 REPORTED_TTA = max(TTA_LEVELS)
+# The precision of the per-image logits: enough for every figure (they are computed from the
+# rounded values), a quarter of float64's bytes. The one-column scores (the embedding's norm,
+# kNN) stay float32, so the export's float32 score falls on the side of the reject threshold
+# that the validation images' did.
+OUTPUT_DTYPE = np.float16
+# The splits of the per-image outputs in test_predictions.npz, by the prefix of their arrays
+# (``<prefix>logits``, ``<prefix>embedding_norm``, ``<prefix>knn``; besides labels, predicted
+# and target_angle_deg (docs/training.md, "Per-image outputs"). Splits: "" the known test
+# images, "val_" the validation images, "unknown_" the held-out classes' test images,
+# "unknown_val_" the held-out classes' validation images (their training images, never
+# their test images). ``logits`` of the test split are the plain ones; ``served_logits``
+# (only when the run serves test-time augmentation) the served ones; the other splits keep
+# the served logits as ``<split>logits``.
+SPLITS = {"": "test", "val_": "val", "unknown_": "unknown_test", "unknown_val_": "unknown_val"}
 
 
 def prediction_step(model, tta=0):
     """One traced function ``uint8 images -> (logits, served logits, embeddings)`` for
-    every split. ``model``: ``MarginClassifier.logits_and_embeddings()``; ``served``: the
+    every split. ``model``: ``MarginClassifier.logits_and_embeddings``; ``served``: the
     logits the export serves, averaged over the test-time augmentation views
     (``tfmargin.tta``) when ``tta > 0``, else the plain logits."""
     size = model.input_shape[1:]
@@ -58,63 +77,120 @@ def split_top1(model, split, batch_size):
     return float(np.mean(np.argmax(predicted["logits"], axis=1) == predicted["labels"]))
 
 
-def split_metrics(predicted):
-    """Classification (top-1, top-5, mAP) and self-retrieval (P@1, R-precision, MAP@R)."""
-    return (m.classification_metrics(predicted["logits"], predicted["labels"])
-            | m.retrieval_metrics(predicted["embeddings"], predicted["labels"]))
+def rounded(values):
+    """Logits as the ledger keeps them (``OUTPUT_DTYPE``)."""
+    return np.asarray(values, np.float32).astype(OUTPUT_DTYPE)
 
 
-def calibration(test, val):
+def per_image_outputs(predicted, gallery):
+    """The per-image outputs of each split in ``predicted`` (``{split prefix: predict_split
+    output or None}``, prefixes of ``SPLITS``): served logits (rounded), the embedding's norm
+    before normalisation, and the kNN score against ``gallery`` (training embeddings); the
+    test split also its plain logits and labels."""
+    outputs = {}
+    for prefix, split in predicted.items():
+        if split is None:
+            continue
+        outputs |= {f"{prefix}logits": rounded(split["logits" if not prefix else "served"]),
+                    f"{prefix}embedding_norm": np.linalg.norm(split["embeddings"],
+                                                              axis=1).astype(np.float32),
+                    f"{prefix}knn": m.knn_similarity(split["embeddings"],
+                                                     gallery).astype(np.float32)}
+        if prefix == "val_":
+            outputs["val_labels"] = split["labels"].astype(np.int32)
+    test = predicted[""]
+    outputs["labels"] = test["labels"].astype(np.int32)
+    if not np.array_equal(test["served"], test["logits"]):
+        outputs["served_logits"] = rounded(test["served"])
+    return outputs
+
+
+def served_logits(outputs, prefix=""):
+    """The served logits of one split of the per-image outputs."""
+    return outputs.get("served_logits", outputs["logits"]) if not prefix \
+        else outputs[f"{prefix}logits"]
+
+
+def split_scores(outputs, prefix):
+    """Every open-set score (``metrics.open_set_scores``) of one split's per-image outputs,
+    from its served logits."""
+    return m.open_set_scores(served_logits(outputs, prefix),
+                             outputs[f"{prefix}embedding_norm"], outputs[f"{prefix}knn"])
+
+
+def calibration(outputs):
     """Calibration of the served test logits before and after temperature scaling, the
     temperature fitted by NLL on the validation split (no validation split: before only)."""
-    result = {"before": m.calibration_metrics(test["served"], test["labels"]),
-              "bins_before": m.reliability_bins(test["served"], test["labels"])}
-    if val is not None:
-        temperature = m.fit_temperature(val["served"], val["labels"])
+    logits, labels = served_logits(outputs), outputs["labels"]
+    result = {"before": m.calibration_metrics(logits, labels),
+              "bins_before": m.reliability_bins(logits, labels)}
+    if "val_logits" in outputs:
+        temperature = m.fit_temperature(outputs["val_logits"], outputs["val_labels"])
         result |= {"temperature": temperature,
-                   "after": m.calibration_metrics(test["served"], test["labels"], temperature),
-                   "bins_after": m.reliability_bins(test["served"], test["labels"],
-                                                    temperature)}
+                   "after": m.calibration_metrics(logits, labels, temperature),
+                   "bins_after": m.reliability_bins(logits, labels, temperature)}
     return result
 
 
-def reject_option(val, test, unknown=None, score_name="max_logit"):
+def reject_option(outputs, score_name="max_logit"):
     """The reject threshold: the served score ``score_name`` (``names.REJECT_SCORES``)
     above which ``REJECT_KEEP`` of the known validation images lie; and how many images of
     each split it rejects."""
-    def score(predicted):
-        return m.open_set_scores(predicted["served"], predicted["embeddings"])[score_name]
-
-    val_scores = score(val)
+    val_scores = split_scores(outputs, "val_")[score_name]
     threshold = m.rejection_threshold(val_scores, REJECT_KEEP)
     result = {"score": score_name, "keep": REJECT_KEEP, "threshold": threshold,
               "chosen_on": "validation",
               "val_rejected": float(np.mean(val_scores < threshold)),
-              "test_rejected": float(np.mean(score(test) < threshold))}
-    if unknown is not None:
-        result["unknown_rejected"] = float(np.mean(score(unknown) < threshold))
+              "test_rejected": float(np.mean(split_scores(outputs, "")[score_name]
+                                             < threshold))}
+    if "unknown_logits" in outputs:
+        result["unknown_rejected"] = float(np.mean(
+            split_scores(outputs, "unknown_")[score_name] < threshold))
     return result
 
 
-def open_set(test, unknown, gallery):
-    """AUROC and OSCR of every score, known test images against the held-out classes'."""
-    known = m.open_set_scores(test["served"], test["embeddings"], gallery)
-    other = m.open_set_scores(unknown["served"], unknown["embeddings"], gallery)
-    correct = np.argmax(test["served"], axis=1) == test["labels"]
-    return m.open_set_metrics(known, correct, other) | {
-        "known_test_size": int(len(test["labels"])),
-        "unknown_test_size": int(len(unknown["labels"])), "closed_set_top1": float(
-            np.mean(correct))}
+def open_set(outputs, known="", unknown="unknown_"):
+    """AUROC and OSCR of every score, the known images of split ``known`` against the
+    held-out classes' of split ``unknown``."""
+    labels = outputs["labels"] if not known else outputs[f"{known}labels"]
+    correct = np.argmax(served_logits(outputs, known), axis=1) == labels
+    return m.open_set_metrics(split_scores(outputs, known), correct,
+                              split_scores(outputs, unknown)) | {
+        "known_size": int(len(labels)),
+        "unknown_size": int(len(outputs[f"{unknown}logits"])),
+        "closed_set_top1": float(np.mean(correct))}
+
+
+def metrics_from_outputs(outputs, *, tta_level, reject_score="max_logit"):
+    """Every logit-based figure of a run from its per-image outputs (``per_image_outputs``,
+    or a ledger run's ``test_predictions.npz``): classification of the plain and (when
+    served) the augmented test logits, calibration, open set on the test split and on the
+    validation split (``open_set_val``: the held-out classes' training images), the reject
+    option."""
+    labels = outputs["labels"]
+    results = m.classification_metrics(outputs["logits"], labels)
+    if "served_logits" in outputs:
+        results["tta"] = m.classification_metrics(outputs["served_logits"], labels) | {
+            "level": tta_level, "served": True}
+    results["calibration"] = calibration(outputs)
+    if "unknown_logits" in outputs:
+        results["open_set"] = open_set(outputs)
+    if "unknown_val_logits" in outputs:
+        results["open_set_val"] = open_set(outputs, "val_", "unknown_val_")
+    if "val_logits" in outputs:
+        results["reject"] = reject_option(outputs, reject_score)
+    return results
 
 
 def evaluate(model, data, batch_size, tta=0, reject_score="max_logit"):
-    """Every metric of a trained model; returns ``(metrics, test predictions)``.
+    """Every metric of a trained model; returns ``(metrics, per-image outputs)``.
 
     Test: classification (also with test-time augmentation, ``REPORTED_TTA``
     views when the run serves none), self-retrieval, retrieval against the
     training images as the gallery, calibration, the reject option and (with held-out
     classes) open-set recognition. Validation: classification and retrieval,
-    and the choices (temperature, threshold).
+    the choices (temperature, threshold), and (with held-out classes) open-set
+    recognition against the held-out classes' validation images.
     """
     network = model.logits_and_embeddings()
     step = prediction_step(network, tta)
@@ -123,20 +199,25 @@ def evaluate(model, data, batch_size, tta=0, reject_score="max_logit"):
     augmented = test["served"]
     if not tta:  # the export serves the plain logits
         test["served"] = test["logits"]
-    val = predict_split(step, data.val, batch_size) if data.val is not None else None
     # The gallery needs embeddings only: no test-time augmentation views.
-    gallery = predict_split(prediction_step(network) if tta else step, data.train, batch_size)
-    results = split_metrics(test) | {"test_size": int(len(test["labels"]))}
-    results["tta"] = m.classification_metrics(augmented, test["labels"]) | {
-        "level": tta or REPORTED_TTA, "served": bool(tta)}
+    train = predict_split(prediction_step(network), data.train, batch_size)
+    gallery = train["embeddings"]
+    predicted = {"": test}
+    for prefix, split in SPLITS.items():
+        if prefix and getattr(data, split, None) is not None:
+            predicted[prefix] = predict_split(step, getattr(data, split), batch_size)
+    outputs = per_image_outputs(predicted, gallery)
+    results = metrics_from_outputs(outputs, tta_level=tta, reject_score=reject_score)
+    results |= m.retrieval_metrics(test["embeddings"], test["labels"])
+    results["test_size"] = int(len(test["labels"]))
+    if not tta:  # reported beside the plain figure, not served: not in the outputs
+        results["tta"] = m.classification_metrics(augmented, test["labels"]) | {
+            "level": REPORTED_TTA, "served": False}
     results["gallery"] = m.gallery_retrieval_metrics(
-        test["embeddings"], test["labels"], gallery["embeddings"], gallery["labels"])
-    results["calibration"] = calibration(test, val)
-    unknown = None
-    if data.unknown_test is not None:
-        unknown = predict_split(step, data.unknown_test, batch_size)
-        results["open_set"] = open_set(test, unknown, gallery["embeddings"])
-    if val is not None:
-        results["val"] = split_metrics(val)
-        results["reject"] = reject_option(val, test, unknown, reject_score)
-    return results, test
+        test["embeddings"], test["labels"], gallery, train["labels"])
+    if "val_" in predicted:
+        val = predicted["val_"]
+        # The plain logits, as the test split's top-1 (the outputs keep the served ones).
+        results["val"] = (m.classification_metrics(val["logits"], val["labels"])
+                          | m.retrieval_metrics(val["embeddings"], val["labels"]))
+    return results, outputs

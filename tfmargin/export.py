@@ -34,7 +34,8 @@ def _logits_and_cosine(model, images):
 def open_set_score(name, logits, embedding):
     """The reject option's score ``name`` (``names.REJECT_SCORES``) per image, from the
     served logits and the embedding before normalisation; higher: more likely a known
-    class. The same scores as ``tfmargin.metrics.open_set_scores``, in TensorFlow."""
+    class. The same scores as ``tfmargin.metrics.open_set_scores`` (given the embedding's
+    norm), in TensorFlow."""
     if name == "max_logit":
         return tf.reduce_max(logits, axis=-1)
     if name == "msp":

@@ -7,7 +7,9 @@ import numpy as np
 
 from tfmargin.atomic import atomic_file
 
-PREDICTIONS_FILE = "test_predictions.npz"  # per test image: label, prediction, target angle
+# Per image: label, prediction, target angle, and the per-image outputs of every split
+# (tfmargin.evaluation.per_image_outputs).
+PREDICTIONS_FILE = "test_predictions.npz"
 
 
 def average_precision(scores, positives):
@@ -126,10 +128,12 @@ def prediction_summary(scores, labels, scale=None):
             "target_angle_deg": angle.astype(np.float32)}
 
 
-def save_prediction_summary(run_dir, scores, labels, scale=None):
-    """Write :func:`prediction_summary` to ``run_dir/test_predictions.npz`` atomically."""
+def save_prediction_summary(run_dir, scores, labels, scale=None, outputs=None):
+    """Write :func:`prediction_summary` and the per-image ``outputs`` (arrays by name) to
+    ``run_dir/test_predictions.npz`` atomically."""
     with atomic_file(os.path.join(run_dir, PREDICTIONS_FILE)) as tmp:
-        np.savez_compressed(tmp, **prediction_summary(scores, labels, scale))
+        np.savez_compressed(tmp, **{**(outputs or {}),
+                                     **prediction_summary(scores, labels, scale)})
 
 
 def log_softmax(logits):
@@ -282,17 +286,18 @@ def knn_similarity(queries, gallery, k=50, block_size=512):
     return out
 
 
-def open_set_scores(logits, embeddings, gallery=None, k=50):
+def open_set_scores(logits, embedding_norm, knn=None):
     """Per image, higher = more likely one of the known classes: ``msp`` (maximum softmax
     probability), ``max_logit`` (for a cosine head the same ranking as the maximum
-    cosine), ``energy``, ``feature_norm`` (the embedding's norm before normalisation) and,
-    with ``gallery`` (training embeddings), ``knn`` (:func:`knn_similarity`)."""
+    cosine), ``energy``, ``feature_norm`` (``embedding_norm``, the embedding's norm before
+    normalisation) and, given ``knn`` (:func:`knn_similarity` against the training
+    embeddings), ``knn``."""
     scores = {"msp": softmax(logits).max(axis=1),
               "max_logit": np.asarray(logits, np.float64).max(axis=1),
               "energy": energy(logits),
-              "feature_norm": np.linalg.norm(np.asarray(embeddings, np.float64), axis=1)}
-    if gallery is not None:
-        scores["knn"] = knn_similarity(embeddings, gallery, k)
+              "feature_norm": np.asarray(embedding_norm, np.float64)}
+    if knn is not None:
+        scores["knn"] = np.asarray(knn, np.float64)
     return scores
 
 

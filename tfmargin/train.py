@@ -325,9 +325,11 @@ def choose_batchnorm_statistics(model, data, *, global_batch, num_batches):
             "val_top1": {"moving": moving_top1, "recalibrated": recalibrated_top1}}
 
 
-def record(run_dir, resolved, metrics, test):
-    """``test_predictions.npz``, then ``metrics.json`` (last: it marks the run finished)."""
-    save_prediction_summary(run_dir, test["logits"], test["labels"], resolved["head_scale"])
+def record(run_dir, resolved, metrics, outputs):
+    """``test_predictions.npz`` (with the per-image outputs), then ``metrics.json`` (last: it
+    marks the run finished)."""
+    save_prediction_summary(run_dir, outputs["logits"].astype("float32"), outputs["labels"],
+                            resolved["head_scale"], outputs)
     metrics["finished_at"] = provenance.utc_now()
     _write_json(os.path.join(run_dir, "metrics.json"), metrics)
 
@@ -367,7 +369,7 @@ def train(config, resume=False, overwrite=False, callbacks=()):
                                             num_batches=config.precise_bn_batches)
     if projector:  # after the statistics are chosen: it embeds in inference mode
         projector.write(config.epochs)
-    metrics, test = evaluate(model, data, global_batch, resolved["tta"],
+    metrics, outputs = evaluate(model, data, global_batch, resolved["tta"],
                              reject_score=config.reject_score)
     metrics |= {"epochs": config.epochs, **timing, **({"batchnorm": batchnorm} if batchnorm
                                                         else {}),
@@ -381,7 +383,7 @@ def train(config, resume=False, overwrite=False, callbacks=()):
             temperature=metrics["calibration"].get("temperature", 1.0),
             reject=metrics.get("reject"))
     log_hparams(os.path.join(run_dir, "logs"), resolved, metrics)
-    record(run_dir, resolved, metrics, test)
+    record(run_dir, resolved, metrics, outputs)
     os.remove(os.path.join(run_dir, TRAINED_WEIGHTS))  # inference.keras holds the model now
     if config.export_formats():  # not in runs/: TensorBoard would list the run twice
         point_latest(config.export_dir, config.run_name())
