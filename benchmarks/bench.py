@@ -59,7 +59,6 @@ from tfmargin.data import channel_statistics, load_dataset, write_image_folder  
 from tfmargin.names import BATCHNORMS, GELU_BACKBONES, GELUS  # noqa: E402
 from tfmargin.normalization import BATCHNORM_LAYERS  # noqa: E402
 from tfmargin.train import (  # noqa: E402
-    adapt_whitening,
     compile_model,
     make_datasets,
     precision_policy,
@@ -120,7 +119,7 @@ class RunSetup:
                 margin_type=self.config.loss, margin=self.config.margin,
                 scale=self.config.scale, embedding_dim=self.config.embedding_dim, mean=mean,
                 variance=variance)
-            adapt_whitening(self.model, data.train)
+            self.model.adapt(data.train.batch(1024).map(lambda x, y: x))
             compile_model(self.model, self.config, steps, self.config.batch_size)
         finally:
             keras.config.set_dtype_policy("float32")

@@ -30,7 +30,7 @@ def main(argv=None):
         parser.exit(2, f"predict.py: error: {saved_model!r} is not a SavedModel export; "
                        "train with experiments/run.py first\n")
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from tfmargin.quiet import import_tensorflow  # standard library only, no tfmargin model
+    from tfmargin.quiet import import_tensorflow  # the SavedModel needs no tfmargin class
 
     tf = import_tensorflow()
     import numpy as np

@@ -74,7 +74,7 @@ def main(argv=None):
     with exit_with(parser):
         from tfmargin.train import train
 
-        metrics = train(config, resume=args.resume, overwrite=args.overwrite)
+        metrics = train(config, overwrite=args.overwrite)
         print(summary(config, metrics))
     return dataclasses.asdict(config)
 

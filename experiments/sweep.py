@@ -198,7 +198,7 @@ def main(argv=None):
             recorded = args.ledger and is_recorded(name, args.ledger)
             finished = recorded or os.path.exists(os.path.join(run_dir, "metrics.json"))
             if not recorded:
-                train(config, resume=True)
+                train(config)
                 if args.ledger:
                     record(run_dir, args.ledger)
             skipped += finished

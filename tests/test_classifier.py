@@ -189,3 +189,35 @@ def test_readme_snippet_after_a_short_fit_predicts_soundly_once_recalibrated():
     assert train_accuracy > 0.9
     assert before < 0.6  # the collapse the README used to hide
     assert after >= 0.9 and after > before + 0.3
+
+
+def test_fit_takes_integer_labels_and_one_hot_targets_alike():
+    """The default loss reads the target's shape: one-hot targets give the loss integer
+    labels give (the README's promise)."""
+    from tfmargin.classifier import CrossEntropy
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 3)).astype("float32")
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    loss = CrossEntropy()
+    expected = -np.log(np.exp(logits)[np.arange(6), labels] / np.exp(logits).sum(1)).mean()
+    for targets in (labels, labels[:, None], np.eye(3, dtype="float32")[labels]):
+        assert float(loss(targets, logits)) == pytest.approx(expected, rel=1e-5)
+    model = MarginClassifier("tinycnn", 3, embedding_dim=4)
+    model.compile("sgd")
+    images = rng.uniform(0, 255, (6, 32, 32, 3)).astype("float32")
+    history = model.fit(images, np.eye(3, dtype="float32")[labels], epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
+def test_an_airbench_model_must_be_adapted_before_it_trains():
+    model = MarginClassifier("airbench93", 3, embedding_dim=0)
+    model.compile("sgd")
+    images = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1])
+    with pytest.raises(ValueError, match=r"have no whitening filters yet; call "
+                                         r"model.adapt\(training_images\) before fit"):
+        model.fit(images, labels, epochs=1, verbose=0)
+    assert model.adapt(images) == 1
+    model.fit(images, labels, epochs=1, verbose=0)
+    assert MarginClassifier("tinycnn", 3).adapt(images) == 0

@@ -305,3 +305,28 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(shapes, tmp_path, re
         log = (tmp_path / name / "r" / "log.csv").read_text().splitlines()
         results.append(({k: metrics[k] for k in ("top1", "mAP", "map_at_r")}, log[-1]))
     assert results[0] == results[1]  # metrics and the last epoch's logged loss, exactly
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_one_line_and_an_open_set_run_resumes_at_its_next_epoch(shapes, tmp_path):
+    """Ctrl-C mid-run: one line saying the same command continues, exit 130; the same
+    command (classes typed in no particular order) says so and resumes at the epoch it
+    stopped in."""
+    env = {**os.environ, "CI": "1", "PYTHONUNBUFFERED": "1"}
+    args = tiny_args(shapes, tmp_path, "--classes", "class_2,class_0")
+    args[args.index("--epochs") + 1] = "3"
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env)
+    for line in process.stdout:
+        if line.startswith("Epoch 2/"):
+            process.send_signal(signal.SIGINT)
+            break
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines() == [
+        "run.py: error: interrupted; the same command continues the run from its last "
+        "finished epoch"]
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"continuing the interrupted run in {tmp_path / 'r'}" in done.stdout
+    assert "resuming at epoch 2 " in done.stdout and "Epoch 1/3" not in done.stdout

@@ -422,16 +422,16 @@ def test_paper_backbones_on_the_whole_training_split_get_their_own_section(tmp_p
 
 def test_committed_documents_are_the_report_of_the_committed_ledger():
     """docs/results.md and the README's results blocks, byte for byte, from results/runs,
-    in seconds and without TensorFlow (a stale document fails CI)."""
+    in seconds and without matplotlib (a stale document fails CI)."""
     probe = ("import runpy, sys\nsys.argv = ['report.py', '--check']\ntry:\n"
              "    runpy.run_path('experiments/report.py', run_name='__main__')\n"
              "except SystemExit as e:\n    print('EXIT', e.code)\n"
-             "print('TENSORFLOW', 'tensorflow' in sys.modules, 'matplotlib' in sys.modules)")
+             "print('MATPLOTLIB', 'matplotlib' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           cwd=ROOT, timeout=120)
     assert "EXIT" not in done.stdout, done.stdout + done.stderr
     assert "are the report of" in done.stdout, done.stdout + done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "TENSORFLOW False False"
+    assert done.stdout.strip().splitlines()[-1] == "MATPLOTLIB False"
 
 
 def test_check_fails_on_a_stale_document(tmp_path):

@@ -1,46 +1,46 @@
 """tfmargin: angular-margin classification heads for Keras 3.
 
-Names are imported on first use, so ``import tfmargin`` (and the command line's
-argument checks) do not start TensorFlow.
+``import tfmargin`` imports Keras (quietly: TensorFlow's start-up notices are held back,
+``TFMARGIN_VERBOSE=1`` shows them) and registers every class a saved ``.keras`` file of
+this library may name, so ``keras.saving.load_model`` loads one after it, as after
+``import keras_hub``. The rest (datasets, the runner's pieces) is imported on first use.
 """
 
 import importlib
 
-_EXPORTS = {
-    "ArcMarginLayer": "tfmargin.heads",
-    "TargetAngle": "tfmargin.heads",
-    "FALLBACKS": "tfmargin.margins",
-    "MARGIN_TYPES": "tfmargin.margins",
-    "auto_scale": "tfmargin.margins",
+from tfmargin import quiet as _quiet
+
+_quiet.import_keras()
+
+# The modules whose import registers Keras serializable classes (layers, initializers,
+# losses, metrics, models, optimizers): imported now, the rest on first use.
+from tfmargin.classifier import CrossEntropy, MarginClassifier  # noqa: E402
+from tfmargin.heads import ArcMarginLayer, TargetAngle  # noqa: E402
+from tfmargin.margins import FALLBACKS, MARGIN_TYPES, auto_scale  # noqa: E402
+from tfmargin.optimizers import L2SGD  # noqa: E402
+
+_LAZY = {
     "BACKBONES": "tfmargin.names",
     "build_backbone": "tfmargin.backbones",
-    "MarginClassifier": "tfmargin.classifier",
     "load_dataset": "tfmargin.data",
     "RunConfig": "tfmargin.config",
 }
-__all__ = [*_EXPORTS, "load_model"]
+__all__ = ["ArcMarginLayer", "TargetAngle", "FALLBACKS", "MARGIN_TYPES", "auto_scale",
+           "MarginClassifier", "CrossEntropy", "L2SGD", *_LAZY, "load_model"]
 __version__ = "0.1.0"
 
 
-# Modules whose import registers Keras serializable classes (layers, initializers, metrics,
-# models, optimizers) that saved .keras files may name.
-_REGISTERING = ("tfmargin.heads", "tfmargin.airbench", "tfmargin.classifier",
-                "tfmargin.optimizers")
-
-
 def load_model(path, **kwargs):
-    """``keras.saving.load_model`` with every tfmargin class registered first."""
-    for module in _REGISTERING:
-        importlib.import_module(module)
+    """``keras.saving.load_model``; every tfmargin class is registered by the import."""
     import keras
 
     return keras.saving.load_model(path, **kwargs)
 
 
 def __getattr__(name):
-    if name not in _EXPORTS:
+    if name not in _LAZY:
         raise AttributeError(f"module 'tfmargin' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+    return getattr(importlib.import_module(_LAZY[name]), name)
 
 
 def __dir__():

@@ -92,6 +92,12 @@ class PatchWhitening(layers.Layer):
             self.build(images.shape)
         self.kernel.assign(whitening_kernel(images, self.eps))
 
+    @property
+    def adapted(self):
+        """Whether ``adapt`` has set the filters (until then they are zero: the layer outputs
+        only its bias)."""
+        return self.built and bool(np.any(ops.convert_to_numpy(self.kernel)))
+
     def call(self, inputs):
         kernel = ops.cast(self.kernel, inputs.dtype)
         return ops.conv(inputs, kernel, padding="valid") + ops.cast(self.bias, inputs.dtype)

@@ -4,6 +4,7 @@ projector."""
 import json
 import math
 import os
+import sys
 import time
 
 import keras
@@ -56,14 +57,18 @@ class ResumeEpoch(keras.callbacks.Callback):
     resumed run would start over at epoch 0's permutation and augmentation.
     """
 
-    def __init__(self, steps_per_epoch):
+    def __init__(self, steps_per_epoch, printer=print):
         super().__init__()
         self.steps_per_epoch = int(steps_per_epoch)
         self.first_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.printer = printer
 
     def on_train_begin(self, logs=None):
         step = int(ops.convert_to_numpy(self.model.optimizer.iterations))
         self.first_epoch.assign(step // self.steps_per_epoch)
+        if step:
+            self.printer(f"resuming at epoch {step // self.steps_per_epoch + 1} (the epochs "
+                         "before it were restored from the run's backup)", flush=True)
 
 
 class Lookahead(keras.callbacks.Callback):
@@ -183,8 +188,10 @@ class Throughput(keras.callbacks.Callback):
         elapsed = time.perf_counter() - self.started
         remaining = elapsed / max(done - self.first_epoch, 1e-9) * (self.epochs - done)
         end = time.strftime("%H:%M", time.localtime(time.time() + remaining))
-        self.printer(f"run: {done:.1f}/{self.epochs} epochs, about {format_duration(remaining)}"
-                     f" to go (ends near {end})", flush=True)
+        # On a terminal Keras's progress bar holds the line: start a line of our own.
+        start = "\n" if sys.stdout.isatty() else ""
+        self.printer(f"{start}run: {done:.1f}/{self.epochs} epochs, about "
+                     f"{format_duration(remaining)} to go (ends near {end})", flush=True)
 
     @property
     def images_per_second(self):

@@ -5,6 +5,7 @@ import functools
 import keras
 from keras import layers, ops
 
+from tfmargin.airbench import PatchWhitening
 from tfmargin.backbones import build_backbone
 from tfmargin.heads import ArcMarginLayer, TargetAngle
 from tfmargin.margins import MARGIN_TYPES
@@ -34,6 +35,32 @@ def target_classes(y, num_classes):
     if len(y.shape) >= 2 and y.shape[-1] == num_classes and num_classes > 1:
         return ops.argmax(y, axis=-1)
     return ops.reshape(y, (-1,))
+
+
+@keras.saving.register_keras_serializable(package="tfmargin")
+class CrossEntropy(keras.losses.Loss):
+    """Cross-entropy on logits for either kind of target: integer labels ``(B,)`` or
+    ``(B, 1)`` (sparse), or one-hot / soft targets ``(B, C)`` (categorical), told apart by
+    their shape, so ``fit`` takes whichever it is given.
+
+    Args:
+        label_smoothing: float in [0, 1), applied to ``(B, C)`` targets (smooth integer
+            labels by passing them one-hot).
+    """
+
+    def __init__(self, label_smoothing=0.0, name="cross_entropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.label_smoothing = float(label_smoothing)
+
+    def call(self, y_true, y_pred):
+        if len(y_true.shape) == len(y_pred.shape) and y_true.shape[-1] == y_pred.shape[-1] \
+                and y_pred.shape[-1] != 1:
+            return keras.losses.categorical_crossentropy(
+                y_true, y_pred, from_logits=True, label_smoothing=self.label_smoothing)
+        return keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
+
+    def get_config(self):
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}
 
 
 def layers_of(model, layer_class):
@@ -175,11 +202,48 @@ class MarginClassifier(keras.Model):
         """image -> (logits, embedding) in one backbone pass, label-free."""
         return self._logits_and_embeddings
 
+    def adapt(self, images, num_images=5000):
+        """Set what the model learns from images rather than by gradient: the filters of
+        every ``PatchWhitening`` layer (the airbench networks' first layer), from the first
+        ``num_images`` images normalised as the model normalises them (airbench: 5,000).
+        ``fit`` refuses a model with such a layer until this has run.
+
+        Args:
+            images: an array ``(N, H, W, 3)`` of 0..255 values, or an iterable of such
+                batches (a ``tf.data.Dataset`` of image batches).
+
+        Returns: the number of layers adapted (0 for a backbone without whitening).
+        """
+        whitening = layers_of(self, PatchWhitening)
+        if not whitening:
+            return 0
+        batches = [images] if hasattr(images, "shape") else images
+        taken, seen = [], 0
+        for batch in batches:
+            taken.append(ops.convert_to_numpy(batch)[:num_images - seen])
+            seen += len(taken[-1])
+            if seen >= num_images:
+                break
+        normalized = self.get_layer("normalize")(ops.cast(ops.concatenate(taken), "float32"))
+        for layer in whitening:
+            layer.adapt(ops.convert_to_numpy(normalized))
+        return len(whitening)
+
+    def fit(self, *args, **kwargs):
+        """``keras.Model.fit``, refused while a ``PatchWhitening`` layer is unadapted (its
+        zero filters would train the network on a blank input): call ``adapt`` first."""
+        unadapted = [layer.name for layer in layers_of(self, PatchWhitening)
+                     if not layer.adapted]
+        if unadapted:
+            raise ValueError(f"Layer(s) {', '.join(unadapted)} have no whitening filters yet; "
+                             "call model.adapt(training_images) before fit.")
+        return super().fit(*args, **kwargs)
+
     def compile(self, optimizer="sgd", loss=None, metrics=None, **kwargs):
-        """``keras.Model.compile``; the loss defaults to sparse cross-entropy on logits, and
-        a margin head's ``TargetAngle`` (``theta_y_mean``, ``theta_y_std``) joins
-        ``metrics``."""
-        loss = loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        """``keras.Model.compile``; the loss defaults to ``CrossEntropy`` on logits (integer
+        labels or one-hot / soft targets), and a margin head's ``TargetAngle``
+        (``theta_y_mean``, ``theta_y_std``) joins ``metrics``."""
+        loss = loss or CrossEntropy()
         metrics = list(metrics or [])
         if self.uses_margin and not any(isinstance(m, TargetAngle) for m in metrics):
             metrics.append(TargetAngle(self.head.scale))

@@ -1,6 +1,6 @@
 """Command-line plumbing shared by the experiment scripts.
 
-Imports no TensorFlow: ``--help`` and flag errors are answered before it starts.
+``--help`` and flag errors are answered before a run builds anything.
 """
 
 import argparse
@@ -136,7 +136,8 @@ def add_run_arguments(parser):
         else:
             parser.add_argument(flag, type=type(default), default=default, help=text)
     parser.add_argument("--resume", action="store_true",
-                        help="if the run directory exists: continue it, or do nothing if done")
+                        help="what the same command does anyway, spelled out: continue an "
+                             "interrupted run, or report a finished one again")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete an existing run directory of the same name first")
 
@@ -186,6 +187,9 @@ def exit_with(parser):
 
     try:
         yield
+    except KeyboardInterrupt:
+        fail(parser, "interrupted; the same command continues the run from its last "
+                     "finished epoch", 130)
     except (ConfigError, DatasetError) as error:
         fail(parser, str(error), 2)
     except TrainingDiverged as error:

@@ -1,7 +1,6 @@
 """A run's whole configuration, its identity, and its checks: pure Python.
 
-Nothing here imports TensorFlow or Keras, so ``--help`` and every flag error
-are answered before the framework starts.
+Pure Python: every flag error is answered before a run builds anything.
 """
 
 import dataclasses

@@ -7,8 +7,8 @@ function, ``psi(theta)``, for every member, written once on top of the general
 combined margin ``cos(m1 * theta + m2) - m3``, and the one registry of margin
 types with their default margins.
 
-It imports no deep-learning framework at module level, so a command line can
-check head arguments before TensorFlow starts.
+It imports no deep-learning framework: the formulas are checked against NumPy, and a
+command line checks head arguments before a run builds anything.
 """
 
 import dataclasses
@@ -137,7 +137,7 @@ def resolve_margins(margin_type, margin=None):
 def check_head_arguments(num_classes, margin_type, margin, scale, fallback, sub_centers):
     """Validate a head's arguments; returns ``((m1, m2, m3), scale_value)``.
 
-    Pure Python, so a command line can be checked before TensorFlow starts.
+    Pure Python, so a command line is checked before a run builds anything.
     ``margin=None`` and ``scale=None`` take the type's defaults.
 
     Raises:

@@ -46,6 +46,22 @@ def native_stderr_filtered():
                     sys.stderr.write(line)
 
 
+def import_keras():
+    """``import keras`` quietly (with its backend, and TensorFlow's devices listed when that
+    is the backend); returns the module."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with native_stderr_filtered():
+        import keras
+
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            # Physical, not logical: listing logical devices would start the runtime, after
+            # which a multi-worker strategy can no longer configure its collective ops.
+            tf.config.list_physical_devices()
+    return keras
+
+
 def import_tensorflow():
     """``import tensorflow`` with its devices listed, quietly; returns the module."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

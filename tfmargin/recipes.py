@@ -9,7 +9,7 @@ for a mean (not summed) loss: lr 1.5 per 1,024 images, coupled L2 0.0153 / 11.5;
 (airbench: 9.9). It trains on the whole training split (``val_split`` 0): nothing is chosen in
 such a run; choices are made in runs with ``--val-split 0.1``.
 
-The presets are plain Python (the command line reads them before TensorFlow starts); the
+The presets are plain Python (the command line reads them before a run builds anything); the
 builders import Keras when called.
 """
 

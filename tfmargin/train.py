@@ -17,11 +17,9 @@ import shutil
 import time
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from tfmargin import provenance
-from tfmargin.airbench import PatchWhitening
 from tfmargin.atomic import atomic_file, check_writable, point_latest
 from tfmargin.backbones import build_backbone
 from tfmargin.callbacks import BestWeights, EmbeddingProjector, ResumeEpoch, Throughput
@@ -110,12 +108,12 @@ def make_datasets(config, data, global_batch, first_epoch=None):
     return train_ds.map(to_targets), val_ds.map(to_targets)
 
 
-def prepare_run_dir(config, resume=False, overwrite=False):
+def prepare_run_dir(config, overwrite=False):
     """``runs/<name>``; returns ``(run_dir, finished)``.
 
     A directory made with other settings is refused (named setting by
-    setting) unless ``overwrite``; a finished one needs ``resume`` to be
-    reported again or ``overwrite`` to be trained again.
+    setting) unless ``overwrite``; the same command continues an interrupted run and
+    reports a finished one again (``overwrite`` trains it again).
     """
     run_dir = os.path.join(config.runs_dir, config.run_name())
     config_path = os.path.join(run_dir, "config.json")
@@ -126,11 +124,11 @@ def prepare_run_dir(config, resume=False, overwrite=False):
             raise ConfigError(f"run directory {run_dir!r} was made with other settings ("
                               f"{'; '.join(differences)}); pass another --name, or "
                               "--overwrite to replace it")
-    finished = os.path.exists(os.path.join(run_dir, "metrics.json"))
-    if finished and not (resume or overwrite):
-        raise ConfigError(f"run directory {run_dir!r} already holds a finished run; pass "
-                          "--resume to keep it or --overwrite to train again")
-    return run_dir, finished and resume
+        if not os.path.exists(os.path.join(run_dir, "metrics.json")):
+            print(f"continuing the interrupted run in {run_dir} (--overwrite starts it "
+                  "again)", flush=True)
+    finished = os.path.exists(os.path.join(run_dir, "metrics.json")) and not overwrite
+    return run_dir, finished
 
 
 def load_run_data(config, global_batch):
@@ -147,18 +145,6 @@ def load_run_data(config, global_batch):
     return data
 
 
-def adapt_whitening(model, split, num_images=5000):
-    """Fit every ``PatchWhitening`` layer on the first ``num_images`` training images,
-    normalised as the model normalises them (airbench uses 5,000)."""
-    layers_w = layers_of(model, PatchWhitening)
-    if layers_w:
-        images = np.concatenate([x.numpy() for x, _ in split.take(num_images).batch(1024)])
-        normalized = model.get_layer("normalize")(images.astype("float32"))
-        for layer in layers_w:  # the whitening layer is the backbone's first
-            layer.adapt(normalized)
-    return len(layers_w)
-
-
 def build_run_model(config, data, strategy, global_batch):
     """The ``MarginClassifier`` of the run, with normalisation statistics (and whitening
     filters) from the training images, compiled under ``strategy``."""
@@ -172,7 +158,7 @@ def build_run_model(config, data, strategy, global_batch):
             scale=config.scale, fallback=config.fallback, sub_centers=config.sub_centers,
             ce_weight=config.ce_weight, embedding_dim=config.embedding_dim, mean=mean,
             variance=variance, name="classifier")
-        adapt_whitening(model, data.train)
+        model.adapt(data.train.batch(1024).map(lambda x, y: x))
         compile_model(model, config, data.train_size // global_batch, global_batch)
     return model
 
@@ -334,13 +320,17 @@ def record(run_dir, resolved, metrics, outputs):
     _write_json(os.path.join(run_dir, "metrics.json"), metrics)
 
 
-def train(config, resume=False, overwrite=False, callbacks=()):
-    """Train and evaluate one run; returns the final metrics dict."""
+def train(config, overwrite=False, callbacks=()):
+    """Train and evaluate one run (continue it if it was interrupted); returns the final
+    metrics dict, a finished run's as recorded."""
     config.validate()
-    run_dir, already_done = prepare_run_dir(config, resume, overwrite)
+    run_dir, already_done = prepare_run_dir(config, overwrite)
     if already_done:
         with open(os.path.join(run_dir, "metrics.json")) as f:
-            return json.load(f)
+            metrics = json.load(f)
+        print(f"{run_dir} finished at {metrics['finished_at']}; its recorded result follows "
+              "(--overwrite trains it again)", flush=True)
+        return metrics
     check_writable(config.runs_dir, "--runs-dir")
     if config.export_formats():
         check_writable(config.export_dir, "--export-dir")
