@@ -73,12 +73,14 @@ over classes (scikit-learn's `average_precision_score` on `predict_proba`). *P@1
 *MAP@R*: retrieval on the L2-normalised embeddings, each test image a query against all other
 test images by cosine similarity (pytorch-metric-learning's `AccuracyCalculator` definitions);
 *gallery* metrics take the training images as the gallery instead (*kNN*: a vote of the 10
-nearest). *ECE*: expected calibration error over 15 equal-width confidence bins; *after*:
-with the temperature fitted by NLL on the validation split. *val*: the validation split (10 %
-of the training images per class, never trained on), on which anything is chosen; the test
-split chooses nothing. *wall*: the time of `fit` in the process that finished the run (a
-resumed run says which epochs it covers; a run during whose fit other processes used 10 % or
-more of the machine's CPU says how much, and is left out of the mean wall time of a study).
+nearest). *ECE*: expected calibration error over 15 equal-width confidence bins, of the logits
+the export serves (averaged over the test-time views where the run serves them; *top-1 served*
+is their accuracy); *after*: with the temperature fitted by NLL on the validation split. *val*:
+the validation split (10 % of the training images per class, never trained on), on which
+anything is chosen; the test split chooses nothing. *wall*: the time of `fit` in the process
+that finished the run (a resumed run says which epochs it covers; a run during whose fit other
+processes used 10 % or more of the machine's CPU says how much, and is left out of the mean wall
+time of a study).
 
 **Data.** CIFAR-10 runs read the JPEG re-encoding of the real data set (50,000 train / 10,000
 test, quality 75, 4:2:0; `python experiments/make_cifar10_jpeg.py` writes such a copy from
@@ -323,17 +325,20 @@ def chosen_heads(runs):
 
 
 def calibration_table(runs):
-    """ECE, NLL and Brier of every run, before and after temperature scaling."""
-    lines = ["| run | head | top-1 | ECE | NLL | Brier | temperature | ECE after | NLL after | "
-             "Brier after |", "|" + "---|" * 10]
+    """ECE, NLL and Brier of every run, before and after temperature scaling, beside the
+    top-1 of the same (served) logits: with test-time augmentation where the run serves it."""
+    lines = ["| run | head | top-1 served | ECE | NLL | Brier | temperature | ECE after | "
+             "NLL after | Brier after |", "|" + "---|" * 10]
     for run in runs:
         cal = run["metrics"].get("calibration")
         if not cal:
             continue
         after = cal.get("after", {})
         t = cal.get("temperature")
+        tta = run["metrics"].get("tta", {})
+        served = tta["top1"] if tta.get("served") else run["metrics"]["top1"]
         lines.append(
-            f"| {run['name']} | {head_name(run['config'])} | {percent(run['metrics']['top1'])} "
+            f"| {run['name']} | {head_name(run['config'])} | {percent(served)} "
             f"| {percent(cal['before']['ece'])} | {cal['before']['nll']:.3f} | "
             f"{cal['before']['brier']:.3f} | {'-' if t is None else f'{t:.3f}'} | "
             f"{percent(after.get('ece'))} | "

@@ -278,3 +278,18 @@ def test_an_unknown_reject_score_is_refused_with_the_choices():
         RunConfig(reject_score="knn").validate()
     with pytest.raises(ValueError, match="unknown reject score 'knn'"):
         open_set_score("knn", np.zeros((1, 2)), np.zeros((1, 2)))
+
+
+def test_gallery_retrieval_leaves_out_queries_of_a_class_the_gallery_lacks():
+    """A query whose class has no gallery image has no R: it is left out of P@1, R-precision
+    and MAP@R (no division by zero) and counted wrong by the vote; a gallery smaller than
+    k votes with what it has."""
+    from tfmargin.metrics import gallery_retrieval_metrics
+
+    gallery = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    queries = np.array([[1.0, 0.05], [0.05, 1.0], [-1.0, -1.0]])
+    with np.errstate(all="raise"):
+        got = gallery_retrieval_metrics(queries, np.array([0, 1, 2]), gallery,
+                                        np.array([0, 0, 1]), k=10)
+    assert got["precision_at_1"] == 1.0 and got["map_at_r"] == 1.0
+    assert got["knn_top1"] == pytest.approx(1 / 3)  # 3 gallery images: every vote is class 0

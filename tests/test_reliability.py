@@ -110,8 +110,8 @@ def test_sigkill_mid_epoch_then_same_command_resumes(shapes, tmp_path, torn_back
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["epochs"] == 3 and metrics["test_size"] == 24
     assert metrics["resumed_at_epoch"] == resumed_at - 1  # its wall time covers the rest
-    assert sorted(os.listdir(run_dir / "checkpoints")) == ["best.weights.h5",
-                                                           "best.weights.h5.json"]
+    # A finished run keeps no training checkpoint: inference.keras (--export none) holds it.
+    assert not (run_dir / "checkpoints").exists() and (run_dir / "inference.keras").exists()
 
 
 def test_a_run_killed_while_it_evaluates_is_evaluated_again_not_trained_again(
@@ -148,46 +148,12 @@ def test_a_run_killed_while_it_evaluates_is_evaluated_again_not_trained_again(
     assert metrics["wall_seconds"] == fitted["timing"]["wall_seconds"]
     assert metrics["train_accuracy_last_epoch"] == fitted["history"]["accuracy"][-1]
     assert len((run_dir / "log.csv").read_text().splitlines()) == 3  # a header and 2 epochs
-    assert not (run_dir / train_module.TRAINED_WEIGHTS).exists()  # inference.keras has it
+    assert not (run_dir / train_module.TRAINED_WEIGHTS).exists()  # the export has it
     # The evaluated weights are the ones fit ended with: as a run never interrupted.
     monkeypatch.undo()
     whole = train_module.train(dataclasses.replace(config, runs_dir=str(tmp_path / "w")))
     assert {k: whole[k] for k in ("top1", "mAP", "map_at_r")} == {
         k: metrics[k] for k in ("top1", "mAP", "map_at_r")}
-
-
-def test_checkpoint_write_that_dies_keeps_the_previous_best(tmp_path):
-    import keras
-
-    from tfmargin.callbacks import BestWeights
-
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    path = tmp_path / "best.weights.h5"
-    checkpoint = BestWeights(str(path), monitor="val_loss")
-    checkpoint.set_model(model)
-    checkpoint.on_train_begin()
-    checkpoint.on_epoch_end(0, {"val_loss": 1.0})
-    saved = [w.numpy() for w in model.weights]
-    checkpoint.on_epoch_end(1, {"val_loss": float("nan")})  # never replaces the best
-    checkpoint.on_epoch_end(2, {"loss": 0.1})  # no validation this epoch
-
-    def dies_mid_write(filepath, overwrite=True):
-        with open(filepath, "wb") as f:
-            f.write(b"half a file")
-        raise OSError("killed")
-
-    model.layers[0].kernel.assign(np.ones((3, 2)))
-    model.save_weights = dies_mid_write
-    with pytest.raises(OSError, match="killed"):
-        checkpoint.on_epoch_end(3, {"val_loss": 0.5})
-    assert sorted(os.listdir(tmp_path)) == ["best.weights.h5", "best.weights.h5.json"]
-    restored = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    restored.load_weights(str(path))
-    for a, b in zip(saved, restored.weights, strict=True):
-        np.testing.assert_array_equal(a, b.numpy())
-    resumed = BestWeights(str(path), monitor="val_loss")  # a resumed run compares with it
-    resumed.on_train_begin()
-    assert resumed.best == 1.0
 
 
 def without_root_override():

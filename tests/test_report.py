@@ -539,3 +539,14 @@ def test_a_run_is_recorded_whole_or_not_at_all(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "copy2", copy)
     assert ledger.record(str(run), str(tmp_path / "ledger"))
     assert sorted(os.listdir(tmp_path / "ledger" / "a-run")) == sorted(ledger.LEDGER_FILES)
+
+
+def test_no_ledger_record_names_a_path_of_the_machine_that_ran_it():
+    """The dataset as typed and its fingerprint are a run's data provenance; an absolute
+    path of some machine (config.json's old ``data_source``) is not."""
+    ledger = os.path.join(ROOT, "results", "runs")
+    for name in os.listdir(ledger):
+        with open(os.path.join(ledger, name, "config.json")) as f:
+            config = json.load(f)
+        assert "data_source" not in config, name
+        assert not os.path.isabs(config["dataset"]) or config["dataset"].startswith("tfds"), name

@@ -32,6 +32,8 @@ def test_cli_end_to_end_writes_the_run_directory(shapes, tmp_path):
     config = json.loads((run_dir / "config.json").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert config["backbone"] == "tinycnn" and config["num_classes"] == 4
+    # The dataset as typed and its fingerprint are its provenance, not this machine's path.
+    assert "data_source" not in config and config["test_split_seed"] == 0
     assert config["class_names"] == ["class_0", "class_1", "class_2", "class_3"]
     # 48 per class, 10 % (5 per class) held out for validation
     assert config["split_sizes"] == {"train": 172, "val": 20, "test": 64}
@@ -227,8 +229,8 @@ def test_nan_loss_stops_with_advice_and_keeps_no_bad_checkpoint(shapes, tmp_path
     error = [line for line in result.stderr.splitlines() if line.startswith("run.py: error:")]
     assert len(error) == 1 and "loss became NaN in epoch 1" in error[0]
     assert "Try a smaller --learning-rate or --scale" in error[0]
-    assert "no epoch was validated before it, so no checkpoint was kept" in error[0]
-    assert not (tmp_path / "nan" / "checkpoints" / "best.weights.h5").exists()
+    assert "no weights are kept" in error[0]
+    assert not (tmp_path / "nan" / "checkpoints" / "trained.weights.h5").exists()
     assert not (tmp_path / "nan" / "metrics.json").exists()
     assert not (tmp_path / "nan" / "backup").exists()  # a rerun starts afresh
 
@@ -467,7 +469,9 @@ def test_a_64_pixel_folder_end_to_end_with_statistics_from_its_images(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     import tfmargin
 
-    model = tfmargin.load_model(tmp_path / "runs" / "px64" / "inference.keras")
+    # The export's model.keras is the run's one copy of the model (no inference.keras).
+    assert not (tmp_path / "runs" / "px64" / "inference.keras").exists()
+    model = tfmargin.load_model(tmp_path / "exports" / "px64" / "model.keras")
     assert model.input_shape == (None, 64, 64, 3)
     normalize = model.get_layer("normalize")
     from tfmargin.data import channel_statistics, load_dataset

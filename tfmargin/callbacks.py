@@ -1,7 +1,6 @@
-"""Keras callbacks of a run: best-weights checkpoint, lookahead, throughput, embedding
+"""Keras callbacks of a run: resume, lookahead, throughput, embedding
 projector."""
 
-import json
 import math
 import os
 import sys
@@ -13,38 +12,6 @@ import tensorflow as tf
 from keras import ops
 
 from tfmargin.atomic import atomic_file
-
-
-class BestWeights(keras.callbacks.Callback):
-    """Keep the weights of the epoch with the lowest ``monitor`` (a validation loss).
-
-    Written under a temporary name and renamed (``atomic_file``), so a crash
-    during the write never destroys the previous best; ``<path>.json`` holds
-    its epoch and value, so a resumed run keeps comparing against it. A NaN
-    never compares as lower, so a diverged epoch cannot replace it.
-    """
-
-    def __init__(self, filepath, monitor):
-        super().__init__()
-        self.filepath = filepath
-        self.monitor = monitor
-        self.record_path = filepath + ".json"
-        self.best = math.inf
-
-    def on_train_begin(self, logs=None):
-        if os.path.exists(self.record_path):
-            with open(self.record_path) as f:
-                self.best = json.load(f)[self.monitor]
-
-    def on_epoch_end(self, epoch, logs=None):
-        value = (logs or {}).get(self.monitor)
-        if value is None or not value < self.best:  # no validation this epoch, or not better
-            return
-        with atomic_file(self.filepath) as tmp:
-            self.model.save_weights(tmp)
-        with atomic_file(self.record_path) as tmp, open(tmp, "w") as f:
-            json.dump({"epoch": epoch, self.monitor: float(value)}, f)
-        self.best = float(value)
 
 
 class ResumeEpoch(keras.callbacks.Callback):

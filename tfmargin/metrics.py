@@ -69,6 +69,49 @@ def classification_metrics(logits, labels):
     }
 
 
+def nearest(queries, reference, depth, exclude_self=False, block_size=256):
+    """The ``depth`` nearest reference rows of each query by cosine similarity (exact,
+    ties in index order), yielded ``block_size`` queries at a time as ``(rows, indices,
+    similarities)``, the last two ``(len(rows), depth)``, so memory stays ``block_size x
+    len(reference)``. ``exclude_self``: the queries are the reference rows themselves, and a
+    query never retrieves itself. The one neighbour search of every retrieval and kNN
+    figure."""
+    q, r = normalize(queries), normalize(reference)
+    depth = min(depth, len(r) - int(exclude_self))
+    for start in range(0, len(q), block_size):
+        rows = np.arange(start, min(start + block_size, len(q)))
+        similarity = q[rows] @ r.T
+        if exclude_self:
+            similarity[np.arange(len(rows)), rows] = -np.inf
+        top = np.argpartition(-similarity, depth - 1, axis=1)[:, :depth]
+        order = np.argsort(-np.take_along_axis(similarity, top, axis=1), axis=1,
+                           kind="stable")
+        indices = np.take_along_axis(top, order, axis=1)
+        yield rows, indices, np.take_along_axis(similarity, indices, axis=1)
+
+
+def ranking_metrics(relevant, r):
+    """Per query: hit at 1, R-precision and MAP@R, from ``relevant`` ``(N, depth)``
+    (whether each ranked neighbour shares the query's class) and ``r`` ``(N,)`` (how many
+    reference rows do). Queries with ``r == 0`` (a class with no other reference row) are
+    left out, as pytorch-metric-learning leaves out lone queries."""
+    keep = r > 0
+    relevant, r = relevant[keep], r[keep]
+    ranks = np.arange(1, relevant.shape[1] + 1)
+    within_r = ranks[None, :] <= r[:, None]
+    precision_at_i = np.cumsum(relevant, axis=1) / ranks
+    return np.stack([relevant[:, 0], np.sum(relevant * within_r, axis=1) / r,
+                     np.sum(precision_at_i * relevant * within_r, axis=1) / r], axis=1)
+
+
+def mean_ranking(per_query):
+    """``precision_at_1``, ``r_precision``, ``map_at_r``: the means of
+    :func:`ranking_metrics`' per-query rows."""
+    means = np.concatenate(per_query).mean(axis=0)
+    return dict(zip(("precision_at_1", "r_precision", "map_at_r"), map(float, means),
+                    strict=True))
+
+
 def retrieval_metrics(embeddings, labels, block_size=256):
     """Precision@1, R-precision and MAP@R of each test image as a query against all the
     others.
@@ -79,37 +122,14 @@ def retrieval_metrics(embeddings, labels, block_size=256):
     query with R other images of its class, R-precision is the fraction of its
     R nearest that share its class and MAP@R is
     ``(1/R) * sum_{i<=R} P@i * [i-th neighbour is of its class]``; queries
-    whose class has no other image are left out. Computed ``block_size``
-    queries at a time, so memory stays ``block_size x N``.
+    whose class has no other image are left out.
     """
-    x = np.asarray(embeddings, np.float32)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     labels = np.asarray(labels).reshape(-1)
-    counts = np.bincount(labels)
-    r_all = counts[labels] - 1  # other images of the query's class
-    hits_at_1, r_precision, map_at_r = [], [], []
-    for start in range(0, len(x), block_size):
-        rows = np.arange(start, min(start + block_size, len(x)))
-        rows = rows[r_all[rows] > 0]
-        if not len(rows):
-            continue
-        similarity = x[rows] @ x.T
-        similarity[np.arange(len(rows)), rows] = -np.inf  # never retrieve the query itself
-        r = r_all[rows]
-        k = int(r.max())
-        top = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(similarity, top, axis=1), axis=1,
-                           kind="stable")
-        neighbours = np.take_along_axis(top, order, axis=1)
-        relevant = labels[neighbours] == labels[rows, None]
-        within_r = np.arange(1, k + 1)[None, :] <= r[:, None]
-        precision_at_i = np.cumsum(relevant, axis=1) / np.arange(1, k + 1)
-        hits_at_1.append(relevant[:, 0])
-        r_precision.append(np.sum(relevant * within_r, axis=1) / r)
-        map_at_r.append(np.sum(precision_at_i * relevant * within_r, axis=1) / r)
-    return {"precision_at_1": float(np.mean(np.concatenate(hits_at_1))),
-            "r_precision": float(np.mean(np.concatenate(r_precision))),
-            "map_at_r": float(np.mean(np.concatenate(map_at_r)))}
+    r = np.bincount(labels)[labels] - 1  # other images of the query's class
+    return mean_ranking([
+        ranking_metrics(labels[found] == labels[rows, None], r[rows])
+        for rows, found, _ in nearest(embeddings, embeddings, max(int(r.max()), 1),
+                                      exclude_self=True, block_size=block_size)])
 
 
 def prediction_summary(scores, labels, scale=None):
@@ -277,13 +297,9 @@ def normalize(x):
 def knn_similarity(queries, gallery, k=50, block_size=512):
     """Cosine similarity of each query's k-th nearest gallery embedding (Sun et al. 2022's
     kNN out-of-distribution score, k = 50 for CIFAR-10), on L2-normalised embeddings."""
-    q, g = normalize(queries), normalize(gallery)
-    k = min(k, len(g))
-    out = np.empty(len(q))
-    for start in range(0, len(q), block_size):
-        similarity = q[start:start + block_size] @ g.T
-        out[start:start + block_size] = -np.partition(-similarity, k - 1, axis=1)[:, k - 1]
-    return out
+    return np.concatenate([similarity[:, -1] for _, _, similarity in
+                           nearest(queries, gallery, k, block_size=block_size)]
+                          ).astype(np.float64)
 
 
 def open_set_scores(logits, embedding_norm, knn=None):
@@ -331,40 +347,24 @@ def gallery_retrieval_metrics(queries, query_labels, gallery, gallery_labels, k=
     images (ties to the class of larger summed similarity); ``precision_at_1``;
     ``r_precision``: the fraction of the R nearest that share the query's class,
     R = the gallery images of that class; ``map_at_r`` as in
-    :func:`retrieval_metrics`.
+    :func:`retrieval_metrics` (queries of a class the gallery lacks are left out of these
+    three; the vote counts them, as wrong).
     """
-    q, g = normalize(queries), normalize(gallery)
     query_labels = np.asarray(query_labels).reshape(-1)
     gallery_labels = np.asarray(gallery_labels).reshape(-1)
-    counts = np.bincount(gallery_labels, minlength=int(query_labels.max()) + 1)
-    num_classes = len(counts)
-    votes_right, hits_at_1, r_precision, map_at_r = [], [], [], []
-    for start in range(0, len(q), block_size):
-        rows = slice(start, start + block_size)
-        labels = query_labels[rows]
-        similarity = q[rows] @ g.T
-        r = counts[labels]
-        depth = int(max(r.max(), k))
-        top = np.argpartition(-similarity, depth - 1, axis=1)[:, :depth]
-        order = np.argsort(-np.take_along_axis(similarity, top, axis=1), axis=1,
-                           kind="stable")
-        neighbours = np.take_along_axis(top, order, axis=1)
-        neighbour_labels = gallery_labels[neighbours]
-        relevant = neighbour_labels == labels[:, None]
+    num_classes = int(max(query_labels.max(), gallery_labels.max())) + 1
+    r_all = np.bincount(gallery_labels, minlength=num_classes)[query_labels]
+    votes_right, per_query = [], []
+    for rows, found, similarity in nearest(queries, gallery, max(int(r_all.max()), k),
+                                           block_size=block_size):
+        labels, neighbour_labels = query_labels[rows], gallery_labels[found]
         # kNN vote, ties broken by the summed similarity of each class's votes.
-        nearest = neighbour_labels[:, :k]
-        weights = np.take_along_axis(similarity, neighbours[:, :k], axis=1)
-        tally = np.zeros((len(labels), num_classes))
-        strength = np.zeros((len(labels), num_classes))
-        np.add.at(tally, (np.arange(len(labels))[:, None], nearest), 1.0)
-        np.add.at(strength, (np.arange(len(labels))[:, None], nearest), weights)
+        nearest_k, weights = neighbour_labels[:, :k], similarity[:, :k]
+        index = np.arange(len(rows))[:, None]
+        tally = np.zeros((len(rows), num_classes))
+        strength = np.zeros((len(rows), num_classes))
+        np.add.at(tally, (index, nearest_k), 1.0)
+        np.add.at(strength, (index, nearest_k), weights)
         votes_right.append(np.argmax(tally + 1e-6 * strength / k, axis=1) == labels)
-        hits_at_1.append(relevant[:, 0])
-        within_r = np.arange(1, depth + 1)[None, :] <= r[:, None]
-        r_precision.append(np.sum(relevant * within_r, axis=1) / r)
-        precision_at_i = np.cumsum(relevant, axis=1) / np.arange(1, depth + 1)
-        map_at_r.append(np.sum(precision_at_i * relevant * within_r, axis=1) / r)
-    return {"knn_top1": float(np.mean(np.concatenate(votes_right))),
-            "precision_at_1": float(np.mean(np.concatenate(hits_at_1))),
-            "r_precision": float(np.mean(np.concatenate(r_precision))),
-            "map_at_r": float(np.mean(np.concatenate(map_at_r)))}
+        per_query.append(ranking_metrics(neighbour_labels == labels[:, None], r_all[rows]))
+    return {"knn_top1": float(np.mean(np.concatenate(votes_right))), **mean_ranking(per_query)}

@@ -7,7 +7,8 @@ reject threshold), evaluate (the test split, once), record and export. Everythin
 writes goes to ``runs/<name>/``: ``config.json`` (every setting, resolved, with where the
 run came from: commit, library versions, machine, data fingerprint), ``metrics.json``
 (written last: a run without it is unfinished), ``log.csv``, TensorBoard ``logs/``,
-``checkpoints/``, ``inference.keras`` and ``test_predictions.npz``.
+``checkpoints/`` (until the run finishes), ``test_predictions.npz``, and ``inference.keras``
+when no ``.keras`` export holds the model.
 """
 
 import json
@@ -22,10 +23,10 @@ import tensorflow as tf
 from tfmargin import provenance
 from tfmargin.atomic import atomic_file, check_writable, point_latest
 from tfmargin.backbones import build_backbone
-from tfmargin.callbacks import BestWeights, EmbeddingProjector, ResumeEpoch, Throughput
+from tfmargin.callbacks import EmbeddingProjector, ResumeEpoch, Throughput
 from tfmargin.classifier import MarginClassifier, layers_of
 from tfmargin.config import ADDED_LATER, ConfigError
-from tfmargin.data import channel_statistics, load_dataset, make_pipeline
+from tfmargin.data import SPLIT_SEED, channel_statistics, load_dataset, make_pipeline
 from tfmargin.evaluation import evaluate, split_top1
 from tfmargin.export import export_models
 from tfmargin.metrics import save_prediction_summary
@@ -187,9 +188,10 @@ def start_run_dir(config, *, run_dir, overwrite, data, model, replicas, global_b
         "name": config.name, "run_dir": run_dir,
         "num_classes": data.num_classes,
         "class_names": data.class_names, "split_sizes": data.sizes,
+        "test_split_seed": SPLIT_SEED,
         "train_size": data.train_size, "replicas": replicas,
         "global_batch": global_batch, "peak_learning_rate": peak_learning_rate(
-            config, global_batch), "data_source": data.source,
+            config, global_batch),
         "precision_policy": keras.config.dtype_policy().name,
         "head_scale": getattr(model.head, "scale", None),
         "started_at": provenance.utc_now(), **provenance_record(data)}
@@ -213,7 +215,6 @@ def fit(config, *, run_dir, data, model, global_batch, projector, extra_callback
                                          double_checkpoint=True),
         resume,  # after BackupAndRestore: reads the restored step
         keras.callbacks.TensorBoard(os.path.join(run_dir, "logs")),
-        BestWeights(os.path.join(run_dir, "checkpoints", "best.weights.h5"), "val_loss"),
         keras.callbacks.CSVLogger(os.path.join(run_dir, "log.csv"), append=True),
         keras.callbacks.TerminateOnNaN(),
         throughput,
@@ -256,25 +257,18 @@ def fit_once(config, *, run_dir, model, **fit_args):
     history, timing = fit(config, run_dir=run_dir, model=model, **fit_args)
     history = {key: [float(value) for value in values]
                for key, values in history.history.items()}
-    check_diverged(history, run_dir, fit_args["data"].val is not None)
+    check_diverged(history)
     with atomic_file(weights_path) as tmp:
         model.save_weights(tmp)
     _write_json(record_path, {"history": history, "timing": timing})
     return history, timing
 
 
-def check_diverged(history, run_dir, has_validation):
+def check_diverged(history):
     losses = history.get("loss", [])
     if losses and not math.isfinite(losses[-1]):
-        best = os.path.join(run_dir, "checkpoints", "best.weights.h5")
-        if os.path.exists(best):
-            kept = f"the weights of the best validated epoch are in {best}"
-        elif has_validation:
-            kept = "no epoch was validated before it, so no checkpoint was kept"
-        else:
-            kept = "without a validation split (--val-split 0) no checkpoint is kept"
-        raise TrainingDiverged(f"loss became NaN in epoch {len(losses)}; {kept}. "
-                               "Try a smaller --learning-rate or --scale.")
+        raise TrainingDiverged(f"loss became NaN in epoch {len(losses)}; no weights are "
+                               "kept. Try a smaller --learning-rate or --scale.")
 
 
 def choose_batchnorm_statistics(model, data, *, global_batch, num_batches):
@@ -364,8 +358,9 @@ def train(config, overwrite=False, callbacks=()):
     metrics |= {"epochs": config.epochs, **timing, **({"batchnorm": batchnorm} if batchnorm
                                                         else {}),
                 "train_accuracy_last_epoch": history.get("accuracy", [None])[-1]}
-    with atomic_file(os.path.join(run_dir, "inference.keras")) as tmp:
-        model.save(tmp)
+    if "keras" not in config.export_formats():  # else the export's model.keras holds it
+        with atomic_file(os.path.join(run_dir, "inference.keras")) as tmp:
+            model.save(tmp)
     if config.export_formats():
         metrics["export"] = export_models(
             model, data.class_names, os.path.join(config.export_dir, config.run_name()),
@@ -374,7 +369,8 @@ def train(config, overwrite=False, callbacks=()):
             reject=metrics.get("reject"))
     log_hparams(os.path.join(run_dir, "logs"), resolved, metrics)
     record(run_dir, resolved, metrics, outputs)
-    os.remove(os.path.join(run_dir, TRAINED_WEIGHTS))  # inference.keras holds the model now
+    # The model lives on in the export (or inference.keras): no training checkpoint is kept.
+    shutil.rmtree(os.path.join(run_dir, "checkpoints"))
     if config.export_formats():  # not in runs/: TensorBoard would list the run twice
         point_latest(config.export_dir, config.run_name())
     return metrics
