@@ -53,9 +53,12 @@ def main(argv=None):
         top = np.argsort(-probabilities)[: args.top_k]
         guesses = ", ".join(f"{names[i]} {probabilities[i]:.3f}" for i in top)
         if "rejected" in out and bool(out["rejected"].numpy()[0]):
+            # The probabilities are over the known classes only: they say which class the
+            # image is nearest, not that it is one.
             score = float(out["score"].numpy()[0])
-            print(f"{path}: unknown (score {score:.3f}, {reject['score']}, below the threshold "
-                  f"{reject['threshold']:.3f} chosen on validation; nearest: {guesses})")
+            print(f"{path}: unknown ({reject['score']} {score:.3f} is below the threshold "
+                  f"{reject['threshold']:.3f} chosen on validation; were it one of the known "
+                  f"classes: {guesses})")
         else:
             print(f"{path}: {guesses}")
     return 0

@@ -57,6 +57,12 @@ def summary(config, metrics):
                      + f"; also {os.path.join(config.export_dir, 'latest')})")
     if "batchnorm" in metrics:
         lines.append("  " + batchnorm_line(metrics["batchnorm"]))
+    calibration = metrics.get("calibration", {})
+    if calibration.get("temperature_at_bound"):
+        lines.append(f"  note: the temperature fit stopped at its bound "
+                     f"({calibration['temperature']:.3g}): every validation image is classified "
+                     "with a clear margin, so the served probabilities are near 0 or 1 and say "
+                     "little beyond the class; a harder or larger validation split calibrates")
     lines += ["next:", f"  tensorboard --logdir {os.path.join(run_dir, 'logs')}"]
     if "savedmodel" in config.export_formats():
         lines.append(f"  python experiments/predict.py {metrics['export']} IMAGE.jpg ...")

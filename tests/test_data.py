@@ -273,3 +273,35 @@ def test_cifar10_jpeg_copy_is_written_as_the_runs_read_it(tmp_path, capsys):
     data = load_dataset(str(out), val_split=0.0)
     assert data.sizes["train"] == 12 and data.sizes["test"] == 12
     assert f"fingerprint of this copy:      {data.fingerprint}" in printed
+
+
+def test_what_loading_leaves_out_or_changes_is_said(tmp_path):
+    """An empty class folder, a stray file, grey and odd-sized images: each one note."""
+    from PIL import Image
+
+    root = write_image_folder(tmp_path / "d", num_classes=3, per_class=6)
+    os.makedirs(tmp_path / "d" / "horse")
+    (tmp_path / "d" / "notes.txt").write_text("mine")
+    Image.new("L", (40, 28), 128).save(tmp_path / "d" / "class_0" / "grey.png")
+    data = load_dataset(root)
+    assert data.class_names == ["class_0", "class_1", "class_2"]
+    assert data.notes == [
+        f"{root}: class folder(s) horse hold no images (.jpg/.jpeg/.png/.bmp/.gif) and are "
+        "left out",
+        f"{root}: 1 file(s) that are not images ignored (notes.txt)",
+        "images come in 2 size(s), 32x32 to 40x28: each is resized to 32x32",
+        "1 image(s) are not RGB (1 L): converted to RGB (grey repeated, alpha dropped)"]
+    assert load_dataset(write_image_folder(tmp_path / "clean", num_classes=2)).notes == []
+
+
+def test_a_flat_folders_test_split_is_the_same_for_every_seed(tmp_path):
+    """Paired seeds are tested on the same images: the seed moves the validation split and
+    the training order, never the test split."""
+    root = write_image_folder(tmp_path / "flat", num_classes=3, per_class=20)
+
+    def images(split):
+        return sorted(x.numpy().tobytes() for x, _ in split)
+
+    first, second = load_dataset(root, seed=0), load_dataset(root, seed=1)
+    assert images(first.test) == images(second.test)
+    assert images(first.val) != images(second.val)

@@ -1,6 +1,7 @@
 """The documents promise only what exists: every flag they name, the first run they show."""
 
 import glob
+import json
 import os
 import re
 import subprocess
@@ -67,6 +68,10 @@ def test_the_first_run_trains_evaluates_and_exports_and_says_where(tmp_path):
     assert (tmp_path / "saved_models" / name / "savedmodel" / "saved_model.pb").exists()
     assert os.listdir(tmp_path / "runs" / name / "logs" / "projector")
     assert "I0000" not in done.stderr and "cuInit" not in done.stderr
+    # A temperature stopped at its bound is said, not served silently.
+    with open(tmp_path / "runs" / name / "metrics.json") as f:
+        at_bound = json.load(f)["calibration"]["temperature_at_bound"]
+    assert ("note: the temperature fit stopped at its bound" in out) == at_bound
 
 
 def test_every_measured_figure_of_performance_md_is_in_a_committed_benchmark_output():

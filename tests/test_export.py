@@ -221,7 +221,8 @@ def test_predict_script_prints_unknown_for_a_rejected_image(finished_run, fresh,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     line = result.stdout.strip().splitlines()[-1]
-    assert line.startswith(f"{path}: unknown (score ") and "chosen on validation" in line
+    assert line.startswith(f"{path}: unknown (") and "below the threshold" in line
+    assert "chosen on validation; were it one of the known classes: " in line
     assert ", max_logit, below the threshold " in line  # the score it thresholds, named
 
 

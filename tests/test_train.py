@@ -52,6 +52,13 @@ def test_cli_end_to_end_writes_the_run_directory(shapes, tmp_path):
     log = (run_dir / "log.csv").read_text().splitlines()
     assert log[0].startswith("epoch") and "theta_y_mean" in log[0] and len(log) == 3
     assert os.listdir(run_dir / "logs")
+    # It says what it found and is about to do before training, and why the precision.
+    assert f"data: {shapes}: 4 classes (class_0, class_1, class_2, class_3); 172 training, " \
+        "20 validation, 64 test images" in result.stdout
+    assert "model: tinycnn with an arcface head (s=8.0, m=0.1), label smoothing 0; standard " \
+        "recipe, 2 epoch(s) of 5 steps at batch 32 (10 steps)" in result.stdout
+    assert "precision: float32 (auto: " in result.stdout
+    assert "note: only 10 optimizer steps in all" in result.stdout
     # It says what it reached, where it wrote, and what to type next.
     assert "smoke: test top-1 " in result.stdout
     assert f"run directory: {run_dir}" in result.stdout
@@ -799,16 +806,16 @@ def test_an_open_set_run_keeps_per_image_outputs_that_give_its_figures(shapes, t
     assert set(metrics["open_set_val"]) >= {"max_logit", "feature_norm", "knn"}
 
 
-@pytest.mark.parametrize("terminal", [True, False])
-def test_the_estimated_end_starts_its_own_line_on_a_terminal(monkeypatch, terminal):
-    """On a terminal Keras's progress bar holds the current line without a newline: the
-    estimate must not be glued to it; in a log file it needs no blank line."""
+@pytest.mark.parametrize("verbose", [1, 2])
+def test_the_estimated_end_starts_its_own_line_after_a_progress_bar(verbose):
+    """Keras's progress bar (verbose 1) holds the current line without a newline: the
+    estimate must not be glued to it; one line per epoch (verbose 2) needs no blank line."""
     from tfmargin.callbacks import Throughput
 
     printed = []
     meter = Throughput(64, epochs=4, printer=lambda text, flush: printed.append(text))
-    monkeypatch.setattr(sys.stdout, "isatty", lambda: terminal)
+    meter.set_params({"verbose": verbose, "epochs": 4, "steps": 10})
     meter.on_train_begin()
     meter.on_epoch_begin(0)
     meter.on_epoch_end(0)
-    assert printed[0].startswith("\nrun: 1.0/4 epochs" if terminal else "run: 1.0/4 epochs")
+    assert printed[0].startswith("\nrun: 1.0/4 epochs" if verbose == 1 else "run: 1.0/4 epochs")

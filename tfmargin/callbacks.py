@@ -3,7 +3,6 @@ projector."""
 
 import math
 import os
-import sys
 import time
 
 import keras
@@ -155,8 +154,8 @@ class Throughput(keras.callbacks.Callback):
         elapsed = time.perf_counter() - self.started
         remaining = elapsed / max(done - self.first_epoch, 1e-9) * (self.epochs - done)
         end = time.strftime("%H:%M", time.localtime(time.time() + remaining))
-        # On a terminal Keras's progress bar holds the line: start a line of our own.
-        start = "\n" if sys.stdout.isatty() else ""
+        # Keras's progress bar (verbose 1) holds the line without a newline: start our own.
+        start = "\n" if (self.params or {}).get("verbose") == 1 else ""
         self.printer(f"{start}run: {done:.1f}/{self.epochs} epochs, about "
                      f"{format_duration(remaining)} to go (ends near {end})", flush=True)
 

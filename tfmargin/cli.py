@@ -97,11 +97,23 @@ def _help():
     }
 
 
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each flag's default after its help, where it has one worth printing (not None, an
+    empty string or a store_true flag's False)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, "", False) or action.default is argparse.SUPPRESS \
+                or "%(default)" in text or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
 class OneLineParser(argparse.ArgumentParser):
     """Invalid flags: one line on stderr and exit 2 (no usage dump)."""
 
     def __init__(self, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
         super().__init__(**kwargs)
 
     def error(self, message):
@@ -114,31 +126,50 @@ def _scale(text):
     return float(text)
 
 
+# --help's groups, by RunConfig field (a field not listed goes to the last group).
+GROUPS = {
+    "data": ("dataset", "classes", "limit_train", "val_split", "test_split", "image_size"),
+    "model and head": ("backbone", "loss", "scale", "margin", "fallback", "sub_centers",
+                       "ce_weight", "embedding_dim", "gelu", "batchnorm"),
+    "training": ("recipe", "epochs", "batch_size", "optimizer", "learning_rate",
+                 "weight_decay", "warmup_epochs", "label_smoothing", "augment", "mix",
+                 "mixed_precision", "jit_compile", "steps_per_execution", "strategy", "seed",
+                 "deterministic"),
+    "evaluation and export": ("precise_bn_batches", "tta", "reject_score", "validation_freq",
+                              "projector_samples", "projector_every", "export", "export_dir"),
+    "run management": ("name", "runs_dir"),
+}
+
+
 def add_run_arguments(parser):
-    """One flag per ``RunConfig`` field, defaults from ``RunConfig``."""
+    """One flag per ``RunConfig`` field, defaults from ``RunConfig``, in ``GROUPS``."""
     defaults = RunConfig()
     texts = _help()
+    groups = {title: parser.add_argument_group(title) for title in GROUPS}
+    group_of = {field: groups[title] for title, fields in GROUPS.items() for field in fields}
     for field in dataclasses.fields(RunConfig):
         flag = "--" + field.name.replace("_", "-")
+        group = group_of.get(field.name, groups["run management"])
         default = getattr(defaults, field.name)
         text = texts[field.name]
         if field.name == "mixed_precision":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                                help=text)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                               help=text)
         elif isinstance(default, bool):
-            parser.add_argument(flag, action="store_true", help=text)
+            group.add_argument(flag, action="store_true", help=text)
         elif field.name == "scale":
-            parser.add_argument(flag, type=_scale, default=default, help=text)
+            group.add_argument(flag, type=_scale, default=default, help=text)
         elif field.name == "learning_rate":
-            parser.add_argument(flag, type=float, default=default, help=text)
+            group.add_argument(flag, type=float, default=default, help=text)
         elif field.name == "margin":
-            parser.add_argument(flag, type=float, nargs="+", default=None, help=text)
+            group.add_argument(flag, type=float, nargs="+", default=None, help=text)
         else:
-            parser.add_argument(flag, type=type(default), default=default, help=text)
-    parser.add_argument("--resume", action="store_true",
+            group.add_argument(flag, type=type(default), default=default, help=text)
+    manage = groups["run management"]
+    manage.add_argument("--resume", action="store_true",
                         help="what the same command does anyway, spelled out: continue an "
                              "interrupted run, or report a finished one again")
-    parser.add_argument("--overwrite", action="store_true",
+    manage.add_argument("--overwrite", action="store_true",
                         help="delete an existing run directory of the same name first")
 
 

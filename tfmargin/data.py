@@ -42,6 +42,7 @@ class Dataset:
     #              "unknown_val": n]}
     source: str
     fingerprint: str  # SHA-256 of the data's files (tfmargin.provenance)
+    notes: list = dataclasses.field(default_factory=list)  # what loading left out or changed
     unknown_test: tf.data.Dataset = None  # test images of the classes left out (label -1)
     unknown_val: tf.data.Dataset = None  # some of their training images (label -1)
 
@@ -95,19 +96,55 @@ def write_image_folder(root, images, labels, class_names, fmt="png"):
     return str(root)
 
 
-def _list_images(folder):
-    classes = sorted(
-        d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))
-    )
-    files = {
-        c: sorted(
-            os.path.join(folder, c, f)
-            for f in os.listdir(os.path.join(folder, c))
-            if f.lower().endswith(IMAGE_EXTENSIONS)
-        )
-        for c in classes
-    }
-    return {c: fs for c, fs in files.items() if fs}
+def _list_images(folder, notes):
+    """``{class: [image path]}`` of the class sub-folders of ``folder``; what is left out
+    (an empty class folder, a file that is not an image) is said in ``notes``."""
+    entries = sorted(os.listdir(folder))
+    strays = [f for f in entries if not os.path.isdir(os.path.join(folder, f))]
+    files, empty = {}, []
+    for c in (d for d in entries if os.path.isdir(os.path.join(folder, d))):
+        names = sorted(os.listdir(os.path.join(folder, c)))
+        images = [os.path.join(folder, c, f) for f in names
+                  if f.lower().endswith(IMAGE_EXTENSIONS)]
+        strays += [os.path.join(c, f) for f in names if not f.lower().endswith(IMAGE_EXTENSIONS)]
+        if images:
+            files[c] = images
+        else:
+            empty.append(c)
+    if empty:
+        notes.append(f"{folder}: class folder(s) {', '.join(empty)} hold no images "
+                     f"({'/'.join(IMAGE_EXTENSIONS)}) and are left out")
+    if strays:
+        notes.append(f"{folder}: {len(strays)} file(s) that are not images ignored "
+                     f"({', '.join(strays[:3])}"
+                     f"{', ...' if len(strays) > 3 else ''})")
+    return files
+
+
+def describe_images(paths, image_size):
+    """Notes on what decoding will change: images of other sizes (resized) and images
+    that are not RGB (converted). Reads only each file's header."""
+    from PIL import Image, UnidentifiedImageError
+
+    sizes, modes = {}, {}
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                sizes[image.size] = sizes.get(image.size, 0) + 1
+                modes[image.mode] = modes.get(image.mode, 0) + 1
+        except (OSError, UnidentifiedImageError):
+            continue  # named by the decode that follows, with the fix
+    notes = []
+    if set(sizes) - {(image_size, image_size)}:
+        small, large = min(sizes, key=lambda s: s[0] * s[1]), max(sizes, key=lambda s: s[0] * s[1])
+        notes.append(f"images come in {len(sizes)} size(s), {small[0]}x{small[1]} to "
+                     f"{large[0]}x{large[1]}: each is resized to {image_size}x{image_size}")
+    other = {mode: n for mode, n in modes.items() if mode != "RGB"}
+    if other:
+        notes.append(f"{sum(other.values())} image(s) are not RGB ("
+                     + ", ".join(f"{n} {mode}" for mode, n in sorted(other.items()))
+                     + "): converted to RGB (grey repeated, alpha dropped)")
+    return notes
 
 
 def _find_unreadable(paths):
@@ -185,9 +222,10 @@ def load_image_folder(folder, *, image_size=32, val_split=0.1, test_split=0.1,
     if not os.path.isdir(folder):
         raise DatasetError(f"Dataset folder {folder!r} does not exist.")
     rng = random.Random(seed)
+    notes = []
     split_dirs = [os.path.join(folder, s) for s in ("train", "test")]
     if all(os.path.isdir(d) for d in split_dirs):
-        train_files, test_files = (_list_images(d) for d in split_dirs)
+        train_files, test_files = (_list_images(d, notes) for d in split_dirs)
         unknown = sorted(set(test_files) - set(train_files))
         if unknown:
             raise DatasetError(
@@ -200,7 +238,7 @@ def load_image_folder(folder, *, image_size=32, val_split=0.1, test_split=0.1,
             present = next(d for d in split_dirs if os.path.isdir(d))
             raise DatasetError(f"{folder!r} has {os.path.basename(present)}/ but not both "
                                "train/ and test/: give it both, or class folders only.")
-        train_files = _list_images(folder)
+        train_files = _list_images(folder, notes)
         all_files = [f for fs in train_files.values() for f in fs]
         kept, test = _stratified_split(train_files, test_split, random.Random(SPLIT_SEED))
         train_files = _by_class(kept)
@@ -211,6 +249,7 @@ def load_image_folder(folder, *, image_size=32, val_split=0.1, test_split=0.1,
             "needs at least 2 (layout: <folder>/<class>/<image>.jpg)."
         )
     fingerprint = fingerprint_files(folder, [os.path.relpath(f, folder) for f in all_files])
+    notes += describe_images(all_files, image_size)
     unknown_test, unknown_val = [], []
     if classes:
         class_names = check_classes(classes, class_names, folder)
@@ -239,7 +278,7 @@ def load_image_folder(folder, *, image_size=32, val_split=0.1, test_split=0.1,
     }
     return Dataset(splits["train"], splits["val"], splits["test"], class_names,
                    {name: len(ps) for name, ps in pairs.items()},
-                   source=os.path.abspath(folder), fingerprint=fingerprint,
+                   source=os.path.abspath(folder), fingerprint=fingerprint, notes=notes,
                    unknown_test=splits.get("unknown_test"),
                    unknown_val=splits.get("unknown_val"))
 

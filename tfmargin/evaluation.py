@@ -126,7 +126,12 @@ def calibration(outputs):
               "bins_before": m.reliability_bins(logits, labels)}
     if "val_logits" in outputs:
         temperature = m.fit_temperature(outputs["val_logits"], outputs["val_labels"])
+        low, high = m.TEMPERATURE_RANGE
         result |= {"temperature": temperature,
+                   # At the floor: the validation images are separated so cleanly that the
+                   # NLL falls without end as the logits sharpen; the probabilities then say
+                   # little beyond the class.
+                   "temperature_at_bound": not low * 1.01 < temperature < high / 1.01,
                    "after": m.calibration_metrics(logits, labels, temperature),
                    "bins_after": m.reliability_bins(logits, labels, temperature)}
     return result

@@ -169,7 +169,12 @@ def negative_log_likelihood(logits, labels, temperature=1.0):
         np.arange(len(labels)), labels]))
 
 
-def fit_temperature(logits, labels, low=0.01, high=100.0, iterations=200):
+# The temperatures fit_temperature searches between.
+TEMPERATURE_RANGE = (0.01, 100.0)
+
+
+def fit_temperature(logits, labels, low=TEMPERATURE_RANGE[0], high=TEMPERATURE_RANGE[1],
+                    iterations=200):
     """The temperature T > 0 minimising the NLL of ``softmax(logits / T)`` (Guo et al. 2017).
 
     The NLL is convex in ``1 / T``, so a golden-section search over ``1 / T``

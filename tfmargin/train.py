@@ -305,6 +305,44 @@ def choose_batchnorm_statistics(model, data, *, global_batch, num_batches):
             "val_top1": {"moving": moving_top1, "recalibrated": recalibrated_top1}}
 
 
+# Fewer optimizer steps than this in a whole run: the run says it will barely train.
+FEW_STEPS = 100
+
+
+def describe_run(config, data, strategy, global_batch):
+    """What a run is about to do, before it starts: data found (and any note on it), model
+    and head, budget, precision and why, devices. Returns the lines."""
+    sizes = data.sizes
+    split_text = ", ".join(f"{sizes[key]:,} {label}" for key, label in (
+        ("train", "training"), ("val", "validation"), ("test", "test"),
+        ("unknown_test", "held-out-class test"), ("unknown_val", "held-out-class validation"))
+        if sizes.get(key))
+    names = ", ".join(data.class_names[:10]) + (", ..." if data.num_classes > 10 else "")
+    lines = [f"data: {config.dataset}: {data.num_classes} classes ({names}); {split_text} "
+             "images"] + [f"  note: {note}" for note in data.notes]
+    head = "a Dense (softmax) head" if config.loss == "softmax" else (
+        f"{'an' if config.loss[0] in 'aeiou' else 'a'} {config.loss} head "
+        f"(s={config.resolved_scale()}"
+        + ("" if config.loss == "normface" else f", m={config.resolved_margin()}") + ")")
+    steps = data.train_size // global_batch
+    lines.append(f"model: {config.backbone} with {head}, label smoothing "
+                 f"{config.label_smoothing:g}; {config.recipe} recipe, {config.epochs} epoch(s) "
+                 f"of {steps:,} steps at batch {global_batch:,} ({config.epochs * steps:,} "
+                 f"steps), peak learning rate {peak_learning_rate(config, global_batch):g}")
+    policy = keras.config.dtype_policy().name
+    why = ("" if config.mixed_precision != "auto" else
+           " (auto: " + ("a GPU" if provenance.has_gpu() else "a CPU with bfloat16 "
+                         "instructions" if policy != "float32" else "measured faster only on "
+                         "a GPU or a CPU with bfloat16 instructions, for some backbones")
+           + ")")
+    devices = ", ".join(d.split("device:")[-1] for d in strategy.extended.worker_devices)
+    lines.append(f"precision: {policy}{why}; {type(strategy).__name__} over {devices}")
+    if config.epochs * steps < FEW_STEPS:
+        lines.append(f"  note: only {config.epochs * steps} optimizer steps in all: the model "
+                     "will barely train; add images or epochs, or lower --batch-size")
+    return lines
+
+
 def record(run_dir, resolved, metrics, outputs):
     """``test_predictions.npz`` (with the per-image outputs), then ``metrics.json`` (last: it
     marks the run finished)."""
@@ -336,6 +374,7 @@ def train(config, overwrite=False, callbacks=()):
     keras.config.set_dtype_policy(precision_policy(config))
     global_batch = config.batch_size * strategy.num_replicas_in_sync
     data = load_run_data(config, global_batch)
+    print("\n".join(describe_run(config, data, strategy, global_batch)), flush=True)
     model = build_run_model(config, data, strategy, global_batch)
     resolved = start_run_dir(config, run_dir=run_dir, overwrite=overwrite, data=data,
                              model=model, replicas=strategy.num_replicas_in_sync,
@@ -349,6 +388,10 @@ def train(config, overwrite=False, callbacks=()):
     history, timing = fit_once(config, run_dir=run_dir, data=data, model=model,
                                global_batch=global_batch, projector=projector,
                                extra_callbacks=callbacks)
+    print("after training: choosing BatchNorm statistics and evaluating (test, validation, "
+          "training images as the retrieval gallery)" + (", then exporting" if
+                                                           config.export_formats() else ""),
+          flush=True)
     batchnorm = choose_batchnorm_statistics(model, data, global_batch=global_batch,
                                             num_batches=config.precise_bn_batches)
     if projector:  # after the statistics are chosen: it embeds in inference mode
