@@ -924,7 +924,8 @@ def main(argv=None):
     # Ratios survive a busy machine; images/s do not. The primitives section's
     # children are this benchmark's own work.
     share = provenance.MachineShare(own_children=True)
-    header = (f"tfmargin benchmark {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
+    now = datetime.datetime.now(datetime.timezone.utc)
+    header = (f"tfmargin benchmark {now:%Y-%m-%d %H:%M} UTC, "
               f"{machine()}, TensorFlow {tf.__version__}, Keras {keras.__version__}; batch "
               f"{args.batch_size}, {args.steps} steps x {args.rounds} rounds")
     print(header, flush=True)

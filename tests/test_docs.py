@@ -87,3 +87,16 @@ def test_every_measured_figure_of_performance_md_is_in_a_committed_benchmark_out
     figures = set(re.findall(r"(?<![\w.])\d+\.\d+(?![\w.])", text))
     missing = sorted(f for f in figures if f not in outputs)
     assert not missing, missing
+
+
+def test_the_code_runs_on_the_python_it_declares():
+    """vermin finds the oldest Python each construct and standard-library name needs;
+    none may need more than pyproject.toml's requires-python (datetime.UTC needed 3.11)."""
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        floor = re.search(r'requires-python = ">=(\d+\.\d+)"', f.read()).group(1)
+    vermin = os.path.join(os.path.dirname(sys.executable), "vermin")
+    done = subprocess.run([vermin, "--no-tips", "--violations",
+                           "--eval-annotations", f"-t={floor}-", "tfmargin", "experiments",
+                           "benchmarks", "tests"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:]

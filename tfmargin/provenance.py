@@ -24,7 +24,7 @@ SHARED_MACHINE = 0.10
 
 def utc_now():
     """``2026-12-01T22:30:05Z``."""
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def code_version(root=PACKAGE_ROOT):

@@ -337,6 +337,9 @@ def describe_run(config, data, strategy, global_batch):
            + ")")
     devices = ", ".join(d.split("device:")[-1] for d in strategy.extended.worker_devices)
     lines.append(f"precision: {policy}{why}; {type(strategy).__name__} over {devices}")
+    if config.recipe == "standard" and config.epochs == 5 and provenance.has_gpu():
+        lines.append("  note: the standard recipe's 5 epochs were chosen for 2 CPU cores "
+                     "(docs/recipe.md); a GPU affords more: --epochs")
     if config.epochs * steps < FEW_STEPS:
         lines.append(f"  note: only {config.epochs * steps} optimizer steps in all: the model "
                      "will barely train; add images or epochs, or lower --batch-size")
