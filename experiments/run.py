@@ -57,6 +57,16 @@ def summary(config, metrics):
                      + f"; also {os.path.join(config.export_dir, 'latest')})")
     if "batchnorm" in metrics:
         lines.append("  " + batchnorm_line(metrics["batchnorm"]))
+    if "reject" in metrics:
+        reject = metrics["reject"]
+        unknown = (f"; it rejects {100 * reject['unknown_rejected']:.1f} % of the held-out "
+                   "classes' test images" if "unknown_rejected" in reject else "")
+        lines.append(f"  reject option: {reject['score']} ({reject['chosen_by']}) below "
+                     f"{reject['threshold']:.4g}, the value that keeps "
+                     f"{100 * reject['keep']:.0f} % of the validation images{unknown}")
+    elif config.export_formats():
+        lines.append("  note: no validation split (--val-split 0): the export serves "
+                     "probabilities at temperature 1 and cannot reject unknown images")
     calibration = metrics.get("calibration", {})
     if calibration.get("temperature_at_bound"):
         lines.append(f"  note: the temperature fit stopped at its bound "

@@ -251,12 +251,16 @@ def test_airbench_recipe_end_to_end_with_tta_export(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert config["recipe"] == "airbench" and config["tta"] == 2 and config["gelu"] == "fused"
     assert config["label_smoothing"] == 0.2 and config["augment"] == "airbench"
-    assert config["split_sizes"] == {"train": 120, "val": 0, "test": 24}  # val_split 0
-    assert "val" not in metrics and metrics["tta"]["level"] == 2
+    # 10 % held out for validation: the export has a temperature and a reject option.
+    assert config["split_sizes"] == {"train": 108, "val": 12, "test": 24}
+    assert "val" in metrics and metrics["tta"]["level"] == 2
+    serving = json.loads((tmp_path / "exports" / "ab" / "serving.json").read_text())
+    assert serving["reject"]["threshold"] == metrics["reject"]["threshold"]
+    assert serving["temperature"] == metrics["calibration"]["temperature"]
+    assert "reject option: max_logit (no choice on validation yet" in result.stdout
     assert metrics["tta"]["served"] is True
     assert 0 <= metrics["tta"]["top1"] <= 1 and metrics["test_size"] == 24
-    with np.load(run_dir / "checkpoints" / "lookahead.npz") as state:
-        assert int(state["step"]) == 2 * (120 // 32)
+    assert not (run_dir / "checkpoints").exists()  # the export holds the model
 
     images = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3)).astype(np.uint8)
     np.save(tmp_path / "images.npy", images)
@@ -295,7 +299,7 @@ def test_recipe_defaults_and_explicit_flags():
     add_run_arguments(parser)
     config = config_from_args(parser, parse_run_args(parser, ["--recipe", "airbench",
                                                              "--epochs", "3"]))
-    assert (config.batch_size, config.epochs, config.tta, config.val_split) == (1024, 3, 2, 0.0)
+    assert (config.batch_size, config.epochs, config.tta, config.val_split) == (1024, 3, 2, 0.1)
     assert config.learning_rate == pytest.approx(1.5 * 128 / 1024)
     assert config == RunConfig.for_recipe("airbench", epochs=3)
     standard = config_from_args(parser, parse_run_args(parser, []))  # same parser again

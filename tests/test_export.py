@@ -223,7 +223,7 @@ def test_predict_script_prints_unknown_for_a_rejected_image(finished_run, fresh,
     line = result.stdout.strip().splitlines()[-1]
     assert line.startswith(f"{path}: unknown (") and "below the threshold" in line
     assert "chosen on validation; were it one of the known classes: " in line
-    assert ", max_logit, below the threshold " in line  # the score it thresholds, named
+    assert f"{path}: unknown (max_logit " in line  # the score it thresholds, named
 
 
 def test_hparams_and_metrics_are_logged(finished_run):

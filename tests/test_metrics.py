@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
@@ -217,20 +219,72 @@ def test_gallery_retrieval_matches_brute_force(block_size):
 
 
 def test_open_set_scores_rank_known_images_higher():
-    from tfmargin.metrics import energy, knn_similarity, open_set_scores
+    from tfmargin.metrics import knn_similarities
+    from tfmargin.scores import energy, open_set_scores
 
     logits = np.array([[4.0, 0.0, 0.0], [0.5, 0.4, 0.3]])
     embeddings = np.array([[3.0, 0.0], [0.0, 0.5]])
     gallery = np.array([[1.0, 0.0], [0.9, 0.1], [1.0, 0.05]])
-    scores = open_set_scores(logits, np.linalg.norm(embeddings, axis=1),
-                             knn_similarity(embeddings, gallery, k=2))
-    assert set(scores) == {"msp", "max_logit", "energy", "feature_norm", "knn"}
+    knn = knn_similarities(embeddings, gallery, ks=(1, 2))
+    scores = open_set_scores(logits, np.linalg.norm(embeddings, axis=1), knn[:, 1],
+                             reference={"feature_norm": (1.0, 1.0), "knn": (0.5, 0.5)})
+    assert set(scores) == {"msp", "max_logit", "energy", "feature_norm", "projection",
+                           "projection_energy", "projection_msp", "knn", "norm_knn"}
     assert all(scores[name][0] > scores[name][1] for name in scores)
     assert scores["feature_norm"].tolist() == [3.0, 0.5]
     np.testing.assert_allclose(energy(logits), np.log(np.exp(logits).sum(1)))
     # k-th nearest: the second most similar gallery embedding's cosine.
-    np.testing.assert_allclose(knn_similarity(np.array([[1.0, 0.0]]), gallery, k=2),
-                               [1.0 / np.sqrt(1 + 0.05**2)])
+    np.testing.assert_allclose(knn_similarities(np.array([[1.0, 0.0]]), gallery, ks=(2,)),
+                               [[1.0 / np.sqrt(1 + 0.05**2)]])
+
+
+def reference_scores(logits, norm, knn, scale, reference):
+    """Each score of one image at a time, with ``math`` (independent of tfmargin.scores)."""
+    rows = {name: [] for name in ("max_logit", "msp", "energy", "feature_norm", "projection",
+                                  "projection_energy", "projection_msp", "knn", "norm_knn")}
+    for row, n, similarity in zip(logits.tolist(), norm.tolist(), knn.tolist(), strict=True):
+        projected = row if scale is None else [n * value / scale for value in row]
+        for name, values in (("", row), ("projection_", projected)):
+            total = sum(math.exp(v) for v in values)
+            rows["max_logit" if not name else "projection"].append(max(values))
+            rows[name + "energy"].append(math.log(total))
+            rows[name + "msp"].append(max(math.exp(v) for v in values) / total)
+        rows["feature_norm"].append(n)
+        rows["knn"].append(similarity)
+        rows["norm_knn"].append((n - reference["feature_norm"][0]) / reference["feature_norm"][1]
+                                + (similarity - reference["knn"][0]) / reference["knn"][1])
+    return {name: np.array(values) for name, values in rows.items()}
+
+
+@pytest.mark.parametrize("scale", [None, 8.0])
+def test_every_score_matches_a_per_image_reference_in_numpy_and_in_the_export(scale):
+    """scores.open_set_scores (NumPy) and export.open_set_score (TensorFlow, what the
+    SavedModel serves) against a per-image computation, for a softmax and a cosine head."""
+    from tfmargin.export import open_set_score
+    from tfmargin.metrics import knn_similarities
+    from tfmargin.scores import SCORES, open_set_scores
+
+    rng = np.random.default_rng(3)
+    embeddings = rng.normal(size=(12, 6)).astype("float32") * rng.uniform(0.5, 4, (12, 1))
+    centres = rng.normal(size=(6, 4)).astype("float32")
+    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    cosine = unit @ (centres / np.linalg.norm(centres, axis=0))
+    logits = (embeddings @ centres if scale is None else scale * cosine).astype("float32")
+    gallery = rng.normal(size=(30, 6)).astype("float32")
+    norm = np.linalg.norm(embeddings, axis=1)
+    knn = knn_similarities(embeddings, gallery, ks=(3,))[:, 0]
+    reference = {"feature_norm": (2.0, 0.7), "knn": (0.3, 0.2)}
+    expected = reference_scores(logits.astype(np.float64), norm, knn, scale, reference)
+    got = open_set_scores(logits, norm, knn, scale=scale, reference=reference)
+    assert set(got) == set(SCORES) == set(expected)
+    for name in SCORES:
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-6, err_msg=name)
+        served = open_set_score(name, logits, embeddings, scale=scale,
+                                gallery=gallery / np.linalg.norm(gallery, axis=1,
+                                                                 keepdims=True),
+                                k=3, reference=reference).numpy()
+        np.testing.assert_allclose(served, expected[name], rtol=2e-5, atol=2e-5,
+                                   err_msg=name)
 
 
 def outputs_of(logits, embeddings, labels, val=slice(0, 40), test=slice(40, None)):
@@ -251,7 +305,8 @@ def test_the_exports_reject_scores_are_the_reported_ones(name):
     report (NumPy), and the reject option thresholds that score at the validation quantile."""
     from tfmargin.evaluation import REJECT_KEEP, reject_option
     from tfmargin.export import open_set_score
-    from tfmargin.metrics import open_set_scores, rejection_threshold
+    from tfmargin.metrics import rejection_threshold
+    from tfmargin.scores import open_set_scores
 
     rng = np.random.default_rng(0)
     logits = rng.normal(scale=4.0, size=(60, 5)).astype("float16").astype("float32")
@@ -273,10 +328,12 @@ def test_an_unknown_reject_score_is_refused_with_the_choices():
     from tfmargin.config import ConfigError, RunConfig
     from tfmargin.export import open_set_score
 
-    with pytest.raises(ConfigError, match="unknown reject score 'knn'; choose one of "
-                                          "max_logit, msp, energy, feature_norm"):
-        RunConfig(reject_score="knn").validate()
-    with pytest.raises(ValueError, match="unknown reject score 'knn'"):
+    with pytest.raises(ConfigError, match="unknown reject score 'kNN'; choose one of "
+                                          "auto, max_logit, msp, energy, feature_norm, "):
+        RunConfig(reject_score="kNN").validate()
+    with pytest.raises(ValueError, match="unknown reject score 'kNN'"):
+        open_set_score("kNN", np.zeros((1, 2)), np.zeros((1, 2)))
+    with pytest.raises(ValueError, match="'knn' needs a gallery of training embeddings"):
         open_set_score("knn", np.zeros((1, 2)), np.zeros((1, 2)))
 
 

@@ -795,15 +795,18 @@ def test_an_open_set_run_keeps_per_image_outputs_that_give_its_figures(shapes, t
     shapes_of = {key: value.shape for key, value in outputs.items()}
     assert shapes_of == {
         "labels": (48,), "predicted": (48,), "target_angle_deg": (48,), "logits": (48, 3),
-        "embedding_norm": (48,), "knn": (48,), "val_labels": (15,), "val_logits": (15, 3),
-        "val_embedding_norm": (15,), "val_knn": (15,), "unknown_logits": (16, 3),
-        "unknown_embedding_norm": (16,), "unknown_knn": (16,), "unknown_val_logits": (5, 3),
-        "unknown_val_embedding_norm": (5,), "unknown_val_knn": (5,)}
+        "embedding_norm": (48,), "knn": (48, 5), "val_labels": (15,), "val_logits": (15, 3),
+        "val_embedding_norm": (15,), "val_knn": (15, 5), "unknown_logits": (16, 3),
+        "unknown_embedding_norm": (16,), "unknown_knn": (16, 5), "unknown_val_logits": (5, 3),
+        "unknown_val_embedding_norm": (5,), "unknown_val_knn": (5, 5)}
     assert outputs["logits"].dtype == np.float16
-    again = metrics_from_outputs(outputs, tta_level=0, reject_score=config["reject_score"])
+    again = metrics_from_outputs(outputs, tta_level=0, scale=config["head_scale"],
+                                 reject_score=config["reject_score"])
+    metrics["reject"].pop("chosen_by")  # what chose the score: the run's settings
     for key in ("top1", "top5", "mAP", "calibration", "open_set", "open_set_val", "reject"):
         assert again[key] == metrics[key], key
-    assert set(metrics["open_set_val"]) >= {"max_logit", "feature_norm", "knn"}
+    assert set(metrics["open_set_val"]) >= {"max_logit", "feature_norm", "projection", "knn",
+                                            "knn@1", "knn@50"}
 
 
 @pytest.mark.parametrize("verbose", [1, 2])

@@ -12,6 +12,7 @@ from tfmargin import names
 from tfmargin.config import ConfigError, RunConfig
 from tfmargin.margins import FALLBACKS, MARGIN_TYPES
 from tfmargin.recipes import HEAD_LEARNING_RATES, MARGIN_HEAD_LEARNING_RATE, RECIPE_HELP
+from tfmargin.scores import SCORES
 
 
 def _help():
@@ -76,8 +77,8 @@ def _help():
         "classes": "comma-separated class names to train on (default: all); the test images "
                    "of the others are the unknowns of the open-set metrics",
         "reject_score": f"the score the export's reject option thresholds (at the value that "
-                        f"keeps 95 %% of the known validation images): "
-                        f"{names.described(names.REJECT_SCORES)}",
+                        f"keeps 95 %% of the known validation images): auto (the head's choice "
+                        f"made on validation, docs/recipe.md); {names.described(SCORES)}",
         "validation_freq": "validate on the validation split every N epochs",
         "val_split": "fraction of the training data held out for validation (per class); 0 "
                      "trains on all of it (no validation metrics, nothing chosen)",

@@ -10,17 +10,25 @@ import os
 
 from tfmargin import names, provenance
 from tfmargin.margins import FALLBACKS, MARGIN_TYPES, check_head_arguments
-from tfmargin.recipes import AIRBENCH, HEAD_LEARNING_RATES, MARGIN_HEAD_LEARNING_RATE, RECIPES
+from tfmargin.recipes import (
+    AIRBENCH,
+    DEFAULT_SERVED_SCORE,
+    HEAD_LEARNING_RATES,
+    MARGIN_HEAD_LEARNING_RATE,
+    RECIPES,
+    SERVED_SCORES,
+)
+from tfmargin.scores import LEGACY_KNN_K, SCORES
 
 # Settings that change neither the trained weights nor the reported metrics: they are left
 # out of a run's identity. (validation_freq only decides which epochs are validated, and
 # so which epoch a best checkpoint could come from; no reported number depends on it.)
 NOT_IDENTITY = ("name", "runs_dir", "export", "export_dir", "projector_samples",
-                "projector_every", "validation_freq")
+                "projector_every", "validation_freq", "reject_score")
 # Settings added after runs existed: left out of the identity at these values, so those
 # runs keep their names (and a sweep still finds them finished).
 ADDED_LATER = {"recipe": "standard", "tta": 0, "classes": "", "gelu": "keras",
-               "batchnorm": "keras", "reject_score": "max_logit"}
+               "batchnorm": "keras"}
 
 
 
@@ -73,7 +81,7 @@ class RunConfig:
     precise_bn_batches: int = 20
     tta: int = 0
     classes: str = ""  # comma-separated class names to train on (""): all; see class_list
-    reject_score: str = "max_logit"  # the export's reject option: names.REJECT_SCORES
+    reject_score: str = "auto"  # the export's reject option: scores.SCORES, or "auto"
     validation_freq: int = 1
     val_split: float = 0.1
     test_split: float = 0.1
@@ -151,6 +159,15 @@ class RunConfig:
             return self.learning_rate
         return HEAD_LEARNING_RATES.get(self.loss, MARGIN_HEAD_LEARNING_RATE)
 
+    def resolved_reject_score(self):
+        """``(score, k)``: the score the export's reject option thresholds and the kNN
+        neighbour it reads (None for the others). ``"auto"``: the head's validated choice
+        under its recipe (``recipes.SERVED_SCORES``), else the maximum logit."""
+        if self.reject_score == "auto":
+            return SERVED_SCORES.get((self.recipe, self.loss), DEFAULT_SERVED_SCORE)
+        return self.reject_score, LEGACY_KNN_K if self.reject_score in ("knn",
+                                                                        "norm_knn") else None
+
     def identity(self):
         """Every setting that changes the results, as JSON-ready values."""
         values = dataclasses.asdict(self)
@@ -215,7 +232,7 @@ class RunConfig:
                 ("strategy", self.strategy, names.STRATEGIES),
                 ("augmentation", self.augment, names.AUGMENTATIONS),
                 ("mix", self.mix, names.MIXES),
-                ("reject score", self.reject_score, names.REJECT_SCORES)):
+                ("reject score", self.reject_score, {"auto": None, **SCORES})):
             need(value in allowed,
                  f"unknown {flag} {value!r}; choose one of {names.choices(allowed)}")
         for flag, value, low in (("epochs", self.epochs, 1), ("batch-size", self.batch_size, 1),

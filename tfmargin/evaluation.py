@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfmargin import metrics as m
+from tfmargin import scores as sc
 from tfmargin.names import TTA_LEVELS
 from tfmargin.tta import tta_logits
 
@@ -85,8 +86,9 @@ def rounded(values):
 def per_image_outputs(predicted, gallery):
     """The per-image outputs of each split in ``predicted`` (``{split prefix: predict_split
     output or None}``, prefixes of ``SPLITS``): served logits (rounded), the embedding's norm
-    before normalisation, and the kNN score against ``gallery`` (training embeddings); the
-    test split also its plain logits and labels."""
+    before normalisation, and the kNN similarities at each of ``scores.KNN_KS`` against
+    ``gallery`` (training embeddings; rounded); the test split also its plain logits and
+    labels."""
     outputs = {}
     for prefix, split in predicted.items():
         if split is None:
@@ -94,8 +96,8 @@ def per_image_outputs(predicted, gallery):
         outputs |= {f"{prefix}logits": rounded(split["logits" if not prefix else "served"]),
                     f"{prefix}embedding_norm": np.linalg.norm(split["embeddings"],
                                                               axis=1).astype(np.float32),
-                    f"{prefix}knn": m.knn_similarity(split["embeddings"],
-                                                     gallery).astype(np.float32)}
+                    f"{prefix}knn": rounded(m.knn_similarities(split["embeddings"],
+                                                               gallery))}
         if prefix == "val_":
             outputs["val_labels"] = split["labels"].astype(np.int32)
     test = predicted[""]
@@ -111,11 +113,17 @@ def served_logits(outputs, prefix=""):
         else outputs[f"{prefix}logits"]
 
 
-def split_scores(outputs, prefix):
-    """Every open-set score (``metrics.open_set_scores``) of one split's per-image outputs,
-    from its served logits."""
-    return m.open_set_scores(served_logits(outputs, prefix),
-                             outputs[f"{prefix}embedding_norm"], outputs[f"{prefix}knn"])
+def split_scores(outputs, prefix, scale=None, k=sc.LEGACY_KNN_K):
+    """Every open-set score (``scores.open_set_scores``) of one split's per-image outputs,
+    from its served logits; ``scale``: the cosine head's (None: softmax); ``k``: the kNN
+    score's neighbour. The combined score is standardised on the known validation images."""
+    reference = None
+    if "val_logits" in outputs:
+        reference = {"feature_norm": sc.standardizer(outputs["val_embedding_norm"]),
+                     "knn": sc.standardizer(sc.knn_column(outputs["val_knn"], k))}
+    return sc.open_set_scores(served_logits(outputs, prefix), outputs[f"{prefix}embedding_norm"],
+                              sc.knn_column(outputs[f"{prefix}knn"], k), scale=scale,
+                              reference=reference)
 
 
 def calibration(outputs):
@@ -137,41 +145,58 @@ def calibration(outputs):
     return result
 
 
-def reject_option(outputs, score_name="max_logit"):
-    """The reject threshold: the served score ``score_name`` (``names.REJECT_SCORES``)
-    above which ``REJECT_KEEP`` of the known validation images lie; and how many images of
-    each split it rejects."""
-    val_scores = split_scores(outputs, "val_")[score_name]
+def reject_option(outputs, score_name="max_logit", scale=None, k=sc.LEGACY_KNN_K):
+    """The reject threshold: the served score ``score_name`` (``scores.SCORES``) above
+    which ``REJECT_KEEP`` of the known validation images lie; how many images of each split
+    it rejects; and what the export needs to compute the score again (``k`` and the
+    standardisation of ``norm_knn``)."""
+    val_scores = split_scores(outputs, "val_", scale, k)[score_name]
     threshold = m.rejection_threshold(val_scores, REJECT_KEEP)
     result = {"score": score_name, "keep": REJECT_KEEP, "threshold": threshold,
               "chosen_on": "validation",
               "val_rejected": float(np.mean(val_scores < threshold)),
-              "test_rejected": float(np.mean(split_scores(outputs, "")[score_name]
+              "test_rejected": float(np.mean(split_scores(outputs, "", scale, k)[score_name]
                                              < threshold))}
-    if "unknown_logits" in outputs:
-        result["unknown_rejected"] = float(np.mean(
-            split_scores(outputs, "unknown_")[score_name] < threshold))
+    if score_name in sc.GALLERY_SCORES:
+        result["k"] = k
+    if score_name == "norm_knn":
+        result["reference"] = {
+            "feature_norm": sc.standardizer(outputs["val_embedding_norm"]),
+            "knn": sc.standardizer(sc.knn_column(outputs["val_knn"], k))}
+    for prefix, split in (("unknown_", "unknown"), ("unknown_val_", "unknown_val")):
+        if f"{prefix}logits" in outputs:
+            result[f"{split}_rejected"] = float(np.mean(
+                split_scores(outputs, prefix, scale, k)[score_name] < threshold))
     return result
 
 
-def open_set(outputs, known="", unknown="unknown_"):
-    """AUROC and OSCR of every score, the known images of split ``known`` against the
-    held-out classes' of split ``unknown``."""
+def open_set(outputs, known="", unknown="unknown_", scale=None):
+    """AUROC and OSCR of every score (the kNN score at each of ``scores.KNN_KS`` as
+    ``knn@k``), the known images of split ``known`` against the held-out classes' of split
+    ``unknown``."""
     labels = outputs["labels"] if not known else outputs[f"{known}labels"]
     correct = np.argmax(served_logits(outputs, known), axis=1) == labels
-    return m.open_set_metrics(split_scores(outputs, known), correct,
-                              split_scores(outputs, unknown)) | {
+    figures = m.open_set_metrics(split_scores(outputs, known, scale),
+                                 correct, split_scores(outputs, unknown, scale))
+    if np.ndim(outputs[f"{known}knn"]) == 2:
+        for k in sc.KNN_KS:
+            figures[f"knn@{k}"] = m.open_set_metrics(
+                {"knn": sc.knn_column(outputs[f"{known}knn"], k)}, correct,
+                {"knn": sc.knn_column(outputs[f"{unknown}knn"], k)})["knn"]
+    return figures | {
         "known_size": int(len(labels)),
         "unknown_size": int(len(outputs[f"{unknown}logits"])),
         "closed_set_top1": float(np.mean(correct))}
 
 
-def metrics_from_outputs(outputs, *, tta_level, reject_score="max_logit"):
+def metrics_from_outputs(outputs, *, tta_level, scale=None, reject_score="max_logit",
+                         knn_k=sc.LEGACY_KNN_K):
     """Every logit-based figure of a run from its per-image outputs (``per_image_outputs``,
     or a ledger run's ``test_predictions.npz``): classification of the plain and (when
     served) the augmented test logits, calibration, open set on the test split and on the
     validation split (``open_set_val``: the held-out classes' training images), the reject
-    option."""
+    option. ``scale``: the cosine head's (None: softmax); ``knn_k``: the served kNN score's
+    neighbour."""
     labels = outputs["labels"]
     results = m.classification_metrics(outputs["logits"], labels)
     if "served_logits" in outputs:
@@ -179,15 +204,15 @@ def metrics_from_outputs(outputs, *, tta_level, reject_score="max_logit"):
             "level": tta_level, "served": True}
     results["calibration"] = calibration(outputs)
     if "unknown_logits" in outputs:
-        results["open_set"] = open_set(outputs)
+        results["open_set"] = open_set(outputs, scale=scale)
     if "unknown_val_logits" in outputs:
-        results["open_set_val"] = open_set(outputs, "val_", "unknown_val_")
+        results["open_set_val"] = open_set(outputs, "val_", "unknown_val_", scale)
     if "val_logits" in outputs:
-        results["reject"] = reject_option(outputs, reject_score)
+        results["reject"] = reject_option(outputs, reject_score, scale, knn_k)
     return results
 
 
-def evaluate(model, data, batch_size, tta=0, reject_score="max_logit"):
+def evaluate(model, data, batch_size, tta=0, reject_score="max_logit", knn_k=sc.LEGACY_KNN_K):
     """Every metric of a trained model; returns ``(metrics, per-image outputs)``.
 
     Test: classification (also with test-time augmentation, ``REPORTED_TTA``
@@ -206,23 +231,25 @@ def evaluate(model, data, batch_size, tta=0, reject_score="max_logit"):
         test["served"] = test["logits"]
     # The gallery needs embeddings only: no test-time augmentation views.
     train = predict_split(prediction_step(network), data.train, batch_size)
-    gallery = train["embeddings"]
+    gallery = train["embeddings"][:sc.GALLERY_SIZE]
     predicted = {"": test}
     for prefix, split in SPLITS.items():
         if prefix and getattr(data, split, None) is not None:
             predicted[prefix] = predict_split(step, getattr(data, split), batch_size)
     outputs = per_image_outputs(predicted, gallery)
-    results = metrics_from_outputs(outputs, tta_level=tta, reject_score=reject_score)
+    results = metrics_from_outputs(outputs, tta_level=tta, scale=getattr(model.head, "scale",
+                                                                        None),
+                                   reject_score=reject_score, knn_k=knn_k)
     results |= m.retrieval_metrics(test["embeddings"], test["labels"])
     results["test_size"] = int(len(test["labels"]))
     if not tta:  # reported beside the plain figure, not served: not in the outputs
         results["tta"] = m.classification_metrics(augmented, test["labels"]) | {
             "level": REPORTED_TTA, "served": False}
     results["gallery"] = m.gallery_retrieval_metrics(
-        test["embeddings"], test["labels"], gallery, train["labels"])
+        test["embeddings"], test["labels"], train["embeddings"], train["labels"])
     if "val_" in predicted:
         val = predicted["val_"]
         # The plain logits, as the test split's top-1 (the outputs keep the served ones).
         results["val"] = (m.classification_metrics(val["logits"], val["labels"])
                           | m.retrieval_metrics(val["embeddings"], val["labels"]))
-    return results, outputs
+    return results, outputs, gallery

@@ -13,7 +13,8 @@ import tensorflow as tf
 
 from tfmargin.atomic import atomic_directory
 from tfmargin.data import decode_image
-from tfmargin.names import EXPORT_FORMATS, REJECT_SCORES, choices
+from tfmargin.names import EXPORT_FORMATS, choices
+from tfmargin.scores import GALLERY_SCORES, SCORES
 from tfmargin.tta import tta_logits
 
 UNKNOWN = "unknown"  # class_name of a rejected input; its class_id is -1
@@ -31,32 +32,56 @@ def _logits_and_cosine(model, images):
     return head(embedding), cosine, embedding
 
 
-def open_set_score(name, logits, embedding):
-    """The reject option's score ``name`` (``names.REJECT_SCORES``) per image, from the
-    served logits and the embedding before normalisation; higher: more likely a known
-    class. The same scores as ``tfmargin.metrics.open_set_scores`` (given the embedding's
-    norm), in TensorFlow."""
-    if name == "max_logit":
-        return tf.reduce_max(logits, axis=-1)
-    if name == "msp":
-        return tf.reduce_max(tf.nn.softmax(logits), axis=-1)
-    if name == "energy":
-        return tf.reduce_logsumexp(logits, axis=-1)
-    if name == "feature_norm":
-        return tf.norm(embedding, axis=-1)
-    raise ValueError(f"unknown reject score {name!r}; choose one of {choices(REJECT_SCORES)}")
+def open_set_score(name, logits, embedding, *, scale=None, gallery=None, k=None,
+                   reference=None):
+    """The reject option's score ``name`` (``scores.SCORES``) per image, from the served
+    logits and the embedding before normalisation; higher: more likely a known class. The
+    same scores as ``tfmargin.scores.open_set_scores``, in TensorFlow.
+
+    Args:
+        scale: the cosine head's scale s (None: a softmax head).
+        gallery: ``(G, d)`` L2-normalised training embeddings, for ``knn`` and ``norm_knn``.
+        k: the neighbour the kNN score reads.
+        reference: ``{"feature_norm": (mean, sd), "knn": (mean, sd)}`` for ``norm_knn``.
+    """
+    if name not in SCORES:
+        raise ValueError(f"unknown reject score {name!r}; choose one of {choices(SCORES)}")
+    norm = tf.norm(embedding, axis=-1)
+    projected = logits if scale is None else norm[:, None] * logits / scale
+    if name in GALLERY_SCORES:
+        if gallery is None:
+            raise ValueError(f"the reject score {name!r} needs a gallery of training "
+                             "embeddings")
+        similarity = tf.matmul(tf.math.l2_normalize(embedding, axis=-1, epsilon=1e-12),
+                               tf.cast(gallery, embedding.dtype), transpose_b=True)
+        knn = tf.math.top_k(similarity, k).values[:, -1]
+        if name == "knn":
+            return knn
+        (norm_mean, norm_sd), (knn_mean, knn_sd) = reference["feature_norm"], \
+            reference["knn"]
+        return (norm - norm_mean) / norm_sd + (knn - knn_mean) / knn_sd
+    return {"max_logit": lambda: tf.reduce_max(logits, axis=-1),
+            "msp": lambda: tf.reduce_max(tf.nn.softmax(logits), axis=-1),
+            "energy": lambda: tf.reduce_logsumexp(logits, axis=-1),
+            "feature_norm": lambda: norm,
+            "projection": lambda: tf.reduce_max(projected, axis=-1),
+            "projection_energy": lambda: tf.reduce_logsumexp(projected, axis=-1),
+            "projection_msp": lambda: tf.reduce_max(tf.nn.softmax(projected), axis=-1),
+            }[name]()
 
 
-def serving_outputs(model, class_names, images, tta=0, temperature=1.0, threshold=None,
-                    score_name="max_logit"):
+def serving_outputs(model, class_names, images, tta=0, temperature=1.0, reject=None,
+                    gallery=None):
     """The serving dict for uint8 ``images`` (N, H, W, 3); no label input anywhere.
 
     ``tta > 0``: logits and cosines are averaged over the test-time
     augmentation views of ``tfmargin.tta``; the embedding is the plain image's.
     ``probabilities`` are ``softmax(logits / temperature)`` (the temperature
     fitted on the validation split). ``score`` is the reject option's score
-    ``score_name`` (:func:`open_set_score`); with a ``threshold``, an image scoring
-    below it is ``rejected``: ``class_id`` -1, ``class_name`` "unknown".
+    (``reject["score"]``, :func:`open_set_score`; the maximum logit without a reject
+    option); an image scoring below ``reject["threshold"]`` is ``rejected``: ``class_id``
+    -1, ``class_name`` "unknown". ``gallery``: the normalised training embeddings a kNN
+    score reads.
     """
     images = tf.cast(images, tf.float32)
     logits, cosine, embedding = _logits_and_cosine(model, images)
@@ -65,8 +90,12 @@ def serving_outputs(model, class_names, images, tta=0, temperature=1.0, threshol
                               images, tta, plain=tf.stack([logits, cosine]))
         logits, cosine = averaged[0], averaged[1]
     normalized = tf.math.l2_normalize(embedding, axis=-1, epsilon=1e-12)
-    score = open_set_score(score_name, logits, embedding)
-    rejected = score < threshold if threshold is not None else tf.zeros_like(score, tf.bool)
+    reject = reject or {"score": "max_logit"}
+    score = open_set_score(reject["score"], logits, embedding, scale=getattr(
+        model.head, "scale", None), gallery=gallery, k=reject.get("k"),
+        reference=reject.get("reference"))
+    rejected = score < reject["threshold"] if "threshold" in reject \
+        else tf.zeros_like(score, tf.bool)
     class_id = tf.where(rejected, -1, tf.argmax(logits, axis=-1, output_type=tf.int32))
     names = tf.constant([*class_names, UNKNOWN])  # index -1 is "unknown"
     return {
@@ -82,7 +111,7 @@ def serving_outputs(model, class_names, images, tta=0, temperature=1.0, threshol
 
 
 def export_models(model, class_names, export_path, *, formats=("savedmodel", "keras"),
-                  image_size=32, tta=0, temperature=1.0, reject=None):
+                  image_size=32, tta=0, temperature=1.0, reject=None, gallery=None):
     """Write ``export_path/{savedmodel/, model.keras, model.onnx, class_names.txt,
     serving.json}``.
 
@@ -94,24 +123,26 @@ def export_models(model, class_names, export_path, *, formats=("savedmodel", "ke
     L2-normalised embedding of uint8 images (retrieval). With ``tta`` > 0 the
     first two average over test-time augmentation views. The SavedModel's
     variable collections hold what it was made with: ``tta_level``,
-    ``temperature`` and ``reject_threshold`` (-inf without a reject option);
-    ``serving.json`` says the same for people. ``model.keras`` is the plain
-    classifier (logits only).
+    ``temperature``, ``reject_threshold`` (-inf without a reject option) and, for a kNN
+    score, the ``gallery``; ``serving.json`` says the same for people. ``model.keras`` is
+    the plain classifier (logits only).
 
     Args:
         reject: ``{"score": name, "threshold": t, ...}`` as chosen on the validation
             split (``tfmargin.evaluation.reject_option``; ``name`` one of
-            ``names.REJECT_SCORES``), or None.
+            ``scores.SCORES``), or None.
+        gallery: ``(G, d)`` training embeddings; shipped (normalised) only when the reject
+            score reads them (``scores.GALLERY_SCORES``).
     """
     unknown = set(formats) - set(EXPORT_FORMATS)
     if unknown:
         raise ValueError(f"Unknown export format(s) {sorted(unknown)}; choose from "
                          f"{choices(EXPORT_FORMATS)}.")
-    if reject is not None and reject.get("score") not in REJECT_SCORES:
+    if reject is not None and reject.get("score") not in SCORES:
         raise ValueError(f"unknown reject score {reject.get('score')!r}; choose one of "
-                         f"{choices(REJECT_SCORES)}")
+                         f"{choices(SCORES)}")
     threshold = None if reject is None else float(reject["threshold"])
-    score_name = "max_logit" if reject is None else reject["score"]
+    ships_gallery = reject is not None and reject["score"] in GALLERY_SCORES
     serving = {"tta_level": tta, "temperature": float(temperature), "reject": reject,
                "image_size": image_size, "outputs": ["probabilities", "logits", "cosine",
                                                       "embedding", "score", "rejected",
@@ -123,11 +154,17 @@ def export_models(model, class_names, export_path, *, formats=("savedmodel", "ke
         with open(os.path.join(tmp, "serving.json"), "w") as f:
             json.dump(serving, f, indent=2)
         if "savedmodel" in formats or "onnx" in formats:
-            def outputs(images):
-                return serving_outputs(model, class_names, images, tta, temperature, threshold,
-                                       score_name)
-
             archive = keras.export.ExportArchive()
+            kept = None
+            if ships_gallery:
+                kept = tf.Variable(tf.math.l2_normalize(tf.constant(gallery, tf.float32),
+                                                        axis=-1, epsilon=1e-12), trainable=False)
+                archive.add_variable_collection("gallery", [kept])
+
+            def outputs(images):
+                return serving_outputs(model, class_names, images, tta, temperature, reject,
+                                       kept)
+
             archive.track(model)
             archive.add_endpoint("serve", outputs, input_signature=[signature])
             archive.add_endpoint(

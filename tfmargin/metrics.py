@@ -6,6 +6,7 @@ import os
 import numpy as np
 
 from tfmargin.atomic import atomic_file
+from tfmargin.scores import KNN_KS, softmax
 
 # Per image: label, prediction, target angle, and the per-image outputs of every split
 # (tfmargin.evaluation.per_image_outputs).
@@ -29,13 +30,6 @@ def average_precision(scores, positives):
     precision = true_pos / (last + 1)
     recall = true_pos / total
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
-
-
-def softmax(logits):
-    """Row-wise softmax in float64, stable for any logit offset."""
-    z = np.asarray(logits, np.float64)
-    z = np.exp(z - z.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
 
 
 def mean_average_precision(probabilities, labels):
@@ -286,45 +280,24 @@ def oscr(known_scores, known_correct, unknown_scores):
     return float(np.sum(np.diff(fpr) * (ccr[1:] + ccr[:-1]) / 2.0))
 
 
-def energy(logits, temperature=1.0):
-    """``T * logsumexp(logits / T)``: the negative free energy (Liu et al. 2020); higher for
-    images the model knows."""
-    z = np.asarray(logits, np.float64) / temperature
-    top = z.max(axis=1)
-    return temperature * (top + np.log(np.exp(z - top[:, None]).sum(axis=1)))
-
-
 def normalize(x):
     x = np.asarray(x, np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def knn_similarity(queries, gallery, k=50, block_size=512):
-    """Cosine similarity of each query's k-th nearest gallery embedding (Sun et al. 2022's
-    kNN out-of-distribution score, k = 50 for CIFAR-10), on L2-normalised embeddings."""
-    return np.concatenate([similarity[:, -1] for _, _, similarity in
-                           nearest(queries, gallery, k, block_size=block_size)]
-                          ).astype(np.float64)
-
-
-def open_set_scores(logits, embedding_norm, knn=None):
-    """Per image, higher = more likely one of the known classes: ``msp`` (maximum softmax
-    probability), ``max_logit`` (for a cosine head the same ranking as the maximum
-    cosine), ``energy``, ``feature_norm`` (``embedding_norm``, the embedding's norm before
-    normalisation) and, given ``knn`` (:func:`knn_similarity` against the training
-    embeddings), ``knn``."""
-    scores = {"msp": softmax(logits).max(axis=1),
-              "max_logit": np.asarray(logits, np.float64).max(axis=1),
-              "energy": energy(logits),
-              "feature_norm": np.asarray(embedding_norm, np.float64)}
-    if knn is not None:
-        scores["knn"] = np.asarray(knn, np.float64)
-    return scores
+def knn_similarities(queries, gallery, ks=KNN_KS, block_size=512):
+    """``(N, len(ks))``: the cosine similarity of each query's k-th nearest gallery
+    embedding for each k (Sun et al. 2022's kNN out-of-distribution score), on
+    L2-normalised embeddings, from one neighbour search."""
+    return np.concatenate([
+        similarity[:, [min(k, similarity.shape[1]) - 1 for k in ks]]
+        for _, _, similarity in nearest(queries, gallery, max(ks), block_size=block_size)]
+    ).astype(np.float64)
 
 
 def open_set_metrics(known_scores, known_correct, unknown_scores):
     """AUROC and OSCR of each score. ``known_scores``/``unknown_scores``: ``{name: per-image
-    scores}`` (:func:`open_set_scores`) of the known and the unknown test images;
+    scores}`` (``tfmargin.scores.open_set_scores``) of the known and the unknown images;
     ``known_correct``: whether each known image's closed-set prediction is right."""
     return {name: {"auroc": auroc(known_scores[name], unknown_scores[name]),
                    "oscr": oscr(known_scores[name], known_correct, unknown_scores[name])}

@@ -63,14 +63,6 @@ TTA_LEVELS = {
     1: "the image and its mirror",
     2: "mirror + 1-pixel shifts, airbench's 6 weighted views",
 }
-# The scores the export's reject option can threshold (higher: more likely a known class),
-# computed from the served logits and the embedding before normalisation.
-REJECT_SCORES = {
-    "max_logit": "the maximum logit; for a cosine head, s times the maximum cosine",
-    "msp": "the maximum softmax probability",
-    "energy": "logsumexp of the logits",
-    "feature_norm": "the embedding's norm before normalisation",
-}
 EXPORT_FORMATS = {
     "savedmodel": "TensorFlow SavedModel with serve, serve_encoded and embed endpoints",
     "keras": "the .keras file of the classifier",

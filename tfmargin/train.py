@@ -30,7 +30,8 @@ from tfmargin.data import SPLIT_SEED, channel_statistics, load_dataset, make_pip
 from tfmargin.evaluation import evaluate, split_top1
 from tfmargin.export import export_models
 from tfmargin.metrics import save_prediction_summary
-from tfmargin.recipes import make_optimizer, peak_learning_rate, recipe_callbacks
+from tfmargin.recipes import SERVED_SCORES, make_optimizer, peak_learning_rate, recipe_callbacks
+from tfmargin.scores import LEGACY_KNN_K
 
 METRIC_KEYS = ("top1", "top5", "mAP", "precision_at_1", "map_at_r")
 
@@ -188,7 +189,7 @@ def start_run_dir(config, *, run_dir, overwrite, data, model, replicas, global_b
         "name": config.name, "run_dir": run_dir,
         "num_classes": data.num_classes,
         "class_names": data.class_names, "split_sizes": data.sizes,
-        "test_split_seed": SPLIT_SEED,
+        "test_split_seed": SPLIT_SEED, "reject_score": config.resolved_reject_score()[0],
         "train_size": data.train_size, "replicas": replicas,
         "global_batch": global_batch, "peak_learning_rate": peak_learning_rate(
             config, global_batch),
@@ -399,8 +400,14 @@ def train(config, overwrite=False, callbacks=()):
                                             num_batches=config.precise_bn_batches)
     if projector:  # after the statistics are chosen: it embeds in inference mode
         projector.write(config.epochs)
-    metrics, outputs = evaluate(model, data, global_batch, resolved["tta"],
-                             reject_score=config.reject_score)
+    score, knn_k = config.resolved_reject_score()
+    metrics, outputs, gallery = evaluate(model, data, global_batch, resolved["tta"],
+                                         reject_score=score, knn_k=knn_k or LEGACY_KNN_K)
+    if "reject" in metrics:
+        metrics["reject"]["chosen_by"] = (
+            "--reject-score" if config.reject_score != "auto" else
+            "the head's choice on validation" if (config.recipe, config.loss) in SERVED_SCORES
+            else "no choice on validation yet for this head and recipe: the maximum logit")
     metrics |= {"epochs": config.epochs, **timing, **({"batchnorm": batchnorm} if batchnorm
                                                         else {}),
                 "train_accuracy_last_epoch": history.get("accuracy", [None])[-1]}
@@ -412,7 +419,7 @@ def train(config, overwrite=False, callbacks=()):
             model, data.class_names, os.path.join(config.export_dir, config.run_name()),
             formats=config.export_formats(), image_size=config.image_size, tta=config.tta,
             temperature=metrics["calibration"].get("temperature", 1.0),
-            reject=metrics.get("reject"))
+            reject=metrics.get("reject"), gallery=gallery)
     log_hparams(os.path.join(run_dir, "logs"), resolved, metrics)
     record(run_dir, resolved, metrics, outputs)
     # The model lives on in the export (or inference.keras): no training checkpoint is kept.
