@@ -49,16 +49,16 @@ from timing import (  # noqa: E402
     training_flops_per_image,
 )
 
-from tfmargin import provenance  # noqa: E402
 from tfmargin.activations import FusedGELU  # noqa: E402
 from tfmargin.airbench import GELU_ACTIVATIONS, airbench  # noqa: E402
 from tfmargin.backbones import build_backbone  # noqa: E402
 from tfmargin.classifier import MarginClassifier  # noqa: E402
-from tfmargin.config import RunConfig  # noqa: E402
 from tfmargin.data import channel_statistics, load_dataset, write_image_folder  # noqa: E402
 from tfmargin.names import BATCHNORMS, GELU_BACKBONES, GELUS  # noqa: E402
 from tfmargin.normalization import BATCHNORM_LAYERS  # noqa: E402
-from tfmargin.train import (  # noqa: E402
+from tfmargin.runner import provenance  # noqa: E402
+from tfmargin.runner.config import RunConfig  # noqa: E402
+from tfmargin.runner.train import (  # noqa: E402
     compile_model,
     make_datasets,
     precision_policy,

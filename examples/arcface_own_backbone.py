@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfmargin import MarginClassifier
-from tfmargin.callbacks import EmbeddingProjector
+from tfmargin.projector import EmbeddingProjector
 
 data_dir = sys.argv[1]
 out_dir = sys.argv[2] if len(sys.argv) > 2 else "example_output"

@@ -63,7 +63,7 @@ def main(argv=None):
     import_tensorflow()
     import tensorflow_datasets as tfds
 
-    from tfmargin.provenance import fingerprint_folder
+    from tfmargin.fingerprint import fingerprint_folder
 
     names = tfds.builder("cifar10").info.features["label"].names
     for split in ("train", "test"):

@@ -45,10 +45,10 @@ from tables import (  # noqa: E402
     validation_rank,
 )
 
-from tfmargin.config import RunConfig, dataset_label  # noqa: E402
 from tfmargin.names import BATCHNORM_BACKBONES  # noqa: E402
-from tfmargin.provenance import SHARED_MACHINE, timed_on_shared_machine  # noqa: E402
-from tfmargin.recipes import MARGIN_HEAD_LEARNING_RATE  # noqa: E402
+from tfmargin.runner.config import RunConfig, dataset_label  # noqa: E402
+from tfmargin.runner.provenance import SHARED_MACHINE, timed_on_shared_machine  # noqa: E402
+from tfmargin.runner.recipes import MARGIN_HEAD_LEARNING_RATE  # noqa: E402
 
 README_BLOCKS = ("headline", "main-command", "open-set")
 
@@ -272,7 +272,7 @@ LEARNING_RATE_INTRO = """
 
 The main command with each head at more than one learning rate, the runs paired by seed,
 each rate against the margin heads' ({rate:g} per 128 images): validation only, where each
-head's default rate (`tfmargin.recipes.HEAD_LEARNING_RATES`) is chosen.
+head's default rate (`tfmargin.runner.recipes.HEAD_LEARNING_RATES`) is chosen.
 
 """
 

@@ -8,14 +8,14 @@ A first run in about a minute, on a generated image folder:
 import dataclasses
 import os
 
-from tfmargin.cli import (
+from tfmargin.runner.cli import (
     OneLineParser,
     add_run_arguments,
     config_from_args,
     exit_with,
     parse_run_args,
 )
-from tfmargin.provenance import timed_on_shared_machine
+from tfmargin.runner.provenance import timed_on_shared_machine
 
 
 def batchnorm_line(batchnorm):
@@ -88,7 +88,7 @@ def main(argv=None):
 
     import_tensorflow()
     with exit_with(parser):
-        from tfmargin.train import train
+        from tfmargin.runner.train import train
 
         metrics = train(config, overwrite=args.overwrite)
         print(summary(config, metrics))

@@ -5,11 +5,13 @@
     python experiments/sweep.py select --recipe airbench --dataset path/to/cifar10 \
         --epochs 5 --val-split 0.1      # s and m of the margin heads, on validation
     python experiments/sweep.py heads --recipe airbench --dataset path/to/cifar10 \
-        --heads softmax,paper,arcface:s=8:m=0.3 --seeds 0,1,2,3,4   # the seed study
+        --val-split 0 --heads softmax,arcface --seeds 0,1,2,3,4   # the seed study, 50,000
     python experiments/sweep.py heads --backbones resnet18 --dataset path/to/cifar10 \
         --val-split 0 --tta 2 --epochs 8 --heads softmax,arcface:s=8:m=0.1   # all 50,000
     python experiments/sweep.py open-set --recipe airbench --dataset path/to/cifar10 \
-        --val-split 0.1 --heads softmax,arcface:s=8:m=0.1   # 6 known / 4 unknown classes
+        --heads softmax,arcface:s=8:m=0.1   # 6 known / 4 unknown classes
+    python experiments/sweep.py reject-dev --recipe airbench --dataset path/to/cifar10 \
+        --heads softmax,arcface   # 9 classes: each head's served reject score, on validation
 
 Finished runs are skipped, so a sweep can be stopped and restarted; with ``--ledger
 results/runs`` each run is also copied into the ledger as it finishes, and a run already
@@ -18,13 +20,11 @@ directory name ends in a hash of its whole configuration, so a sweep with other
 settings (say --learning-rate) trains new runs instead of reporting old ones.
 """
 
-import argparse
 import os
 
 from ledger import is_recorded, record
 
-from tfmargin.cli import OneLineParser, exit_with
-from tfmargin.names import BATCHNORMS, GELUS, TTA_LEVELS
+from tfmargin.runner.cli import OneLineParser, add_run_arguments, exit_with, run_settings
 
 BACKBONES = ("resnet18", "efficientnetb0", "mobilenetv2")
 PAPER_HEAD = dict(loss="arcface", scale=1.0, margin=0.1, fallback="none")
@@ -41,6 +41,12 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
                    "ship", "truck")
 OPEN_SET_SPLITS = ((0, 6, 4, 9, 1, 7), (7, 6, 4, 9, 0, 1), (1, 5, 7, 3, 9, 4),
                    (8, 6, 1, 9, 0, 7), (2, 4, 1, 7, 9, 6))
+
+
+# The class held out of the development runs that choose each head's served reject score:
+# known in every reporting split of the open-set study, so no reporting split's unknown
+# class is ever an unknown of the choice (docs/recipe.md, "The served reject score").
+DEVELOPMENT_UNKNOWN = "horse"
 
 
 def split_classes(split):
@@ -79,7 +85,7 @@ def parse_heads(text):
     return heads
 
 
-def grid(name, backbones=None, margins=None, scales=None, heads=None):
+def grid(name, backbones=None, margins=None, scales=None, heads=None, splits=None):
     """The settings (dicts of RunConfig fields) of a named grid."""
     if name in ("table1", "table2"):
         dataset = {"table1": "cifar10", "table2": "cifar100"}[name]
@@ -103,72 +109,56 @@ def grid(name, backbones=None, margins=None, scales=None, heads=None):
     if name == "heads":  # the seed study: each head on each backbone (seeds: --seeds)
         return [dict(backbone=b, **h) for b in backbones or ("airbench94",)
                 for h in heads or (dict(loss="softmax"), PAPER_HEAD)]
+    if name == "reject-dev":  # each head on 9 classes; the 10th's validation images unknown
+        known = ",".join(c for c in CIFAR10_CLASSES if c != DEVELOPMENT_UNKNOWN)
+        return [dict(backbone=b, classes=known, **h) for b in backbones or ("airbench94",)
+                for h in heads or (dict(loss="softmax"),)]
     if name == "open-set":  # each head on each split of the open-set protocol, same seeds
         return [dict(backbone=b, classes=split_classes(split), **h)
-                for split in range(len(OPEN_SET_SPLITS)) for b in backbones or ("airbench94",)
+                for split in (range(len(OPEN_SET_SPLITS)) if splits is None else splits)
+                for b in backbones or ("airbench94",)
                 for h in heads or (dict(loss="softmax"),)]
     raise ValueError(f"unknown grid {name!r}; choose one of {', '.join(GRIDS)}")
 
 
-GRIDS = ("table1", "table2", "figure2", "many-classes", "select", "heads", "open-set")
+GRIDS = ("table1", "table2", "figure2", "many-classes", "select", "heads", "open-set",
+         "reject-dev")
 
 
 def main(argv=None):
     parser = OneLineParser(description=__doc__)
     parser.add_argument("grid", choices=GRIDS, help="which grid to run")
-    parser.add_argument("--dataset", help="override the grid's dataset (a TFDS name or folder)")
-    parser.add_argument("--recipe", default="standard", help="training recipe (as run.py)")
-    parser.add_argument("--epochs", type=int, help="epochs per run (default: the recipe's)")
-    parser.add_argument("--limit-train", type=int, help="training images per run")
-    parser.add_argument("--batch-size", type=int, help="per-replica batch size")
-    parser.add_argument("--learning-rate", type=float,
-                        help="peak learning rate per 128 images (default: the recipe's)")
-    parser.add_argument("--label-smoothing", type=float,
-                        help="label smoothing (as run.py; default: the recipe's)")
-    parser.add_argument("--val-split", type=float,
-                        help="validation fraction of the training data (default: the recipe's)")
-    parser.add_argument("--seeds", default="0",
-                        help="comma-separated seeds: every setting runs once per seed")
-    parser.add_argument("--backbones", help="comma-separated backbones instead of the grid's")
-    parser.add_argument("--margins", help="comma-separated margins instead of the grid's")
-    parser.add_argument("--scales", help="comma-separated scales instead of the grid's")
-    parser.add_argument("--heads", help="heads: comma-separated softmax, paper, or "
-                        "<loss>:" + ":".join(f"{key}=<{field.replace('_', ' ')}>"
-                                             for key, field in HEAD_KEYS.items())
-                        + " (each setting optional; default softmax,paper)")
-    parser.add_argument("--tta", type=int, choices=tuple(TTA_LEVELS),
-                        help="test-time augmentation level (as run.py; default: the recipe's)")
-    parser.add_argument("--gelu", choices=tuple(GELUS),
-                        help="the GELU of airbench's networks (as run.py; default: the "
-                        "recipe's)")
-    parser.add_argument("--batchnorm", choices=tuple(BATCHNORMS),
-                        help="the BatchNorm of the backbones (as run.py; default: the "
-                        "recipe's)")
-    parser.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction,
-                        default="auto", help="mixed precision on or off (as run.py; default "
-                        "auto)")
-    parser.add_argument("--runs-dir", default="runs", help="where run directories go")
-    parser.add_argument("--export", default="none", help="exports per run (as run.py)")
-    parser.add_argument("--ledger", help="a results ledger (results/runs): skip the runs "
-                        "recorded there, record each run as it finishes")
+    grid_flags = parser.add_argument_group("the grid")
+    grid_flags.add_argument("--seeds", default="0",
+                            help="comma-separated seeds: every setting runs once per seed")
+    grid_flags.add_argument("--backbones", help="comma-separated backbones instead of the grid's")
+    grid_flags.add_argument("--margins", help="comma-separated margins instead of the grid's")
+    grid_flags.add_argument("--scales", help="comma-separated scales instead of the grid's")
+    grid_flags.add_argument("--heads", help="heads: comma-separated softmax, paper, or "
+                            "<loss>:" + ":".join(f"{key}=<{field.replace('_', ' ')}>"
+                                                 for key, field in HEAD_KEYS.items())
+                            + " (each setting optional; default softmax,paper)")
+    grid_flags.add_argument("--splits", help="open-set: comma-separated split numbers (0-4) "
+                            "instead of all five")
+    grid_flags.add_argument("--ledger", help="a results ledger (results/runs): skip the runs "
+                            "recorded there, record each run as it finishes")
+    # Every run.py flag; those given apply to every run (the grid's own settings win), the
+    # others keep the recipe's defaults. Exports are off unless asked for.
+    add_run_arguments(parser, defaults=False)
     args = parser.parse_args(argv)
+    common = {"export": "none", **run_settings(args)}
+    recipe = common.pop("recipe", "standard")
+    dataset = common.pop("dataset", None)
 
     from tfmargin.quiet import import_tensorflow
 
     import_tensorflow()
     import keras
 
-    from tfmargin.config import RunConfig
-    from tfmargin.train import train
+    from tfmargin.runner.config import RunConfig
+    from tfmargin.runner.train import train
 
-    common = dict(runs_dir=args.runs_dir, export=args.export,
-                  mixed_precision=args.mixed_precision)
-    for key in ("epochs", "limit_train", "batch_size", "learning_rate", "label_smoothing",
-                "val_split", "tta", "gelu", "batchnorm"):
-        if getattr(args, key) is not None:
-            common[key] = getattr(args, key)
-
-    if args.grid == "many-classes" and not args.dataset:
+    if args.grid == "many-classes" and not dataset:
         parser.error("many-classes needs --dataset: a folder with hundreds of classes, e.g. "
                      "from python experiments/make_glyphs.py /tmp/glyphs200")
 
@@ -180,13 +170,14 @@ def main(argv=None):
     except ValueError as error:
         parser.error(str(error))
     settings = grid(args.grid, args.backbones.split(",") if args.backbones else None,
-                    floats(args.margins), floats(args.scales), heads)
+                    floats(args.margins), floats(args.scales), heads,
+                    [int(v) for v in args.splits.split(",")] if args.splits else None)
     configs = []
     for seed in (int(v) for v in args.seeds.split(",")):  # seed-major: all heads per seed
         for setting in settings:
-            if args.dataset:
-                setting = {**setting, "dataset": args.dataset}
-            config = RunConfig.for_recipe(args.recipe, **setting, **common, seed=seed)
+            if dataset:
+                setting = {**setting, "dataset": dataset}
+            config = RunConfig.for_recipe(recipe, **{**common, **setting, "seed": seed})
             config.validation_freq = config.epochs  # validate once, at the end
             configs.append(config)
     progress = keras.utils.Progbar(len(configs), unit_name="run")
@@ -194,7 +185,7 @@ def main(argv=None):
     with exit_with(parser):
         for config in configs:
             name = config.run_name()
-            run_dir = os.path.join(args.runs_dir, name)
+            run_dir = os.path.join(config.runs_dir, name)
             recorded = args.ledger and is_recorded(name, args.ledger)
             finished = recorded or os.path.exists(os.path.join(run_dir, "metrics.json"))
             if not recorded:
@@ -204,7 +195,8 @@ def main(argv=None):
             skipped += finished
             done += 1
             progress.update(done, values=[("skipped", skipped)], finalize=False)
-    print(f"\n{done} runs in grid {args.grid} ({skipped} already finished) under {args.runs_dir}")
+    print(f"\n{done} runs in grid {args.grid} ({skipped} already finished) under "
+          f"{configs[0].runs_dir if configs else common.get('runs_dir', 'runs')}")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ import os
 
 import numpy as np
 
-from tfmargin.config import ADDED_LATER, NOT_IDENTITY, RunConfig, dataset_label
 from tfmargin.names import BATCHNORM_BACKBONES
-from tfmargin.provenance import timed_on_shared_machine
+from tfmargin.runner.config import ADDED_LATER, NOT_IDENTITY, RunConfig, dataset_label
+from tfmargin.runner.provenance import timed_on_shared_machine
 
 BACKBONE_COLUMNS = ("resnet18", "efficientnetb0", "mobilenetv2")
 # Every setting of a run's identity (what its hash covers).

@@ -14,9 +14,9 @@ import tensorflow as tf
 from synthetic import write_image_folder
 
 from tfmargin.airbench import PartialDirac, PatchWhitening, airbench93
-from tfmargin.callbacks import Lookahead
 from tfmargin.data import alternating_flip_translate
 from tfmargin.optimizers import L2SGD, WarmupLinearDecay
+from tfmargin.runner.lookahead import Lookahead
 from tfmargin.tta import tta_logits, tta_views
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -292,8 +292,13 @@ def test_docstring_example_runs():
 
 def test_recipe_defaults_and_explicit_flags():
     """--recipe airbench sets its defaults (shown by --help); a flag given explicitly wins."""
-    from tfmargin.cli import OneLineParser, add_run_arguments, config_from_args, parse_run_args
-    from tfmargin.config import RunConfig
+    from tfmargin.runner.cli import (
+        OneLineParser,
+        add_run_arguments,
+        config_from_args,
+        parse_run_args,
+    )
+    from tfmargin.runner.config import RunConfig
 
     parser = OneLineParser()
     add_run_arguments(parser)

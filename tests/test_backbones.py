@@ -77,8 +77,8 @@ def test_adaptation_that_matches_no_layer_fails_loudly():
 
 @pytest.mark.parametrize("ce_weight", [0.0, 0.3])
 def test_mixed_objective_weights_margin_and_plain_cross_entropy(ce_weight):
-    from tfmargin.config import RunConfig
-    from tfmargin.train import compile_model
+    from tfmargin.runner.config import RunConfig
+    from tfmargin.runner.train import compile_model
 
     model = MarginClassifier("tinycnn", 4, margin=0.5, scale=8.0, embedding_dim=8,
                              ce_weight=ce_weight)
@@ -97,8 +97,8 @@ def test_mixed_objective_weights_margin_and_plain_cross_entropy(ce_weight):
 
 
 def test_mixed_precision_model_gives_losses_and_metrics_float32():
-    from tfmargin.config import RunConfig
-    from tfmargin.train import compile_model
+    from tfmargin.runner.config import RunConfig
+    from tfmargin.runner.train import compile_model
 
     keras.config.set_dtype_policy("mixed_bfloat16")
     try:

@@ -195,7 +195,7 @@ def test_benchmark_runs_its_sections_for_one_round(tmp_path):
     except ImportError:
         assert len(peer) == 1 and peer[0]["note"].startswith("skipped: PyTorch is not")
     else:
-        from tfmargin.config import RunConfig
+        from tfmargin.runner.config import RunConfig
 
         recipe, main = RunConfig.for_recipe("airbench"), RunConfig()
         other = {"keras": "fused", "fused": "keras"}

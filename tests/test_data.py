@@ -225,9 +225,9 @@ def test_tfds_classes_are_remapped_and_the_others_held_out():
 
 
 def test_folder_fingerprint_follows_the_bytes_and_is_cached(tmp_path, monkeypatch):
-    from tfmargin import provenance
+    from tfmargin import fingerprint
 
-    monkeypatch.setattr(provenance, "FINGERPRINT_CACHE", str(tmp_path / "cache.json"))
+    monkeypatch.setattr(fingerprint, "FINGERPRINT_CACHE", str(tmp_path / "cache.json"))
     root = write_image_folder(tmp_path / "d", num_classes=2, per_class=3)
     first = load_dataset(root).fingerprint
     assert len(first) == 64 and load_dataset(root).fingerprint == first

@@ -14,8 +14,8 @@ import pytest
 import tensorflow as tf
 from synthetic import write_image_folder
 
-from tfmargin.config import RunConfig
-from tfmargin.train import train
+from tfmargin.runner.config import RunConfig
+from tfmargin.runner.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POINTS = "embeddings/.ATTRIBUTES/VARIABLE_VALUE"
@@ -258,7 +258,7 @@ def test_encoded_endpoint_decodes_as_training_did(finished_run, tmp_path):
 
 
 def test_projector_angle_uses_the_nearest_sub_centre():
-    from tfmargin.callbacks import angle_to_nearest_centre, normalize_rows
+    from tfmargin.projector import angle_to_nearest_centre, normalize_rows
 
     centres = normalize_rows(np.array([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]],
                                        [[0.0, 0.0, 1.0], [0.0, -1.0, 0.0]]]))

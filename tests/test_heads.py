@@ -281,8 +281,8 @@ def test_target_angle_metric_reports_degrees(one_hot):
 @pytest.mark.parametrize("margin_type", ["arcface", "cosface", "sphereface", "combined",
                                          "normface"])
 def test_every_margin_type_builds_with_its_registry_default(margin_type):
-    from tfmargin.config import RunConfig
     from tfmargin.margins import MARGIN_TYPES
+    from tfmargin.runner.config import RunConfig
 
     head = ArcMarginLayer(10, margin_type=margin_type)
     default = MARGIN_TYPES[margin_type].default_margin

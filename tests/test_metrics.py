@@ -288,9 +288,9 @@ def test_every_score_matches_a_per_image_reference_in_numpy_and_in_the_export(sc
 
 
 def outputs_of(logits, embeddings, labels, val=slice(0, 40), test=slice(40, None)):
-    """Per-image outputs (``tfmargin.evaluation.per_image_outputs``'s layout) of made-up
+    """Per-image outputs (``tfmargin.runner.evaluation.per_image_outputs``'s layout) of made-up
     predictions: the first rows as the validation split, the rest as the test split."""
-    from tfmargin.evaluation import rounded
+    from tfmargin.runner.evaluation import rounded
 
     norm = np.linalg.norm(embeddings, axis=1)
     return {"logits": rounded(logits[test]), "embedding_norm": norm[test],
@@ -303,9 +303,9 @@ def outputs_of(logits, embeddings, labels, val=slice(0, 40), test=slice(40, None
 def test_the_exports_reject_scores_are_the_reported_ones(name):
     """The export's score (TensorFlow) per image equals the open-set score the metrics
     report (NumPy), and the reject option thresholds that score at the validation quantile."""
-    from tfmargin.evaluation import REJECT_KEEP, reject_option
     from tfmargin.export import open_set_score
     from tfmargin.metrics import rejection_threshold
+    from tfmargin.runner.evaluation import REJECT_KEEP, reject_option
     from tfmargin.scores import open_set_scores
 
     rng = np.random.default_rng(0)
@@ -325,8 +325,8 @@ def test_the_exports_reject_scores_are_the_reported_ones(name):
 
 
 def test_an_unknown_reject_score_is_refused_with_the_choices():
-    from tfmargin.config import ConfigError, RunConfig
     from tfmargin.export import open_set_score
+    from tfmargin.runner.config import ConfigError, RunConfig
 
     with pytest.raises(ConfigError, match="unknown reject score 'kNN'; choose one of "
                                           "auto, max_logit, msp, energy, feature_norm, "):

@@ -118,8 +118,8 @@ def test_a_run_killed_while_it_evaluates_is_evaluated_again_not_trained_again(
         shapes, tmp_path, monkeypatch):
     """Keras's BackupAndRestore deletes its backup when fit returns; the weights fit ended
     with are kept until metrics.json is written, so the same command only evaluates."""
-    from tfmargin import train as train_module
-    from tfmargin.config import RunConfig
+    from tfmargin.runner import train as train_module
+    from tfmargin.runner.config import RunConfig
 
     config = RunConfig(backbone="tinycnn", dataset=shapes, epochs=2, batch_size=16,
                        embedding_dim=0, projector_samples=0, export="none", seed=3,

@@ -169,7 +169,7 @@ def test_offline_cifar10_is_one_line_not_a_traceback(tmp_path):
     (dict(ce_weight=1.0), "--ce-weight must be in [0, 1)"),
 ])
 def test_config_validation_messages(changes, message):
-    from tfmargin.config import ConfigError, RunConfig
+    from tfmargin.runner.config import ConfigError, RunConfig
 
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")
                        .replace(")", r"\)")):
@@ -181,8 +181,8 @@ import csv, json, sys, tensorflow as tf
 tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
     [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras, numpy as np
-from tfmargin.config import RunConfig
-from tfmargin.train import train
+from tfmargin.runner.config import RunConfig
+from tfmargin.runner.train import train
 results, loss = {}, sys.argv[3]
 for strategy, batch in (("default", 16), ("mirrored", 8)):
     name = f"{loss}-{strategy}"
@@ -316,9 +316,9 @@ def test_help_and_flag_errors_are_quiet(args):
 IMPORT_REGISTERS = r"""
 import sys
 import tfmargin, keras
-print("MODULES", sorted(m for m in ("tensorflow_datasets", "tensorboard", "tfmargin.train",
-                                    "tfmargin.config", "tfmargin.cli", "tfmargin.data")
-                        if m in sys.modules))
+print("MODULES", sorted(m for m in sys.modules if m.startswith(("tensorflow_datasets",
+                                                                "tensorboard", "tfmargin.runner",
+                                                                "tfmargin.data"))))
 model = keras.saving.load_model(sys.argv[1])
 print("LOADED", type(model).__name__, model.count_params())
 """
@@ -373,8 +373,8 @@ def test_a_sweep_at_another_learning_rate_trains_new_runs_and_a_name_clash_is_re
 
 
 def test_the_learning_rate_defaults_to_the_heads_and_an_explicit_one_names_the_same_run():
-    from tfmargin.config import RunConfig
-    from tfmargin.recipes import peak_learning_rate
+    from tfmargin.runner.config import RunConfig
+    from tfmargin.runner.recipes import peak_learning_rate
 
     assert RunConfig(loss="softmax").resolved_learning_rate() == 0.025
     for loss in ("arcface", "cosface", "sphereface", "normface", "combined"):
@@ -391,8 +391,8 @@ def test_the_learning_rate_defaults_to_the_heads_and_an_explicit_one_names_the_s
 
 
 def test_learning_rate_scales_linearly_with_the_global_batch():
-    from tfmargin.config import RunConfig
-    from tfmargin.recipes import learning_rate_schedule
+    from tfmargin.runner.config import RunConfig
+    from tfmargin.runner.recipes import learning_rate_schedule
 
     config = RunConfig(learning_rate=0.05, epochs=2, warmup_epochs=1)
     peaks = [float(learning_rate_schedule(config, 10, global_batch)(10))  # end of warm-up
@@ -431,7 +431,7 @@ tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU"
     [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras, numpy as np
 from tfmargin.classifier import MarginClassifier
-from tfmargin.evaluation import predict_split, prediction_step
+from tfmargin.runner.evaluation import predict_split, prediction_step
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 with strategy.scope():
     model = MarginClassifier("tinycnn", 10, margin_type="softmax", embedding_dim=0)
@@ -525,7 +525,7 @@ def test_sweep_grids_for_the_converged_study():
     open_set = sweep.grid("open-set", heads=heads[:1])
     assert [g["classes"] for g in open_set][2] == "automobile,dog,horse,cat,truck,deer"
     assert len(open_set) == 5 and all(g["loss"] == "softmax" for g in open_set)
-    from tfmargin.config import RunConfig
+    from tfmargin.runner.config import RunConfig
 
     names = {RunConfig(**g).run_name() for g in open_set}
     assert len(names) == 4  # lists 0 and 1: the same run
@@ -554,9 +554,9 @@ tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU"
     [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras, numpy as np
 import tfmargin
-from tfmargin.config import RunConfig
+from tfmargin.runner.config import RunConfig
 from tfmargin.data import load_dataset
-from tfmargin.train import train
+from tfmargin.runner.train import train
 config = RunConfig(backbone="tinycnn", dataset=sys.argv[1], epochs=1, batch_size=8,
                    embedding_dim=8, precise_bn_batches=2, runs_dir=sys.argv[2], name="bn",
                    export="none", projector_samples=0, val_split=0.0)  # always recalibrated
@@ -595,7 +595,7 @@ def test_a_run_records_the_commit_of_the_code_it_imported(monkeypatch):
     be recorded as the code of its later runs."""
     import types
 
-    from tfmargin import provenance, train
+    from tfmargin.runner import provenance, train
 
     monkeypatch.setattr(provenance, "code_version",
                         lambda root=None: {"commit": "moved-on", "dirty": False})
@@ -619,7 +619,7 @@ def test_split_top1_is_the_accuracy_of_the_inference_logits():
     import keras
 
     from tfmargin.classifier import MarginClassifier
-    from tfmargin.evaluation import split_top1
+    from tfmargin.runner.evaluation import split_top1
 
     keras.utils.set_random_seed(0)
     model = MarginClassifier("tinycnn", 3, embedding_dim=4, scale=8.0)
@@ -640,8 +640,8 @@ def test_batchnorm_statistics_are_chosen_on_validation(monkeypatch, moving_top1,
 
     import keras
 
-    from tfmargin import train
     from tfmargin.classifier import MarginClassifier
+    from tfmargin.runner import train
 
     keras.utils.set_random_seed(0)
     model = MarginClassifier("tinycnn", 3, embedding_dim=4, scale=8.0)
@@ -671,8 +671,8 @@ def test_batchnorm_without_validation_is_recalibrated_unchosen_and_zero_batches_
 
     import keras
 
-    from tfmargin import train
     from tfmargin.classifier import MarginClassifier
+    from tfmargin.runner import train
 
     keras.utils.set_random_seed(0)
     model = MarginClassifier("tinycnn", 3, embedding_dim=4, scale=8.0)
@@ -692,7 +692,7 @@ def test_cpu_description_reads_model_family_and_the_bfloat16_flags(monkeypatch, 
     its generation; only the flags that decide the precision are kept."""
     import builtins
 
-    from tfmargin import provenance
+    from tfmargin.runner import provenance
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n"
@@ -709,7 +709,7 @@ def test_cpu_description_reads_model_family_and_the_bfloat16_flags(monkeypatch, 
 
 def test_machine_busy_seconds_reads_the_busy_fields_of_proc_stat(tmp_path):
     """user + nice + system + irq + softirq + steal, in clock ticks; idle and iowait not."""
-    from tfmargin import provenance
+    from tfmargin.runner import provenance
 
     stat = tmp_path / "stat"
     stat.write_text("cpu  100 20 30 5000 70 4 6 10 0 0\ncpu0 50 10 15 2500 35 2 3 5 0 0\n")
@@ -722,7 +722,7 @@ def test_machine_busy_seconds_reads_the_busy_fields_of_proc_stat(tmp_path):
 def test_machine_share_counts_only_other_processes_time(tmp_path, monkeypatch):
     """Over 10 s of wall on 2 cores (20 CPU seconds), the machine was busy 12 s, 4 of them
     this process's own: others used 8 / 20."""
-    from tfmargin import provenance
+    from tfmargin.runner import provenance
 
     ticks = os.sysconf("SC_CLK_TCK")
     stat = tmp_path / "stat"
@@ -740,7 +740,7 @@ def test_machine_share_counts_only_other_processes_time(tmp_path, monkeypatch):
 def test_machine_share_can_count_waited_for_children_as_its_own(tmp_path, monkeypatch):
     """The same 12 busy seconds, 4 of them this process's and 5 its children's: others used
     3 / 20 when children are its own, 8 / 20 when they are not."""
-    from tfmargin import provenance
+    from tfmargin.runner import provenance
 
     ticks = os.sysconf("SC_CLK_TCK")
     stat = tmp_path / "stat"
@@ -762,7 +762,7 @@ def test_machine_share_can_count_waited_for_children_as_its_own(tmp_path, monkey
 def test_machine_share_sees_another_process_burning_a_core():
     """A busy loop in a child process takes one core while this process waits for it: at
     least 0.9 of a core's share of the machine is others' time."""
-    from tfmargin import provenance
+    from tfmargin.runner import provenance
 
     share = provenance.MachineShare()
     subprocess.run([sys.executable, "-c", "import time\nend = time.time() + 1.5\n"
@@ -775,7 +775,7 @@ def test_an_open_set_run_keeps_per_image_outputs_that_give_its_figures(shapes, t
     """Classes typed in any order, trained, then resumed as finished; its
     test_predictions.npz holds the per-image outputs of every split, and the figures of
     metrics.json follow from them alone."""
-    from tfmargin.evaluation import metrics_from_outputs
+    from tfmargin.runner.evaluation import metrics_from_outputs
 
     args = ["--backbone", "tinycnn", "--dataset", shapes, "--epochs", "1", "--batch-size",
             "32", "--runs-dir", str(tmp_path), "--name", "open", "--export", "none",
@@ -813,7 +813,7 @@ def test_an_open_set_run_keeps_per_image_outputs_that_give_its_figures(shapes, t
 def test_the_estimated_end_starts_its_own_line_after_a_progress_bar(verbose):
     """Keras's progress bar (verbose 1) holds the current line without a newline: the
     estimate must not be glued to it; one line per epoch (verbose 2) needs no blank line."""
-    from tfmargin.callbacks import Throughput
+    from tfmargin.runner.progress import Throughput
 
     printed = []
     meter = Throughput(64, epochs=4, printer=lambda text, flush: printed.append(text))
@@ -822,3 +822,17 @@ def test_the_estimated_end_starts_its_own_line_after_a_progress_bar(verbose):
     meter.on_epoch_begin(0)
     meter.on_epoch_end(0)
     assert printed[0].startswith("\nrun: 1.0/4 epochs" if verbose == 1 else "run: 1.0/4 epochs")
+
+
+def test_the_library_imports_nothing_from_the_runner():
+    """The layout's boundary: no module of tfmargin outside tfmargin/runner imports it."""
+    import ast
+    import glob
+
+    for path in glob.glob(os.path.join(ROOT, "tfmargin", "*.py")):
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.startswith("tfmargin.runner") for n in names), path

@@ -3,7 +3,8 @@
 ``import tfmargin`` imports Keras (quietly: TensorFlow's start-up notices are held back,
 ``TFMARGIN_VERBOSE=1`` shows them) and registers every class a saved ``.keras`` file of
 this library may name, so ``keras.saving.load_model`` loads one after it, as after
-``import keras_hub``. The rest (datasets, the runner's pieces) is imported on first use.
+``import keras_hub``. Datasets are imported on first use; the experiment runner
+(``tfmargin.runner``) is not part of the library and is never imported by it.
 """
 
 import importlib
@@ -23,7 +24,6 @@ _LAZY = {
     "BACKBONES": "tfmargin.names",
     "build_backbone": "tfmargin.backbones",
     "load_dataset": "tfmargin.data",
-    "RunConfig": "tfmargin.config",
 }
 __all__ = ["ArcMarginLayer", "TargetAngle", "FALLBACKS", "MARGIN_TYPES", "auto_scale",
            "MarginClassifier", "CrossEntropy", "L2SGD", *_LAZY, "load_model"]

@@ -5,7 +5,7 @@ A Keras 3 port of the network of ``airbench94`` (Jordan, "94% on CIFAR-10 in
 ``KellerJordan/cifar10-airbench``, ``legacy/airbench94.py``). Written for this
 project; the recipe that trains it (optimizer, schedule, lookahead,
 augmentation, test-time augmentation) is the ``airbench`` recipe of
-``tfmargin.recipes.RECIPES``.
+``tfmargin.runner.recipes.RECIPES``.
 """
 
 import keras

@@ -17,8 +17,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfmargin.fingerprint import fingerprint_files
 from tfmargin.names import AUGMENTATIONS, MIXES, choices
-from tfmargin.provenance import fingerprint_files
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 # The seed of the splits that must not change with a run's --seed: a flat folder's test
@@ -41,7 +41,7 @@ class Dataset:
     sizes: dict  # images per split: {"train": n, "val": n, "test": n[, "unknown_test": n,
     #              "unknown_val": n]}
     source: str
-    fingerprint: str  # SHA-256 of the data's files (tfmargin.provenance)
+    fingerprint: str  # SHA-256 of the data's files (tfmargin.fingerprint)
     notes: list = dataclasses.field(default_factory=list)  # what loading left out or changed
     unknown_test: tf.data.Dataset = None  # test images of the classes left out (label -1)
     unknown_val: tf.data.Dataset = None  # some of their training images (label -1)

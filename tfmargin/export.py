@@ -129,7 +129,7 @@ def export_models(model, class_names, export_path, *, formats=("savedmodel", "ke
 
     Args:
         reject: ``{"score": name, "threshold": t, ...}`` as chosen on the validation
-            split (``tfmargin.evaluation.reject_option``; ``name`` one of
+            split (``tfmargin.runner.evaluation.reject_option``; ``name`` one of
             ``scores.SCORES``), or None.
         gallery: ``(G, d)`` training embeddings; shipped (normalised) only when the reject
             score reads them (``scores.GALLERY_SCORES``).

@@ -9,7 +9,7 @@ from tfmargin.atomic import atomic_file
 from tfmargin.scores import KNN_KS, softmax
 
 # Per image: label, prediction, target angle, and the per-image outputs of every split
-# (tfmargin.evaluation.per_image_outputs).
+# (tfmargin.runner.evaluation.per_image_outputs).
 PREDICTIONS_FILE = "test_predictions.npz"
 
 

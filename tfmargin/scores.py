@@ -9,7 +9,7 @@ same scores in TensorFlow (``tfmargin.export.open_set_score``; tested equal).
 A cosine head's logits are ``s cos(theta_j)``: they discard the embedding's norm, which is
 where much of the known/unknown signal of a normalised head lies (the *projection* scores
 and ``feature_norm``); label smoothing pins the maximum cosine of confident images to a band
-(``../docs/heads.md``, "Rejecting unknown images").
+(``docs/heads.md``, "Rejecting unknown images").
 """
 
 import numpy as np

@@ -9,9 +9,9 @@ import dataclasses
 import sys
 
 from tfmargin import names
-from tfmargin.config import ConfigError, RunConfig
 from tfmargin.margins import FALLBACKS, MARGIN_TYPES
-from tfmargin.recipes import HEAD_LEARNING_RATES, MARGIN_HEAD_LEARNING_RATE, RECIPE_HELP
+from tfmargin.runner.config import ConfigError, RunConfig
+from tfmargin.runner.recipes import HEAD_LEARNING_RATES, MARGIN_HEAD_LEARNING_RATE, RECIPE_HELP
 from tfmargin.scores import SCORES
 
 
@@ -142,30 +142,31 @@ GROUPS = {
 }
 
 
-def add_run_arguments(parser):
-    """One flag per ``RunConfig`` field, defaults from ``RunConfig``, in ``GROUPS``."""
-    defaults = RunConfig()
+def add_run_arguments(parser, defaults=True):
+    """One flag per ``RunConfig`` field, defaults from ``RunConfig``, in ``GROUPS``;
+    ``defaults=False``: a flag not given is left out of the parsed namespace (the sweep
+    applies only the flags given to every run of its grid)."""
+    values = RunConfig()
     texts = _help()
     groups = {title: parser.add_argument_group(title) for title in GROUPS}
     group_of = {field: groups[title] for title, fields in GROUPS.items() for field in fields}
     for field in dataclasses.fields(RunConfig):
         flag = "--" + field.name.replace("_", "-")
         group = group_of.get(field.name, groups["run management"])
-        default = getattr(defaults, field.name)
-        text = texts[field.name]
+        default = getattr(values, field.name)
+        given = {"default": default if defaults else argparse.SUPPRESS, "help": texts[field.name]}
         if field.name == "mixed_precision":
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                               help=text)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **given)
         elif isinstance(default, bool):
-            group.add_argument(flag, action="store_true", help=text)
+            group.add_argument(flag, action="store_true", **given)
         elif field.name == "scale":
-            group.add_argument(flag, type=_scale, default=default, help=text)
+            group.add_argument(flag, type=_scale, **given)
         elif field.name == "learning_rate":
-            group.add_argument(flag, type=float, default=default, help=text)
+            group.add_argument(flag, type=float, **given)
         elif field.name == "margin":
-            group.add_argument(flag, type=float, nargs="+", default=None, help=text)
+            group.add_argument(flag, type=float, nargs="+", **given)
         else:
-            group.add_argument(flag, type=type(default), default=default, help=text)
+            group.add_argument(flag, type=type(default), **given)
     manage = groups["run management"]
     manage.add_argument("--resume", action="store_true",
                         help="what the same command does anyway, spelled out: continue an "
@@ -176,7 +177,7 @@ def add_run_arguments(parser):
 
 def parse_run_args(parser, argv=None):
     """Parse twice: first for ``--recipe``, then with that recipe's defaults."""
-    from tfmargin.recipes import RECIPES
+    from tfmargin.runner.recipes import RECIPES
 
     first = argparse.ArgumentParser(add_help=False)  # so --help shows the recipe's defaults
     first.add_argument("--recipe", default="standard")
@@ -191,12 +192,19 @@ def parse_run_args(parser, argv=None):
     return parser.parse_args(argv)
 
 
-def config_from_args(parser, args):
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)}
-    margin = values["margin"]
+def run_settings(args):
+    """The ``RunConfig`` fields in a parsed namespace, as ``RunConfig`` takes them (a margin
+    of one value as a float, of three as a tuple)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
+              if hasattr(args, f.name)}
+    margin = values.get("margin")
     if margin is not None:
         values["margin"] = tuple(margin) if len(margin) > 1 else margin[0]
-    config = RunConfig(**values)
+    return values
+
+
+def config_from_args(parser, args):
+    config = RunConfig(**run_settings(args))
     try:
         config.validate()
     except ConfigError as error:
@@ -215,7 +223,7 @@ def exit_with(parser):
     its traceback."""
     from tfmargin.atomic import UnwritablePath
     from tfmargin.data import DatasetError
-    from tfmargin.train import TrainingDiverged
+    from tfmargin.runner.train import TrainingDiverged
 
     try:
         yield

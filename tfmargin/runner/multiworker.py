@@ -48,7 +48,7 @@ def patch_keras():
         raise RuntimeError(
             f"--strategy multiworker patches private Keras internals checked only for Keras "
             f"{', '.join(v + 'x' for v in TESTED_KERAS)}; this is {keras.__version__}. Check "
-            "tfmargin/multiworker.py against it (keras-team/keras#20585) and extend "
+            "tfmargin/runner/multiworker.py against it (keras-team/keras#20585) and extend "
             "TESTED_KERAS.")
     tf_trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
     tf_trainer.reduce_per_replica = _reduce_per_replica

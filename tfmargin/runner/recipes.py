@@ -97,7 +97,7 @@ def recipe_callbacks(config, total_steps, run_dir):
     its slow weights kept in ``checkpoints/lookahead.npz``)."""
     if config.recipe != "airbench":
         return []
-    from tfmargin.callbacks import Lookahead
+    from tfmargin.runner.lookahead import Lookahead
 
     return [Lookahead(total_steps, AIRBENCH["lookahead_every"], AIRBENCH["lookahead_base"],
                       os.path.join(run_dir, "checkpoints", "lookahead.npz"))]

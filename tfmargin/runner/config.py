@@ -8,9 +8,10 @@ import hashlib
 import json
 import os
 
-from tfmargin import names, provenance
+from tfmargin import names
 from tfmargin.margins import FALLBACKS, MARGIN_TYPES, check_head_arguments
-from tfmargin.recipes import (
+from tfmargin.runner import provenance
+from tfmargin.runner.recipes import (
     AIRBENCH,
     DEFAULT_SERVED_SCORE,
     HEAD_LEARNING_RATES,

@@ -20,17 +20,23 @@ import time
 import keras
 import tensorflow as tf
 
-from tfmargin import provenance
 from tfmargin.atomic import atomic_file, check_writable, point_latest
 from tfmargin.backbones import build_backbone
-from tfmargin.callbacks import EmbeddingProjector, ResumeEpoch, Throughput
 from tfmargin.classifier import MarginClassifier, layers_of
-from tfmargin.config import ADDED_LATER, ConfigError
 from tfmargin.data import SPLIT_SEED, channel_statistics, load_dataset, make_pipeline
-from tfmargin.evaluation import evaluate, split_top1
 from tfmargin.export import export_models
 from tfmargin.metrics import save_prediction_summary
-from tfmargin.recipes import SERVED_SCORES, make_optimizer, peak_learning_rate, recipe_callbacks
+from tfmargin.projector import EmbeddingProjector
+from tfmargin.runner import provenance
+from tfmargin.runner.config import ADDED_LATER, ConfigError
+from tfmargin.runner.evaluation import evaluate, split_top1
+from tfmargin.runner.progress import ResumeEpoch, Throughput
+from tfmargin.runner.recipes import (
+    SERVED_SCORES,
+    make_optimizer,
+    peak_learning_rate,
+    recipe_callbacks,
+)
 from tfmargin.scores import LEGACY_KNN_K
 
 METRIC_KEYS = ("top1", "top5", "mAP", "precision_at_1", "map_at_r")
@@ -48,7 +54,7 @@ def make_strategy(name):
         if "TF_CONFIG" not in os.environ:
             raise ConfigError("--strategy multiworker needs TF_CONFIG set on every worker "
                               "(see docs/training.md, 'Scaling out')")
-        from tfmargin.multiworker import patch_keras
+        from tfmargin.runner.multiworker import patch_keras
 
         patch_keras()  # until keras-team/keras#20585 is fixed
         return tf.distribute.MultiWorkerMirroredStrategy()
