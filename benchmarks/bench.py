@@ -105,15 +105,15 @@ class RunSetup:
     def __init__(self, data, steps, recipe="standard", network=None, **settings):
         if recipe == "standard":
             settings.setdefault("batch_size", 128)
-        self.config = RunConfig.for_recipe(recipe, export="none", projector_samples=0,
-                                           **settings)
-        self.config.validate()
+        config = RunConfig.for_recipe(recipe, export="none", projector_samples=0, **settings)
+        config.validate()
+        self.config = config.resolved()
         keras.config.set_dtype_policy(precision_policy(self.config))
         try:
             mean, variance = channel_statistics(data.train)
             backbone = network() if network else build_backbone(
-                self.config.backbone, gelu=self.config.resolved_gelu(),
-                batchnorm=self.config.resolved_batchnorm())
+                self.config.backbone, gelu=self.config.gelu,
+                batchnorm=self.config.batchnorm)
             self.model = MarginClassifier(
                 backbone, data.num_classes,
                 margin_type=self.config.loss, margin=self.config.margin,
@@ -507,8 +507,8 @@ def bench_peer(report, data, args):
         precision = "bfloat16" if bfloat16 else "float32"
         target = {("airbench94", True): ">= 1.2", ("airbench94", False): ">= 1.0",
                   ("mobilenetv2", bfloat16): ">= 1.0"}[(name, bfloat16)]
-        built = {"gelu": ours.config.resolved_gelu()} if name in GELU_BACKBONES else {}
-        built["batchnorm"] = ours.config.resolved_batchnorm()
+        built = {"gelu": ours.config.gelu} if name in GELU_BACKBONES else {}
+        built["batchnorm"] = ours.config.batchnorm
         label = f"{name} {precision}, " + " ".join(f"--{k} {v}" for k, v in built.items())
         report.add("peer", f"{label}: Keras (tfmargin) / PyTorch {torch.__version__}",
                    result["ratio"], "x", target, result["ratio"] >= float(target[3:]),
@@ -577,7 +577,7 @@ def bench_profile(report, data, args):
             report.add("profile", "TensorFlow op times", float("nan"), note="skipped: this "
                        "TensorFlow has no tensorflow.tsl.profiler.protobuf.xplane_pb2")
             return
-        label = f"airbench94 bfloat16, --batchnorm {setup.config.resolved_batchnorm()}"
+        label = f"airbench94 bfloat16, --batchnorm {setup.config.batchnorm}"
         by_type, by_layer = collections.Counter(), collections.Counter()
         owner = op_owners(setup.model)
         for (name, kind), ms in times.items():

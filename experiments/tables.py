@@ -13,13 +13,19 @@ import os
 import numpy as np
 
 from tfmargin.names import BATCHNORM_BACKBONES
-from tfmargin.runner.config import ADDED_LATER, NOT_IDENTITY, RunConfig, dataset_label
+from tfmargin.runner.config import NOT_IDENTITY, RunConfig, dataset_label
 from tfmargin.runner.provenance import timed_on_shared_machine
 
 BACKBONE_COLUMNS = ("resnet18", "efficientnetb0", "mobilenetv2")
 # Every setting of a run's identity (what its hash covers).
 IDENTITY_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig)
                         if f.name not in NOT_IDENTITY)
+
+
+def complete(record):
+    """A run's ``config.json`` with every setting, those the run predates at the value they
+    had (``RunConfig.from_record``): one complete record for every table."""
+    return RunConfig.from_record(record).resolved().record() | record
 
 
 def load_runs(runs_dir):
@@ -30,7 +36,7 @@ def load_runs(runs_dir):
         with open(path) as f:
             metrics = json.load(f)
         with open(os.path.join(run_dir, "config.json")) as f:
-            config = json.load(f)
+            config = complete(json.load(f))
         stamp = metrics["finished_at"]  # 2026-12-01T22:24:19Z
         finished = f"{stamp[:10]} {stamp[11:16]} UTC"
         runs.append({"name": os.path.basename(run_dir), "config": config, "metrics": metrics,
@@ -40,7 +46,7 @@ def load_runs(runs_dir):
 
 def setting_key(config, leave_out=("seed",)):
     """A run's identity without ``leave_out``: runs with equal keys differ only there."""
-    return tuple((key, json.dumps(config.get(key, ADDED_LATER.get(key)), sort_keys=True))
+    return tuple((key, json.dumps(config[key], sort_keys=True))
                  for key in IDENTITY_FIELDS if key not in leave_out)
 
 
@@ -48,17 +54,16 @@ def command(config):
     """The run.py command line that reproduces a run: every setting of its identity that
     differs from run.py's defaults, and its precision always (the default, auto, depends on
     the machine)."""
-    recipe = config.get("recipe", "standard")
-    # Every identity setting, including those left out of the identity at their default
-    # (ADDED_LATER), so a run with --tta 2 under the standard recipe shows it.
-    defaults = {**ADDED_LATER, **RunConfig.for_recipe(recipe, loss=config["loss"]).identity()}
+    recipe = config["recipe"]
+    # Every identity setting, so a run with --tta 2 under the standard recipe shows it.
+    record = RunConfig.for_recipe(recipe, loss=config["loss"]).resolved().record()
+    defaults = {key: record[key] for key in IDENTITY_FIELDS}
     parts = ["python experiments/run.py", *([f"--recipe {recipe}"] if recipe != "standard"
                                             else []),
              f"--backbone {config['backbone']}", f"--loss {config['loss']}",
              f"--dataset {config['dataset']}"]
     for key, default in defaults.items():
-        # A setting a run predates has the value it was left out of the identity at.
-        value = config.get(key, ADDED_LATER.get(key, default))
+        value = config[key]
         if key in ("backbone", "loss", "dataset", "recipe", "mixed_precision") or \
                 value == default:
             continue
@@ -189,8 +194,8 @@ KERNEL_SETTINGS = {"gelu": "GELU", "batchnorm": "BatchNorm"}
 
 
 def run_setting(config, key):
-    """A run's ``--gelu`` or ``--batchnorm`` (``keras`` for a run that predates it)."""
-    return config.get(key, ADDED_LATER[key])
+    """A run's ``--gelu`` or ``--batchnorm``."""
+    return config[key]
 
 
 def setting_name(config, key):
@@ -206,13 +211,13 @@ def setting_label(config, leave_out=()):
         dataset_label(config["dataset"]), config["backbone"], config.get("recipe", "standard"),
         f"{config['train_size']}x{config['epochs']}", precision_name(config))) + "".join(
         f", {setting_name(config, key)}" for key in KERNEL_SETTINGS
-        if run_setting(config, key) != ADDED_LATER[key] and key not in leave_out)
+        if run_setting(config, key) != "keras" and key not in leave_out)
 
 
 def batchnorm_used(config):
     """The BatchNorm a run was built with (runs from before the setting record none:
     Keras's)."""
-    return config.get("batchnorm") or ADDED_LATER["batchnorm"]
+    return config["batchnorm"]
 
 
 def batchnorm_label(config):
@@ -276,7 +281,7 @@ def seed_arms(runs, pair_by="seed", arm=None, arm_fields=None):
                    + (f", {recipe}" if recipe else ""),
                    setting_key(config, (pair_by, *arm_fields)))
         pairs = arms.setdefault((setting, arm(config)), {})
-        key = config.get(pair_by, ADDED_LATER.get(pair_by))
+        key = config[pair_by]
         if pair_by != "seed":
             key = (key, config["seed"])
         pairs[key] = run

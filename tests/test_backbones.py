@@ -83,7 +83,8 @@ def test_mixed_objective_weights_margin_and_plain_cross_entropy(ce_weight):
     model = MarginClassifier("tinycnn", 4, margin=0.5, scale=8.0, embedding_dim=8,
                              ce_weight=ce_weight)
     compile_model(model, RunConfig(ce_weight=ce_weight, learning_rate=1e-9, epochs=1,
-                                   warmup_epochs=0), steps_per_epoch=1, global_batch=6)
+                                   warmup_epochs=0).resolved(), steps_per_epoch=1,
+                  global_batch=6)
     images = np.random.default_rng(1).uniform(0, 255, (6, 32, 32, 3)).astype("float32")
     labels = np.array([0, 1, 2, 3, 0, 1])
     ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -103,7 +104,7 @@ def test_mixed_precision_model_gives_losses_and_metrics_float32():
     keras.config.set_dtype_policy("mixed_bfloat16")
     try:
         model = MarginClassifier("tinycnn", 6, scale=8.0, embedding_dim=8)
-        compile_model(model, RunConfig(backbone="tinycnn"), steps_per_epoch=2,
+        compile_model(model, RunConfig(backbone="tinycnn").resolved(), steps_per_epoch=2,
                       global_batch=4)
     finally:
         keras.config.set_dtype_policy("float32")

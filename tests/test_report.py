@@ -20,7 +20,7 @@ def fake_run(runs, name, backbone, loss, top1, mAP, **changes):
               "scale": None if loss == "softmax" else 16.0,
               "margin": None if loss == "softmax" else 0.2, "fallback": "monotonic",
               "ce_weight": 0.0, "head_scale": 16.0, "train_size": 5000,
-              "label_smoothing": 0.0, "batchnorm": "fused"} | changes
+              "label_smoothing": 0.0, "batchnorm": "fused", "mixed_precision": False} | changes
     metrics = {"top1": top1, "top5": 0.9, "mAP": mAP, "precision_at_1": 0.3,
                "map_at_r": 0.125, "val": {"top1": 0.5, "mAP": 0.5, "precision_at_1": 0.5,
                                           "map_at_r": 0.5}, "epochs": 3, "wall_seconds": 100.0,
@@ -142,7 +142,10 @@ def seed_run(name, loss, seed, top1, tta_top1, map_at_r=0.8):
               "scale": None if loss == "softmax" else 8.0}
     metrics = {"top1": top1, "tta": {"top1": tta_top1}, "mAP": 0.9, "precision_at_1": 0.9,
                "map_at_r": map_at_r, "wall_seconds": 1800.0}
-    return {"name": name, "config": config, "metrics": metrics}
+    from tables import complete
+
+    return {"name": name, "config": complete(config | {"mixed_precision": False}),
+            "metrics": metrics}
 
 
 def test_seed_table_reports_mean_sd_and_paired_interval():
@@ -156,7 +159,7 @@ def test_seed_table_reports_mean_sd_and_paired_interval():
              for k, (t, r) in enumerate(zip(arcface, arcface_map_at_r, strict=True))]
     runs.append(seed_run("cos0", "cosface", 0, 0.90, 0.91))  # one seed only
     mixed = seed_run("m0", "softmax", 0, 0.95, 0.95)  # same seed, other precision: own arm
-    mixed["config"]["mixed_precision"] = True
+    mixed["config"] = mixed["config"] | {"mixed_precision": True}
     text = seed_table(runs + [mixed])
     # Hand computation: top-1 percent mean 93.28, s.d. 0.2387 (softmax).
     assert ("| cifar10-jpeg airbench94 airbench 50000x10 float32 | softmax | 0, 1, 2, 3, 4 | "
@@ -415,7 +418,7 @@ def test_paper_backbones_on_the_whole_training_split_get_their_own_section(tmp_p
     assert "tiny-run" not in section
     # TTA is in the command although the identity leaves tta 0 out (added after runs existed).
     assert ("`python experiments/run.py --backbone resnet18 --loss softmax --dataset "
-            "data/cifar10-jpeg --tta 2 --epochs 8 --val-split 0.0 --mixed-precision`") in section
+            "data/cifar10-jpeg --epochs 8 --tta 2 --val-split 0.0 --mixed-precision`") in section
     # The paper layout stays at the budget that covers the most runs' backbones: 5,000 images.
     assert "Ours at 5000 training images x 3 epochs" in text
 

@@ -381,7 +381,7 @@ def test_the_learning_rate_defaults_to_the_heads_and_an_explicit_one_names_the_s
         assert RunConfig(loss=loss).resolved_learning_rate() == 0.05
     assert RunConfig(loss="softmax", learning_rate=0.1).resolved_learning_rate() == 0.1
     assert RunConfig.for_recipe("airbench", loss="softmax").resolved_learning_rate() == 0.1875
-    assert peak_learning_rate(RunConfig(loss="softmax"), global_batch=256) == 0.05
+    assert peak_learning_rate(RunConfig(loss="softmax").resolved(), global_batch=256) == 0.05
     # A run given its head's rate is the default run (ledger runs keep their names), and
     # another rate is another run.
     assert RunConfig(loss="softmax", learning_rate=0.025).run_name() == \
@@ -394,7 +394,7 @@ def test_learning_rate_scales_linearly_with_the_global_batch():
     from tfmargin.runner.config import RunConfig
     from tfmargin.runner.recipes import learning_rate_schedule
 
-    config = RunConfig(learning_rate=0.05, epochs=2, warmup_epochs=1)
+    config = RunConfig(learning_rate=0.05, epochs=2, warmup_epochs=1).resolved()
     peaks = [float(learning_rate_schedule(config, 10, global_batch)(10))  # end of warm-up
              for global_batch in (64, 128, 512)]
     assert peaks == pytest.approx([0.025, 0.05, 0.2])
@@ -836,3 +836,35 @@ def test_the_library_imports_nothing_from_the_runner():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(n.startswith("tfmargin.runner") for n in names), path
+
+
+def test_every_ledger_run_keeps_its_name():
+    """Each run in results/runs/ is named as its own record says: a refactor of the run's
+    configuration may not rename a recorded run (a sweep would train it again)."""
+    from tfmargin.runner.config import RunConfig
+
+    ledger = os.path.join(ROOT, "results", "runs")
+    names = sorted(os.listdir(ledger))
+    assert len(names) >= 70
+    for name in names:
+        with open(os.path.join(ledger, name, "config.json")) as f:
+            assert RunConfig.from_record(json.load(f)).run_name() == name
+
+
+def test_a_resolved_configuration_is_frozen_and_reads_back_as_the_same_run():
+    import dataclasses
+
+    from tfmargin.runner.config import RunConfig
+
+    config = RunConfig(loss="cosface", classes="truck,airplane", dataset="d")
+    resolved = config.resolved()
+    assert (resolved.margin, resolved.scale, resolved.learning_rate) == (0.1, 8.0, 0.05)
+    assert resolved.name == config.run_name() and resolved.classes == "airplane,truck"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        resolved.margin = 0.3
+    record = resolved.record()
+    assert record["identity_version"] == 1 and record["margin"] == 0.1
+    assert RunConfig.from_record(record).run_name() == config.run_name()
+    assert config.differences(record) == []
+    assert RunConfig(loss="cosface", margin=0.2, dataset="d").differences(record) == [
+        "margin 0.1 -> 0.2"]

@@ -26,8 +26,11 @@ from tfmargin.scores import LEGACY_KNN_K, SCORES
 # so which epoch a best checkpoint could come from; no reported number depends on it.)
 NOT_IDENTITY = ("name", "runs_dir", "export", "export_dir", "projector_samples",
                 "projector_every", "validation_freq", "reject_score")
-# Settings added after runs existed: left out of the identity at these values, so those
-# runs keep their names (and a sweep still finds them finished).
+# The scheme of a run's identity hash, recorded in its config.json. Version 1, every run so
+# far: the hash leaves out each setting added after runs existed while it holds the value it
+# had before (ADDED_LATER), so those runs keep their names and a sweep finds them finished;
+# a record that predates a setting is read with that value (RunConfig.from_record).
+IDENTITY_VERSION = 1
 ADDED_LATER = {"recipe": "standard", "tta": 0, "classes": "", "gelu": "keras",
                "batchnorm": "keras"}
 
@@ -101,6 +104,27 @@ class RunConfig:
         # and config.json records it as the identity does (so a run resumes however the
         # classes were typed).
         self.classes = normalized_classes(self.classes)
+
+    @classmethod
+    def from_record(cls, record):
+        """The configuration a run's ``config.json`` records (``ResolvedConfig.record``); a
+        setting the record predates has the value it had before (``ADDED_LATER``), one it
+        leaves out its recipe's default."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {**ADDED_LATER, **{k: v for k, v in record.items() if k in fields}}
+        if isinstance(values.get("margin"), list):
+            values["margin"] = tuple(values["margin"])
+        return cls.for_recipe(**values)
+
+    def resolved(self):
+        """Every setting resolved once, as the run uses and records it (``ResolvedConfig``)."""
+        score, knn_k = self.resolved_reject_score()
+        return ResolvedConfig(
+            asked=dataclasses.replace(self), margin=self.resolved_margin(),
+            scale=self.resolved_scale(), learning_rate=self.resolved_learning_rate(),
+            mixed_precision=self.resolved_mixed_precision(), gelu=self.resolved_gelu(),
+            batchnorm=self.resolved_batchnorm(), reject_score=score, knn_k=knn_k,
+            export_formats=self.export_formats(), name=self.run_name())
 
     @classmethod
     def for_recipe(cls, recipe="standard", **settings):
@@ -211,10 +235,10 @@ class RunConfig:
             budget += f"-c{len(self.class_list())}"
         return f"{data}-{self.backbone}-{head}-{budget}-{self.identity_hash()}"
 
-    def differences(self, stored):
-        """``"key stored -> new"`` for each identity setting that differs from ``stored`` (a
-        run directory's ``config.json``; its class list read as a set, as the identity's)."""
-        stored = stored | {"classes": normalized_classes(stored.get("classes", ""))}
+    def differences(self, record):
+        """``"key recorded -> new"`` for each identity setting that differs from a run
+        directory's ``config.json``."""
+        stored = RunConfig.from_record(record).identity()
         return [f"{key} {stored.get(key)!r} -> {value!r}"
                 for key, value in self.identity().items() if stored.get(key) != value]
 
@@ -283,3 +307,37 @@ class RunConfig:
                                  self.sub_centers)
         except ValueError as error:
             raise ConfigError(str(error)) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedConfig:
+    """A run's settings resolved once, when it starts: the head's margin, scale and
+    learning rate, the precision, the kernels, the reject score, the exports and the run's
+    name. Frozen: what the rest of the run reads and ``config.json`` records. Every other
+    setting is read as asked (``asked``, a ``RunConfig``)."""
+
+    asked: RunConfig
+    margin: object
+    scale: object
+    learning_rate: float
+    mixed_precision: bool
+    gelu: str
+    batchnorm: str
+    reject_score: str
+    knn_k: object  # the kNN neighbour of a kNN reject score, else None
+    export_formats: tuple
+    name: str  # the run's name (a given --name, or the derived one)
+
+    def __getattr__(self, key):
+        if key == "asked":  # not yet set (copying): no recursion
+            raise AttributeError(key)
+        return getattr(self.asked, key)
+
+    def record(self):
+        """Every setting as resolved, JSON-ready, with the identity's version: what
+        ``config.json`` holds of them (``RunConfig.from_record`` reads it back)."""
+        values = dataclasses.asdict(self.asked)
+        values |= {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                   if f.name not in ("asked", "export_formats", "name", "knn_k")}
+        values["name"] = self.asked.name
+        return json.loads(json.dumps(values | {"identity_version": IDENTITY_VERSION}))

@@ -49,8 +49,9 @@ AIRBENCH = dict(momentum=0.85, offset_lr_scale=64.0, whiten_bias_epochs=3, warmu
 
 
 def peak_learning_rate(config, global_batch):
-    """``--learning-rate`` is per ``REFERENCE_BATCH`` images: linear scaling with the batch."""
-    return config.resolved_learning_rate() * global_batch / REFERENCE_BATCH
+    """``--learning-rate`` is per ``REFERENCE_BATCH`` images: linear scaling with the batch
+    (``config``: a ``ResolvedConfig``)."""
+    return config.learning_rate * global_batch / REFERENCE_BATCH
 
 
 def learning_rate_schedule(config, steps_per_epoch, global_batch=REFERENCE_BATCH):

@@ -28,7 +28,7 @@ from tfmargin.export import export_models
 from tfmargin.metrics import save_prediction_summary
 from tfmargin.projector import EmbeddingProjector
 from tfmargin.runner import provenance
-from tfmargin.runner.config import ADDED_LATER, ConfigError
+from tfmargin.runner.config import ConfigError
 from tfmargin.runner.evaluation import evaluate, split_top1
 from tfmargin.runner.progress import ResumeEpoch, Throughput
 from tfmargin.runner.recipes import (
@@ -72,7 +72,7 @@ def precision_policy(config):
     """The Keras dtype policy of a run: ``mixed_float16`` on a GPU and ``mixed_bfloat16``
     on a CPU when the run is mixed (``RunConfig.resolved_mixed_precision``), else
     ``float32``."""
-    if not config.resolved_mixed_precision():
+    if not config.mixed_precision:
         return "float32"
     return "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"
 
@@ -123,7 +123,7 @@ def prepare_run_dir(config, overwrite=False):
     setting) unless ``overwrite``; the same command continues an interrupted run and
     reports a finished one again (``overwrite`` trains it again).
     """
-    run_dir = os.path.join(config.runs_dir, config.run_name())
+    run_dir = os.path.join(config.runs_dir, config.name)
     config_path = os.path.join(run_dir, "config.json")
     if os.path.exists(config_path) and not overwrite:
         with open(config_path) as f:
@@ -159,8 +159,7 @@ def build_run_model(config, data, strategy, global_batch):
     mean, variance = channel_statistics(data.train)
     with strategy.scope():
         backbone = build_backbone(config.backbone, (config.image_size, config.image_size, 3),
-                                  gelu=config.resolved_gelu(),
-                                  batchnorm=config.resolved_batchnorm())
+                                  gelu=config.gelu, batchnorm=config.batchnorm)
         model = MarginClassifier(
             backbone, data.num_classes, margin_type=config.loss, margin=config.margin,
             scale=config.scale, fallback=config.fallback, sub_centers=config.sub_centers,
@@ -190,12 +189,11 @@ def start_run_dir(config, *, run_dir, overwrite, data, model, replicas, global_b
     if overwrite and os.path.isdir(run_dir):
         shutil.rmtree(run_dir)
     os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-    resolved = config.identity() | {key: getattr(config, key) for key in ADDED_LATER} | {
-        "gelu": config.resolved_gelu(), "batchnorm": config.resolved_batchnorm(),
-        "name": config.name, "run_dir": run_dir,
+    resolved = config.record() | {
+        "run_dir": run_dir,
         "num_classes": data.num_classes,
         "class_names": data.class_names, "split_sizes": data.sizes,
-        "test_split_seed": SPLIT_SEED, "reject_score": config.resolved_reject_score()[0],
+        "test_split_seed": SPLIT_SEED,
         "train_size": data.train_size, "replicas": replicas,
         "global_batch": global_batch, "peak_learning_rate": peak_learning_rate(
             config, global_batch),
@@ -329,15 +327,15 @@ def describe_run(config, data, strategy, global_batch):
              "images"] + [f"  note: {note}" for note in data.notes]
     head = "a Dense (softmax) head" if config.loss == "softmax" else (
         f"{'an' if config.loss[0] in 'aeiou' else 'a'} {config.loss} head "
-        f"(s={config.resolved_scale()}"
-        + ("" if config.loss == "normface" else f", m={config.resolved_margin()}") + ")")
+        f"(s={config.scale}" + ("" if config.loss == "normface" else f", m={config.margin}")
+        + ")")
     steps = data.train_size // global_batch
     lines.append(f"model: {config.backbone} with {head}, label smoothing "
                  f"{config.label_smoothing:g}; {config.recipe} recipe, {config.epochs} epoch(s) "
                  f"of {steps:,} steps at batch {global_batch:,} ({config.epochs * steps:,} "
                  f"steps), peak learning rate {peak_learning_rate(config, global_batch):g}")
     policy = keras.config.dtype_policy().name
-    why = ("" if config.mixed_precision != "auto" else
+    why = ("" if config.asked.mixed_precision != "auto" else
            " (auto: " + ("a GPU" if provenance.has_gpu() else "a CPU with bfloat16 "
                          "instructions" if policy != "float32" else "measured faster only on "
                          "a GPU or a CPU with bfloat16 instructions, for some backbones")
@@ -363,9 +361,10 @@ def record(run_dir, resolved, metrics, outputs):
 
 
 def train(config, overwrite=False, callbacks=()):
-    """Train and evaluate one run (continue it if it was interrupted); returns the final
-    metrics dict, a finished run's as recorded."""
+    """Train and evaluate one run of ``config`` (a ``RunConfig``; continue it if it was
+    interrupted); returns the final metrics dict, a finished run's as recorded."""
     config.validate()
+    config = config.resolved()  # from here on, the run reads one frozen record
     run_dir, already_done = prepare_run_dir(config, overwrite)
     if already_done:
         with open(os.path.join(run_dir, "metrics.json")) as f:
@@ -374,7 +373,7 @@ def train(config, overwrite=False, callbacks=()):
               "(--overwrite trains it again)", flush=True)
         return metrics
     check_writable(config.runs_dir, "--runs-dir")
-    if config.export_formats():
+    if config.export_formats:
         check_writable(config.export_dir, "--export-dir")
     # MultiWorkerMirroredStrategy must exist before any other TensorFlow op runs.
     strategy = make_strategy(config.strategy)
@@ -400,38 +399,38 @@ def train(config, overwrite=False, callbacks=()):
                                extra_callbacks=callbacks)
     print("after training: choosing BatchNorm statistics and evaluating (test, validation, "
           "training images as the retrieval gallery)" + (", then exporting" if
-                                                           config.export_formats() else ""),
+                                                           config.export_formats else ""),
           flush=True)
     batchnorm = choose_batchnorm_statistics(model, data, global_batch=global_batch,
                                             num_batches=config.precise_bn_batches)
     if projector:  # after the statistics are chosen: it embeds in inference mode
         projector.write(config.epochs)
-    score, knn_k = config.resolved_reject_score()
-    metrics, outputs, gallery = evaluate(model, data, global_batch, resolved["tta"],
-                                         reject_score=score, knn_k=knn_k or LEGACY_KNN_K)
+    metrics, outputs, gallery = evaluate(model, data, global_batch, config.tta,
+                                         reject_score=config.reject_score,
+                                         knn_k=config.knn_k or LEGACY_KNN_K)
     if "reject" in metrics:
         metrics["reject"]["chosen_by"] = (
-            "--reject-score" if config.reject_score != "auto" else
+            "--reject-score" if config.asked.reject_score != "auto" else
             "the head's choice on validation" if (config.recipe, config.loss) in SERVED_SCORES
             else "no choice on validation yet for this head and recipe: the maximum logit")
     metrics |= {"epochs": config.epochs, **timing, **({"batchnorm": batchnorm} if batchnorm
                                                         else {}),
                 "train_accuracy_last_epoch": history.get("accuracy", [None])[-1]}
-    if "keras" not in config.export_formats():  # else the export's model.keras holds it
+    if "keras" not in config.export_formats:  # else the export's model.keras holds it
         with atomic_file(os.path.join(run_dir, "inference.keras")) as tmp:
             model.save(tmp)
-    if config.export_formats():
+    if config.export_formats:
         metrics["export"] = export_models(
-            model, data.class_names, os.path.join(config.export_dir, config.run_name()),
-            formats=config.export_formats(), image_size=config.image_size, tta=config.tta,
+            model, data.class_names, os.path.join(config.export_dir, config.name),
+            formats=config.export_formats, image_size=config.image_size, tta=config.tta,
             temperature=metrics["calibration"].get("temperature", 1.0),
             reject=metrics.get("reject"), gallery=gallery)
     log_hparams(os.path.join(run_dir, "logs"), resolved, metrics)
     record(run_dir, resolved, metrics, outputs)
     # The model lives on in the export (or inference.keras): no training checkpoint is kept.
     shutil.rmtree(os.path.join(run_dir, "checkpoints"))
-    if config.export_formats():  # not in runs/: TensorBoard would list the run twice
-        point_latest(config.export_dir, config.run_name())
+    if config.export_formats:  # not in runs/: TensorBoard would list the run twice
+        point_latest(config.export_dir, config.name)
     return metrics
 
 
