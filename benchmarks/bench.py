@@ -38,6 +38,12 @@ from tfmargin.quiet import import_tensorflow  # noqa: E402
 
 tf = import_tensorflow()
 import keras  # noqa: E402
+from setups import (  # noqa: E402
+    RunSetup,
+    airbench_data,
+    airbench_setup,
+    write_random_folder,
+)
 from timing import (  # noqa: E402
     conv_peak,
     images_per_second,
@@ -50,18 +56,12 @@ from timing import (  # noqa: E402
 )
 
 from tfmargin.activations import FusedGELU  # noqa: E402
-from tfmargin.airbench import GELU_ACTIVATIONS, airbench  # noqa: E402
 from tfmargin.backbones import build_backbone  # noqa: E402
-from tfmargin.classifier import MarginClassifier  # noqa: E402
-from tfmargin.data import channel_statistics, load_dataset, write_image_folder  # noqa: E402
+from tfmargin.data import load_dataset  # noqa: E402
 from tfmargin.names import BATCHNORMS, GELU_BACKBONES, GELUS  # noqa: E402
-from tfmargin.normalization import BATCHNORM_LAYERS  # noqa: E402
 from tfmargin.runner import provenance  # noqa: E402
 from tfmargin.runner.config import RunConfig  # noqa: E402
 from tfmargin.runner.train import (  # noqa: E402
-    compile_model,
-    make_datasets,
-    precision_policy,
     train,
 )
 
@@ -77,17 +77,6 @@ def pipeline_rate(batches, batch_size, steps=100):
     return steps * batch_size / float(tf.timestamp() - start)
 
 
-def write_random_folder(root, num_classes=10, per_class=64, test_per_class=8, size=32):
-    """JPEG class folders of random images: speed does not depend on what they show."""
-    rng = np.random.default_rng(0)
-    names = [f"class_{label}" for label in range(num_classes)]
-    for split, count in (("train", per_class), ("test", test_per_class)):
-        labels = np.repeat(np.arange(num_classes), count)
-        images = rng.integers(0, 256, (len(labels), size, size, 3), dtype=np.uint8)
-        write_image_folder(os.path.join(root, split), images, labels, names, fmt="jpg")
-    return root
-
-
 def load_mock_tfds(num_examples):
     """CIFAR-10 through TFDS's reading path, with TFDS's own random examples (offline)."""
     import tensorflow_datasets as tfds
@@ -95,51 +84,6 @@ def load_mock_tfds(num_examples):
     with tfds.testing.mock_data(num_examples=num_examples), \
             mock.patch("tfmargin.data._check_reachable"):
         return load_dataset("cifar10")
-
-
-class RunSetup:
-    """A compiled ``MarginClassifier`` and its batches, built as ``train`` builds them;
-    ``network``: a function building the backbone instead of the registry (a variant the
-    registry does not hold), called under the run's dtype policy."""
-
-    def __init__(self, data, steps, recipe="standard", network=None, **settings):
-        if recipe == "standard":
-            settings.setdefault("batch_size", 128)
-        config = RunConfig.for_recipe(recipe, export="none", projector_samples=0, **settings)
-        config.validate()
-        self.config = config.resolved()
-        keras.config.set_dtype_policy(precision_policy(self.config))
-        try:
-            mean, variance = channel_statistics(data.train)
-            backbone = network() if network else build_backbone(
-                self.config.backbone, gelu=self.config.gelu,
-                batchnorm=self.config.batchnorm)
-            self.model = MarginClassifier(
-                backbone, data.num_classes,
-                margin_type=self.config.loss, margin=self.config.margin,
-                scale=self.config.scale, embedding_dim=self.config.embedding_dim, mean=mean,
-                variance=variance)
-            self.model.adapt(data.train.batch(1024).map(lambda x, y: x))
-            compile_model(self.model, self.config, steps, self.config.batch_size)
-        finally:
-            keras.config.set_dtype_policy("float32")
-        # Repeated: every measurement round starts a fit over the same batches.
-        self.batches = make_datasets(self.config, data, self.config.batch_size)[0].repeat()
-        self.steps = steps * self.config.steps_per_execution
-
-    def cached_batches(self, count):
-        """``count`` batches of the real pipeline, replayed from memory."""
-        memory = self.batches.take(count).cache().repeat()
-        for _ in memory.take(count):
-            pass
-        return memory
-
-    def rate(self, batches=None, callbacks=()):
-        def fit(clock):
-            self.model.fit(batches or self.batches, steps_per_epoch=self.steps, epochs=1,
-                           verbose=0, callbacks=[*clock, *callbacks], shuffle=False)
-
-        return images_per_second(fit, self.config.batch_size)
 
 
 def plain_keras_model(backbone, num_classes, image_size=32):
@@ -336,18 +280,6 @@ class XlaBatchNormalization(keras.layers.BatchNormalization):
         self.moving_variance.assign(self.moving_variance * self.momentum
                                     + stats["variance"] * (1 - self.momentum))
         return outputs
-
-
-def airbench_setup(data, args, steps, activation=None, norm=None, **change):
-    """An airbench94 recipe set-up (softmax head): the recipe's network (its GELU from
-    ``change`` or the recipe), or with ``activation`` or ``norm`` replaced."""
-    settings = {"batch_size": args.airbench_batch, "mixed_precision": False, **change}
-    network = None
-    if activation or norm:
-        recipe = RunConfig.for_recipe("airbench", **settings)
-        network = partial(airbench, activation=activation or GELU_ACTIVATIONS[recipe.gelu],
-                          norm=norm or BATCHNORM_LAYERS[recipe.batchnorm])
-    return RunSetup(data, steps, "airbench", network=network, loss="softmax", **settings)
 
 
 @cache
@@ -832,19 +764,6 @@ def bench_accuracy(report, args, runs_dir):
                100 * (ours - baseline), "points", ">= 0", ours >= baseline,
                f"{100 * ours:.2f}% vs {100 * baseline:.2f}%, {data.train_size} train images x "
                f"{args.accuracy_epochs} epochs, {data.sizes['test']} test images")
-
-
-def airbench_data(args, tmp, data=None):
-    """Enough images for the airbench section's batches: ``data`` where it has them, else
-    ``--dataset``, else random JPEGs written under ``tmp``."""
-    needed = args.airbench_batch * (max(args.steps, args.peer_steps) + 1)
-    if data is not None and data.train_size >= needed:
-        return data
-    if args.dataset:
-        return load_dataset(args.dataset, limit_train=needed, val_split=0.0)
-    per_class = needed // 10 + 1
-    return load_dataset(write_random_folder(os.path.join(tmp, "airbench"),
-                                            per_class=per_class), val_split=0.0)
 
 
 def machine():

@@ -103,8 +103,8 @@ def main():
 
 def time_keras(batch, steps, dataset):
     """The Keras port's bfloat16 airbench94 step, as ``bench.py`` times it."""
-    import bench
     import keras
+    import setups
 
     class MarkAfterFirstStep(keras.callbacks.Callback):
         def on_train_batch_end(self, step, logs=None):
@@ -114,8 +114,8 @@ def time_keras(batch, steps, dataset):
     settings = argparse.Namespace(airbench_batch=batch, steps=steps + 1,
                                   peer_steps=steps + 1, dataset=dataset)
     with tempfile.TemporaryDirectory() as tmp:
-        setup = bench.airbench_setup(bench.airbench_data(settings, tmp), settings, steps + 1,
-                                     mixed_precision=True)
+        setup = setups.airbench_setup(setups.airbench_data(settings, tmp), settings,
+                                      steps + 1, mixed_precision=True)
         memory = setup.cached_batches(steps + 1)
         setup.rate(memory)  # traced and warm
         # From the end of the first step to the end of the last: ``steps`` steps.

@@ -100,3 +100,36 @@ def test_the_code_runs_on_the_python_it_declares():
                            "benchmarks", "tests"], capture_output=True, text=True, cwd=ROOT,
                           timeout=120)
     assert done.returncode == 0, done.stdout[-2000:]
+
+
+def test_no_module_of_the_repository_imports_itself_back():
+    """The import graph of tfmargin/, experiments/ and benchmarks/ (imports anywhere in a
+    module, function bodies included) has no cycle."""
+    import ast
+
+    modules = {}
+    for path in glob.glob(os.path.join(ROOT, "tfmargin", "**", "*.py"), recursive=True):
+        name = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".").removesuffix(".__init__")
+        modules[name] = path
+    for folder in ("experiments", "benchmarks"):  # scripts import each other by bare name
+        for path in glob.glob(os.path.join(ROOT, folder, "*.py")):
+            modules[os.path.basename(path)[:-3]] = path
+    graph = {}
+    for name, path in modules.items():
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        graph[name] = {m for m in found if m in modules and m != name}
+
+    def visit(name, path):
+        for target in graph[name]:
+            assert target not in path, " -> ".join([*path, target])
+            visit(target, (*path, target))
+
+    for name in graph:
+        visit(name, (name,))
