@@ -19,6 +19,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import readme_blocks  # noqa: E402
 from ledger import LEDGER, ROOT, collect  # noqa: E402
 from sweep import CIFAR10_CLASSES, OPEN_SET_SPLITS  # noqa: E402
 from tables import (  # noqa: E402
@@ -32,7 +33,6 @@ from tables import (  # noqa: E402
     head_spec,
     load_runs,
     margin_curves,
-    mean_sd,
     metric_value,
     paper_table,
     precision_name,
@@ -226,13 +226,15 @@ def is_open_set(run):
 
 def is_main_command(run):
     """The design card's command as the README prints it (only ``--loss`` and ``--dataset``
-    given), at today's defaults: a run at another setting is not it."""
+    given, and ``--seed`` for its repeats), at today's defaults: a run at another setting is
+    not it."""
     config = run["config"]
     typed = (f"python experiments/run.py --backbone mobilenetv2 --loss {config['loss']} "
              f"--dataset {config['dataset']}")
+    seed = f" --seed {config['seed']}" if config["seed"] else ""  # any seed: its repeats
     precision = (" --no-mixed-precision", " --mixed-precision")
     return config["loss"] in ("arcface", "softmax") and command(config) in (
-        typed + flag for flag in precision)
+        typed + seed + flag for flag in precision)
 
 
 def is_selection(run):
@@ -474,16 +476,6 @@ def at_recipe_kernels(run):
             and run_setting(config, "batchnorm") == recipe.resolved_batchnorm())
 
 
-def headline_block(runs):
-    """The converged paired comparison of the heads at the recipe's GELU and BatchNorm,
-    the README's headline table."""
-    converged = [r for r in runs if is_converged(r) and at_recipe_kernels(r)]
-    if not converged:
-        return ("The converged comparison (airbench recipe, paired seeds) has no recorded runs "
-                "yet: `docs/results.md` lists what is recorded.\n")
-    return seed_table(converged)
-
-
 SCORES = (("max_logit", "max logit"), ("msp", "MSP"), ("energy", "energy"),
           ("feature_norm", "norm"), ("knn", "kNN"))
 
@@ -567,42 +559,6 @@ def accuracy_gaps(runs):
             f"{min(auroc):+.2f} to {max(auroc):+.2f}, "
             + ("gaps of the size closed-set accuracy explains" if follows else
                "so the AUROC gaps do not follow from closed-set accuracy alone"))
-
-
-BRIEF_COLUMNS = (("open_set.max_logit.oscr", "OSCR"),
-                 ("open_set.closed_set_top1", "closed-set top-1"),
-                 ("calibration.before.ece", "ECE"), ("calibration.after.ece", "ECE scaled"),
-                 ("reject.unknown_rejected", "unknowns rejected"))
-
-
-def open_set_brief(runs):
-    """The README's one table: per head, mean +- s.d. over the splits of the max-logit AUROC,
-    its paired difference from softmax (95 % interval) and the other columns' means."""
-    key = OPEN_SET_COLUMNS[0][0]
-    lines = ["| head | splits | AUROC max logit | AUROC Δ softmax (95 % CI) | "
-             + " | ".join(name for _, name in BRIEF_COLUMNS) + " |",
-             "|" + "---|" * (len(BRIEF_COLUMNS) + 4)]
-    arms = seed_arms(runs, pair_by="classes")
-    for (setting, head), pairs in sorted(arms.items()):
-        base = arms.get((setting, "softmax"), {})
-        common = sorted(set(pairs) & set(base))
-        difference = "-"
-        if head != "softmax" and common:
-            text, _ = difference_cell([metric_value(pairs[k], key) for k in common],
-                                      [metric_value(base[k], key) for k in common])
-            difference = f"{text}, {len(common)} split" + "s" * (len(common) > 1)
-        cells = [mean_sd([metric_value(r, k) for r in pairs.values()])
-                 for k, _ in ((key, None),) + BRIEF_COLUMNS]
-        lines.append(f"| {head} | {len(pairs)} | {cells[0]} | {difference} | "
-                     + " | ".join(cells[1:]) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def open_set_block(runs):
-    runs = [r for r in runs if is_open_set(r)]
-    if not runs:
-        return "The open-set study has no recorded runs yet.\n"
-    return open_set_brief(runs) + "\n" + open_set_summary(runs)
 
 
 def diagnostics_section(runs, ledger, docs_dir, plots):
@@ -691,10 +647,11 @@ def results_md(runs, ledger, docs_dir, plots):
 def readme_with_blocks(readme, runs):
     """The README with each ``<!-- results:NAME -->`` ... ``<!-- /results:NAME -->`` block
     rewritten from the runs."""
-    makers = {"headline": headline_block,
-              "main-command": lambda rs: main_command_block([r for r in rs
-                                                              if is_main_command(r)]),
-              "open-set": open_set_block}
+    makers = {"headline": lambda rs: readme_blocks.headline(
+                  [r for r in rs if is_converged(r) and at_recipe_kernels(r)]),
+              "main-command": lambda rs: readme_blocks.main_command(
+                  [r for r in rs if is_main_command(r)]),
+              "open-set": lambda rs: readme_blocks.open_set([r for r in rs if is_open_set(r)])}
     for name in README_BLOCKS:
         start, end = f"<!-- results:{name} -->\n", f"<!-- /results:{name} -->"
         if start not in readme or end not in readme:
