@@ -551,3 +551,16 @@ def test_no_ledger_record_names_a_path_of_the_machine_that_ran_it():
             config = json.load(f)
         assert "data_source" not in config, name
         assert not os.path.isabs(config["dataset"]) or config["dataset"].startswith("tfds"), name
+
+
+def test_the_calibration_table_shows_the_top1_of_the_logits_its_ece_is_of():
+    """ECE is of the served logits: for a run that serves test-time augmentation the table's
+    top-1 is the augmented one, named so."""
+    from report import calibration_table
+
+    run = seed_run("r", "softmax", 0, 0.90, 0.93)
+    run["metrics"] |= {"tta": {"top1": 0.93, "served": True},
+                       "calibration": {"before": {"ece": 0.05, "nll": 0.3, "brier": 0.1}}}
+    table = calibration_table([run])
+    assert table.splitlines()[0].startswith("| run | head | top-1 served | ECE |")
+    assert "| r | softmax | 93.00 | 5.00 |" in table

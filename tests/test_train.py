@@ -59,6 +59,7 @@ def test_cli_end_to_end_writes_the_run_directory(shapes, tmp_path):
         "recipe, 2 epoch(s) of 5 steps at batch 32 (10 steps)" in result.stdout
     assert "precision: float32 (auto: " in result.stdout
     assert "note: only 10 optimizer steps in all" in result.stdout
+    assert "after training: choosing BatchNorm statistics and evaluating" in result.stdout
     # It says what it reached, where it wrote, and what to type next.
     assert "smoke: test top-1 " in result.stdout
     assert f"run directory: {run_dir}" in result.stdout
@@ -298,6 +299,11 @@ def test_help_lists_the_registries_names():
         for name in table:
             assert f"{name} (" in text or f" {name}," in text or f" {name} " in text, name
     assert "Nesterov momentum 0.9" not in text  # the recipe's, not every run's
+    # In groups, and no flag shows an empty default.
+    assert "(default: None)" not in text and "(default: )" not in text
+    for group in ("data:", "model and head:", "training:", "evaluation and export:",
+                  "run management:"):
+        assert group in done.stdout
     sweep = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "sweep.py"),
                             "--help"], capture_output=True, text=True, timeout=60)
     assert "ce=<ce weight>" in " ".join(sweep.stdout.split())
@@ -868,3 +874,23 @@ def test_a_resolved_configuration_is_frozen_and_reads_back_as_the_same_run():
     assert config.differences(record) == []
     assert RunConfig(loss="cosface", margin=0.2, dataset="d").differences(record) == [
         "margin 0.1 -> 0.2"]
+
+
+def test_on_a_gpu_the_run_says_its_budget_was_chosen_for_a_cpu(monkeypatch):
+    """The standard recipe's 5 epochs were chosen by time on 2 CPU cores; with no GPU
+    measurement to choose another budget by, a run on a GPU says so before training."""
+    import types
+
+    from tfmargin.runner import provenance, train
+    from tfmargin.runner.config import RunConfig
+
+    monkeypatch.setattr(provenance, "has_gpu", lambda: True)
+    data = types.SimpleNamespace(sizes={"train": 45000, "val": 5000, "test": 10000},
+                                 class_names=[str(i) for i in range(10)], notes=[],
+                                 num_classes=10, train_size=45000)
+    strategy = types.SimpleNamespace(extended=types.SimpleNamespace(
+        worker_devices=["/job:localhost/replica:0/task:0/device:GPU:0"]))
+    lines = train.describe_run(RunConfig(dataset="d").resolved(), data, strategy, 128)
+    assert "  note: the standard recipe's 5 epochs were chosen for 2 CPU cores " \
+        "(docs/recipe.md); a GPU affords more: --epochs" in lines
+    assert lines[2].endswith("over GPU:0")
