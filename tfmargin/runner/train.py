@@ -340,8 +340,12 @@ def describe_run(config, data, strategy, global_batch):
                          "instructions" if policy != "float32" else "measured faster only on "
                          "a GPU or a CPU with bfloat16 instructions, for some backbones")
            + ")")
-    devices = ", ".join(d.split("device:")[-1] for d in strategy.extended.worker_devices)
-    lines.append(f"precision: {policy}{why}; {type(strategy).__name__} over {devices}")
+    try:
+        devices = ", ".join(d.split("device:")[-1] for d in strategy.extended.worker_devices)
+        placement = f"{type(strategy).__name__} over {devices}"
+    except RuntimeError:  # the default strategy (--strategy default) lists none
+        placement = "no distribution strategy (the default device)"
+    lines.append(f"precision: {policy}{why}; {placement}")
     if config.recipe == "standard" and config.epochs == 5 and provenance.has_gpu():
         lines.append("  note: the standard recipe's 5 epochs were chosen for 2 CPU cores "
                      "(docs/recipe.md); a GPU affords more: --epochs")
