@@ -4,17 +4,12 @@ small table and a one-line legend. Every number is computed here from the ledger
 """
 
 import numpy as np
-from tables import difference_cell, metric_value, seed_arms
+from tables import difference_cell, mean_sd, metric_value, seed_arms
 
 LEGEND = ("*top-1*: test accuracy, % (mean ± s.d. over seeds or splits); *MAP@R*: how well a "
           "test image's embedding retrieves the others of its class, %; *AUROC*: how well "
           "the served score ranks known-class test images above held-out-class ones, %; "
           "*Δ*: paired difference from softmax, with its 95 % interval.\n")
-
-
-def _mean_sd(values):
-    values = 100 * np.asarray(values, float)
-    return f"{values.mean():.2f}" + (f" ± {values.std(ddof=1):.2f}" if len(values) > 1 else "")
 
 
 def _largest_setting(arms):
@@ -56,9 +51,9 @@ def headline(runs):
         top1 = _against(pairs, base, "top1") if head != "softmax" else ("-", None, 0)
         retrieval = _against(pairs, base, "map_at_r") if head != "softmax" else ("-", None, 0)
         rows.append(f"| {head} | {len(pairs)} | "
-                    f"{_mean_sd([metric_value(r, 'top1') for r in pairs.values()])} | "
+                    f"{mean_sd([metric_value(r, 'top1') for r in pairs.values()])} | "
                     f"{top1[0]} | "
-                    f"{_mean_sd([metric_value(r, 'map_at_r') for r in pairs.values()])} | "
+                    f"{mean_sd([metric_value(r, 'map_at_r') for r in pairs.values()])} | "
                     f"{retrieval[0]} |")
         if head != "softmax" and top1[2]:
             words.append(f"{head} against softmax over {top1[2]} paired seeds: top-1 "
@@ -84,8 +79,8 @@ def main_command(runs):
         machines = sorted({r["config"].get("machine", {}).get("model", "?")
                            for r in pairs.values()})
         rows.append(f"| `--loss {head}` | {', '.join(map(str, sorted(pairs)))} | "
-                    f"{_mean_sd([metric_value(r, 'top1') for r in pairs.values()])} | {top1} | "
-                    f"{_mean_sd([metric_value(r, 'map_at_r') for r in pairs.values()])} | "
+                    f"{mean_sd([metric_value(r, 'top1') for r in pairs.values()])} | {top1} | "
+                    f"{mean_sd([metric_value(r, 'map_at_r') for r in pairs.values()])} | "
                     f"{'; '.join(machines)} |")
     arcface, softmax = by_head.get("arcface", {}), base
     common = sorted(set(arcface) & set(softmax))
@@ -120,8 +115,8 @@ def open_set(runs):
         aurocs = [metric_value(r, key) for r in pairs.values()]
         delta = _against(pairs, base, key)[0] if head != "softmax" else "-"
         means[head] = np.mean(aurocs)
-        rows.append(f"| {head} | {len(pairs)} | {_mean_sd(aurocs)} | {delta} | "
-                    + " | ".join(_mean_sd([metric_value(r, k) for r in pairs.values()])
+        rows.append(f"| {head} | {len(pairs)} | {mean_sd(aurocs)} | {delta} | "
+                    + " | ".join(mean_sd([metric_value(r, k) for r in pairs.values()])
                                  for k in ("reject.unknown_rejected",
                                            "open_set.closed_set_top1",
                                            "calibration.after.ece")) + " |")

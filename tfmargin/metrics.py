@@ -142,12 +142,13 @@ def prediction_summary(scores, labels, scale=None):
             "target_angle_deg": angle.astype(np.float32)}
 
 
-def save_prediction_summary(run_dir, scores, labels, scale=None, outputs=None):
-    """Write :func:`prediction_summary` and the per-image ``outputs`` (arrays by name) to
+def save_predictions(run_dir, outputs, scale=None):
+    """Write the per-image ``outputs`` (arrays by name; ``logits`` and ``labels`` of the
+    test images among them) and their :func:`prediction_summary` to
     ``run_dir/test_predictions.npz`` atomically."""
     with atomic_file(os.path.join(run_dir, PREDICTIONS_FILE)) as tmp:
-        np.savez_compressed(tmp, **{**(outputs or {}),
-                                     **prediction_summary(scores, labels, scale)})
+        np.savez_compressed(tmp, **{**outputs, **prediction_summary(
+            outputs["logits"].astype(np.float32), outputs["labels"], scale)})
 
 
 def log_softmax(logits):

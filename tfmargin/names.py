@@ -77,12 +77,6 @@ OPTIMIZERS = {
     "sgd": "SGD with Nesterov momentum and coupled L2 weight decay",
     "adamw": "AdamW (decoupled weight decay)",
 }
-PRECISIONS = {
-    "auto": "mixed where it is fast and keeps accuracy: float16 on a GPU, bfloat16 on a CPU "
-            "with bfloat16 instructions; float32 elsewhere",
-    "mixed": "mixed precision (float16 on GPU, bfloat16 on CPU); the head stays float32",
-    "float32": "float32 everywhere",
-}
 
 
 def choices(table):

@@ -1,6 +1,5 @@
-"""A run's whole configuration, its identity, and its checks: pure Python.
-
-Pure Python: every flag error is answered before a run builds anything.
+"""A run's whole configuration, its identity, and its checks: pure Python, so every flag
+error is answered before a run builds anything.
 """
 
 import dataclasses
@@ -33,7 +32,6 @@ NOT_IDENTITY = ("name", "runs_dir", "export", "export_dir", "projector_samples",
 IDENTITY_VERSION = 1
 ADDED_LATER = {"recipe": "standard", "tta": 0, "classes": "", "gelu": "keras",
                "batchnorm": "keras"}
-
 
 
 def dataset_label(dataset):
@@ -119,11 +117,16 @@ class RunConfig:
     def resolved(self):
         """Every setting resolved once, as the run uses and records it (``ResolvedConfig``)."""
         score, knn_k = self.resolved_reject_score()
+        chosen_by = ("--reject-score" if self.reject_score != "auto" else
+                     "the head's choice on validation"
+                     if (self.recipe, self.loss) in SERVED_SCORES else
+                     "no choice on validation yet for this head and recipe: the maximum logit")
         return ResolvedConfig(
             asked=dataclasses.replace(self), margin=self.resolved_margin(),
             scale=self.resolved_scale(), learning_rate=self.resolved_learning_rate(),
             mixed_precision=self.resolved_mixed_precision(), gelu=self.resolved_gelu(),
             batchnorm=self.resolved_batchnorm(), reject_score=score, knn_k=knn_k,
+            reject_chosen_by=chosen_by,
             export_formats=self.export_formats(), name=self.run_name())
 
     @classmethod
@@ -185,13 +188,13 @@ class RunConfig:
         return HEAD_LEARNING_RATES.get(self.loss, MARGIN_HEAD_LEARNING_RATE)
 
     def resolved_reject_score(self):
-        """``(score, k)``: the score the export's reject option thresholds and the kNN
-        neighbour it reads (None for the others). ``"auto"``: the head's validated choice
-        under its recipe (``recipes.SERVED_SCORES``), else the maximum logit."""
+        """``(score, k)``: the score the export's reject option thresholds and the neighbour
+        its kNN similarity reads (``scores.GALLERY_SCORES``; the reported kNN figures' for
+        the others). ``"auto"``: the head's validated choice under its recipe
+        (``recipes.SERVED_SCORES``), else the maximum logit."""
         if self.reject_score == "auto":
             return SERVED_SCORES.get((self.recipe, self.loss), DEFAULT_SERVED_SCORE)
-        return self.reject_score, LEGACY_KNN_K if self.reject_score in ("knn",
-                                                                        "norm_knn") else None
+        return self.reject_score, LEGACY_KNN_K
 
     def identity(self):
         """Every setting that changes the results, as JSON-ready values."""
@@ -324,7 +327,8 @@ class ResolvedConfig:
     gelu: str
     batchnorm: str
     reject_score: str
-    knn_k: object  # the kNN neighbour of a kNN reject score, else None
+    knn_k: int  # the neighbour of the kNN similarity (scores.GALLERY_SCORES)
+    reject_chosen_by: str  # what chose reject_score, in words
     export_formats: tuple
     name: str  # the run's name (a given --name, or the derived one)
 
@@ -338,6 +342,7 @@ class ResolvedConfig:
         ``config.json`` holds of them (``RunConfig.from_record`` reads it back)."""
         values = dataclasses.asdict(self.asked)
         values |= {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                   if f.name not in ("asked", "export_formats", "name", "knn_k")}
+                   if f.name not in ("asked", "export_formats", "name", "knn_k",
+                                     "reject_chosen_by")}
         values["name"] = self.asked.name
         return json.loads(json.dumps(values | {"identity_version": IDENTITY_VERSION}))

@@ -3,10 +3,10 @@ keeps, and every metric of the run computed from those outputs.
 
 The validation split chooses (the temperature, the reject threshold); the test split
 is predicted once, here, for the reported numbers. Every logit-based figure (top-1, mAP,
-calibration, open set, rejection) is computed from the float16 per-image outputs that
-``test_predictions.npz`` keeps (``PER_IMAGE``), so anyone can recompute it from the ledger
-(``metrics_from_outputs``); retrieval needs the embeddings themselves and is computed from
-them here.
+calibration, open set, rejection) is computed from the per-image outputs that
+``test_predictions.npz`` keeps (``per_image_outputs``), so anyone can recompute it from the
+ledger (``metrics_from_outputs``); retrieval needs the embeddings themselves and is computed
+from them here.
 """
 
 import numpy as np
@@ -18,15 +18,15 @@ from tfmargin.names import TTA_LEVELS
 from tfmargin.tta import tta_logits
 
 # The export's reject option keeps this fraction of the known validation images (the score
-# it thresholds is the run's --reject-score, tfmargin.names.REJECT_SCORES).
+# it thresholds is the run's --reject-score, tfmargin.scores.SCORES).
 REJECT_KEEP = 0.95
 # A run without test-time augmentation still reports the test top-1 with it, at this level
 # (airbench's six views), beside the plain figure.
 REPORTED_TTA = max(TTA_LEVELS)
-# The precision of the per-image logits: enough for every figure (they are computed from the
-# rounded values), a quarter of float64's bytes. The one-column scores (the embedding's norm,
-# kNN) stay float32, so the export's float32 score falls on the side of the reject threshold
-# that the validation images' did.
+# The precision of the per-image logits and kNN similarities: enough for every figure (they
+# are computed from the rounded values), a quarter of float64's bytes. The embedding's norm
+# stays float32, so the export's float32 norm falls on the side of the reject threshold that
+# the validation images' did.
 OUTPUT_DTYPE = np.float16
 # The splits of the per-image outputs in test_predictions.npz, by the prefix of their arrays
 # (``<prefix>logits``, ``<prefix>embedding_norm``, ``<prefix>knn``; besides labels, predicted
@@ -113,14 +113,21 @@ def served_logits(outputs, prefix=""):
         else outputs[f"{prefix}logits"]
 
 
+def validation_reference(outputs, k):
+    """What ``norm_knn`` is standardised with: the known validation images' mean and
+    standard deviation of the norm and of the kNN similarity at ``k`` (None without a
+    validation split)."""
+    if "val_logits" not in outputs:
+        return None
+    return {"feature_norm": sc.standardizer(outputs["val_embedding_norm"]),
+            "knn": sc.standardizer(sc.knn_column(outputs["val_knn"], k))}
+
+
 def split_scores(outputs, prefix, scale=None, k=sc.LEGACY_KNN_K):
     """Every open-set score (``scores.open_set_scores``) of one split's per-image outputs,
     from its served logits; ``scale``: the cosine head's (None: softmax); ``k``: the kNN
-    score's neighbour. The combined score is standardised on the known validation images."""
-    reference = None
-    if "val_logits" in outputs:
-        reference = {"feature_norm": sc.standardizer(outputs["val_embedding_norm"]),
-                     "knn": sc.standardizer(sc.knn_column(outputs["val_knn"], k))}
+    score's neighbour."""
+    reference = validation_reference(outputs, k)
     return sc.open_set_scores(served_logits(outputs, prefix), outputs[f"{prefix}embedding_norm"],
                               sc.knn_column(outputs[f"{prefix}knn"], k), scale=scale,
                               reference=reference)
@@ -160,9 +167,7 @@ def reject_option(outputs, score_name="max_logit", scale=None, k=sc.LEGACY_KNN_K
     if score_name in sc.GALLERY_SCORES:
         result["k"] = k
     if score_name == "norm_knn":
-        result["reference"] = {
-            "feature_norm": sc.standardizer(outputs["val_embedding_norm"]),
-            "knn": sc.standardizer(sc.knn_column(outputs["val_knn"], k))}
+        result["reference"] = validation_reference(outputs, k)
     for prefix, split in (("unknown_", "unknown"), ("unknown_val_", "unknown_val")):
         if f"{prefix}logits" in outputs:
             result[f"{split}_rejected"] = float(np.mean(
@@ -213,7 +218,8 @@ def metrics_from_outputs(outputs, *, tta_level, scale=None, reject_score="max_lo
 
 
 def evaluate(model, data, batch_size, tta=0, reject_score="max_logit", knn_k=sc.LEGACY_KNN_K):
-    """Every metric of a trained model; returns ``(metrics, per-image outputs)``.
+    """Every metric of a trained model; returns ``(metrics, per-image outputs, gallery)``,
+    the gallery being the training embeddings a kNN score reads.
 
     Test: classification (also with test-time augmentation, ``REPORTED_TTA``
     views when the run serves none), self-retrieval, retrieval against the

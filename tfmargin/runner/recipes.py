@@ -16,6 +16,8 @@ builders import Keras when called.
 
 import os
 
+from tfmargin.scores import LEGACY_KNN_K
+
 # The learning rate is given for this many images per step and scaled linearly with the
 # global batch (Goyal et al. 2017, "Accurate, Large Minibatch SGD").
 REFERENCE_BATCH = 128
@@ -42,7 +44,7 @@ RECIPE_HELP = {
 # k)`` chosen on validation with a class held out of training (docs/recipe.md, "The served
 # reject score"). A head without an entry serves the maximum logit, and says so.
 SERVED_SCORES = {}
-DEFAULT_SERVED_SCORE = ("max_logit", None)
+DEFAULT_SERVED_SCORE = ("max_logit", LEGACY_KNN_K)
 # airbench's settings that have no flag of their own.
 AIRBENCH = dict(momentum=0.85, offset_lr_scale=64.0, whiten_bias_epochs=3, warmup=0.23,
                 start=0.2, end=0.07, lookahead_every=5, lookahead_base=0.95)

@@ -25,19 +25,13 @@ from tfmargin.backbones import build_backbone
 from tfmargin.classifier import MarginClassifier, layers_of
 from tfmargin.data import SPLIT_SEED, channel_statistics, load_dataset, make_pipeline
 from tfmargin.export import export_models
-from tfmargin.metrics import save_prediction_summary
+from tfmargin.metrics import save_predictions
 from tfmargin.projector import EmbeddingProjector
 from tfmargin.runner import provenance
 from tfmargin.runner.config import ConfigError
 from tfmargin.runner.evaluation import evaluate, split_top1
 from tfmargin.runner.progress import ResumeEpoch, Throughput
-from tfmargin.runner.recipes import (
-    SERVED_SCORES,
-    make_optimizer,
-    peak_learning_rate,
-    recipe_callbacks,
-)
-from tfmargin.scores import LEGACY_KNN_K
+from tfmargin.runner.recipes import make_optimizer, peak_learning_rate, recipe_callbacks
 
 METRIC_KEYS = ("top1", "top5", "mAP", "precision_at_1", "map_at_r")
 
@@ -125,17 +119,18 @@ def prepare_run_dir(config, overwrite=False):
     """
     run_dir = os.path.join(config.runs_dir, config.name)
     config_path = os.path.join(run_dir, "config.json")
-    if os.path.exists(config_path) and not overwrite:
-        with open(config_path) as f:
-            differences = config.differences(json.load(f))
-        if differences:
-            raise ConfigError(f"run directory {run_dir!r} was made with other settings ("
-                              f"{'; '.join(differences)}); pass another --name, or "
-                              "--overwrite to replace it")
-        if not os.path.exists(os.path.join(run_dir, "metrics.json")):
-            print(f"continuing the interrupted run in {run_dir} (--overwrite starts it "
-                  "again)", flush=True)
-    finished = os.path.exists(os.path.join(run_dir, "metrics.json")) and not overwrite
+    if overwrite or not os.path.exists(config_path):
+        return run_dir, False
+    with open(config_path) as f:
+        differences = config.differences(json.load(f))
+    if differences:
+        raise ConfigError(f"run directory {run_dir!r} was made with other settings ("
+                          f"{'; '.join(differences)}); pass another --name, or "
+                          "--overwrite to replace it")
+    finished = os.path.exists(os.path.join(run_dir, "metrics.json"))
+    if not finished:
+        print(f"continuing the interrupted run in {run_dir} (--overwrite starts it again)",
+              flush=True)
     return run_dir, finished
 
 
@@ -358,8 +353,7 @@ def describe_run(config, data, strategy, global_batch):
 def record(run_dir, resolved, metrics, outputs):
     """``test_predictions.npz`` (with the per-image outputs), then ``metrics.json`` (last: it
     marks the run finished)."""
-    save_prediction_summary(run_dir, outputs["logits"].astype("float32"), outputs["labels"],
-                            resolved["head_scale"], outputs)
+    save_predictions(run_dir, outputs, resolved["head_scale"])
     metrics["finished_at"] = provenance.utc_now()
     _write_json(os.path.join(run_dir, "metrics.json"), metrics)
 
@@ -411,12 +405,9 @@ def train(config, overwrite=False, callbacks=()):
         projector.write(config.epochs)
     metrics, outputs, gallery = evaluate(model, data, global_batch, config.tta,
                                          reject_score=config.reject_score,
-                                         knn_k=config.knn_k or LEGACY_KNN_K)
+                                         knn_k=config.knn_k)
     if "reject" in metrics:
-        metrics["reject"]["chosen_by"] = (
-            "--reject-score" if config.asked.reject_score != "auto" else
-            "the head's choice on validation" if (config.recipe, config.loss) in SERVED_SCORES
-            else "no choice on validation yet for this head and recipe: the maximum logit")
+        metrics["reject"]["chosen_by"] = config.reject_chosen_by
     metrics |= {"epochs": config.epochs, **timing, **({"batchnorm": batchnorm} if batchnorm
                                                         else {}),
                 "train_accuracy_last_epoch": history.get("accuracy", [None])[-1]}
