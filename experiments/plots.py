@@ -4,7 +4,20 @@ diagnostics, reliability diagrams."""
 import os
 
 import numpy as np
-from tables import margin_curves
+from tables import recipe_label
+
+
+def margin_curves(runs):
+    """ArcFace runs at their recipe's defaults grouped into curves over m:
+    ``{(backbone, fallback, s, train images, epochs): [(m, run)]}``, of two margins or more."""
+    curves = {}
+    for run in runs:
+        c = run["config"]
+        if c["loss"] == "arcface" and not c["ce_weight"] and not recipe_label(c):
+            curves.setdefault((c["backbone"], c["fallback"], c["head_scale"], c["train_size"],
+                               run["metrics"]["epochs"]), []).append((float(c["margin"]), run))
+    return {k: sorted(v, key=lambda p: p[0]) for k, v in curves.items()
+            if len({m for m, _ in v}) >= 2}
 
 
 def plot_margin_sweep(runs, path):

@@ -23,8 +23,10 @@ settings (say --learning-rate) trains new runs instead of reporting old ones.
 import os
 
 from ledger import is_recorded, record
+from tables import smoothing_label
 
 from tfmargin.runner.cli import OneLineParser, add_run_arguments, exit_with, run_settings
+from tfmargin.runner.config import RunConfig
 
 BACKBONES = ("resnet18", "efficientnetb0", "mobilenetv2")
 PAPER_HEAD = dict(loss="arcface", scale=1.0, margin=0.1, fallback="none")
@@ -83,6 +85,22 @@ def parse_heads(text):
                 head[HEAD_KEYS[key]] = float(value)
         heads.append(head)
     return heads
+
+
+def head_spec(config):
+    """The ``sweep.py --heads`` entry of a run's head, e.g. ``arcface:s=8:m=0.1:ls=0``
+    (fallback and label smoothing only when not the defaults)."""
+    parts = [config["loss"]]
+    if config["loss"] != "softmax":
+        margin = config["margin"]
+        margin = "/".join(f"{m:g}" for m in margin) if isinstance(margin, list) else \
+            f"{margin:g}"
+        parts += [f"s={config['head_scale']:g}", f"m={margin}"]
+        if config["fallback"] != RunConfig.fallback:
+            parts.append(f"f={config['fallback']}")
+    if smoothing_label(config):
+        parts.append(f"ls={config['label_smoothing']:g}")
+    return ":".join(parts)
 
 
 def grid(name, backbones=None, margins=None, scales=None, heads=None, splits=None):

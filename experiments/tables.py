@@ -1,8 +1,8 @@
 """Markdown tables of recorded runs (the ledger ``results/runs/*/{config,metrics}.json``).
 
-They know this repository's studies (the paper's backbones and numbers, the open-set
-protocol, the sweep grammar), so they live beside ``report.py``, not in the library.
-NumPy and SciPy only: the report's check runs without TensorFlow.
+They know this repository's studies (the paper's backbones, the sweep grammar), so they live
+beside ``report.py``, not in the library. NumPy and SciPy only: the report's check runs
+without TensorFlow.
 """
 
 import dataclasses
@@ -12,7 +12,6 @@ import os
 
 import numpy as np
 
-from tfmargin.names import BATCHNORM_BACKBONES
 from tfmargin.runner.config import NOT_IDENTITY, RunConfig, dataset_label
 from tfmargin.runner.provenance import timed_on_shared_machine
 
@@ -20,11 +19,17 @@ BACKBONE_COLUMNS = ("resnet18", "efficientnetb0", "mobilenetv2")
 # Every setting of a run's identity (what its hash covers).
 IDENTITY_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig)
                         if f.name not in NOT_IDENTITY)
+# The kernel settings of a network (``--gelu``, ``--batchnorm``), named for tables.
+KERNEL_SETTINGS = {"gelu": "GELU", "batchnorm": "BatchNorm"}
+# A head is compared at its own learning rate (recipes.HEAD_LEARNING_RATES): part of its arm.
+HEAD_FIELDS = ("loss", "scale", "margin", "fallback", "sub_centers", "ce_weight",
+               "label_smoothing", "learning_rate")
+SEED_METRICS = (("top1", "top-1"), ("tta.top1", "top-1 TTA"), ("mAP", "mAP"),
+                ("precision_at_1", "P@1"), ("map_at_r", "MAP@R"))
 
 
 def complete(record):
-    """A run's ``config.json`` with every setting, those the run predates at the value they
-    had (``RunConfig.from_record``): one complete record for every table."""
+    """A run's ``config.json`` with the settings it predates (``RunConfig.from_record``)."""
     return RunConfig.from_record(record).resolved().record() | record
 
 
@@ -38,206 +43,27 @@ def load_runs(runs_dir):
         with open(os.path.join(run_dir, "config.json")) as f:
             config = complete(json.load(f))
         stamp = metrics["finished_at"]  # 2026-12-01T22:24:19Z
-        finished = f"{stamp[:10]} {stamp[11:16]} UTC"
         runs.append({"name": os.path.basename(run_dir), "config": config, "metrics": metrics,
-                     "finished": finished})
+                     "finished": f"{stamp[:10]} {stamp[11:16]} UTC"})
     return runs
 
 
-def setting_key(config, leave_out=("seed",)):
-    """A run's identity without ``leave_out``: runs with equal keys differ only there."""
-    return tuple((key, json.dumps(config[key], sort_keys=True))
-                 for key in IDENTITY_FIELDS if key not in leave_out)
+def markdown(header, rows):
+    """A Markdown table of ``rows`` (lists of cells) under ``header``."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows]) + "\n"
 
 
-def command(config):
-    """The run.py command line that reproduces a run: every setting of its identity that
-    differs from run.py's defaults, and its precision always (the default, auto, depends on
-    the machine)."""
-    recipe = config["recipe"]
-    # Every identity setting, so a run with --tta 2 under the standard recipe shows it.
-    record = RunConfig.for_recipe(recipe, loss=config["loss"]).resolved().record()
-    defaults = {key: record[key] for key in IDENTITY_FIELDS}
-    parts = ["python experiments/run.py", *([f"--recipe {recipe}"] if recipe != "standard"
-                                            else []),
-             f"--backbone {config['backbone']}", f"--loss {config['loss']}",
-             f"--dataset {config['dataset']}"]
-    for key, default in defaults.items():
-        value = config[key]
-        if key in ("backbone", "loss", "dataset", "recipe", "mixed_precision") or \
-                value == default:
-            continue
-        flag = f"--{key.replace('_', '-')}"
-        if isinstance(value, list):
-            value = " ".join(map(str, value))
-        parts.append(flag if isinstance(value, bool) else f"{flag} {value}")
-    parts.append("--mixed-precision" if config.get("mixed_precision") else
-                 "--no-mixed-precision")
-    return " ".join(parts)
-
-
-def _percent(value):
+def percent(value):
     return "-" if value is None else f"{100 * value:.2f}"
 
 
-def _wall_cell(metrics):
-    """The fit's wall seconds; for a resumed run, which epochs they cover; for one timed on
-    a shared machine, how much of it others used."""
-    resumed_at = metrics.get("resumed_at_epoch", 0)
-    wall = f"{metrics['wall_seconds']:.0f}"
-    if resumed_at:
-        wall += f" (epochs {resumed_at + 1}–{metrics['epochs']})"
-    if timed_on_shared_machine(metrics):
-        wall += f" (others {100 * metrics['cpu_share_of_other_processes']:.0f} % of the CPU)"
-    return wall
-
-
-def runs_table(runs):
-    header = ("| run | backbone | loss | s | m | fallback | CE weight | seed | train images "
-              "| epochs | val top-1 | test top-1 | test mAP | test P@1 | test MAP@R "
-              "| train acc. (last epoch) | train img/s | wall (s) | finished |\n"
-              "|" + "---|" * 19 + "\n")
-    rows = []
-    for run in runs:
-        c, m = run["config"], run["metrics"]
-        head = ("-", "-", "-", "-") if c["loss"] == "softmax" else (
-            f"{c['head_scale']:.3g}", c["margin"], c["fallback"], c["ce_weight"])
-        cells = [run["name"], c["backbone"], c["loss"], *head, c["seed"], c["train_size"],
-                 m["epochs"], *(_percent(v) for v in (
-                     m["val"]["top1"] if "val" in m else None, m["top1"], m["mAP"],
-                     m["precision_at_1"], m["map_at_r"],
-                     m.get("train_accuracy_last_epoch"))),
-                 f"{m['train_images_per_second']:.1f}", _wall_cell(m),
-                 run["finished"]]
-        rows.append("| " + " | ".join(str(cell) for cell in cells) + " |")
-    return header + "\n".join(rows) + "\n"
-
-
-RECIPE_KEYS = ("optimizer", "learning_rate", "weight_decay", "seed")
-
-
-def recipe_label(config, keys=RECIPE_KEYS):
-    """The recipe settings that differ from the run's recipe's defaults for its head, e.g.
-    ``adamw lr=0.002``."""
-    defaults = RunConfig.for_recipe(config.get("recipe", "standard"),
-                                    loss=config["loss"]).identity()
-    names = {"learning_rate": "lr", "weight_decay": "wd"}
-    return " ".join(str(config[key]) if key == "optimizer" else f"{names.get(key, key)}="
-                    f"{config[key]}" for key in keys
-                    if key in config and config[key] != defaults[key])
-
-
-def smoothing_label(config):
-    """`` LS 0.0`` when the run's label smoothing is not its recipe's, else ``""``."""
-    value = config.get("label_smoothing", 0.0)
-    recipe = RunConfig.for_recipe(config.get("recipe", "standard"))
-    return "" if value == recipe.label_smoothing else f" LS {value}"
-
-
-def head_name(config):
-    """A run's head: ``softmax``, ``arcface s=16 m=0.5 monotonic``, ``cosface s=8 m=0.3``,
-    then `` LS 0.0`` when its label smoothing is not the recipe's."""
-    if config["loss"] == "softmax":
-        return "softmax" + smoothing_label(config)
-    label = f"{config['loss']} s={config['head_scale']:.3g} m={config['margin']}"
-    label += f" {config['fallback']}" if config["loss"] in ("arcface", "combined") else ""
-    label += f" CE {config['ce_weight']}" if config.get("ce_weight") else ""
-    return label + smoothing_label(config)
-
-
-def validation_rank(run):
-    """What a choice maximises: validation top-1, ties (5,000 images: steps of 0.02 %)
-    broken by validation mAP."""
-    return run["metrics"]["val"]["top1"], run["metrics"]["val"]["mAP"]
-
-
-def best_on_validation(runs):
-    """``{loss: [run, ...]}``: for each head type (softmax included), the runs of the setting
-    that ranks first on validation, a setting's rank (``validation_rank``) being the mean over
-    its seeds. The test split plays no part."""
-    settings = {}
-    for run in runs:
-        settings.setdefault(setting_key(run["config"]), []).append(run)
-    best = {}
-    for group in settings.values():
-        rank = tuple(np.mean([validation_rank(run) for run in group], axis=0))
-        loss = group[0]["config"]["loss"]
-        if loss not in best or rank > best[loss][0]:
-            best[loss] = (rank, sorted(group, key=lambda run: run["config"]["seed"]))
-    return {loss: group for loss, (_, group) in best.items()}
-
-
-def head_spec(config):
-    """The ``sweep.py --heads`` entry of a run's head, e.g. ``arcface:s=8:m=0.1:ls=0``
-    (fallback and label smoothing only when not the defaults)."""
-    if config["loss"] == "softmax":
-        parts = ["softmax"]
-    else:
-        margin = config["margin"]
-        margin = "/".join(f"{m:g}" for m in margin) if isinstance(margin, list) else \
-            f"{margin:g}"
-        parts = [config["loss"], f"s={config['head_scale']:g}", f"m={margin}"]
-        if config["fallback"] != RunConfig.fallback:
-            parts.append(f"f={config['fallback']}")
-    if smoothing_label(config):
-        parts.append(f"ls={config['label_smoothing']:g}")
-    return ":".join(parts)
-
-
-def precision_name(config):
-    """``mixed`` or ``float32``: a run's precision as its identity records it."""
-    return "mixed" if config.get("mixed_precision") else "float32"
-
-
-# The kernel settings of a network (``--gelu``, ``--batchnorm``), named for tables.
-KERNEL_SETTINGS = {"gelu": "GELU", "batchnorm": "BatchNorm"}
-
-
-def run_setting(config, key):
-    """A run's ``--gelu`` or ``--batchnorm``."""
-    return config[key]
-
-
-def setting_name(config, key):
-    """``Keras GELU``, ``fused BatchNorm``: the kernel a run's network was built with."""
-    value = run_setting(config, key)
-    return f"{'Keras' if value == 'keras' else value} {KERNEL_SETTINGS[key]}"
-
-
-def setting_label(config, leave_out=()):
-    """What a group of runs shares, in words: data, backbone, recipe, budget, precision,
-    and each kernel setting where it is not Keras's (unless it is in ``leave_out``)."""
-    return " ".join(str(part) for part in (
-        dataset_label(config["dataset"]), config["backbone"], config.get("recipe", "standard"),
-        f"{config['train_size']}x{config['epochs']}", precision_name(config))) + "".join(
-        f", {setting_name(config, key)}" for key in KERNEL_SETTINGS
-        if run_setting(config, key) != "keras" and key not in leave_out)
-
-
-def batchnorm_used(config):
-    """The BatchNorm a run was built with (runs from before the setting record none:
-    Keras's)."""
-    return config["batchnorm"]
-
-
-def batchnorm_label(config):
-    """``Keras BatchNorm`` for a run of a backbone built with BatchNorm whose BatchNorm is not
-    today's default (runs from before the fused one record none: Keras's), else ``""``."""
-    if config["backbone"] not in BATCHNORM_BACKBONES:
-        return ""
-    used = batchnorm_used(config)
-    recipe = RunConfig.for_recipe(config.get("recipe", "standard"))
-    return "" if used == recipe.batchnorm else f"{used.capitalize()} BatchNorm"
-
-
-def head_label(config):
-    """A run's head and non-default recipe: ``softmax``, ``arcface s=16 m=0.5 monotonic``."""
-    label, recipe = head_name(config), recipe_label(config)
-    return f"{label}, {recipe}" if recipe else label
-
-
-SEED_METRICS = (("top1", "top-1"), ("tta.top1", "top-1 TTA"), ("mAP", "mAP"),
-                ("precision_at_1", "P@1"), ("map_at_r", "MAP@R"))
+def mean_sd(values):
+    """``93.28 ± 0.24``: mean and sample s.d. of fractions, in percent (``-`` if one is None)."""
+    if None in values:
+        return "-"
+    values = 100 * np.asarray(values, float)
+    return f"{values.mean():.2f}" + (f" ± {values.std(ddof=1):.2f}" if len(values) > 1 else "")
 
 
 def metric_value(run, key):
@@ -250,10 +76,64 @@ def metric_value(run, key):
     return value
 
 
-# A head is compared at its own learning rate (recipes.HEAD_LEARNING_RATES): the rate is
-# part of the arm, not of the setting the arms share.
-HEAD_FIELDS = ("loss", "scale", "margin", "fallback", "sub_centers", "ce_weight",
-               "label_smoothing", "learning_rate")
+def setting_key(config, leave_out=("seed",)):
+    """A run's identity without ``leave_out``: runs with equal keys differ only there."""
+    return tuple((key, json.dumps(config[key], sort_keys=True))
+                 for key in IDENTITY_FIELDS if key not in leave_out)
+
+
+def recipe_defaults(config):
+    """The identity of ``run.py`` at the run's recipe and head with nothing else given."""
+    return RunConfig.for_recipe(config["recipe"], loss=config["loss"]).resolved().record()
+
+
+def command(config):
+    """The run.py command that reproduces a run: its identity's settings that differ from
+    run.py's defaults, and always its precision (the default, auto, depends on the machine)."""
+    defaults = recipe_defaults(config)
+    parts = ["python experiments/run.py", *([f"--recipe {config['recipe']}"]
+                                            if config["recipe"] != "standard" else []),
+             f"--backbone {config['backbone']}", f"--loss {config['loss']}",
+             f"--dataset {config['dataset']}"]
+    for key in IDENTITY_FIELDS:
+        value = config[key]
+        if key in ("backbone", "loss", "dataset", "recipe", "mixed_precision") or \
+                value == defaults[key]:
+            continue
+        flag = f"--{key.replace('_', '-')}"
+        value = " ".join(map(str, value)) if isinstance(value, list) else value
+        parts.append(flag if isinstance(value, bool) else f"{flag} {value}")
+    parts.append("--mixed-precision" if config["mixed_precision"] else "--no-mixed-precision")
+    return " ".join(parts)
+
+
+RECIPE_KEYS = ("optimizer", "learning_rate", "weight_decay", "seed")
+
+
+def recipe_label(config, keys=RECIPE_KEYS):
+    """The recipe settings that differ from the recipe's defaults for the head (``lr=0.1``)."""
+    defaults = recipe_defaults(config)
+    names = {"learning_rate": "lr", "weight_decay": "wd"}
+    return " ".join(str(config[key]) if key == "optimizer" else
+                    f"{names.get(key, key)}={config[key]}" for key in keys
+                    if config[key] != defaults[key])
+
+
+def smoothing_label(config):
+    """`` LS 0.0`` when the run's label smoothing is not its recipe's, else ``""``."""
+    recipe = RunConfig.for_recipe(config["recipe"])
+    value = config["label_smoothing"]
+    return "" if value == recipe.label_smoothing else f" LS {value}"
+
+
+def head_name(config):
+    """``softmax``, ``arcface s=16 m=0.5 monotonic``, with `` LS 0.0`` if not the recipe's."""
+    if config["loss"] == "softmax":
+        return "softmax" + smoothing_label(config)
+    label = f"{config['loss']} s={config['head_scale']:.3g} m={config['margin']}"
+    label += f" {config['fallback']}" if config["loss"] in ("arcface", "combined") else ""
+    label += f" CE {config['ce_weight']}" if config["ce_weight"] else ""
+    return label + smoothing_label(config)
 
 
 def head_arm(config):
@@ -262,17 +142,49 @@ def head_arm(config):
     return f"{head_name(config)} {rate}" if rate else head_name(config)
 
 
-def seed_arms(runs, pair_by="seed", arm=None, arm_fields=None):
-    """``{(setting, arm): {pair: run}}``: runs whose identities differ only by ``pair_by``
-    (``seed``; ``classes`` for the splits of the open-set study) are one arm; arms whose
-    settings differ only in ``arm_fields`` (default: the head's, ``HEAD_FIELDS``) are
-    compared, each arm named by ``arm(config)`` (default ``head_arm``). ``setting`` is
-    ``(label, key)``."""
-    arm, arm_fields = arm or head_arm, arm_fields or HEAD_FIELDS
+def setting_name(config, key):
+    """``Keras GELU``, ``fused BatchNorm``: the kernel a run's network was built with."""
+    value = config[key]
+    return f"{'Keras' if value == 'keras' else value} {KERNEL_SETTINGS[key]}"
+
+
+def setting_label(config, leave_out=()):
+    """What a group of runs shares: data, backbone, recipe, budget, precision, and each
+    kernel setting not Keras's (but those in ``leave_out``)."""
+    precision = "mixed" if config["mixed_precision"] else "float32"
+    return (f"{dataset_label(config['dataset'])} {config['backbone']} {config['recipe']} "
+            f"{config['train_size']}x{config['epochs']} {precision}") + "".join(
+        f", {setting_name(config, key)}" for key in KERNEL_SETTINGS
+        if config[key] != "keras" and key not in leave_out)
+
+
+def validation_rank(run):
+    """What a choice maximises: validation top-1, ties broken by validation mAP."""
+    return run["metrics"]["val"]["top1"], run["metrics"]["val"]["mAP"]
+
+
+def best_on_validation(runs):
+    """``{loss: [run]}``: the runs of each head type's best setting (mean ``validation_rank``)."""
+    settings = {}
+    for run in runs:
+        settings.setdefault(setting_key(run["config"]), []).append(run)
+    best = {}
+    for group in settings.values():
+        rank = tuple(np.mean([validation_rank(run) for run in group], axis=0))
+        loss = group[0]["config"]["loss"]
+        if loss not in best or rank > best[loss][0]:
+            best[loss] = (rank, sorted(group, key=lambda run: run["config"]["seed"]))
+    return {loss: group for loss, (_, group) in best.items()}
+
+
+def seed_arms(runs, pair_by="seed", arm=head_arm, arm_fields=HEAD_FIELDS):
+    """``{((label, key), arm(config)): {pair: run}}``: runs differing only by ``pair_by``
+    (``seed``, or ``classes``: the open-set splits) are one arm, compared with the arms whose
+    setting (``key``) differs only in ``arm_fields``."""
     arms = {}
     for run in runs:
         config = run["config"]
-        # The seed pairs, it labels nothing; an arm's own setting is in its arm's name.
+        # The seed labels nothing; an arm's own setting is in its name.
         recipe = recipe_label(config, keys=[key for key in RECIPE_KEYS[:-1]
                                             if key not in arm_fields])
         # Arms that are not heads compare one head's runs: the setting names it.
@@ -280,148 +192,127 @@ def seed_arms(runs, pair_by="seed", arm=None, arm_fields=None):
         setting = (setting_label(config, leave_out=arm_fields) + head
                    + (f", {recipe}" if recipe else ""),
                    setting_key(config, (pair_by, *arm_fields)))
-        pairs = arms.setdefault((setting, arm(config)), {})
-        key = config[pair_by]
-        if pair_by != "seed":
-            key = (key, config["seed"])
-        pairs[key] = run
+        pair = config[pair_by] if pair_by == "seed" else (config[pair_by], config["seed"])
+        arms.setdefault((setting, arm(config)), {})[pair] = run
     return arms
 
 
-def paired_difference(a, b, confidence=0.95):
-    """Mean of ``a - b`` over pairs and its two-sided t confidence interval (None for one
-    pair)."""
+def against(pairs, base, key, confidence=0.95):
+    """``(text, interval, n)``: ``pairs``' mean difference from ``base`` in ``key`` over
+    their ``n`` common pairs, in points, ``+m (+low, +high)`` with a two-sided t interval."""
     from scipy import stats
 
-    diff = np.asarray(a, float) - np.asarray(b, float)
-    mean = float(diff.mean())
-    if len(diff) < 2:
-        return mean, None
-    half = stats.t.ppf(0.5 + confidence / 2, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(
-        len(diff))
-    return mean, (mean - half, mean + half)
-
-
-def difference_cell(a, b):
-    """``a - b`` over pairs of fractions, in percent, as ``+m (+low, +high)`` (the mean alone
-    for one pair); returns ``(text, interval)``."""
-    mean, interval = paired_difference(100 * np.asarray(a, float), 100 * np.asarray(b, float))
+    common = sorted(set(pairs) & set(base))
+    a, b = ([metric_value(arm[k], key) for k in common] for arm in (pairs, base))
+    if not common or None in a + b:
+        return "-", None, len(common)
+    diff = 100 * (np.asarray(a, float) - np.asarray(b, float))
+    mean, interval = diff.mean(), None
+    if len(diff) > 1:
+        half = stats.t.ppf(0.5 + confidence / 2, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(
+            len(diff))
+        interval = (mean - half, mean + half)
     return (f"{mean:+.2f}" + (f" ({interval[0]:+.2f}, {interval[1]:+.2f})" if interval else ""),
-            interval)
+            interval, len(common))
 
 
-def verdict(interval, pairs_name="seeds"):
-    if interval is None:
-        return f"one {pairs_name[:-1]}: an anecdote"
-    low, high = interval
-    return "helps" if low > 0 else "hurts" if high < 0 else "within noise"
-
-
-def mean_sd(values):
-    values = 100 * np.asarray(values, float)
-    spread = f" ± {values.std(ddof=1):.2f}" if len(values) > 1 else ""
-    return f"{values.mean():.2f}{spread}"
+def mean_wall_minutes(runs):
+    """The mean fit time of the runs that ran uninterrupted on an otherwise idle machine."""
+    walls = [r["metrics"]["wall_seconds"] / 60 for r in runs
+             if not r["metrics"].get("resumed_at_epoch")
+             and not timed_on_shared_machine(r["metrics"])]
+    return f"{np.mean(walls):.1f}" if walls else "-"
 
 
 def seed_table(runs, columns=SEED_METRICS, baseline="softmax", pair_by="seed",
-               pairs_name="seeds", arm=None, arm_fields=None, arm_title="head"):
-    """Per arm: its pairs (seeds, or splits), mean +- s.d. of each metric (percent); then
-    each arm's paired difference from ``baseline`` in each metric over their common pairs,
-    with a 95 % t interval and a verdict on the first column. Arms are heads unless
-    ``arm``, ``arm_fields`` say otherwise (``seed_arms``); ``arm_title`` heads their column."""
+               pairs_name="seeds", arm=head_arm, arm_fields=HEAD_FIELDS, arm_title="head"):
+    """Per setting (``seed_arms``): each arm's mean ± s.d. of each metric over its pairs, then
+    its paired difference from ``baseline`` with a 95 % interval and a verdict on the first."""
     arms = seed_arms(runs, pair_by, arm, arm_fields)
-    lines = [f"| setting | {arm_title} | {pairs_name} | " + " | ".join(n for _, n in columns)
-             + " | wall (min) |", "|" + "---|" * (len(columns) + 4)]
-    diffs = [f"| setting | {arm_title} − {baseline} | common {pairs_name} | "
-             + " | ".join(f"{name} Δ (95 % CI)" for _, name in columns)
-             + f" | verdict ({columns[0][1]}) |", "|" + "---|" * (len(columns) + 4)]
-    for (setting, head), pairs in sorted(arms.items()):
-        cells = []
-        for key, _ in columns:
-            values = [metric_value(r, key) for r in pairs.values()]
-            cells.append("-" if None in values else mean_sd(values))
-        # A resumed run's wall time covers only the epochs after the resume; one timed
-        # beside other work is not the recipe's time.
-        walls = [r["metrics"]["wall_seconds"] / 60 for r in pairs.values()
-                 if not r["metrics"].get("resumed_at_epoch")
-                 and not timed_on_shared_machine(r["metrics"])]
-        wall = f"{np.mean(walls):.1f}" if walls else "-"
-        names = ", ".join(map(str, sorted(pairs))) if pair_by == "seed" else str(len(pairs))
-        lines.append(f"| {setting[0]} | {head} | {names} | " + " | ".join(cells)
-                     + f" | {wall} |")
-        base = arms.get((setting, baseline))
-        if head == baseline or not base:
-            continue
-        common = sorted(set(pairs) & set(base))
-        if not common:
-            continue
-        row = []
-        for key, _ in columns:
-            a = [metric_value(pairs[k], key) for k in common]
-            b = [metric_value(base[k], key) for k in common]
-            if None in a or None in b:
-                row.append(("-", None))
+    parts = []
+    for setting in sorted({setting for setting, _ in arms}):
+        group = {head: pairs for (s, head), pairs in arms.items() if s == setting}
+        base = group.get(baseline, {})
+        rows, diffs = [], []
+        for head, pairs in sorted(group.items(), key=lambda item: (item[0] != baseline,
+                                                                    item[0])):
+            names = ", ".join(map(str, sorted(pairs))) if pair_by == "seed" else len(pairs)
+            rows.append([head, names, *(mean_sd([metric_value(r, key) for r in pairs.values()])
+                                        for key, _ in columns),
+                         mean_wall_minutes(pairs.values())])
+            cells = [against(pairs, base, key) for key, _ in columns]
+            if head != baseline and cells[0][2]:
+                low, high = cells[0][1] or (0, 0)
+                diffs.append([head, cells[0][2], *(text for text, _, _ in cells),
+                              "-" if cells[0][0] == "-" else f"one {pairs_name[:-1]}: an "
+                              "anecdote" if cells[0][1] is None else "helps" if low > 0 else
+                              "hurts" if high < 0 else "within noise"])
+        text = f"*{setting[0]}*\n\n" + markdown(
+            [arm_title, pairs_name, *(name for _, name in columns), "wall (min)"], rows)
+        if diffs:
+            text += "\n" + markdown([f"{arm_title} − {baseline}", f"common {pairs_name}",
+                                     *(f"{name} Δ (95 % CI)" for _, name in columns),
+                                     f"verdict ({columns[0][1]})"], diffs)
+        elif len(group) > 1:
+            text += f"\nNo {arm_title} shares {pairs_name} with {baseline} here.\n"
+        parts.append(text)
+    return "\n".join(parts)
+
+
+def wall_cell(metrics):
+    """The fit's wall seconds, with the epochs they cover for a resumed run and the share
+    others used of a shared machine."""
+    wall = f"{metrics['wall_seconds']:.0f}"
+    if metrics.get("resumed_at_epoch"):
+        wall += f" (epochs {metrics['resumed_at_epoch'] + 1}–{metrics['epochs']})"
+    if timed_on_shared_machine(metrics):
+        wall += f" (others {100 * metrics['cpu_share_of_other_processes']:.0f} % of the CPU)"
+    return wall
+
+
+def runs_table(runs):
+    """Every run: its head, budget, validation and test metrics, calibration and speed."""
+    rows = []
+    for run in runs:
+        c, m, cal = run["config"], run["metrics"], run["metrics"].get("calibration", {})
+        t = cal.get("temperature")
+        rows.append([run["name"], c["backbone"], head_name(c), c["seed"], c["train_size"],
+                     m["epochs"], *(percent(metric_value(run, key)) for key in (
+                         "val.top1", "top1", "tta.top1" if metric_value(run, "tta.served")
+                         else "top1", "mAP", "map_at_r", "calibration.before.ece",
+                         "calibration.after.ece")),
+                     "-" if t is None else f"{t:.3f}", f"{m['train_images_per_second']:.1f}",
+                     wall_cell(m), run["finished"]])
+    return markdown(["run", "backbone", "head", "seed", "train images", "epochs", "val top-1",
+                     "test top-1", "top-1 served", "test mAP", "test MAP@R", "ECE", "ECE after",
+                     "temperature", "train img/s", "wall (s)", "finished"], rows)
+
+
+def paper_table(runs, paper=None, metric="mAP"):
+    """Paper layout, a row per head and a column per backbone: ``paper``'s values
+    (``{backbone: (cross-entropy, angular margin)}``, percent), then per cell our mean ± s.d.
+    over seeds and a margin head's paired difference (by seed) from our softmax."""
+    cells = {}
+    for run in runs:
+        config = run["config"]
+        pairs = cells.setdefault(head_arm(config), {}).setdefault(config["backbone"], {})
+        if config["seed"] in pairs:
+            raise ValueError(f"two runs for one cell of the paper table: {run['name']}")
+        pairs[config["seed"]] = run
+    rows = [[f"paper: {name}", *(paper[b][i] for b in BACKBONE_COLUMNS)] for i, name in
+            enumerate(("cross-entropy", "angular margin (s=1, m=0.1)"))] if paper else []
+    softmax = cells.get("softmax", {})
+    for head, by_backbone in sorted(cells.items(), key=lambda item: (item[0] != "softmax",
+                                                                      item[0])):
+        row = [f"ours: {head}"]
+        for backbone in BACKBONE_COLUMNS:
+            pairs = by_backbone.get(backbone)
+            if not pairs:
+                row.append("not run")
                 continue
-            row.append(difference_cell(a, b))
-        diffs.append(f"| {setting[0]} | {head} | {len(common)} | "
-                     + " | ".join(text for text, _ in row)
-                     + f" | {verdict(row[0][1], pairs_name) if row[0][0] != '-' else '-'} |")
-    paired = "\n\n" + "\n".join(diffs) if len(diffs) > 2 else \
-        f"\n\nNo {'margin head' if arm_title == 'head' else 'other ' + arm_title} has " \
-        f"{pairs_name} in common with {baseline} yet: no paired " \
-        "difference."
-    return "\n".join(lines) + paired + "\n"
-
-
-def paper_table(runs, paper, metric="mAP"):
-    """Paper layout: rows = heads, columns = backbones; ours beside the paper's numbers.
-
-    ``paper``: ``{backbone: (cross-entropy, angular margin)}`` in percent.
-    """
-    ours = {}
-    for run in runs:
-        head, backbone = head_label(run["config"]), run["config"]["backbone"]
-        if batchnorm_label(run["config"]):
-            head += f", {batchnorm_label(run['config'])}"
-        cells = ours.setdefault(head, {})
-        if backbone in cells:
-            raise ValueError(f"two runs for one cell of the paper table: {head}, {backbone}")
-        cells[run["config"]["backbone"]] = 100 * run["metrics"][metric]
-    lines = ["| head | " + " | ".join(BACKBONE_COLUMNS) + " |", "|---|---|---|---|",
-             "| paper: cross-entropy | " + " | ".join(f"{paper[b][0]}" for b in BACKBONE_COLUMNS)
-             + " |",
-             "| paper: angular margin (s=1, m=0.1) | "
-             + " | ".join(f"{paper[b][1]}" for b in BACKBONE_COLUMNS) + " |"]
-    softmax = ours.get("softmax", {})
-
-    def cell(head, b):
-        if b not in ours[head]:
-            return "not run"
-        if head == "softmax" or b not in softmax:
-            return f"{ours[head][b]:.2f}"
-        delta = ours[head][b] - softmax[b]
-        return f"{ours[head][b]:.2f} ({delta:+.2f}{', loses' if delta < 0 else ''})"
-
-    for head in sorted(ours):
-        lines.append(f"| ours: {head} | " + " | ".join(cell(head, b) for b in BACKBONE_COLUMNS)
-                     + " |")
-    return ("\n".join(lines) + "\n\nIn brackets: our head's value minus our softmax head's on "
-            "the same backbone and budget; \"loses\" where it is lower. One seed per cell: a "
-            "difference of a few points at this budget is an anecdote, not a result.\n")
-
-
-def margin_curves(runs):
-    """ArcFace runs grouped into curves over m: {(backbone, fallback, s, budget): [(m, run)]}.
-
-    Runs with a non-default recipe are left out; a curve needs two margins or more.
-    """
-    curves = {}
-    for run in runs:
-        c = run["config"]
-        if c["loss"] != "arcface" or c.get("ce_weight") or recipe_label(c):
-            continue
-        key = (c["backbone"], c["fallback"], c["head_scale"], c["train_size"],
-               run["metrics"]["epochs"])
-        curves.setdefault(key, []).append((float(c["margin"]), run))
-    return {k: sorted(v, key=lambda p: p[0]) for k, v in curves.items()
-            if len({m for m, _ in v}) >= 2}
+            text = (f"{mean_sd([r['metrics'][metric] for r in pairs.values()])} "
+                    f"({len(pairs)} seed{'s' * (len(pairs) > 1)})")
+            delta = against(pairs, softmax.get(backbone, {}), metric)[0]
+            row.append(text + (f", Δ {delta}" if head != "softmax" and delta != "-" else ""))
+        rows.append(row)
+    return markdown(["head", *BACKBONE_COLUMNS], rows)
