@@ -166,3 +166,9 @@ def torch_op_times(run):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         run()
     return {event.key: event.self_cpu_time_total / 1e3 for event in profile.key_averages()}
+
+
+def gflop(flops):
+    """GFLOP as text, ``?`` where TensorFlow could not count them."""
+    return "?" if flops is None else f"{flops / 1e9:.3f}"
+

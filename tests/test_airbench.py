@@ -14,8 +14,8 @@ import tensorflow as tf
 from synthetic import write_image_folder
 
 from tfmargin.airbench import PartialDirac, PatchWhitening, airbench93
-from tfmargin.data import alternating_flip_translate
 from tfmargin.optimizers import L2SGD, WarmupLinearDecay
+from tfmargin.pipeline import alternating_flip_translate
 from tfmargin.runner.lookahead import Lookahead
 from tfmargin.tta import tta_logits, tta_views
 

@@ -31,7 +31,7 @@ def test_batchnorm_fused_by_xla_matches_keras_batchnorm(policy):
     import keras
     import numpy as np
     import tensorflow as tf
-    from bench import XlaBatchNormalization
+    from bench_airbench import XlaBatchNormalization
 
     x = tf.constant(np.random.default_rng(0).normal(2.0, 3.0, (6, 5, 5, 4)), tf.float32)
     upstream = tf.constant(np.random.default_rng(1).normal(size=(6, 5, 5, 4)), tf.float32)
@@ -62,6 +62,7 @@ def test_full_run_row_is_fit_time_over_the_flop_bound_of_its_precision(tmp_path,
     precision), with the network built as the run built it (its GELU and BatchNorm: a run
     recorded before --batchnorm existed trained with Keras's)."""
     import bench
+    import bench_airbench
 
     run = tmp_path / "run"
     run.mkdir()
@@ -71,14 +72,15 @@ def test_full_run_row_is_fit_time_over_the_flop_bound_of_its_precision(tmp_path,
     (run / "metrics.json").write_text(json.dumps({
         "epochs": 10, "wall_seconds": 1500.0, "top1": 0.9, "tta": {"top1": 0.91}}))
     peaks, built = [], []
-    monkeypatch.setattr(bench, "machine_peak", lambda report, dtype: peaks.append(dtype) or 500.0)
-    monkeypatch.setattr(bench, "airbench_setup", lambda data, args, steps, **kw: built.append(
-        kw) or types.SimpleNamespace(model="network"))
-    monkeypatch.setattr(bench, "training_flops_per_image",
+    monkeypatch.setattr(bench_airbench, "machine_peak",
+                        lambda report, dtype: peaks.append(dtype) or 500.0)
+    monkeypatch.setattr(bench_airbench, "airbench_setup", lambda data, args, steps, **kw:
+                        built.append(kw) or types.SimpleNamespace(model="network"))
+    monkeypatch.setattr(bench_airbench, "training_flops_per_image",
                         lambda model: 0.5e9 if model == "network" else None)
     report = bench.Report()
-    bench.bench_full_run(report, None, None, str(run))
-    assert peaks == [bench.tf.bfloat16]
+    bench_airbench.bench_full_run(report, None, None, str(run))
+    assert peaks == [bench_airbench.tf.bfloat16]
     assert built == [{"mixed_precision": True, "gelu": "fused", "batchnorm": "keras"}]
     (row,) = report.rows
     # 0.5 GFLOP x 500,000 images / 500 GFLOP/s = 500 s; 1,500 s / 500 s = 3.
@@ -109,12 +111,13 @@ def test_training_flops_of_a_dense_layer_are_counted_forward_and_backward():
 
 def test_profiled_ops_are_attributed_to_layer_kinds_the_optimizer_or_the_rest():
     import bench
+    import bench_profile
     import keras
 
     conv, norm = keras.layers.Conv2D(4, 3, name="block1_conv1"), keras.layers.ReLU(name="act")
     model = types.SimpleNamespace(backbone=types.SimpleNamespace(layers=[conv, norm]),
                                   optimizer=types.SimpleNamespace(name="l2sgd_1"))
-    owner = bench.op_owners(model)
+    owner = bench_profile.op_owners(model)
     assert owner("StatefulPartitionedCall/gradient_tape/margin_classifier_1/airbench94_1/"
                  "block1_conv1_1/convolution/Conv2DBackpropFilter") == "layer Conv2D"
     assert owner("StatefulPartitionedCall/margin_classifier/airbench94/act/Relu") == "layer ReLU"
@@ -123,15 +126,15 @@ def test_profiled_ops_are_attributed_to_layer_kinds_the_optimizer_or_the_rest():
         "the rest (input normalisation, head, loss)"
     assert owner("") == "XLA-compiled functions (FusedGELU)"
     report = bench.Report()
-    bench.add_op_rows(report, "x", {"Conv2D": 30.0, "Mul": 10.0, "Cast": 5.0, "Sub": 5.0}, 2,
-                      top=2)
+    bench_profile.add_op_rows(report, "x", {"Conv2D": 30.0, "Mul": 10.0, "Cast": 5.0,
+                                            "Sub": 5.0}, 2, top=2)
     assert [(r["name"], r["value"]) for r in report.rows] == [("x: Conv2D", 15.0),
                                                               ("x: Mul", 5.0)]
     assert report.rows[0]["note"] == "60% of 25 ms of op time per step"
 
 
 def test_onednn_verbose_lines_after_the_marker_are_summed_per_step_and_problem():
-    import bench
+    import bench_profile
     from onednn import MARKER, build, primitive_times, wall_ms
 
     problem = "mb8_ic4oc16_ih7oh7kh3sh1dh0ph1_iw7ow7kw3sw1dw0pw1"
@@ -162,7 +165,7 @@ def test_onednn_verbose_lines_after_the_marker_are_summed_per_step_and_problem()
                  "onednn_verbose,info,cpu,runtime:OpenMP,nthr:16") == \
         "oneDNN v3.12.0, OpenMP runtime, 16 threads"
     assert build(conv + "1.0") is None
-    assert bench.conv_label(problem) == "3x3 4->16 at 7x7"
+    assert bench_profile.conv_label(problem) == "3x3 4->16 at 7x7"
 
 
 @pytest.mark.slow

@@ -9,14 +9,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from synthetic import write_image_folder
 
-from tfmargin.data import (
-    DatasetError,
-    build_augmenter,
-    epoch_permutations,
-    load_dataset,
-    make_pipeline,
-    resize_image,
-)
+from tfmargin.data import DatasetError, load_dataset, resize_image
+from tfmargin.pipeline import build_augmenter, epoch_permutations, make_pipeline
 
 
 def labels_of(split):
@@ -64,7 +58,7 @@ import tensorflow as tf
 tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
     [tf.config.LogicalDeviceConfiguration()] * 2)
 tf.random.set_seed(0)
-from tfmargin.data import epoch_permutations
+from tfmargin.pipeline import epoch_permutations
 split = tf.data.Dataset.from_tensor_slices((tf.zeros((10, 1)), tf.range(10))).cache()
 plain = iter(epoch_permutations(split, 4, 3, seed=0))
 plain = [next(plain)[1].numpy().tolist() for _ in range(6)]

@@ -10,11 +10,17 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 SCRIPTS = ("experiments/run.py", "experiments/sweep.py", "experiments/report.py",
            "experiments/predict.py", "experiments/make_glyphs.py",
-           "experiments/make_cifar10_jpeg.py", "benchmarks/bench.py")
+           "experiments/make_cifar10_jpeg.py", "benchmarks/bench.py", "benchmarks/goals.py")
+
+
 # Flags of other programs the documents show (tensorboard, pip, pytest).
 OTHER_TOOLS = {"--logdir", "--index-url", "--port", "--host"}
+
+
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 
 
@@ -102,34 +108,15 @@ def test_the_code_runs_on_the_python_it_declares():
     assert done.returncode == 0, done.stdout[-2000:]
 
 
-def test_no_module_of_the_repository_imports_itself_back():
-    """The import graph of tfmargin/, experiments/ and benchmarks/ (imports anywhere in a
-    module, function bodies included) has no cycle."""
-    import ast
-
-    modules = {}
-    for path in glob.glob(os.path.join(ROOT, "tfmargin", "**", "*.py"), recursive=True):
-        name = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".").removesuffix(".__init__")
-        modules[name] = path
-    for folder in ("experiments", "benchmarks"):  # scripts import each other by bare name
-        for path in glob.glob(os.path.join(ROOT, folder, "*.py")):
-            modules[os.path.basename(path)[:-3]] = path
-    graph = {}
-    for name, path in modules.items():
-        with open(path) as f:
-            tree = ast.parse(f.read())
-        found = set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                found |= {a.name for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
-        graph[name] = {m for m in found if m in modules and m != name}
-
-    def visit(name, path):
-        for target in graph[name]:
-            assert target not in path, " -> ".join([*path, target])
-            visit(target, (*path, target))
-
-    for name in graph:
-        visit(name, (name,))
+def test_the_goals_table_of_performance_md_is_the_benchmark_outputs():
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "goals.py"),
+                           "--check"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import goals
+    finally:
+        sys.path.pop(0)
+    assert goals.cpu_type({"model": "Intel(R) Xeon(R) Processor", "flags": ["amx_bf16"]}) == \
+        "Intel Xeon, AMX"
+    assert goals.cpu_type({"model": "AMD EPYC", "flags": ["avx512_bf16"]}) == "AMD EPYC, no AMX"

@@ -8,6 +8,8 @@ import pytest
 from synthetic import write_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 RUN = os.path.join(ROOT, "experiments", "run.py")
 
 
@@ -161,22 +163,6 @@ def test_offline_cifar10_is_one_line_not_a_traceback(tmp_path):
     assert not os.path.exists(tmp_path / "runs")
 
 
-@pytest.mark.parametrize("changes,message", [
-    (dict(loss="triplet"), "unknown loss 'triplet'"),
-    (dict(scale=0.0), "scale must be a finite float > 0"),
-    (dict(margin=-1.0), "margin must be >= 0"),
-    (dict(embedding_dim=-3), "--embedding-dim must be >= 1"),
-    (dict(strategy="tpu"), "unknown strategy 'tpu'"),
-    (dict(ce_weight=1.0), "--ce-weight must be in [0, 1)"),
-])
-def test_config_validation_messages(changes, message):
-    from tfmargin.runner.config import ConfigError, RunConfig
-
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")
-                       .replace(")", r"\)")):
-        RunConfig(**changes).validate()
-
-
 MIRRORED = r"""
 import csv, json, sys, tensorflow as tf
 tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
@@ -319,33 +305,6 @@ def test_help_and_flag_errors_are_quiet(args):
         assert done.stderr.count("\n") == 1 and "run.py: error: " in done.stderr
 
 
-IMPORT_REGISTERS = r"""
-import sys
-import tfmargin, keras
-print("MODULES", sorted(m for m in sys.modules if m.startswith(("tensorflow_datasets",
-                                                                "tensorboard", "tfmargin.runner",
-                                                                "tfmargin.data"))))
-model = keras.saving.load_model(sys.argv[1])
-print("LOADED", type(model).__name__, model.count_params())
-"""
-
-
-def test_import_registers_every_class_a_saved_model_names_and_pulls_in_no_runner(tmp_path):
-    """``import tfmargin`` then plain ``keras.saving.load_model`` loads an airbench
-    classifier (its whitening layer included), quietly, without the runner's modules."""
-    import tfmargin
-
-    model = tfmargin.MarginClassifier("airbench93", 3, embedding_dim=0)
-    model.adapt(np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)))
-    model.save(tmp_path / "m.keras")
-    done = subprocess.run([sys.executable, "-c", IMPORT_REGISTERS, str(tmp_path / "m.keras")],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "MODULES []" in done.stdout
-    assert f"LOADED MarginClassifier {model.count_params()}" in done.stdout
-    assert "I0000" not in done.stderr and "oneDNN" not in done.stderr, done.stderr
-
-
 @pytest.mark.slow
 def test_a_sweep_at_another_learning_rate_trains_new_runs_and_a_name_clash_is_refused(
         shapes, tmp_path):
@@ -376,87 +335,6 @@ def test_a_sweep_at_another_learning_rate_trains_new_runs_and_a_name_clash_is_re
     assert len(error) == 1 and "was made with other settings (learning_rate 0.05 -> 0.2)" \
         in error[0], clash.stderr[-2000:]
     assert (tmp_path / "fixed" / "metrics.json").read_text() == metrics
-
-
-def test_the_learning_rate_defaults_to_the_heads_and_an_explicit_one_names_the_same_run():
-    from tfmargin.runner.config import RunConfig
-    from tfmargin.runner.recipes import peak_learning_rate
-
-    assert RunConfig(loss="softmax").resolved_learning_rate() == 0.025
-    for loss in ("arcface", "cosface", "sphereface", "normface", "combined"):
-        assert RunConfig(loss=loss).resolved_learning_rate() == 0.05
-    assert RunConfig(loss="softmax", learning_rate=0.1).resolved_learning_rate() == 0.1
-    assert RunConfig.for_recipe("airbench", loss="softmax").resolved_learning_rate() == 0.1875
-    assert peak_learning_rate(RunConfig(loss="softmax").resolved(), global_batch=256) == 0.05
-    # A run given its head's rate is the default run (ledger runs keep their names), and
-    # another rate is another run.
-    assert RunConfig(loss="softmax", learning_rate=0.025).run_name() == \
-        RunConfig(loss="softmax").run_name() != RunConfig(loss="softmax",
-                                                        learning_rate=0.05).run_name()
-    assert RunConfig(loss="softmax").identity()["learning_rate"] == 0.025
-
-
-def test_learning_rate_scales_linearly_with_the_global_batch():
-    from tfmargin.runner.config import RunConfig
-    from tfmargin.runner.recipes import learning_rate_schedule
-
-    config = RunConfig(learning_rate=0.05, epochs=2, warmup_epochs=1).resolved()
-    peaks = [float(learning_rate_schedule(config, 10, global_batch)(10))  # end of warm-up
-             for global_batch in (64, 128, 512)]
-    assert peaks == pytest.approx([0.025, 0.05, 0.2])
-
-
-def test_sgd_weight_decay_is_coupled_l2_as_in_pytorch():
-    """Two Nesterov steps against PyTorch's SGD rule written out in NumPy."""
-    import keras
-
-    from tfmargin.optimizers import L2SGD
-
-    lr, mu, wd = 0.1, 0.9, 0.05
-    w0, b0 = np.array([[1.0, -2.0], [0.5, 3.0]]), np.array([1.0, 1.0])
-    grads = [(np.array([[0.1, 0.2], [-0.3, 0.4]]), np.array([0.5, -0.5]))] * 2
-    kernel, bias = keras.Variable(w0), keras.Variable(b0)
-    optimizer = L2SGD(lr, l2=wd, momentum=mu, nesterov=True)
-    for g, gb in grads:
-        optimizer.apply([keras.ops.convert_to_tensor(g), keras.ops.convert_to_tensor(gb)],
-                        [kernel, bias])
-    w, b, buf_w, buf_b = w0.copy(), b0.copy(), None, None
-    for g, gb in grads:  # torch.optim.SGD: d = g + wd*w; buf = mu*buf + d; d += mu*buf
-        d = g + wd * w  # coupled: through the momentum; biases (rank 1) do not decay
-        buf_w = d if buf_w is None else mu * buf_w + d
-        buf_b = gb if buf_b is None else mu * buf_b + gb
-        w = w - lr * (d + mu * buf_w)
-        b = b - lr * (gb + mu * buf_b)
-    np.testing.assert_allclose(kernel.numpy(), w, rtol=1e-6)
-    np.testing.assert_allclose(bias.numpy(), b, rtol=1e-6)
-
-
-PAIRING = r"""
-import tensorflow as tf
-tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
-    [tf.config.LogicalDeviceConfiguration()] * 2)
-import keras, numpy as np
-from tfmargin.classifier import MarginClassifier
-from tfmargin.runner.evaluation import predict_split, prediction_step
-strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-with strategy.scope():
-    model = MarginClassifier("tinycnn", 10, margin_type="softmax", embedding_dim=0)
-labels = np.arange(50) % 10
-images = np.zeros((50, 32, 32, 3), np.uint8) + (labels * 20)[:, None, None, None].astype(np.uint8)
-split = tf.data.Dataset.from_tensor_slices((images, labels)).shuffle(
-    50, seed=1, reshuffle_each_iteration=False)
-got = predict_split(prediction_step(model.logits_and_embeddings()), split, 8)  # 7 batches
-again = model.predict(np.stack([x for x, _ in split]).astype("float32"), verbose=0)
-print("PAIRED", np.allclose(got["logits"], again, atol=1e-5),
-      got["labels"].tolist() == [int(y) for _, y in split])
-"""
-
-
-def test_predictions_stay_paired_with_their_labels_over_many_batches():
-    done = subprocess.run([sys.executable, "-c", PAIRING], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == "PAIRED True True", done.stdout
 
 
 FRESH_64 = r"""
@@ -507,53 +385,6 @@ def test_a_64_pixel_folder_end_to_end_with_statistics_from_its_images(tmp_path):
     assert f"CLASSES {expected.tolist()}" in fresh.stdout
 
 
-def test_sweep_grids_for_the_converged_study():
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
-    try:
-        import sweep
-    finally:
-        sys.path.pop(0)
-    heads = sweep.parse_heads("softmax,paper,arcface:s=8:m=0.3:ls=0,cosface:s=16:m=0.1:f=easy")
-    assert heads == [dict(loss="softmax"), sweep.PAPER_HEAD,
-                     dict(loss="arcface", scale=8.0, margin=0.3, label_smoothing=0.0),
-                     dict(loss="cosface", scale=16.0, margin=0.1, fallback="easy")]
-    with pytest.raises(ValueError, match="unknown head setting 'x'"):
-        sweep.parse_heads("arcface:x=1")
-    with pytest.raises(ValueError, match="head setting 'ls' given twice in 'cosface:ls=0:ls=0'"):
-        sweep.parse_heads("softmax,cosface:ls=0:ls=0")
-    selection = sweep.grid("select")
-    assert selection[0] == dict(backbone="airbench94", loss="softmax")
-    assert len(selection) == 1 + 2 * len(sweep.SELECT_SCALES) * len(sweep.SELECT_MARGINS)
-    assert sweep.grid("heads", heads=heads[:2]) == [
-        dict(backbone="airbench94", loss="softmax"), dict(backbone="airbench94",
-                                                          **sweep.PAPER_HEAD)]
-    # The open-set protocol's five lists, as class names; lists 0 and 1 are one class set.
-    open_set = sweep.grid("open-set", heads=heads[:1])
-    assert [g["classes"] for g in open_set][2] == "automobile,dog,horse,cat,truck,deer"
-    assert len(open_set) == 5 and all(g["loss"] == "softmax" for g in open_set)
-    from tfmargin.runner.config import RunConfig
-
-    names = {RunConfig(**g).run_name() for g in open_set}
-    assert len(names) == 4  # lists 0 and 1: the same run
-
-
-def test_layers_of_finds_layers_inside_nested_models():
-    import keras
-
-    from tfmargin.classifier import layers_of
-
-    inputs = keras.Input((4,))
-    inner = keras.Model(inputs, keras.layers.BatchNormalization(name="inner_bn")(
-        keras.layers.Dense(3, name="inner_dense")(inputs)), name="inner")
-    outer_inputs = keras.Input((4,))
-    outputs = keras.layers.BatchNormalization(name="outer_bn")(inner(outer_inputs))
-    outer = keras.Model(outer_inputs, keras.layers.Dense(2, name="outer_dense")(outputs))
-    assert [layer.name for layer in layers_of(outer, keras.layers.BatchNormalization)] == [
-        "inner_bn", "outer_bn"]
-    assert [layer.name for layer in layers_of(outer, keras.layers.Dense)] == [
-        "inner_dense", "outer_dense"]
-
-
 MIRRORED_BN = r"""
 import json, sys, tensorflow as tf
 tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
@@ -594,187 +425,6 @@ def test_default_mirrored_run_with_batchnorm_recalibrates_exactly(shapes, tmp_pa
     result = json.loads(done.stdout.split("RESULT", 1)[1])
     assert result["replicas"] == 2 and result["mean"] and result["variance"], result
     assert result["chosen"] == "recalibrated"
-
-
-def test_a_run_records_the_commit_of_the_code_it_imported(monkeypatch):
-    """A sweep trains run after run in one process; a checkout that moves on meanwhile must not
-    be recorded as the code of its later runs."""
-    import types
-
-    from tfmargin.runner import provenance, train
-
-    monkeypatch.setattr(provenance, "code_version",
-                        lambda root=None: {"commit": "moved-on", "dirty": False})
-    record = train.provenance_record(types.SimpleNamespace(fingerprint="abc"))
-    assert record["code"] == train.CODE_AT_IMPORT and record["code"]["commit"] != "moved-on"
-    assert record["data_fingerprint"] == "abc"
-
-
-def small_split(num=24, seed=0):
-    import tensorflow as tf
-
-    rng = np.random.default_rng(seed)
-    labels = np.arange(num) % 3
-    images = rng.integers(0, 90, (num, 32, 32, 3)).astype("uint8")
-    for i, label in enumerate(labels):  # class = the bright third
-        images[i, :, label * 10:(label + 1) * 10] += 150
-    return tf.data.Dataset.from_tensor_slices((images, labels))
-
-
-def test_split_top1_is_the_accuracy_of_the_inference_logits():
-    import keras
-
-    from tfmargin.classifier import MarginClassifier
-    from tfmargin.runner.evaluation import split_top1
-
-    keras.utils.set_random_seed(0)
-    model = MarginClassifier("tinycnn", 3, embedding_dim=4, scale=8.0)
-    split = small_split()
-    images, labels = (np.stack(c) for c in zip(*split.as_numpy_iterator(), strict=True))
-    expected = np.mean(np.argmax(model.predict(images.astype("float32"), verbose=0), 1)
-                       == labels)
-    assert split_top1(model, split, batch_size=7) == pytest.approx(expected)
-
-
-@pytest.mark.parametrize("moving_top1,recalibrated_top1,chosen", [
-    (0.40, 0.90, "recalibrated"), (0.80, 0.70, "moving"), (0.50, 0.50, "moving")])
-def test_batchnorm_statistics_are_chosen_on_validation(monkeypatch, moving_top1,
-                                                       recalibrated_top1, chosen):
-    """The higher validation top-1 wins (a tie keeps the moving averages); the losing
-    statistics are not left behind in the model."""
-    import types
-
-    import keras
-
-    from tfmargin.classifier import MarginClassifier
-    from tfmargin.runner import train
-
-    keras.utils.set_random_seed(0)
-    model = MarginClassifier("tinycnn", 3, embedding_dim=4, scale=8.0)
-    bn = model.get_layer("embedding_bn")
-    before = bn.moving_mean.numpy().copy(), bn.moving_variance.numpy().copy()
-    seen = []
-
-    def fake_top1(model_, split, batch_size):
-        seen.append((bn.moving_mean.numpy().copy(), batch_size))
-        return (moving_top1, recalibrated_top1)[len(seen) - 1]
-
-    monkeypatch.setattr(train, "split_top1", fake_top1)
-    data = types.SimpleNamespace(train=small_split(), val=small_split(9, seed=1))
-    record = train.choose_batchnorm_statistics(model, data, global_batch=8, num_batches=2)
-    assert record == {"recalibration_batches": 2, "chosen": chosen, "chosen_on": "validation",
-                      "val_top1": {"moving": moving_top1, "recalibrated": recalibrated_top1}}
-    np.testing.assert_array_equal(seen[0][0], before[0])  # measured before recalibrating
-    assert not np.allclose(seen[1][0], before[0]) and seen[1][1] == 8
-    kept = seen[1][0] if chosen == "recalibrated" else before[0]
-    np.testing.assert_array_equal(bn.moving_mean.numpy(), kept)
-    if chosen == "moving":
-        np.testing.assert_array_equal(bn.moving_variance.numpy(), before[1])
-
-
-def test_batchnorm_without_validation_is_recalibrated_unchosen_and_zero_batches_is_off():
-    import types
-
-    import keras
-
-    from tfmargin.classifier import MarginClassifier
-    from tfmargin.runner import train
-
-    keras.utils.set_random_seed(0)
-    model = MarginClassifier("tinycnn", 3, embedding_dim=4, scale=8.0)
-    bn = model.get_layer("embedding_bn")
-    before = bn.moving_mean.numpy().copy()
-    data = types.SimpleNamespace(train=small_split(), val=None)
-    assert train.choose_batchnorm_statistics(model, data, global_batch=8,
-                                             num_batches=0) is None
-    np.testing.assert_array_equal(bn.moving_mean.numpy(), before)
-    record = train.choose_batchnorm_statistics(model, data, global_batch=8, num_batches=3)
-    assert record == {"recalibration_batches": 3, "chosen": "recalibrated", "chosen_on": None}
-    assert not np.allclose(bn.moving_mean.numpy(), before)
-
-
-def test_cpu_description_reads_model_family_and_the_bfloat16_flags(monkeypatch, tmp_path):
-    """A virtual machine's CPU can be named just "AMD EPYC": family and model numbers tell
-    its generation; only the flags that decide the precision are kept."""
-    import builtins
-
-    from tfmargin.runner import provenance
-
-    cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n"
-                       "flags\t\t: fpu avx2 avx512f avx512_bf16 sse2\n\nprocessor\t: 1\n"
-                       "cpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n")
-    real_open = builtins.open
-    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(
-        cpuinfo if path == "/proc/cpuinfo" else path, *a, **k))
-    description = provenance.cpu_description()
-    assert description["model"] == "AMD EPYC" and description["family"] == "26/2"
-    assert description["flags"] == ["avx2", "avx512f", "avx512_bf16"]
-    assert provenance.has_bfloat16_instructions()
-
-
-def test_machine_busy_seconds_reads_the_busy_fields_of_proc_stat(tmp_path):
-    """user + nice + system + irq + softirq + steal, in clock ticks; idle and iowait not."""
-    from tfmargin.runner import provenance
-
-    stat = tmp_path / "stat"
-    stat.write_text("cpu  100 20 30 5000 70 4 6 10 0 0\ncpu0 50 10 15 2500 35 2 3 5 0 0\n")
-    ticks = os.sysconf("SC_CLK_TCK")
-    assert provenance.machine_busy_seconds(str(stat)) == pytest.approx(170 / ticks)
-    assert provenance.machine_busy_seconds(str(tmp_path / "missing")) is None
-    assert provenance.MachineShare(str(tmp_path / "missing")).others() is None
-
-
-def test_machine_share_counts_only_other_processes_time(tmp_path, monkeypatch):
-    """Over 10 s of wall on 2 cores (20 CPU seconds), the machine was busy 12 s, 4 of them
-    this process's own: others used 8 / 20."""
-    from tfmargin.runner import provenance
-
-    ticks = os.sysconf("SC_CLK_TCK")
-    stat = tmp_path / "stat"
-    clock = {"own": 3.0, "wall": 100.0}
-    monkeypatch.setattr(provenance.time, "process_time", lambda: clock["own"])
-    monkeypatch.setattr(provenance.time, "monotonic", lambda: clock["wall"])
-    monkeypatch.setattr(provenance.os, "cpu_count", lambda: 2)
-    stat.write_text(f"cpu  {100 * ticks} 0 0 0 0 0 0 0 0 0\n")
-    share = provenance.MachineShare(str(stat))
-    stat.write_text(f"cpu  {112 * ticks} 0 0 0 0 0 0 0 0 0\n")
-    clock.update(own=7.0, wall=110.0)
-    assert share.others() == pytest.approx(0.4)
-
-
-def test_machine_share_can_count_waited_for_children_as_its_own(tmp_path, monkeypatch):
-    """The same 12 busy seconds, 4 of them this process's and 5 its children's: others used
-    3 / 20 when children are its own, 8 / 20 when they are not."""
-    from tfmargin.runner import provenance
-
-    ticks = os.sysconf("SC_CLK_TCK")
-    stat = tmp_path / "stat"
-    clock = {"own": 3.0, "children": 1.0, "wall": 100.0}
-    monkeypatch.setattr(provenance.time, "process_time", lambda: clock["own"])
-    monkeypatch.setattr(provenance.time, "monotonic", lambda: clock["wall"])
-    monkeypatch.setattr(provenance.os, "times", lambda: os.times_result(
-        (0.0, 0.0, clock["children"] - 0.5, 0.5, 0.0)))
-    monkeypatch.setattr(provenance.os, "cpu_count", lambda: 2)
-    stat.write_text(f"cpu  {100 * ticks} 0 0 0 0 0 0 0 0 0\n")
-    shares = [provenance.MachineShare(str(stat), own_children=True),
-              provenance.MachineShare(str(stat))]
-    stat.write_text(f"cpu  {112 * ticks} 0 0 0 0 0 0 0 0 0\n")
-    clock.update(own=7.0, children=6.0, wall=110.0)
-    assert [share.others() for share in shares] == pytest.approx([0.15, 0.4])
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads Linux's /proc/stat")
-def test_machine_share_sees_another_process_burning_a_core():
-    """A busy loop in a child process takes one core while this process waits for it: at
-    least 0.9 of a core's share of the machine is others' time."""
-    from tfmargin.runner import provenance
-
-    share = provenance.MachineShare()
-    subprocess.run([sys.executable, "-c", "import time\nend = time.time() + 1.5\n"
-                    "while time.time() < end: pass"], check=True, timeout=60)
-    others = share.others()
-    assert 0.9 / os.cpu_count() <= others <= 1.0, others
 
 
 def test_an_open_set_run_keeps_per_image_outputs_that_give_its_figures(shapes, tmp_path):
@@ -828,69 +478,3 @@ def test_the_estimated_end_starts_its_own_line_after_a_progress_bar(verbose):
     meter.on_epoch_begin(0)
     meter.on_epoch_end(0)
     assert printed[0].startswith("\nrun: 1.0/4 epochs" if verbose == 1 else "run: 1.0/4 epochs")
-
-
-def test_the_library_imports_nothing_from_the_runner():
-    """The layout's boundary: no module of tfmargin outside tfmargin/runner imports it."""
-    import ast
-    import glob
-
-    for path in glob.glob(os.path.join(ROOT, "tfmargin", "*.py")):
-        with open(path) as f:
-            tree = ast.parse(f.read())
-        for node in ast.walk(tree):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            assert not any(n.startswith("tfmargin.runner") for n in names), path
-
-
-def test_every_ledger_run_keeps_its_name():
-    """Each run in results/runs/ is named as its own record says: a refactor of the run's
-    configuration may not rename a recorded run (a sweep would train it again)."""
-    from tfmargin.runner.config import RunConfig
-
-    ledger = os.path.join(ROOT, "results", "runs")
-    names = sorted(os.listdir(ledger))
-    assert len(names) >= 70
-    for name in names:
-        with open(os.path.join(ledger, name, "config.json")) as f:
-            assert RunConfig.from_record(json.load(f)).run_name() == name
-
-
-def test_a_resolved_configuration_is_frozen_and_reads_back_as_the_same_run():
-    import dataclasses
-
-    from tfmargin.runner.config import RunConfig
-
-    config = RunConfig(loss="cosface", classes="truck,airplane", dataset="d")
-    resolved = config.resolved()
-    assert (resolved.margin, resolved.scale, resolved.learning_rate) == (0.1, 8.0, 0.05)
-    assert resolved.name == config.run_name() and resolved.classes == "airplane,truck"
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        resolved.margin = 0.3
-    record = resolved.record()
-    assert record["identity_version"] == 1 and record["margin"] == 0.1
-    assert RunConfig.from_record(record).run_name() == config.run_name()
-    assert config.differences(record) == []
-    assert RunConfig(loss="cosface", margin=0.2, dataset="d").differences(record) == [
-        "margin 0.1 -> 0.2"]
-
-
-def test_on_a_gpu_the_run_says_its_budget_was_chosen_for_a_cpu(monkeypatch):
-    """The standard recipe's 5 epochs were chosen by time on 2 CPU cores; with no GPU
-    measurement to choose another budget by, a run on a GPU says so before training."""
-    import types
-
-    from tfmargin.runner import provenance, train
-    from tfmargin.runner.config import RunConfig
-
-    monkeypatch.setattr(provenance, "has_gpu", lambda: True)
-    data = types.SimpleNamespace(sizes={"train": 45000, "val": 5000, "test": 10000},
-                                 class_names=[str(i) for i in range(10)], notes=[],
-                                 num_classes=10, train_size=45000)
-    strategy = types.SimpleNamespace(extended=types.SimpleNamespace(
-        worker_devices=["/job:localhost/replica:0/task:0/device:GPU:0"]))
-    lines = train.describe_run(RunConfig(dataset="d").resolved(), data, strategy, 128)
-    assert "  note: the standard recipe's 5 epochs were chosen for 2 CPU cores " \
-        "(docs/recipe.md); a GPU affords more: --epochs" in lines
-    assert lines[2].endswith("over GPU:0")

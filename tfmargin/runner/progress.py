@@ -11,7 +11,7 @@ class ResumeEpoch(keras.callbacks.Callback):
     """Tells the training pipeline which epoch a (resumed) run starts at.
 
     ``first_epoch`` is a ``tf.Variable`` the pipeline reads as it makes
-    batches (``tfmargin.data.epoch_permutations``); at the start of training,
+    batches (``tfmargin.pipeline.epoch_permutations``); at the start of training,
     after ``BackupAndRestore`` (listed before this callback) has restored the
     optimizer, it is set to ``iterations // steps_per_epoch``. Without it a
     resumed run would start over at epoch 0's permutation and augmentation.

@@ -23,9 +23,10 @@ import tensorflow as tf
 from tfmargin.atomic import atomic_file, check_writable, point_latest
 from tfmargin.backbones import build_backbone
 from tfmargin.classifier import MarginClassifier, layers_of
-from tfmargin.data import SPLIT_SEED, channel_statistics, load_dataset, make_pipeline
+from tfmargin.data import SPLIT_SEED, channel_statistics, load_dataset
 from tfmargin.export import export_models
 from tfmargin.metrics import save_predictions
+from tfmargin.pipeline import make_pipeline
 from tfmargin.projector import EmbeddingProjector
 from tfmargin.runner import provenance
 from tfmargin.runner.config import ConfigError
@@ -94,7 +95,7 @@ def compile_model(model, config, steps_per_epoch, global_batch):
 
 def make_datasets(config, data, global_batch, first_epoch=None):
     """Training and validation ``(images, targets)`` batches; targets one-hot when the
-    loss smooths or mixes them. ``first_epoch``: see ``tfmargin.data.epoch_permutations``."""
+    loss smooths or mixes them. ``first_epoch``: see ``tfmargin.pipeline.epoch_permutations``."""
     def to_targets(images, labels):
         if soft_targets(config) and labels.dtype.is_integer:
             labels = tf.one_hot(labels, data.num_classes)
