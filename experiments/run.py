@@ -64,6 +64,10 @@ def summary(config, metrics):
         lines.append(f"  reject option: {reject['score']} ({reject['chosen_by']}) below "
                      f"{reject['threshold']:.4g}, the value that keeps "
                      f"{100 * reject['keep']:.0f} % of the validation images{unknown}")
+        far = metrics.get("far_ood", {})
+        if far:
+            lines.append("  images of no known class it rejects: " + ", ".join(
+                f"{name} {100 * entry['rejected']:.0f} %" for name, entry in far.items()))
     elif config.export_formats():
         lines.append("  note: no validation split (--val-split 0): the export serves "
                      "probabilities at temperature 1 and cannot reject unknown images")

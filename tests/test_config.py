@@ -19,6 +19,7 @@ RUN = os.path.join(ROOT, "experiments", "run.py")
     (dict(embedding_dim=-3), "--embedding-dim must be >= 1"),
     (dict(strategy="tpu"), "unknown strategy 'tpu'"),
     (dict(ce_weight=1.0), "--ce-weight must be in [0, 1)"),
+    (dict(far_ood="no/such/folder"), "--far-ood folder 'no/such/folder' does not exist"),
 ])
 def test_config_validation_messages(changes, message):
     from tfmargin.runner.config import ConfigError, RunConfig

@@ -138,3 +138,62 @@ def test_batchnorm_without_validation_is_recalibrated_unchosen_and_zero_batches_
     record = train.choose_batchnorm_statistics(model, data, global_batch=8, num_batches=3)
     assert record == {"recalibration_batches": 3, "chosen": "recalibrated", "chosen_on": None}
     assert not np.allclose(bn.moving_mean.numpy(), before)
+
+
+def test_far_away_images_are_the_same_for_every_run_and_a_folder_is_read_resized(tmp_path):
+    from PIL import Image
+
+    from tfmargin.runner.far_images import SYNTHETIC_SIZE, far_image_sets
+
+    folder = tmp_path / "clothes"
+    folder.mkdir()
+    Image.new("L", (28, 28), 9).save(folder / "a.png")  # grey: read as RGB
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(folder / "b.png")
+    (folder / "notes.txt").write_text("not an image")
+    sets = far_image_sets(32, [str(folder)])
+    assert list(sets) == ["flat", "noise", "digits", "clothes"]
+    for name, images in far_image_sets(32).items():
+        np.testing.assert_array_equal(sets[name], images)  # a fixed seed
+    assert {name: images.shape for name, images in sets.items()} == {
+        "flat": (SYNTHETIC_SIZE, 32, 32, 3), "noise": (SYNTHETIC_SIZE, 32, 32, 3),
+        "digits": (SYNTHETIC_SIZE, 32, 32, 3), "clothes": (2, 32, 32, 3)}
+    flat = sets["flat"].reshape(SYNTHETIC_SIZE, -1, 3)
+    assert np.all(flat == flat[:, :1])  # one colour per image
+    digits = sets["digits"].astype(int)
+    assert np.all(digits[..., 0] == digits[..., 2])  # grey
+    ink = np.mean(np.abs(digits[..., 0] - np.median(digits[..., 0], axis=(1, 2),
+                                                     keepdims=True)) > 40, axis=(1, 2))
+    assert np.all((ink > 0.03) & (ink < 0.5))  # a glyph on each, not a blank or a blot
+    assert sets["clothes"][0, 5, 5].tolist() == [9, 9, 9]
+    assert sets["clothes"][1, 5, 5].tolist() == [255, 0, 0]
+
+
+def test_far_away_auroc_and_rejection_against_a_count_of_pairs():
+    """Per far-away set, the AUROC of a score is the share of (known, far) pairs the known
+    image wins (ties half), and the rejected share is the far images below the threshold."""
+    from tfmargin.runner.evaluation import far_away
+
+    rng = np.random.default_rng(0)
+    known, far = rng.normal(1.0, 1.0, (40, 3)), rng.normal(0.0, 1.0, (30, 3))
+    far[:3] = known[:3]  # ties
+    outputs = {"logits": known.astype(np.float16), "labels": np.zeros(40, np.int32),
+               "embedding_norm": rng.uniform(1, 2, 40).astype(np.float32),
+               "knn": rng.uniform(size=(40, 5)).astype(np.float16),
+               "far_logits": far.astype(np.float16),
+               "far_embedding_norm": rng.uniform(1, 2, 30).astype(np.float32),
+               "far_knn": rng.uniform(size=(30, 5)).astype(np.float16),
+               "far_set": np.array([0] * 10 + [1] * 20, np.int8),
+               "far_set_names": np.array(["flat", "digits"])}
+    result = far_away(outputs, reject={"score": "max_logit", "threshold": 0.8})
+    known_max = outputs["logits"].astype(np.float64).max(axis=1)
+    for index, name in enumerate(["flat", "digits"]):
+        far_max = outputs["far_logits"].astype(np.float64).max(axis=1)[
+            outputs["far_set"] == index]
+        wins = known_max[:, None] > far_max[None, :]
+        ties = known_max[:, None] == far_max[None, :]
+        assert result[name]["size"] == len(far_max)
+        assert result[name]["auroc"]["max_logit"] == pytest.approx(
+            np.mean(wins) + 0.5 * np.mean(ties))
+        assert result[name]["rejected"] == pytest.approx(np.mean(far_max < 0.8))
+    assert set(result["flat"]["auroc"]) >= {"max_logit", "msp", "energy", "feature_norm",
+                                            "knn"}

@@ -49,6 +49,11 @@ def test_cli_end_to_end_writes_the_run_directory(shapes, tmp_path):
     assert 0.0 <= metrics["cpu_share_of_other_processes"] <= 1.0
     # Served plain, and reported with airbench's six test-time views beside it.
     assert metrics["tta"]["level"] == 2 and metrics["tta"]["served"] is False
+    # Far-away images: the generated sets, each scored and put to the reject option.
+    assert set(metrics["far_ood"]) == {"flat", "noise", "digits"}
+    rejected = metrics["far_ood"]["digits"]["rejected"]
+    assert "images of no known class it rejects: flat " in result.stdout
+    assert f"digits {100 * rejected:.0f} %" in result.stdout
     assert 0.0 <= metrics["tta"]["top1"] <= 1.0
     assert f"% ({100 * metrics['tta']['top1']:.2f} % with TTA)" in result.stdout
     log = (run_dir / "log.csv").read_text().splitlines()
@@ -431,11 +436,18 @@ def test_an_open_set_run_keeps_per_image_outputs_that_give_its_figures(shapes, t
     """Classes typed in any order, trained, then resumed as finished; its
     test_predictions.npz holds the per-image outputs of every split, and the figures of
     metrics.json follow from them alone."""
+    from PIL import Image
+
     from tfmargin.runner.evaluation import metrics_from_outputs
 
+    far = tmp_path / "far" / "clothes"  # a --far-ood folder: 7 images of no class
+    far.mkdir(parents=True)
+    for i in range(7):
+        Image.new("RGB", (28, 28), (30 * i, 0, 0)).save(far / f"{i}.png")
     args = ["--backbone", "tinycnn", "--dataset", shapes, "--epochs", "1", "--batch-size",
             "32", "--runs-dir", str(tmp_path), "--name", "open", "--export", "none",
-            "--projector-samples", "0", "--classes", "class_2,class_0,class_1"]
+            "--projector-samples", "0", "--classes", "class_2,class_0,class_1",
+            "--far-ood", str(far)]
     assert run_cli(*args).returncode == 0
     run = tmp_path / "open"
     config = json.loads((run / "config.json").read_text())
@@ -454,12 +466,19 @@ def test_an_open_set_run_keeps_per_image_outputs_that_give_its_figures(shapes, t
         "embedding_norm": (48,), "knn": (48, 5), "val_labels": (15,), "val_logits": (15, 3),
         "val_embedding_norm": (15,), "val_knn": (15, 5), "unknown_logits": (16, 3),
         "unknown_embedding_norm": (16,), "unknown_knn": (16, 5), "unknown_val_logits": (5, 3),
-        "unknown_val_embedding_norm": (5,), "unknown_val_knn": (5, 5)}
+        "unknown_val_embedding_norm": (5,), "unknown_val_knn": (5, 5),
+        "far_logits": (907, 3), "far_embedding_norm": (907,), "far_knn": (907, 5),
+        "far_set": (907,), "far_set_names": (4,)}
+    assert outputs["far_set_names"].tolist() == ["flat", "noise", "digits", "clothes"]
+    assert np.bincount(outputs["far_set"]).tolist() == [300, 300, 300, 7]
     assert outputs["logits"].dtype == np.float16
     again = metrics_from_outputs(outputs, tta_level=0, scale=config["head_scale"],
                                  reject_score=config["reject_score"])
     metrics["reject"].pop("chosen_by")  # what chose the score: the run's settings
-    for key in ("top1", "top5", "mAP", "calibration", "open_set", "open_set_val", "reject"):
+    assert metrics["far_ood"]["clothes"]["size"] == 7
+    assert 0 <= metrics["far_ood"]["digits"]["auroc"]["max_logit"] <= 1
+    for key in ("top1", "top5", "mAP", "calibration", "open_set", "open_set_val", "reject",
+                "far_ood"):
         assert again[key] == metrics[key], key
     assert set(metrics["open_set_val"]) >= {"max_logit", "feature_norm", "projection", "knn",
                                             "knn@1", "knn@50"}

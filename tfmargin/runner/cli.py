@@ -79,6 +79,10 @@ def _help():
         "reject_score": f"the score the export's reject option thresholds (at the value that "
                         f"keeps 95 %% of the known validation images): auto (the head's choice "
                         f"made on validation, docs/recipe.md); {names.described(SCORES)}",
+        "far_ood": "comma-separated folders of images of no known class, scored after "
+                   "training beside generated flat, noise and digit images (AUROC and the "
+                   "share the reject option rejects; experiments/make_fashion_mnist.py "
+                   "writes Fashion-MNIST as such a folder)",
         "validation_freq": "validate on the validation split every N epochs",
         "val_split": "fraction of the training data held out for validation (per class); 0 "
                      "trains on all of it (no validation metrics, nothing chosen)",
@@ -136,7 +140,8 @@ GROUPS = {
                  "weight_decay", "warmup_epochs", "label_smoothing", "augment", "mix",
                  "mixed_precision", "jit_compile", "steps_per_execution", "strategy", "seed",
                  "deterministic"),
-    "evaluation and export": ("precise_bn_batches", "tta", "reject_score", "validation_freq",
+    "evaluation and export": ("precise_bn_batches", "tta", "reject_score", "far_ood",
+                              "validation_freq",
                               "projector_samples", "projector_every", "export", "export_dir"),
     "run management": ("name", "runs_dir"),
 }

@@ -24,7 +24,7 @@ from tfmargin.scores import LEGACY_KNN_K, SCORES
 # out of a run's identity. (validation_freq only decides which epochs are validated, and
 # so which epoch a best checkpoint could come from; no reported number depends on it.)
 NOT_IDENTITY = ("name", "runs_dir", "export", "export_dir", "projector_samples",
-                "projector_every", "validation_freq", "reject_score")
+                "projector_every", "validation_freq", "reject_score", "far_ood")
 # The scheme of a run's identity hash, recorded in its config.json. Version 1, every run so
 # far: the hash leaves out each setting added after runs existed while it holds the value it
 # had before (ADDED_LATER), so those runs keep their names and a sweep finds them finished;
@@ -84,6 +84,7 @@ class RunConfig:
     tta: int = 0
     classes: str = ""  # comma-separated class names to train on (""): all; see class_list
     reject_score: str = "auto"  # the export's reject option: scores.SCORES, or "auto"
+    far_ood: str = ""  # comma-separated folders of far-away images (runner.far_images)
     validation_freq: int = 1
     val_split: float = 0.1
     test_split: float = 0.1
@@ -245,6 +246,10 @@ class RunConfig:
         return [f"{key} {stored.get(key)!r} -> {value!r}"
                 for key, value in self.identity().items() if stored.get(key) != value]
 
+    def far_ood_folders(self):
+        """The ``--far-ood`` folders, in the order given."""
+        return [folder for folder in self.far_ood.split(",") if folder]
+
     def validate(self):
         """Raise ``ConfigError`` naming the first impossible setting and its allowed values."""
         def need(ok, message):
@@ -292,6 +297,9 @@ class RunConfig:
              or self.backbone in names.BATCHNORM_BACKBONES,
              f"--batchnorm {self.batchnorm} needs a backbone built with BatchNorm "
              f"({names.choices(names.BATCHNORM_BACKBONES)}); {self.backbone} has none")
+        missing = [folder for folder in self.far_ood_folders() if not os.path.isdir(folder)]
+        need(not missing, f"--far-ood folder {missing[0] if missing else ''!r} does not exist; "
+             "give a folder of images (experiments/make_fashion_mnist.py writes one)")
         classes = self.class_list() or []
         need(not self.classes or len(set(classes)) == len(classes) >= 2,
              f"--classes needs two or more distinct class names, got {self.classes!r}")

@@ -33,9 +33,10 @@ OUTPUT_DTYPE = np.float16
 # and target_angle_deg (docs/training.md, "Per-image outputs"). Splits: "" the known test
 # images, "val_" the validation images, "unknown_" the held-out classes' test images,
 # "unknown_val_" the held-out classes' validation images (their training images, never
-# their test images). ``logits`` of the test split are the plain ones; ``served_logits``
-# (only when the run serves test-time augmentation) the served ones; the other splits keep
-# the served logits as ``<split>logits``.
+# their test images), "far_" the far-away images (``far_images``; ``far_set`` gives each
+# image's set, an index into ``far_set_names``). ``logits`` of the test split are the plain
+# ones; ``served_logits`` (only when the run serves test-time augmentation) the served ones;
+# the other splits keep the served logits as ``<split>logits``.
 SPLITS = {"": "test", "val_": "val", "unknown_": "unknown_test", "unknown_val_": "unknown_val"}
 
 
@@ -194,6 +195,22 @@ def open_set(outputs, known="", unknown="unknown_", scale=None):
         "closed_set_top1": float(np.mean(correct))}
 
 
+def far_away(outputs, scale=None, reject=None, k=sc.LEGACY_KNN_K):
+    """Per far-away set (``far_set_names``): its size, the AUROC of every score with the
+    known test images against the set's, and the share of the set the reject option
+    (``reject_option``'s result) rejects."""
+    known, far = (split_scores(outputs, prefix, scale, k) for prefix in ("", "far_"))
+    result = {}
+    for index, name in enumerate(outputs["far_set_names"]):
+        chosen = outputs["far_set"] == index
+        result[str(name)] = {"size": int(chosen.sum()), "auroc": {
+            score: m.auroc(known[score], far[score][chosen]) for score in known}}
+        if reject:
+            result[str(name)]["rejected"] = float(np.mean(far[reject["score"]][chosen]
+                                                          < reject["threshold"]))
+    return result
+
+
 def metrics_from_outputs(outputs, *, tta_level, scale=None, reject_score="max_logit",
                          knn_k=sc.LEGACY_KNN_K):
     """Every logit-based figure of a run from its per-image outputs (``per_image_outputs``,
@@ -214,17 +231,22 @@ def metrics_from_outputs(outputs, *, tta_level, scale=None, reject_score="max_lo
         results["open_set_val"] = open_set(outputs, "val_", "unknown_val_", scale)
     if "val_logits" in outputs:
         results["reject"] = reject_option(outputs, reject_score, scale, knn_k)
+    if "far_logits" in outputs:
+        results["far_ood"] = far_away(outputs, scale, results.get("reject"), knn_k)
     return results
 
 
-def evaluate(model, data, batch_size, tta=0, reject_score="max_logit", knn_k=sc.LEGACY_KNN_K):
+def evaluate(model, data, batch_size, tta=0, reject_score="max_logit", knn_k=sc.LEGACY_KNN_K,
+             far_sets=None):
     """Every metric of a trained model; returns ``(metrics, per-image outputs, gallery)``,
-    the gallery being the training embeddings a kNN score reads.
+    the gallery being the training embeddings a kNN score reads; ``far_sets``: ``{name:
+    uint8 images}`` of no known class (``far_images.far_image_sets``).
 
     Test: classification (also with test-time augmentation, ``REPORTED_TTA``
     views when the run serves none), self-retrieval, retrieval against the
     training images as the gallery, calibration, the reject option and (with held-out
-    classes) open-set recognition. Validation: classification and retrieval,
+    classes) open-set recognition; the far-away images against the known test images.
+    Validation: classification and retrieval,
     the choices (temperature, threshold), and (with held-out classes) open-set
     recognition against the held-out classes' validation images.
     """
@@ -242,7 +264,15 @@ def evaluate(model, data, batch_size, tta=0, reject_score="max_logit", knn_k=sc.
     for prefix, split in SPLITS.items():
         if prefix and getattr(data, split, None) is not None:
             predicted[prefix] = predict_split(step, getattr(data, split), batch_size)
+    if far_sets:
+        images = np.concatenate(list(far_sets.values()))
+        predicted["far_"] = predict_split(step, tf.data.Dataset.from_tensor_slices(
+            (images, np.full(len(images), -1, np.int32))), batch_size)
     outputs = per_image_outputs(predicted, gallery)
+    if far_sets:
+        outputs |= {"far_set": np.repeat(np.arange(len(far_sets), dtype=np.int8),
+                                         [len(images) for images in far_sets.values()]),
+                    "far_set_names": np.array(list(far_sets))}
     results = metrics_from_outputs(outputs, tta_level=tta, scale=getattr(model.head, "scale",
                                                                         None),
                                    reject_score=reject_score, knn_k=knn_k)

@@ -31,6 +31,7 @@ from tfmargin.projector import EmbeddingProjector
 from tfmargin.runner import provenance
 from tfmargin.runner.config import ConfigError
 from tfmargin.runner.evaluation import evaluate, split_top1
+from tfmargin.runner.far_images import far_image_sets
 from tfmargin.runner.progress import ResumeEpoch, Throughput
 from tfmargin.runner.recipes import make_optimizer, peak_learning_rate, recipe_callbacks
 
@@ -397,16 +398,17 @@ def train(config, overwrite=False, callbacks=()):
                                global_batch=global_batch, projector=projector,
                                extra_callbacks=callbacks)
     print("after training: choosing BatchNorm statistics and evaluating (test, validation, "
-          "training images as the retrieval gallery)" + (", then exporting" if
+          "training images as the retrieval gallery, far-away images)" + (", then exporting" if
                                                            config.export_formats else ""),
           flush=True)
     batchnorm = choose_batchnorm_statistics(model, data, global_batch=global_batch,
                                             num_batches=config.precise_bn_batches)
     if projector:  # after the statistics are chosen: it embeds in inference mode
         projector.write(config.epochs)
-    metrics, outputs, gallery = evaluate(model, data, global_batch, config.tta,
-                                         reject_score=config.reject_score,
-                                         knn_k=config.knn_k)
+    metrics, outputs, gallery = evaluate(
+        model, data, global_batch, config.tta, reject_score=config.reject_score,
+        knn_k=config.knn_k, far_sets=far_image_sets(config.image_size,
+                                                    config.far_ood_folders()))
     if "reject" in metrics:
         metrics["reject"]["chosen_by"] = config.reject_chosen_by
     metrics |= {"epochs": config.epochs, **timing, **({"batchnorm": batchnorm} if batchnorm
