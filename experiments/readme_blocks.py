@@ -26,7 +26,7 @@ def _table(runs, columns, pair_by="seed"):
         row = [head, len(pairs)]
         for key, _, paired in columns:
             values = [metric_value(r, key) for r in pairs.values()]
-            means[head, key] = sum(values) / len(values)
+            means[head, key] = None if None in values else sum(values) / len(values)
             row.append(mean_sd(values))
             if paired:
                 deltas[head, key] = against(pairs, base, key) if head != "softmax" else \
@@ -91,7 +91,9 @@ def open_set(runs):
                                     ("open_set.closed_set_top1", "closed-set top-1", False),
                                     ("calibration.after.ece", "ECE after scaling", False)),
                              pair_by="classes")
-    auroc = {head: value for (head, k), value in means.items() if k == key}
+    auroc = {head: value for (head, k), value in means.items() if k == key and value is not None}
+    if not auroc:
+        return f"**No open-set run records the AUROC of {served[0]}.**\n\n{table}"
     best, worst = max(auroc, key=auroc.get), min(auroc, key=auroc.get)
     return (f"**The study's exports serve {' and '.join(served)}. Telling held-out classes "
             f"apart, the best head is {best}, at AUROC {100 * auroc[best]:.2f}, the weakest "

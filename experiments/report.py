@@ -29,6 +29,7 @@ from tables import (  # noqa: E402
     load_runs,
     markdown,
     mean_sd,
+    metric_value,
     paper_table,
     percent,
     runs_table,
@@ -59,7 +60,7 @@ OPEN_SET_COLUMNS = (*((f"open_set.{key}.auroc", f"AUROC {name}") for key, name i
 
 def is_converged(run):
     return run["config"]["recipe"] == "airbench" and "val" not in run["metrics"] \
-        and not run["config"]["classes"]
+        and not is_open_set(run)
 
 
 def is_open_set(run):
@@ -67,8 +68,7 @@ def is_open_set(run):
 
 
 def is_main_command(run):
-    """The design card's command as the README prints it (``--loss``, ``--dataset`` and
-    ``--seed`` given), at today's defaults."""
+    """The design card's command as printed (with ``--dataset``, ``--seed``), at the defaults."""
     config = run["config"]
     typed = (f"python experiments/run.py --backbone mobilenetv2 --loss {config['loss']} "
              f"--dataset {config['dataset']}" + (f" --seed {config['seed']}" * bool(
@@ -82,8 +82,8 @@ def is_selection(run):
 
 
 def is_table1(run):
-    """A run of Table 1: one of the paper's backbones at the main command's budget and
-    defaults (any seed), with softmax, the paper's head (s=1, m=0.1) or today's ArcFace."""
+    """A run of Table 1: a paper's backbone at the main command's settings (any seed), with
+    softmax, the paper's head (s=1, m=0.1, fallback none) or today's ArcFace."""
     config, head = run["config"], ("seed", "scale", "margin", "fallback")
     main = RunConfig(backbone=config["backbone"], loss=config["loss"], dataset=config["dataset"],
                      mixed_precision=config["mixed_precision"]).resolved()
@@ -113,14 +113,13 @@ def kernels(runs):
 
 def at_recipe_kernels(run):
     """Whether a run was built with the GELU and BatchNorm its recipe builds today."""
-    config = run["config"]
-    recipe = RunConfig.for_recipe(config["recipe"], backbone=config["backbone"]).resolved()
-    return config["gelu"] == recipe.gelu and config["batchnorm"] == recipe.batchnorm
+    c = run["config"]
+    recipe = RunConfig.for_recipe(c["recipe"], backbone=c["backbone"]).resolved()
+    return (c["gelu"], c["batchnorm"]) == (recipe.gelu, recipe.batchnorm)
 
 
 def learning_rates(runs):
-    """Every setting run at several learning rates, on validation, paired by seed with the
-    margin heads' rate."""
+    """Every setting run at several learning rates, on validation, paired by seed."""
     compared = varied([r for r in runs if "val" in r["metrics"]], "learning_rate")
     return compared and seed_table(
         compared, columns=(("val.top1", "val top-1"), ("val.mAP", "val mAP"),
@@ -129,15 +128,19 @@ def learning_rates(runs):
         arm=lambda config: f"lr {config['learning_rate']:g}")
 
 
-def selection(runs, main):
-    """Validation metrics of the selection runs, best first per backbone, then each head
-    type's setting that ranks first on validation per budget (the main command's runs
-    count)."""
+def selection(runs, main, open_set):
+    """Validation metrics of the selection runs, best first per backbone (the AUROC on
+    validation of the same setting's open-set run, where there is one), then each head
+    type's setting that ranks first on validation per budget (the main command's count)."""
     if not runs:
         return "No selection run is recorded yet.\n"
+    twin = {setting_key(r["config"], ("classes",)): r for r in open_set}
     rows = [[c["backbone"], head_name(c), setting_label(c), c["label_smoothing"],
-             c["learning_rate"], c["seed"], *(percent(run["metrics"]["val"][key]) for key in
-                                              ("top1", "mAP", "precision_at_1", "map_at_r"))]
+             c["learning_rate"], c["seed"], *(percent(metric_value(run, key)) for key in (
+                 "val.top1", "val.mAP", "val.map_at_r", "calibration.val.before",
+                 "calibration.val.after")), *(percent(metric_value(twin.get(
+                     setting_key(c, ("classes",)), run), f"open_set_val.{score}.auroc"))
+                                              for score in ("max_logit", "feature_norm"))]
             for run in sorted(runs, key=lambda r: (r["config"]["backbone"],
                                                    [-v for v in validation_rank(r)]))
             for c in [run["config"]]]
@@ -151,15 +154,15 @@ def selection(runs, main):
               for budget in sorted(budgets)
               for _, group in sorted(best_on_validation(budgets[budget]).items())]
     return (markdown(["backbone", "head", "setting", "label smoothing", "lr", "seed",
-                      "val top-1", "val mAP", "val P@1", "val MAP@R"], rows)
+                      "val top-1", "val mAP", "val MAP@R", "val ECE", "val ECE after",
+                      "open-set val AUROC max logit", "open-set val AUROC norm"], rows)
             + "\nBest on validation, per head type and budget:\n\n"
             + markdown(["head (`sweep.py --heads`)", "setting", "lr", "seeds", "val top-1"],
                        chosen))
 
 
 def paper(runs, docs_dir, plots):
-    """Table 1 (mAP with the paper's, then top-1) at the main command's budget; Figure 2
-    where a margin sweep is recorded; the paper's Table 2."""
+    """Table 1 (mAP with the paper's, top-1) at the main command's budget, Figure 2, Table 2."""
     table1 = [r for r in runs if is_table1(r)]
     figure = ""
     if margin_curves(runs):  # decided without matplotlib: --check draws nothing
@@ -202,7 +205,7 @@ def results_blocks(runs, ledger, docs_dir, plots):
         "open_set": readme_blocks.open_set(open_set),
         "open_set_table": seed_table(open_set, columns=OPEN_SET_COLUMNS, pair_by="classes",
                                      pairs_name="splits"),
-        "selection": selection([r for r in runs if is_selection(r)], main),
+        "selection": selection([r for r in runs if is_selection(r)], main, open_set),
         **paper(runs, docs_dir, plots),
         "fingerprints": "; ".join(sorted({
             f"`{dataset_label(r['config']['dataset'])}` "

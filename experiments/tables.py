@@ -1,8 +1,5 @@
 """Markdown tables of recorded runs (the ledger ``results/runs/*/{config,metrics}.json``).
-
-They know this repository's studies (the paper's backbones, the sweep grammar), so they live
-beside ``report.py``, not in the library. NumPy and SciPy only: the report's check runs
-without TensorFlow.
+They know this repository's studies, so they live beside ``report.py``, not in the library.
 """
 
 import dataclasses
@@ -21,7 +18,7 @@ IDENTITY_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig)
                         if f.name not in NOT_IDENTITY)
 # The kernel settings of a network (``--gelu``, ``--batchnorm``), named for tables.
 KERNEL_SETTINGS = {"gelu": "GELU", "batchnorm": "BatchNorm"}
-# A head is compared at its own learning rate (recipes.HEAD_LEARNING_RATES): part of its arm.
+# A head is compared at its own learning rate (recipes.HEAD_DEFAULTS): part of its arm.
 HEAD_FIELDS = ("loss", "scale", "margin", "fallback", "sub_centers", "ce_weight",
                "label_smoothing", "learning_rate")
 SEED_METRICS = (("top1", "top-1"), ("tta.top1", "top-1 TTA"), ("mAP", "mAP"),
@@ -88,8 +85,8 @@ def recipe_defaults(config):
 
 
 def command(config):
-    """The run.py command that reproduces a run: its identity's settings that differ from
-    run.py's defaults, and always its precision (the default, auto, depends on the machine)."""
+    """The run.py command of a run: its settings that differ from run.py's defaults, and
+    its precision (auto depends on the machine)."""
     defaults = recipe_defaults(config)
     parts = ["python experiments/run.py", *([f"--recipe {config['recipe']}"]
                                             if config["recipe"] != "standard" else []),
@@ -120,8 +117,8 @@ def recipe_label(config, keys=RECIPE_KEYS):
 
 
 def smoothing_label(config):
-    """`` LS 0.0`` when the run's label smoothing is not its recipe's, else ``""``."""
-    recipe = RunConfig.for_recipe(config["recipe"])
+    """`` LS 0.0`` when the run's label smoothing is not its recipe's for its head."""
+    recipe = RunConfig.for_recipe(config["recipe"], loss=config["loss"])
     value = config["label_smoothing"]
     return "" if value == recipe.label_smoothing else f" LS {value}"
 

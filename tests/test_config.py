@@ -142,3 +142,23 @@ def test_a_resolved_configuration_is_frozen_and_reads_back_as_the_same_run():
     assert config.differences(record) == []
     assert RunConfig(loss="cosface", margin=0.2, dataset="d").differences(record) == [
         "margin 0.1 -> 0.2"]
+
+
+def test_a_heads_defaults_under_a_recipe_come_from_one_table(monkeypatch):
+    """recipes.HEAD_DEFAULTS is read by the command line (and so --help), by
+    RunConfig.for_recipe (and so the sweep) and by the learning rate's resolution."""
+    import argparse
+
+    from tfmargin.runner import cli, config, recipes
+
+    monkeypatch.setitem(recipes.HEAD_DEFAULTS, "airbench", {"arcface": {"label_smoothing": 0.0}})
+    parser = argparse.ArgumentParser()
+    cli.add_run_arguments(parser)
+    for loss, smoothing in (("arcface", 0.0), ("softmax", 0.2)):
+        args = cli.parse_run_args(parser, ["--recipe", "airbench", "--loss", loss])
+        assert args.label_smoothing == smoothing
+        assert config.RunConfig.for_recipe("airbench", loss=loss).label_smoothing == smoothing
+    assert cli.parse_run_args(parser, ["--loss", "arcface"]).label_smoothing == 0.0
+    assert cli.parse_run_args(parser, ["--loss", "softmax"]).learning_rate == 0.025
+    assert config.RunConfig(loss="softmax").resolved_learning_rate() == 0.025
+    assert config.RunConfig(loss="cosface").resolved_learning_rate() == 0.05

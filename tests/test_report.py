@@ -7,6 +7,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 
 README_TEMPLATE = "".join(f"<!-- results:{name} -->\n<!-- /results:{name} -->\n"
@@ -306,12 +307,20 @@ def test_selection_section_shows_precision_smoothing_and_each_command(tmp_path):
                             ("a0", 0.92, 0.94)):  # validation metrics
         update_metrics(runs, name, val={"top1": top1, "mAP": mAP, "precision_at_1": 0.85,
                                         "map_at_r": 0.5})
+    # b's validation calibration, and its twin on an open-set split (the same settings but
+    # --classes): the twin's AUROC on validation joins b's row.
+    update_metrics(runs, "b", calibration={"before": {"ece": 0.1, "nll": 1, "brier": 1},
+                                           "val": {"before": 0.04, "after": 0.015}})
+    fake_run(runs, "b-open", "airbench94", "cosface", 0.9, 0.9, label_smoothing=0.0, scale=8.0,
+             head_scale=8.0, margin=0.3, classes="cat,dog", **selection)
+    update_metrics(runs, "b-open", open_set_val={"max_logit": {"auroc": 0.81},
+                                                 "feature_norm": {"auroc": 0.875}})
     text = write_report(runs, tmp_path / "results.md")
     # Sorted by validation top-1: the cosface run first.
     setting = "cifar10-jpeg airbench94 airbench 45000x5 float32, fused GELU, fused BatchNorm"
     assert (f"| airbench94 | cosface s=8 m=0.3 LS 0.0 | {setting} | 0.0 | 0.1875 | 0 | 92.00 | "
-            f"95.00 | 85.00 | 50.00 |\n| airbench94 | cosface s=8 m=0.1 | {setting} | 0.2 | "
-            "0.1875 | 0 | 92.00 | 94.00 |") in text
+            f"95.00 | 50.00 | 4.00 | 1.50 | 81.00 | 87.50 |\n| airbench94 | cosface s=8 m=0.1 | "
+            f"{setting} | 0.2 | 0.1875 | 0 | 92.00 | 94.00 |") in text
     assert "| airbench94 | softmax | cifar10-jpeg airbench94 airbench 45000x5 mixed, " in text
     # The margin head chosen on validation (not the run best on test).
     assert f"| `cosface:s=8:m=0.3:ls=0` | {setting} | 0.1875 | 1 | 92.00 |" in text

@@ -11,7 +11,7 @@ import sys
 from tfmargin import names
 from tfmargin.margins import FALLBACKS, MARGIN_TYPES
 from tfmargin.runner.config import ConfigError, RunConfig
-from tfmargin.runner.recipes import HEAD_LEARNING_RATES, MARGIN_HEAD_LEARNING_RATE, RECIPE_HELP
+from tfmargin.runner.recipes import HEAD_DEFAULTS, MARGIN_HEAD_LEARNING_RATE, RECIPE_HELP
 from tfmargin.scores import SCORES
 
 
@@ -50,9 +50,10 @@ def _help():
         "optimizer": f"optimizer: {names.described(names.OPTIMIZERS)}",
         "learning_rate": "peak learning rate per 128 images, scaled linearly with the global "
                          "batch (the recipe sets the schedule: docs/recipe.md); default: the "
-                         "head's, " + ", ".join(f"{loss} {rate:g}" for loss, rate in
-                                                HEAD_LEARNING_RATES.items())
-                         + f", the margin heads {MARGIN_HEAD_LEARNING_RATE:g}",
+                         "recipe's for the head (standard: " + ", ".join(
+                             f"{loss} {settings['learning_rate']:g}" for loss, settings in
+                             HEAD_DEFAULTS["standard"].items() if "learning_rate" in settings)
+                         + f", the margin heads {MARGIN_HEAD_LEARNING_RATE:g})",
         "weight_decay": "weight decay: coupled L2 for sgd (as PyTorch's SGD), decoupled for "
                         "adamw",
         "warmup_epochs": "linear warm-up length in epochs (standard recipe only)",
@@ -181,19 +182,23 @@ def add_run_arguments(parser, defaults=True):
 
 
 def parse_run_args(parser, argv=None):
-    """Parse twice: first for ``--recipe``, then with that recipe's defaults."""
-    from tfmargin.runner.recipes import RECIPES
+    """Parse twice: first for ``--recipe`` and ``--loss``, then with that recipe's defaults
+    for that head (``recipes.head_defaults``), so --help shows them."""
+    from tfmargin.runner.recipes import RECIPES, head_defaults
 
-    first = argparse.ArgumentParser(add_help=False)  # so --help shows the recipe's defaults
+    first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--recipe", default="standard")
-    recipe = first.parse_known_args(argv)[0].recipe
-    if recipe not in RECIPES:
-        fail(parser, f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
-    # Every setting some recipe changes goes back to RunConfig's default first, so a parser
-    # used twice does not keep the first recipe's defaults.
+    first.add_argument("--loss", default=RunConfig.loss)
+    known = first.parse_known_args(argv)[0]
+    if known.recipe not in RECIPES:
+        fail(parser, f"unknown recipe {known.recipe!r}; choose one of {', '.join(RECIPES)}")
+    # Every setting some recipe or head changes goes back to RunConfig's default first, so a
+    # parser used twice does not keep the first recipe's defaults.
     base = RunConfig()
-    changed = {key: getattr(base, key) for preset in RECIPES.values() for key in preset}
-    parser.set_defaults(**{**changed, **RECIPES[recipe]})
+    changed = {key: getattr(base, key) for preset in (
+        *RECIPES.values(), *(s for heads in HEAD_DEFAULTS.values() for s in heads.values()))
+        for key in preset}
+    parser.set_defaults(**{**changed, **head_defaults(known.recipe, known.loss)})
     return parser.parse_args(argv)
 
 

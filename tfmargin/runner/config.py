@@ -13,10 +13,11 @@ from tfmargin.runner import provenance
 from tfmargin.runner.recipes import (
     AIRBENCH,
     DEFAULT_SERVED_SCORE,
-    HEAD_LEARNING_RATES,
+    HEAD_DEFAULTS,
     MARGIN_HEAD_LEARNING_RATE,
     RECIPES,
     SERVED_SCORES,
+    head_defaults,
 )
 from tfmargin.scores import LEGACY_KNN_K, SCORES
 
@@ -132,10 +133,12 @@ class RunConfig:
 
     @classmethod
     def for_recipe(cls, recipe="standard", **settings):
-        """A configuration with ``recipe``'s defaults, ``settings`` overriding them."""
+        """A configuration with ``recipe``'s defaults for its head (``recipes.head_defaults``),
+        ``settings`` overriding them."""
         if recipe not in RECIPES:
             raise ConfigError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
-        return cls(**{**RECIPES[recipe], **settings, "recipe": recipe})
+        return cls(**{**head_defaults(recipe, settings.get("loss", cls.loss)), **settings,
+                      "recipe": recipe})
 
     def resolved_mixed_precision(self):
         """Whether the run trains in mixed precision. ``"auto"``: yes where it was measured
@@ -181,12 +184,13 @@ class RunConfig:
 
     def resolved_learning_rate(self):
         """The peak learning rate per ``recipes.REFERENCE_BATCH`` images: the given one, or
-        the head's (``recipes.HEAD_LEARNING_RATES``; the margin heads share
+        the head's under its recipe (``recipes.HEAD_DEFAULTS``; else
         ``MARGIN_HEAD_LEARNING_RATE``). Part of the identity as resolved, so a run given the
         head's rate explicitly is the default run."""
         if self.learning_rate is not None:
             return self.learning_rate
-        return HEAD_LEARNING_RATES.get(self.loss, MARGIN_HEAD_LEARNING_RATE)
+        return HEAD_DEFAULTS.get(self.recipe, {}).get(self.loss, {}).get(
+            "learning_rate", MARGIN_HEAD_LEARNING_RATE)
 
     def resolved_reject_score(self):
         """``(score, k)``: the score the export's reject option thresholds and the neighbour

@@ -136,7 +136,9 @@ def split_scores(outputs, prefix, scale=None, k=sc.LEGACY_KNN_K):
 
 def calibration(outputs):
     """Calibration of the served test logits before and after temperature scaling, the
-    temperature fitted by NLL on the validation split (no validation split: before only)."""
+    temperature fitted by NLL on the validation split (no validation split: before only);
+    ``val``: the expected calibration error of the validation logits themselves, before and
+    after, for choices made on validation."""
     logits, labels = served_logits(outputs), outputs["labels"]
     result = {"before": m.calibration_metrics(logits, labels),
               "bins_before": m.reliability_bins(logits, labels)}
@@ -149,7 +151,10 @@ def calibration(outputs):
                    # little beyond the class.
                    "temperature_at_bound": not low * 1.01 < temperature < high / 1.01,
                    "after": m.calibration_metrics(logits, labels, temperature),
-                   "bins_after": m.reliability_bins(logits, labels, temperature)}
+                   "bins_after": m.reliability_bins(logits, labels, temperature),
+                   "val": {when: m.calibration_metrics(outputs["val_logits"],
+                                                       outputs["val_labels"], t)["ece"]
+                           for when, t in (("before", 1.0), ("after", temperature))}}
     return result
 
 

@@ -21,10 +21,8 @@ from tfmargin.scores import LEGACY_KNN_K
 # The learning rate is given for this many images per step and scaled linearly with the
 # global batch (Goyal et al. 2017, "Accurate, Large Minibatch SGD").
 REFERENCE_BATCH = 128
-# The standard recipe's learning rate per REFERENCE_BATCH images, by head: softmax's chosen
-# on validation at the main command's budget, paired by seed; every margin head's is the one
-# its scale and margin were chosen at (docs/recipe.md, "The learning rate of each head").
-HEAD_LEARNING_RATES = {"softmax": 0.025}
+# The standard recipe's learning rate per REFERENCE_BATCH images for a head without its own
+# (HEAD_DEFAULTS): the one the margin heads' scale and margin were chosen at.
 MARGIN_HEAD_LEARNING_RATE = 0.05
 RECIPES = {
     "standard": {},
@@ -33,6 +31,12 @@ RECIPES = {
                      label_smoothing=0.2, augment="airbench", embedding_dim=0,
                      precise_bn_batches=0, tta=2, val_split=0.1, gelu="fused"),
 }
+# Each head's own defaults under a recipe, where they differ from the recipe's: the one place
+# the runner reads them (RunConfig.for_recipe, --help), each chosen on validation
+# (docs/recipe.md, "Each head's recipe"). standard: softmax's learning rate, chosen at the
+# main command's budget, paired by seed. airbench: none chosen yet, so every head trains by
+# airbench's settings (tuned for softmax) until the per-head selection grid has chosen.
+HEAD_DEFAULTS = {"standard": {"softmax": dict(learning_rate=0.025)}, "airbench": {}}
 RECIPE_HELP = {
     "standard": "SGD with Nesterov momentum, linear warm-up then cosine decay, coupled L2; "
                 "docs/recipe.md",
@@ -48,6 +52,11 @@ DEFAULT_SERVED_SCORE = ("max_logit", LEGACY_KNN_K)
 # airbench's settings that have no flag of their own.
 AIRBENCH = dict(momentum=0.85, offset_lr_scale=64.0, whiten_bias_epochs=3, warmup=0.23,
                 start=0.2, end=0.07, lookahead_every=5, lookahead_base=0.95)
+
+
+def head_defaults(recipe, loss):
+    """``recipe``'s settings for a run of ``loss``: ``RECIPES``, then ``HEAD_DEFAULTS``."""
+    return {**RECIPES[recipe], **HEAD_DEFAULTS[recipe].get(loss, {})}
 
 
 def peak_learning_rate(config, global_batch):
