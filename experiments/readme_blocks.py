@@ -3,7 +3,7 @@ in a sentence, then a small table; computed here from the ledger's runs (``repor
 and checks them).
 """
 
-from tables import against, markdown, mean_sd, metric_value, seed_arms
+from tables import against, head_name, markdown, mean_sd, metric_value, seed_arms
 
 LEGEND = ("*top-1*: test accuracy, % (mean ± s.d. over seeds or splits); *MAP@R*: how well a "
           "test image's embedding retrieves the others of its class, %; *AUROC*: how well "
@@ -102,3 +102,27 @@ def open_set(runs):
             "that keeps 95 % of known validation images. *ECE*: expected calibration error of "
             "the served probabilities, %. Every score's AUROC for every split: "
             "docs/results.md.\n")
+
+
+def far_away(runs):
+    """Images of no class at all (``far_ood``): per run, each set's AUROC with the run's
+    served score and the share its reject option rejects."""
+    runs = [r for r in runs if metric_value(r, "far_ood")]
+    if not runs:
+        return "**No run records far-away images yet.**\n"
+    sets = sorted({name for r in runs for name in r["metrics"]["far_ood"]})
+    rows = []
+    for run in runs:
+        score = metric_value(run, "reject.score") or "max_logit"
+        cells = [f"{100 * entry['auroc'][score]:.1f} / {100 * entry.get('rejected', 0):.0f} %"
+                 if entry else "-" for entry in (run["metrics"]["far_ood"].get(name)
+                                                 for name in sets)]
+        known = len(run["config"]["classes"].split(",")) if run["config"]["classes"] else "all"
+        rows.append([head_name(run["config"]), known, score, *cells])
+    rejected = [entry.get("rejected", 0) for r in runs for entry in r["metrics"]["far_ood"]
+                .values()]
+    return (f"**Over {len(runs)} runs, the reject option turns away between "
+            f"{100 * min(rejected):.0f} % and {100 * max(rejected):.0f} % of a set of "
+            f"far-away images.**\n\n" + markdown(["head", "known classes", "served score",
+                                                *(f"{name}: AUROC / rejected" for name in sets)],
+                                               rows))

@@ -59,12 +59,8 @@ OPEN_SET_COLUMNS = (*((f"open_set.{key}.auroc", f"AUROC {name}") for key, name i
 
 
 def is_converged(run):
-    return run["config"]["recipe"] == "airbench" and "val" not in run["metrics"] \
-        and not is_open_set(run)
-
-
-def is_open_set(run):
-    return bool(run["config"]["classes"])
+    return run["config"]["recipe"] == "airbench" and not ("val" in run["metrics"] or run[
+        "config"]["classes"])
 
 
 def is_main_command(run):
@@ -78,7 +74,7 @@ def is_main_command(run):
 
 
 def is_selection(run):
-    return "val" in run["metrics"] and not is_main_command(run) and not is_open_set(run)
+    return "val" in run["metrics"] and not is_main_command(run) and not run["config"]["classes"]
 
 
 def is_table1(run):
@@ -195,7 +191,7 @@ def results_blocks(runs, ledger, docs_dir, plots):
     """``{name: Markdown}``: every block of docs/results.md's template and the README."""
     converged = [r for r in runs if is_converged(r)]
     main = [r for r in runs if is_main_command(r)]
-    open_set = [r for r in runs if is_open_set(r)]
+    open_set = [r for r in runs if r["config"]["classes"]]
     return {
         "headline": readme_blocks.headline([r for r in converged if at_recipe_kernels(r)]),
         "converged": seed_table(converged),
@@ -203,6 +199,7 @@ def results_blocks(runs, ledger, docs_dir, plots):
         "main_command": readme_blocks.main_command(main),
         "learning_rates": learning_rates(runs) or "No setting has runs at two rates yet.\n",
         "open_set": readme_blocks.open_set(open_set),
+        "far_away": readme_blocks.far_away(runs),
         "open_set_table": seed_table(open_set, columns=OPEN_SET_COLUMNS, pair_by="classes",
                                      pairs_name="splits"),
         "selection": selection([r for r in runs if is_selection(r)], main, open_set),

@@ -484,3 +484,21 @@ def test_the_runs_table_shows_the_top1_of_the_logits_its_ece_is_of():
     table = runs_table([run | {"finished": "-"}])
     assert "| test top-1 | top-1 served | test mAP | test MAP@R | ECE | ECE after |" in table
     assert "| 90.00 | 93.00 | 90.00 | 80.00 | 5.00 | 1.00 | 1.500 |" in table
+
+
+def test_far_away_images_are_shown_with_each_runs_served_score():
+    from readme_blocks import far_away
+
+    run = seed_run("r", "arcface", 0, 0.9, 0.9)
+    run["config"]["classes"] = "cat,dog"
+    run["metrics"] |= {"reject": {"score": "feature_norm"}, "far_ood": {
+        "noise": {"auroc": {"max_logit": 0.5, "feature_norm": 0.987}, "rejected": 0.95},
+        "digits": {"auroc": {"max_logit": 0.4, "feature_norm": 0.75}, "rejected": 0.3}}}
+    text = far_away([run, seed_run("old", "softmax", 0, 0.9, 0.9)])
+    assert text.startswith("**Over 1 runs, the reject option turns away between 30 % and "
+                           "95 % of a set of far-away images.**")
+    assert "| head | known classes | served score | digits: AUROC / rejected | noise: AUROC / " \
+        "rejected |" in text
+    assert "| arcface s=8 m=0.3 monotonic | 2 | feature_norm | 75.0 / 30 % | 98.7 / 95 % |" \
+        in text
+    assert far_away([]).startswith("**No run records far-away images yet.**")
