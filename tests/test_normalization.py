@@ -138,6 +138,8 @@ def test_epsilon_is_raised_to_the_fused_floor_and_survives_a_config_round_trip()
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenetv2", "efficientnetb0", "airbench93"])
 def test_backbones_swap_every_batchnorm_and_keep_their_parameters(name):
+    if keras.backend.backend() != "tensorflow" and name != "resnet18":
+        pytest.skip("the swap is the same Keras code on every backend: one backbone is enough")
     stock, fused = build_backbone(name), build_backbone(name, batchnorm="fused")
     norms = [layer for layer in stock.layers if isinstance(layer, keras.layers.BatchNormalization)]
     swapped = [layer for layer in fused.layers if isinstance(layer, FusedBatchNormalization)]

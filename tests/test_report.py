@@ -107,22 +107,23 @@ def test_sweep_runs_skips_finished_and_reports_a_figure(tmp_path):
     data = write_image_folder(tmp_path / "shapes", num_classes=3, per_class=16, test_per_class=6)
     runs = tmp_path / "runs"
     sweep = [sys.executable, os.path.join(ROOT, "experiments", "sweep.py"), "figure2",
-             "--dataset", data, "--backbones", "tinycnn", "--margins", "0.1,2.0", "--epochs",
+             "--dataset", data, "--backbones", "tinycnn", "--margins", "0.1,2.0", "--scales", "16",
+             "--epochs",
              "1", "--batch-size", "16", "--runs-dir", str(runs)]
     env = {**os.environ, "CI": "1"}
     recorded = tmp_path / "recorded"
     first = subprocess.run(sweep + ["--ledger", str(recorded)], capture_output=True, text=True,
                            timeout=900, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert len(os.listdir(runs)) == 8  # 2 margins x 2 fallbacks x 2 scales
+    assert len(os.listdir(runs)) == 4  # 2 margins x 2 fallbacks
     assert sorted(os.listdir(recorded)) == sorted(os.listdir(runs))  # recorded as they finish
-    assert "8 runs in grid figure2 (0 already finished)" in first.stdout
+    assert "4 runs in grid figure2 (0 already finished)" in first.stdout
     again = subprocess.run(sweep, capture_output=True, text=True, timeout=900, env=env)
-    assert "8 runs in grid figure2 (8 already finished)" in again.stdout
+    assert "4 runs in grid figure2 (4 already finished)" in again.stdout
     assert "Epoch 1/1" not in again.stdout
 
     ledger = tmp_path / "ledger"
-    assert len(collect(str(runs), str(ledger))) == 8
+    assert len(collect(str(runs), str(ledger))) == 4
     assert sorted(os.listdir(ledger / sorted(os.listdir(ledger))[0])) == [
         "config.json", "log.csv", "metrics.json", "test_predictions.npz"]
     assert collect(str(runs), str(ledger)) == []  # already there
@@ -130,14 +131,14 @@ def test_sweep_runs_skips_finished_and_reports_a_figure(tmp_path):
     elsewhere = sweep[:sweep.index("--runs-dir")] + ["--runs-dir", str(tmp_path / "new"),
                                                      "--ledger", str(ledger)]
     third = subprocess.run(elsewhere, capture_output=True, text=True, timeout=900, env=env)
-    assert "8 runs in grid figure2 (8 already finished)" in third.stdout, third.stderr[-2000:]
+    assert "4 runs in grid figure2 (4 already finished)" in third.stdout, third.stderr[-2000:]
     assert not (tmp_path / "new").exists()
     text = write_report(ledger, tmp_path / "docs" / "results.md")
     png = tmp_path / "docs" / "figure2.png"
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
     assert "![mAP and top-1 against m](figure2.png)" in text
     # Each run: a row of the runs table and its command.
-    assert text.count("| shapes-tinycnn-arcface-") == text.count("- `shapes-tinycnn-arcface-") == 8
+    assert text.count("| shapes-tinycnn-arcface-") == text.count("- `shapes-tinycnn-arcface-") == 4
 
 
 def test_glyph_folder_has_distinct_classes_and_loads(tmp_path):

@@ -314,8 +314,8 @@ def test_help_and_flag_errors_are_quiet(args):
 def test_a_sweep_at_another_learning_rate_trains_new_runs_and_a_name_clash_is_refused(
         shapes, tmp_path):
     sweep = os.path.join(ROOT, "experiments", "sweep.py")
-    common = ["many-classes", "--dataset", shapes, "--backbones", "tinycnn", "--epochs", "1",
-              "--runs-dir", str(tmp_path), "--batch-size", "32"]
+    common = ["heads", "--heads", "softmax,arcface", "--dataset", shapes, "--backbones",
+              "tinycnn", "--epochs", "1", "--runs-dir", str(tmp_path), "--batch-size", "32"]
     env = {**os.environ, "CI": "1"}
     first = subprocess.run([sys.executable, sweep, *common], capture_output=True, text=True,
                            env=env, timeout=600)
@@ -324,9 +324,9 @@ def test_a_sweep_at_another_learning_rate_trains_new_runs_and_a_name_clash_is_re
     again = subprocess.run([sys.executable, sweep, *common, "--learning-rate", "0.01"],
                            capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "5 runs in grid many-classes (0 already finished)" in again.stdout
+    assert "2 runs in grid heads (0 already finished)" in again.stdout
     new = set(os.listdir(tmp_path)) - before
-    assert len(new) == 5 and {json.loads((tmp_path / n / "config.json").read_text())
+    assert len(new) == 2 and {json.loads((tmp_path / n / "config.json").read_text())
                               ["learning_rate"] for n in new} == {0.01}
     # The same --name with another setting: refused, naming the setting, nothing changed.
     args = ["--backbone", "tinycnn", "--dataset", shapes, "--epochs", "1", "--batch-size", "32",
