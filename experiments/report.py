@@ -17,6 +17,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import readme_blocks  # noqa: E402
+import served_scores  # noqa: E402
 from ledger import LEDGER, ROOT, collect  # noqa: E402
 from plots import margin_curves  # noqa: E402
 from sweep import PAPER_HEAD, head_spec  # noqa: E402
@@ -200,6 +201,7 @@ def results_blocks(runs, ledger, docs_dir, plots):
         "learning_rates": learning_rates(runs) or "No setting has runs at two rates yet.\n",
         "open_set": readme_blocks.open_set(open_set),
         "far_away": readme_blocks.far_away(runs),
+        "served_scores": served_scores.table(runs),
         "open_set_table": seed_table(open_set, columns=OPEN_SET_COLUMNS, pair_by="classes",
                                      pairs_name="splits"),
         "selection": selection([r for r in runs if is_selection(r)], main, open_set),

@@ -14,7 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPTS = ("experiments/run.py", "experiments/sweep.py", "experiments/report.py",
            "experiments/predict.py", "experiments/make_glyphs.py",
-           "experiments/make_cifar10_jpeg.py", "benchmarks/bench.py", "benchmarks/goals.py")
+           "experiments/make_cifar10_jpeg.py", "benchmarks/bench.py", "benchmarks/goals.py",
+           "experiments/served_scores.py")
 
 
 # Flags of other programs the documents show (tensorboard, pip, pytest).
@@ -120,3 +121,11 @@ def test_the_goals_table_of_performance_md_is_the_benchmark_outputs():
     assert goals.cpu_type({"model": "Intel(R) Xeon(R) Processor", "flags": ["amx_bf16"]}) == \
         "Intel Xeon, AMX"
     assert goals.cpu_type({"model": "AMD EPYC", "flags": ["avx512_bf16"]}) == "AMD EPYC, no AMX"
+
+
+def test_each_heads_served_score_is_the_development_runs_choice():
+    """recipes.SERVED_SCORES is what experiments/served_scores.py chooses from the ledger."""
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "experiments",
+                                                        "served_scores.py"), "--check"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -1,56 +1,10 @@
-import json
 import os
 import shutil
 import subprocess
 import sys
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "experiments"))
-
-
-README_TEMPLATE = "".join(f"<!-- results:{name} -->\n<!-- /results:{name} -->\n"
-                          for name in ("headline", "main-command", "open-set"))
-
-
-def fake_run(runs, name, backbone, loss, top1, mAP, **changes):
-    os.makedirs(runs / name)
-    config = {"backbone": backbone, "loss": loss, "dataset": "data/cifar10-jpeg", "epochs": 3,
-              "limit_train": 5000, "batch_size": 128, "optimizer": "sgd", "seed": 0,
-              "learning_rate": 0.025 if loss == "softmax" else 0.05, "validation_freq": 3,
-              "scale": None if loss == "softmax" else 16.0,
-              "margin": None if loss == "softmax" else 0.2, "fallback": "monotonic",
-              "ce_weight": 0.0, "head_scale": 16.0, "train_size": 5000,
-              "label_smoothing": 0.0, "batchnorm": "fused", "mixed_precision": False} | changes
-    metrics = {"top1": top1, "top5": 0.9, "mAP": mAP, "precision_at_1": 0.3,
-               "map_at_r": 0.125, "val": {"top1": 0.5, "mAP": 0.5, "precision_at_1": 0.5,
-                                          "map_at_r": 0.5}, "epochs": 3, "wall_seconds": 100.0,
-               "train_images_per_second": 50.0, "train_accuracy_last_epoch": 0.4,
-               "finished_at": "2026-12-01T10:20:30Z"}
-    (runs / name / "config.json").write_text(json.dumps(config))
-    (runs / name / "metrics.json").write_text(json.dumps(metrics))
-
-
-def write_report(runs, output, *extra):
-    """Run experiments/report.py on the ledger ``runs`` as the command line does, with a
-    README of empty results blocks beside ``output``; the Markdown it wrote."""
-    readme = output.parent / "README.md"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if not readme.exists():
-        readme.write_text(README_TEMPLATE)
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "report.py"),
-                             "--ledger", str(runs), "--output", str(output), "--readme",
-                             str(readme), *extra], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return output.read_text()
-
-
-def update_metrics(runs, name, **changes):
-    """Change a fake run's metrics.json (keys given None are removed)."""
-    metrics = json.loads((runs / name / "metrics.json").read_text()) | changes
-    metrics = {k: v for k, v in metrics.items() if v is not None}
-    (runs / name / "metrics.json").write_text(json.dumps(metrics))
+from fake_runs import ROOT, fake_run, seed_run, update_metrics, write_report
 
 
 def test_report_copies_the_metrics_files(tmp_path):
@@ -154,21 +108,6 @@ def test_glyph_folder_has_distinct_classes_and_loads(tmp_path):
     data = load_dataset(write_glyphs(str(tmp_path / "g"), 5, 3, 2))
     assert data.class_names == [f"glyph_{i:03d}" for i in range(5)]
     assert data.sizes == {"train": 10, "val": 5, "test": 10}
-
-
-def seed_run(name, loss, seed, top1, tta_top1, map_at_r=0.8):
-    config = {"backbone": "airbench94", "loss": loss, "dataset": "data/cifar10-jpeg/",
-              "recipe": "airbench", "train_size": 50000, "epochs": 10, "seed": seed,
-              "margin": None if loss == "softmax" else 0.3, "head_scale": 8.0,
-              "fallback": "monotonic", "ce_weight": 0.0, "label_smoothing": 0.2,
-              "learning_rate": 0.1875, "weight_decay": 0.0153 / 11.5, "optimizer": "sgd",
-              "scale": None if loss == "softmax" else 8.0}
-    metrics = {"top1": top1, "tta": {"top1": tta_top1}, "mAP": 0.9, "precision_at_1": 0.9,
-               "map_at_r": map_at_r, "wall_seconds": 1800.0}
-    from tables import complete
-
-    return {"name": name, "config": complete(config | {"mixed_precision": False}),
-            "metrics": metrics}
 
 
 def test_seed_table_reports_mean_sd_and_paired_interval():
@@ -485,21 +424,3 @@ def test_the_runs_table_shows_the_top1_of_the_logits_its_ece_is_of():
     table = runs_table([run | {"finished": "-"}])
     assert "| test top-1 | top-1 served | test mAP | test MAP@R | ECE | ECE after |" in table
     assert "| 90.00 | 93.00 | 90.00 | 80.00 | 5.00 | 1.00 | 1.500 |" in table
-
-
-def test_far_away_images_are_shown_with_each_runs_served_score():
-    from readme_blocks import far_away
-
-    run = seed_run("r", "arcface", 0, 0.9, 0.9)
-    run["config"]["classes"] = "cat,dog"
-    run["metrics"] |= {"reject": {"score": "feature_norm"}, "far_ood": {
-        "noise": {"auroc": {"max_logit": 0.5, "feature_norm": 0.987}, "rejected": 0.95},
-        "digits": {"auroc": {"max_logit": 0.4, "feature_norm": 0.75}, "rejected": 0.3}}}
-    text = far_away([run, seed_run("old", "softmax", 0, 0.9, 0.9)])
-    assert text.startswith("**Over 1 runs, the reject option turns away between 30 % and "
-                           "95 % of a set of far-away images.**")
-    assert "| head | known classes | served score | digits: AUROC / rejected | noise: AUROC / " \
-        "rejected |" in text
-    assert "| arcface s=8 m=0.3 monotonic | 2 | feature_norm | 75.0 / 30 % | 98.7 / 95 % |" \
-        in text
-    assert far_away([]).startswith("**No run records far-away images yet.**")
