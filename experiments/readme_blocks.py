@@ -8,7 +8,8 @@ from tables import against, head_name, markdown, mean_sd, metric_value, seed_arm
 LEGEND = ("*top-1*: test accuracy, % (mean ± s.d. over seeds or splits); *MAP@R*: how well a "
           "test image's embedding retrieves the others of its class, %; *AUROC*: how well "
           "the served score ranks known-class test images above held-out-class ones, %; "
-          "*Δ*: paired difference from softmax, with its 95 % interval.\n")
+          "*Δ*: paired difference from softmax, with its 95 % interval; *monotonic*: ArcFace's "
+          "target logit kept decreasing past θ + m = π (docs/heads.md).\n")
 
 
 def _table(runs, columns, pair_by="seed"):
