@@ -20,8 +20,15 @@ def margin_curves(runs):
             if len({m for m, _ in v}) >= 2}
 
 
+def failed(run):
+    """Whether training failed: test top-1 within 1.5 times chance. (A run whose loss became
+    NaN stops with an error and records nothing: the sweep's log says so.)"""
+    return run["metrics"]["top1"] <= 1.5 / run["config"].get("num_classes", 10)
+
+
 def plot_margin_sweep(runs, path):
-    """mAP and top-1 vs m, one line per backbone x fallback x scale; False if nothing to plot."""
+    """mAP and top-1 vs m, one line per backbone x fallback x scale, a failed run (``failed``)
+    marked with a red cross; False if nothing to plot."""
     curves = margin_curves(runs)
     if not curves:
         return False
@@ -41,6 +48,9 @@ def plot_margin_sweep(runs, path):
         for ax, key in zip(axes, ("mAP", "top1"), strict=True):
             ax.plot(margins, [100 * r["metrics"][key] for _, r in points], style, marker="o",
                     label=label)
+            ax.plot([m for m, r in points if failed(r)],
+                    [100 * r["metrics"][key] for _, r in points if failed(r)], "x",
+                    color="red", markersize=10, label=None)
     for ax, title in zip(axes, ("test mAP (%)", "test top-1 (%)"), strict=True):
         ax.set_xlabel("margin m (radians)")
         ax.set_title(title)

@@ -424,3 +424,16 @@ def test_the_runs_table_shows_the_top1_of_the_logits_its_ece_is_of():
     table = runs_table([run | {"finished": "-"}])
     assert "| test top-1 | top-1 served | test mAP | test MAP@R | ECE | ECE after |" in table
     assert "| 90.00 | 93.00 | 90.00 | 80.00 | 5.00 | 1.00 | 1.500 |" in table
+
+
+def test_figure2_marks_a_run_at_chance_as_failed_and_covers_the_papers_range():
+    import sweep
+    from plots import failed
+
+    run = seed_run("m3", "arcface", 0, 0.14, 0.14)
+    run["config"]["num_classes"] = 10
+    assert failed(run) and not failed(seed_run("m01", "arcface", 0, 0.16, 0.16))
+    grid = sweep.grid("figure2")
+    assert {(g["margin"], g["fallback"], g["scale"]) for g in grid} == {
+        (m, f, s) for m in (0.1, 0.3, 0.5, 1.0, 1.5, 2.0, 3.0) for f in ("monotonic", "none")
+        for s in (1.0, 8.0)}
