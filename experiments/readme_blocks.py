@@ -122,7 +122,7 @@ def far_away(runs):
         rows.append([head_name(run["config"]), known, score, *cells])
     rejected = [entry.get("rejected", 0) for r in runs for entry in r["metrics"]["far_ood"]
                 .values()]
-    return (f"**Over {len(runs)} runs, the reject option turns away between "
+    return (f"**Over {len(runs)} run{'s' * (len(runs) > 1)}, the reject option turns away between "
             f"{100 * min(rejected):.0f} % and {100 * max(rejected):.0f} % of a set of "
             f"far-away images.**\n\n" + markdown(["head", "known classes", "served score",
                                                 *(f"{name}: AUROC / rejected" for name in sets)],

@@ -14,7 +14,7 @@ def test_far_away_images_are_shown_with_each_runs_served_score():
         "noise": {"auroc": {"max_logit": 0.5, "feature_norm": 0.987}, "rejected": 0.95},
         "digits": {"auroc": {"max_logit": 0.4, "feature_norm": 0.75}, "rejected": 0.3}}}
     text = far_away([run, seed_run("old", "softmax", 0, 0.9, 0.9)])
-    assert text.startswith("**Over 1 runs, the reject option turns away between 30 % and "
+    assert text.startswith("**Over 1 run, the reject option turns away between 30 % and "
                            "95 % of a set of far-away images.**")
     assert "| head | known classes | served score | digits: AUROC / rejected | noise: AUROC / " \
         "rejected |" in text
