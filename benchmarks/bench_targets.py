@@ -177,6 +177,7 @@ def bench_accuracy(report, args, runs_dir):
     config = RunConfig(backbone=args.plain_backbone, loss="arcface", dataset=args.dataset,
                        epochs=args.accuracy_epochs, limit_train=args.accuracy_train,
                        batch_size=args.batch_size, export="none", projector_samples=0,
+                       far_ood="none",
                        runs_dir=runs_dir, validation_freq=args.accuracy_epochs)
     ours = train(config)["top1"]
     plain = plain_keras_model(stock_mobilenetv2() if args.plain_backbone == "mobilenetv2"

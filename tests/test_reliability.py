@@ -24,7 +24,8 @@ def shapes(tmp_path_factory):
 def tiny_args(shapes, runs, *extra):
     return [sys.executable, RUN, "--backbone", "tinycnn", "--dataset", shapes, "--epochs", "2",
             "--batch-size", "16", "--embedding-dim", "0", "--projector-samples", "0",
-            "--export", "none", "--runs-dir", str(runs), "--name", "r", *extra]
+            "--export", "none", "--far-ood", "none", "--runs-dir", str(runs), "--name", "r",
+            *extra]
 
 
 @pytest.mark.slow
@@ -281,8 +282,11 @@ def test_ctrl_c_is_one_line_and_an_open_set_run_resumes_at_its_next_epoch(shapes
     env = {**os.environ, "CI": "1", "PYTHONUNBUFFERED": "1"}
     args = tiny_args(shapes, tmp_path, "--classes", "class_2,class_0")
     args[args.index("--epochs") + 1] = "3"
+    # A run's Ctrl-C as in a terminal, however the tests were started (a shell's background
+    # job ignores SIGINT, and a child started so would inherit that).
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=env)
+                               env=env, preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                         signal.SIG_DFL))
     for line in process.stdout:
         if line.startswith("Epoch 2/"):
             process.send_signal(signal.SIGINT)

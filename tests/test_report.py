@@ -62,6 +62,7 @@ def test_sweep_runs_skips_finished_and_reports_a_figure(tmp_path):
     runs = tmp_path / "runs"
     sweep = [sys.executable, os.path.join(ROOT, "experiments", "sweep.py"), "figure2",
              "--dataset", data, "--backbones", "tinycnn", "--margins", "0.1,2.0", "--scales", "16",
+             "--far-ood", "none",
              "--epochs",
              "1", "--batch-size", "16", "--runs-dir", str(runs)]
     env = {**os.environ, "CI": "1"}

@@ -14,7 +14,10 @@ RUN = os.path.join(ROOT, "experiments", "run.py")
 
 
 def run_cli(*args, env=None, cwd=None):
-    return subprocess.run([sys.executable, RUN, *args], capture_output=True, text=True,
+    """run.py with ``args``; without far-away images (minutes of the suite) unless a test
+    gives ``--far-ood``."""
+    far = () if "--far-ood" in args else ("--far-ood", "none")
+    return subprocess.run([sys.executable, RUN, *args, *far], capture_output=True, text=True,
                           env={**os.environ, "CI": "1", **(env or {})}, cwd=cwd, timeout=600)
 
 
@@ -26,7 +29,7 @@ def shapes(tmp_path_factory):
 
 def test_cli_end_to_end_writes_the_run_directory(shapes, tmp_path):
     result = run_cli("--backbone", "tinycnn", "--loss", "arcface", "--dataset", shapes,
-                     "--mix", "cutmix", "--epochs", "2", "--batch-size", "32",
+                     "--mix", "cutmix", "--epochs", "2", "--batch-size", "32", "--far-ood", "",
                      "--reject-score", "feature_norm", "--runs-dir", str(tmp_path),
                      "--name", "smoke", "--export-dir", str(tmp_path / "exports"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -315,7 +318,8 @@ def test_a_sweep_at_another_learning_rate_trains_new_runs_and_a_name_clash_is_re
         shapes, tmp_path):
     sweep = os.path.join(ROOT, "experiments", "sweep.py")
     common = ["heads", "--heads", "softmax,arcface", "--dataset", shapes, "--backbones",
-              "tinycnn", "--epochs", "1", "--runs-dir", str(tmp_path), "--batch-size", "32"]
+              "tinycnn", "--epochs", "1", "--runs-dir", str(tmp_path), "--batch-size", "32",
+              "--far-ood", "none"]
     env = {**os.environ, "CI": "1"}
     first = subprocess.run([sys.executable, sweep, *common], capture_output=True, text=True,
                            env=env, timeout=600)

@@ -83,7 +83,7 @@ def _help():
         "far_ood": "comma-separated folders of images of no known class, scored after "
                    "training beside generated flat, noise and digit images (AUROC and the "
                    "share the reject option rejects; experiments/make_fashion_mnist.py "
-                   "writes Fashion-MNIST as such a folder)",
+                   "writes Fashion-MNIST as such a folder); none: no far-away images",
         "validation_freq": "validate on the validation split every N epochs",
         "val_split": "fraction of the training data held out for validation (per class); 0 "
                      "trains on all of it (no validation metrics, nothing chosen)",

@@ -85,7 +85,7 @@ class RunConfig:
     tta: int = 0
     classes: str = ""  # comma-separated class names to train on (""): all; see class_list
     reject_score: str = "auto"  # the export's reject option: scores.SCORES, or "auto"
-    far_ood: str = ""  # comma-separated folders of far-away images (runner.far_images)
+    far_ood: str = ""  # comma-separated folders of far-away images, or "none" (far_images)
     validation_freq: int = 1
     val_split: float = 0.1
     test_split: float = 0.1
@@ -251,8 +251,8 @@ class RunConfig:
                 for key, value in self.identity().items() if stored.get(key) != value]
 
     def far_ood_folders(self):
-        """The ``--far-ood`` folders, in the order given."""
-        return [folder for folder in self.far_ood.split(",") if folder]
+        """The ``--far-ood`` folders, in the order given (``none``: no far-away images)."""
+        return [] if self.far_ood == "none" else [f for f in self.far_ood.split(",") if f]
 
     def validate(self):
         """Raise ``ConfigError`` naming the first impossible setting and its allowed values."""

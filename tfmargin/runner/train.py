@@ -407,8 +407,8 @@ def train(config, overwrite=False, callbacks=()):
         projector.write(config.epochs)
     metrics, outputs, gallery = evaluate(
         model, data, global_batch, config.tta, reject_score=config.reject_score,
-        knn_k=config.knn_k, far_sets=far_image_sets(config.image_size,
-                                                    config.far_ood_folders()))
+        knn_k=config.knn_k, far_sets=None if config.far_ood == "none" else far_image_sets(
+            config.image_size, config.far_ood_folders()))
     if "reject" in metrics:
         metrics["reject"]["chosen_by"] = config.reject_chosen_by
     metrics |= {"epochs": config.epochs, **timing, **({"batchnorm": batchnorm} if batchnorm
