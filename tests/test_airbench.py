@@ -242,7 +242,7 @@ def test_airbench_recipe_end_to_end_with_tta_export(tmp_path):
         [sys.executable, os.path.join(ROOT, "experiments", "run.py"), "--recipe", "airbench",
          "--backbone", "airbench93", "--loss", "softmax", "--dataset", data, "--epochs", "2",
          "--batch-size", "32", "--gelu", "fused", "--runs-dir", str(tmp_path / "runs"),
-         "--name", "ab",
+         "--name", "ab", "--far-ood", "none",  # far-away images: test_train's runs
          "--export-dir", str(tmp_path / "exports")],
         capture_output=True, text=True, env={**os.environ, "CI": "1"}, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
