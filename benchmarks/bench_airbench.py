@@ -4,17 +4,12 @@ float32; with the benchmark's XLA-fused BatchNorm variant."""
 
 import json
 import os
-import sys
 from functools import cache, partial
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from tfmargin.quiet import import_tensorflow  # noqa: E402
-
-tf = import_tensorflow()
-import keras  # noqa: E402
-from setups import airbench_setup  # noqa: E402
-from timing import (  # noqa: E402
+import keras
+import tensorflow as tf
+from setups import airbench_setup
+from timing import (
     conv_peak,
     gflop,
     matmul_peak,
@@ -23,9 +18,9 @@ from timing import (  # noqa: E402
     training_flops_per_image,
 )
 
-from tfmargin.activations import FusedGELU  # noqa: E402
-from tfmargin.names import BATCHNORMS, GELUS  # noqa: E402
-from tfmargin.runner.config import RunConfig  # noqa: E402
+from tfmargin.activations import FusedGELU
+from tfmargin.names import BATCHNORMS, GELUS
+from tfmargin.runner.config import RunConfig
 
 
 def gelu_in_float32(x):

@@ -1,25 +1,17 @@
 """Against PyTorch on the same CPU: whole training steps (airbench94 and the main command's
 MobileNetV2) and airbench's layers one at a time."""
 
-import os
-import sys
 from functools import partial
 
+import keras
 import numpy as np
+from bench_airbench import XlaBatchNormalization, layer_step_rate, the_other
+from setups import RunSetup, airbench_setup
+from timing import paired, steps_per_second
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from tfmargin.quiet import import_tensorflow  # noqa: E402
-
-tf = import_tensorflow()
-import keras  # noqa: E402
-from bench_airbench import XlaBatchNormalization, layer_step_rate, the_other  # noqa: E402
-from setups import RunSetup, airbench_setup  # noqa: E402
-from timing import paired, steps_per_second  # noqa: E402
-
-from tfmargin.activations import FusedGELU  # noqa: E402
-from tfmargin.names import BATCHNORMS, GELU_BACKBONES  # noqa: E402
-from tfmargin.runner.config import RunConfig  # noqa: E402
+from tfmargin.activations import FusedGELU
+from tfmargin.names import BATCHNORMS, GELU_BACKBONES
+from tfmargin.runner.config import RunConfig
 
 
 def peer_step(name, memory, bfloat16):

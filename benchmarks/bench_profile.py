@@ -3,24 +3,17 @@ and by layer kind, and oneDNN's own timing of each primitive in either framework
 
 import collections
 import importlib.util
-import os
 import re
-import sys
 import tempfile
 from functools import partial
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_airbench import the_other
+from bench_peer import peer_step
+from setups import airbench_setup
+from timing import tensorflow_op_times, torch_op_times
 
-from tfmargin.quiet import import_tensorflow  # noqa: E402
-
-tf = import_tensorflow()
-from bench_airbench import the_other  # noqa: E402
-from bench_peer import peer_step  # noqa: E402
-from setups import airbench_setup  # noqa: E402
-from timing import tensorflow_op_times, torch_op_times  # noqa: E402
-
-from tfmargin.names import BATCHNORMS  # noqa: E402
-from tfmargin.runner.config import RunConfig  # noqa: E402
+from tfmargin.names import BATCHNORMS
+from tfmargin.runner.config import RunConfig
 
 PROFILE_TOP = 8  # op types reported per profiled step
 

@@ -2,22 +2,15 @@
 scripts), the speed levers of the standard recipe, and the accuracy check against a plain
 script."""
 
-import os
 import statistics
-import sys
 from functools import partial
 from unittest import mock
 
+import keras
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from tfmargin.quiet import import_tensorflow  # noqa: E402
-
-tf = import_tensorflow()
-import keras  # noqa: E402
-from setups import RunSetup  # noqa: E402
-from timing import (  # noqa: E402
+import tensorflow as tf
+from setups import RunSetup
+from timing import (
     gflop,
     images_per_second,
     matmul_peak,
@@ -25,10 +18,10 @@ from timing import (  # noqa: E402
     training_flops_per_image,
 )
 
-from tfmargin.backbones import build_backbone  # noqa: E402
-from tfmargin.data import load_dataset  # noqa: E402
-from tfmargin.runner.config import RunConfig  # noqa: E402
-from tfmargin.runner.train import train  # noqa: E402
+from tfmargin.backbones import build_backbone
+from tfmargin.data import load_dataset
+from tfmargin.runner.config import RunConfig
+from tfmargin.runner.train import train
 
 
 def pipeline_rate(batches, batch_size, steps=100):

@@ -115,15 +115,18 @@ def far_away(runs):
     rows = []
     for run in runs:
         score = metric_value(run, "reject.score") or "max_logit"
-        cells = [f"{100 * entry['auroc'][score]:.1f} / {100 * entry.get('rejected', 0):.0f} %"
-                 if entry else "-" for entry in (run["metrics"]["far_ood"].get(name)
-                                                 for name in sets)]
+        cells = [f"{100 * entry['auroc'][score]:.1f} / " + (
+            f"{100 * entry['rejected']:.0f} %" if "rejected" in entry else "-")
+            if entry else "-" for entry in (run["metrics"]["far_ood"].get(name) for name in sets)]
         known = len(run["config"]["classes"].split(",")) if run["config"]["classes"] else "all"
         rows.append([head_name(run["config"]), known, score, *cells])
-    rejected = [entry.get("rejected", 0) for r in runs for entry in r["metrics"]["far_ood"]
-                .values()]
+    rejected = [entry["rejected"] for r in runs for entry in r["metrics"]["far_ood"].values()
+                if "rejected" in entry]
+    table = markdown(["head", "known classes", "served score",
+                      *(f"{name}: AUROC / rejected" for name in sets)], rows)
+    if not rejected:
+        return ("**No run with far-away images has a reject option (no validation split).**"
+                f"\n\n{table}")
     return (f"**Over {len(runs)} run{'s' * (len(runs) > 1)}, the reject option turns away between "
             f"{100 * min(rejected):.0f} % and {100 * max(rejected):.0f} % of a set of "
-            f"far-away images.**\n\n" + markdown(["head", "known classes", "served score",
-                                                *(f"{name}: AUROC / rejected" for name in sets)],
-                                               rows))
+            f"far-away images.**\n\n{table}")

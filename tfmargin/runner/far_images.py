@@ -11,7 +11,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from tfmargin.data import IMAGE_EXTENSIONS
+from tfmargin.data import IMAGE_EXTENSIONS, decode_image
 
 SYNTHETIC_SIZE = 300  # images per generated set (an AUROC to about a point)
 FOLDER_LIMIT = 2000  # images read from a --far-ood folder
@@ -47,13 +47,15 @@ def digit_images(count, size, rng):
 
 
 def folder_images(folder, size, limit=FOLDER_LIMIT):
-    """The first ``limit`` images (by path) under ``folder``, as RGB at ``size``."""
+    """The first ``limit`` images (by path) under ``folder``, decoded and resized as training
+    and the export decode every image (``tfmargin.data.decode_image``)."""
+    import tensorflow as tf
+
     paths = sorted(os.path.join(root, name) for root, _, names in os.walk(folder)
                    for name in names if name.lower().endswith(IMAGE_EXTENSIONS))[:limit]
     images = np.empty((len(paths), size, size, 3), np.uint8)
     for i, path in enumerate(paths):
-        with Image.open(path) as image:
-            images[i] = np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR))
+        images[i] = decode_image(tf.io.read_file(path), size).numpy()
     return images
 
 
