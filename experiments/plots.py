@@ -4,31 +4,13 @@ diagnostics, reliability diagrams."""
 import os
 
 import numpy as np
-from tables import recipe_label
+from margin_sweep import failed, margin_curves, training_log
 
 
-def margin_curves(runs):
-    """ArcFace runs at their recipe's defaults grouped into curves over m:
-    ``{(backbone, fallback, s, train images, epochs): [(m, run)]}``, of two margins or more."""
-    curves = {}
-    for run in runs:
-        c = run["config"]
-        if c["loss"] == "arcface" and not c["ce_weight"] and not recipe_label(c):
-            curves.setdefault((c["backbone"], c["fallback"], c["head_scale"], c["train_size"],
-                               run["metrics"]["epochs"]), []).append((float(c["margin"]), run))
-    return {k: sorted(v, key=lambda p: p[0]) for k, v in curves.items()
-            if len({m for m, _ in v}) >= 2}
-
-
-def failed(run):
-    """Whether training failed: test top-1 within 1.5 times chance. (A run whose loss became
-    NaN stops with an error and records nothing: the sweep's log says so.)"""
-    return run["metrics"]["top1"] <= 1.5 / run["config"].get("num_classes", 10)
-
-
-def plot_margin_sweep(runs, path):
-    """mAP and top-1 vs m, one line per backbone x fallback x scale, a failed run (``failed``)
-    marked with a red cross; False if nothing to plot."""
+def plot_margin_sweep(runs, ledger, path):
+    """mAP and top-1 vs m (the mean over a point's seeds), one line per backbone x fallback x
+    scale, a point with a failed run (``margin_sweep.failed``) marked with a red cross; False
+    if nothing to plot."""
     curves = margin_curves(runs)
     if not curves:
         return False
@@ -41,15 +23,16 @@ def plot_margin_sweep(runs, path):
     several_budgets = len({k[3:] for k in curves}) > 1
     for (backbone, fallback, scale, size, epochs), points in sorted(curves.items()):
         margins = [m for m, _ in points]
+        crossed = [any(failed(r, training_log(r, ledger)) for r in group) for _, group in points]
         style = "-" if fallback == "monotonic" else "--"
         label = f"{backbone}, {fallback}, s={scale:.3g}"
         if several_budgets:
             label += f" ({size} x {epochs})"
         for ax, key in zip(axes, ("mAP", "top1"), strict=True):
-            ax.plot(margins, [100 * r["metrics"][key] for _, r in points], style, marker="o",
-                    label=label)
-            ax.plot([m for m, r in points if failed(r)],
-                    [100 * r["metrics"][key] for _, r in points if failed(r)], "x",
+            values = [100 * np.mean([r["metrics"][key] for r in group]) for _, group in points]
+            ax.plot(margins, values, style, marker="o", label=label)
+            ax.plot([m for m, x in zip(margins, crossed, strict=True) if x],
+                    [v for v, x in zip(values, crossed, strict=True) if x], "x",
                     color="red", markersize=10, label=None)
     for ax, title in zip(axes, ("test mAP (%)", "test top-1 (%)"), strict=True):
         ax.set_xlabel("margin m (radians)")

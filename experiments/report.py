@@ -19,11 +19,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import readme_blocks  # noqa: E402
 import served_scores  # noqa: E402
 from ledger import LEDGER, ROOT, collect  # noqa: E402
-from plots import margin_curves  # noqa: E402
+from margin_sweep import margin_curves, sweep_table  # noqa: E402
 from sweep import PAPER_HEAD, head_spec  # noqa: E402
 from tables import (  # noqa: E402
     BACKBONE_COLUMNS,
     KERNEL_SETTINGS,
+    at_recipe_kernels,
     best_on_validation,
     command,
     head_name,
@@ -108,13 +109,6 @@ def kernels(runs):
                      ) or "No run with a fused kernel has its Keras twin yet.\n"
 
 
-def at_recipe_kernels(run):
-    """Whether a run was built with the GELU and BatchNorm its recipe builds today."""
-    c = run["config"]
-    recipe = RunConfig.for_recipe(c["recipe"], backbone=c["backbone"]).resolved()
-    return (c["gelu"], c["batchnorm"]) == (recipe.gelu, recipe.batchnorm)
-
-
 def learning_rates(runs):
     """Every setting run at several learning rates, on validation, paired by seed."""
     compared = varied([r for r in runs if "val" in r["metrics"]], "learning_rate")
@@ -158,14 +152,15 @@ def selection(runs, main, open_set):
                        chosen))
 
 
-def paper(runs, docs_dir, plots):
-    """Table 1 (mAP with the paper's, top-1) at the main command's budget, Figure 2, Table 2."""
+def paper(runs, ledger, docs_dir, plots):
+    """Table 1 (mAP with the paper's, top-1) at the main command's budget, Figure 2 with its
+    table, Table 2."""
     table1 = [r for r in runs if is_table1(r)]
     figure = ""
     if margin_curves(runs):  # decided without matplotlib: --check draws nothing
         if plots is not None:
-            plots.plot_margin_sweep(runs, os.path.join(docs_dir, "figure2.png"))
-        figure = "![mAP and top-1 against m](figure2.png)\n"
+            plots.plot_margin_sweep(runs, ledger, os.path.join(docs_dir, "figure2.png"))
+        figure = "![mAP and top-1 against m](figure2.png)\n\n" + sweep_table(runs, ledger)
     return {"table1_map": paper_table(table1, PAPER["cifar10"]),
             "table1_top1": paper_table(table1, metric="top1"),
             "figure2": figure or "No margin sweep is recorded yet.\n",
@@ -205,7 +200,7 @@ def results_blocks(runs, ledger, docs_dir, plots):
         "open_set_table": seed_table(open_set, columns=OPEN_SET_COLUMNS, pair_by="classes",
                                      pairs_name="splits"),
         "selection": selection([r for r in runs if is_selection(r)], main, open_set),
-        **paper(runs, docs_dir, plots),
+        **paper(runs, ledger, docs_dir, plots),
         "fingerprints": "; ".join(sorted({
             f"`{dataset_label(r['config']['dataset'])}` "
             f"`{r['config'].get('data_fingerprint', '?')[:16]}`" for r in runs})),

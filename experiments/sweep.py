@@ -178,7 +178,7 @@ def main(argv=None):
     import keras
 
     from tfmargin.runner.config import RunConfig
-    from tfmargin.runner.train import train
+    from tfmargin.runner.train import TrainingDiverged, train
 
     if args.grid == "many-classes" and not dataset:
         parser.error("many-classes needs --dataset: a folder with hundreds of classes, e.g. "
@@ -204,6 +204,7 @@ def main(argv=None):
             configs.append(config)
     progress = keras.utils.Progbar(len(configs), unit_name="run")
     done = skipped = 0
+    diverged = []
     with exit_with(parser):
         for config in configs:
             name = config.run_name()
@@ -211,7 +212,10 @@ def main(argv=None):
             recorded = args.ledger and is_recorded(name, args.ledger)
             finished = recorded or os.path.exists(os.path.join(run_dir, "metrics.json"))
             if not recorded:
-                train(config)
+                try:
+                    train(config)
+                except TrainingDiverged as error:  # a margin sweep looks for these: go on
+                    diverged.append(f"{name}: {error}")
                 if args.ledger:
                     record(run_dir, args.ledger)
             skipped += finished
@@ -219,6 +223,9 @@ def main(argv=None):
             progress.update(done, values=[("skipped", skipped)], finalize=False)
     print(f"\n{done} runs in grid {args.grid} ({skipped} already finished) under "
           f"{configs[0].runs_dir if configs else common.get('runs_dir', 'runs')}")
+    if diverged:
+        parser.exit(3, f"{len(diverged)} run(s) diverged, nothing recorded for them:\n"
+                       + "\n".join(diverged) + "\n")
 
 
 if __name__ == "__main__":

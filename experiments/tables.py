@@ -45,6 +45,13 @@ def load_runs(runs_dir):
     return runs
 
 
+def at_recipe_kernels(run):
+    """Whether a run was built with the GELU and BatchNorm its recipe builds today."""
+    c = run["config"]
+    recipe = RunConfig.for_recipe(c["recipe"], backbone=c["backbone"]).resolved()
+    return (c["gelu"], c["batchnorm"]) == (recipe.gelu, recipe.batchnorm)
+
+
 def markdown(header, rows):
     """A Markdown table of ``rows`` (lists of cells) under ``header``."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

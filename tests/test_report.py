@@ -427,14 +427,59 @@ def test_the_runs_table_shows_the_top1_of_the_logits_its_ece_is_of():
     assert "| 90.00 | 93.00 | 90.00 | 80.00 | 5.00 | 1.00 | 1.500 |" in table
 
 
-def test_figure2_marks_a_run_at_chance_as_failed_and_covers_the_papers_range():
+def test_figure2_marks_failed_runs_and_shows_where_the_angles_went(tmp_path):
+    """A run fails at chance top-1 or when its training loss did not fall (log.csv); the
+    table shows each point's top-1 and its mean target angle over the first and last epoch."""
     import sweep
-    from plots import failed
+    from margin_sweep import failed, sweep_table, training_log
 
-    run = seed_run("m3", "arcface", 0, 0.14, 0.14)
-    run["config"]["num_classes"] = 10
-    assert failed(run) and not failed(seed_run("m01", "arcface", 0, 0.16, 0.16))
+    runs = tmp_path / "runs"
+    logs = {"m01": ("0,2.9,88.0\n1,2.4,80.5\n", 0.40), "m2": ("0,2.9,90.0\n1,3.1,120.0\n", 0.20),
+            "m3": ("0,2.9,89.0\n1,2.8,150.0\n", 0.14)}
+    for name, (rows, top1) in logs.items():
+        fake_run(runs, name, "mobilenetv2", "arcface", top1, 0.3, fallback="none",
+                 margin=float(name[1:].replace("01", "0.1")), scale=8.0, head_scale=8.0,
+                 epochs=2, validation_freq=2)
+        update_metrics(runs, name, epochs=2)
+        (runs / name / "log.csv").write_text("epoch,loss,theta_y_mean\n" + rows)
+    from tables import load_runs
+
+    loaded = {r["name"]: r for r in load_runs(str(runs))}
+    log = training_log(loaded["m2"], str(runs))
+    assert log == {"epoch": [0.0, 1.0], "loss": [2.9, 3.1], "theta_y_mean": [90.0, 120.0]}
+    assert failed(loaded["m2"], log)  # the loss rose
+    assert failed(loaded["m3"], {})  # top-1 within 1.5 x chance
+    assert not failed(loaded["m01"], training_log(loaded["m01"], str(runs)))
+    table = sweep_table(list(loaded.values()), str(runs))
+    assert ("| mobilenetv2 | 5,000 × 2 | none | 8 | 40.0 (88° → 80°) | 20.0 (90° → 120°) ✗ | "
+            "14.0 (89° → 150°) ✗ |") in table
+    assert ("Training failed (✗) at: none, s = 8: m = 2, 3. Over the first epoch the training "
+            "images sat at 88°–90° from their own class centre") in table
     grid = sweep.grid("figure2")
     assert {(g["margin"], g["fallback"], g["scale"]) for g in grid} == {
         (m, f, s) for m in (0.1, 0.3, 0.5, 1.0, 1.5, 2.0, 3.0) for f in ("monotonic", "none")
         for s in (1.0, 8.0)}
+
+
+def test_a_sweep_goes_on_past_a_run_whose_loss_became_nan(tmp_path, monkeypatch, capsys):
+    """A margin sweep looks for failures: a diverged run is named, the others still run, and
+    the sweep exits 3."""
+    import sweep
+
+    from tfmargin.runner import train as train_module
+
+    tried = []
+
+    def train(config):
+        tried.append(config.margin)
+        if config.margin == 3.0:
+            raise train_module.TrainingDiverged("loss became NaN in epoch 1")
+
+    monkeypatch.setattr(train_module, "train", train)
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main(["figure2", "--backbones", "tinycnn", "--margins", "3,0.1", "--scales", "1",
+                    "--far-ood", "none", "--runs-dir", str(tmp_path / "runs")])
+    assert exit_info.value.code == 3 and tried == [3.0, 0.1, 3.0, 0.1]
+    err = capsys.readouterr().err
+    assert "2 run(s) diverged, nothing recorded for them:" in err
+    assert err.count("-m3.0-") == 2 and "loss became NaN in epoch 1" in err

@@ -1,0 +1,85 @@
+"""Figure 2's study: ArcFace over the margin m, which runs failed to train and why, from the
+ledger (``metrics.json`` and each run's per-epoch ``log.csv``)."""
+
+import csv
+import math
+import os
+
+import numpy as np
+from tables import at_recipe_kernels, markdown, recipe_label
+
+
+def margin_curves(runs):
+    """ArcFace runs at their recipe's defaults and today's kernels, grouped into curves over
+    m: ``{(backbone, fallback, s, train images, epochs): [(m, [runs at m])]}``, of two
+    margins or more (several runs at one m: its seeds)."""
+    curves = {}
+    for run in runs:
+        c = run["config"]
+        if (c["loss"] == "arcface" and not c["ce_weight"] and not c["classes"]
+                and not recipe_label(c) and at_recipe_kernels(run)):
+            key = (c["backbone"], c["fallback"], c["head_scale"], c["train_size"],
+                   run["metrics"]["epochs"])
+            curves.setdefault(key, {}).setdefault(float(c["margin"]), []).append(run)
+    return {key: sorted(points.items()) for key, points in curves.items() if len(points) >= 2}
+
+
+def training_log(run, ledger):
+    """A run's per-epoch training log (its ``log.csv``) as ``{column: [floats]}``, NaN where
+    Keras wrote NA; ``{}`` where the ledger has no log."""
+    path = os.path.join(ledger, run["name"], "log.csv")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    return {key: [math.nan if row[key] in ("NA", "") else float(row[key]) for row in rows]
+            for key in (rows[0] if rows else ())}
+
+
+def failed(run, log):
+    """Whether training failed: test top-1 within 1.5 times chance, or a last epoch's training
+    loss not below the first's (``log``: ``training_log``). A run whose loss became NaN stops
+    with an error and records nothing; the sweep names it and goes on."""
+    loss = log.get("loss", [])
+    return (run["metrics"]["top1"] <= 1.5 / run["config"].get("num_classes", 10)
+            or (len(loss) > 1 and not loss[-1] < loss[0]))
+
+
+def angles(log):
+    """The training images' mean angle to their own class centre (degrees), averaged over the
+    first epoch and over the last: ``(first, last)``, None where the log has none."""
+    theta = log.get("theta_y_mean")
+    return (theta[0], theta[-1]) if theta else None
+
+
+def sweep_table(runs, ledger):
+    """One row per curve, one column per margin: test top-1 (mean over the point's runs), the
+    mean target angle over the first and the last epoch, and a cross where training failed;
+    then one sentence with what the runs show (where angles start, which settings failed)."""
+    curves = margin_curves(runs)
+    if not curves:
+        return ""
+    margins = sorted({m for points in curves.values() for m, _ in points})
+    rows, starts, failures = [], [], {}
+    for (backbone, fallback, scale, size, epochs), points in sorted(curves.items()):
+        cells = dict.fromkeys(margins, "")
+        for m, group in points:
+            logs = [training_log(r, ledger) for r in group]
+            turned = [a for a in map(angles, logs) if a]
+            starts += [a[0] for a in turned]
+            cell = f"{100 * np.mean([r['metrics']['top1'] for r in group]):.1f}"
+            if turned:
+                cell += " ({:.0f}° → {:.0f}°)".format(*np.mean(turned, axis=0))
+            if any(failed(r, log) for r, log in zip(group, logs, strict=True)):
+                cell += " ✗"
+                failures.setdefault((fallback, f"{scale:g}"), []).append(f"{m:g}")
+            cells[m] = cell
+        rows.append([backbone, f"{size:,} × {epochs}", fallback, f"{scale:g}",
+                     *cells.values()])
+    said = "; ".join(f"{fallback}, s = {s}: m = {', '.join(ms)}"
+                     for (fallback, s), ms in sorted(failures.items())) or "none"
+    start = (f" Over the first epoch the training images sat at {min(starts):.0f}°–"
+             f"{max(starts):.0f}° from their own class centre (mean per run)." if starts else "")
+    return (markdown(["backbone", "train images × epochs", "fallback", "s",
+                      *(f"m = {m:g}" for m in margins)], rows)
+            + f"\nTraining failed (✗) at: {said}.{start}\n")
