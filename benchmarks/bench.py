@@ -33,7 +33,13 @@ import keras  # noqa: E402
 from bench_airbench import bench_airbench, bench_bf16_layers, bench_full_run  # noqa: E402
 from bench_peer import bench_peer, bench_peer_elementwise, bench_peer_layers  # noqa: E402
 from bench_profile import bench_primitives, bench_profile  # noqa: E402
-from bench_targets import bench_accuracy, bench_levers, bench_targets, load_mock_tfds  # noqa: E402
+from bench_targets import (  # noqa: E402
+    bench_accuracy,
+    bench_budget,
+    bench_levers,
+    bench_targets,
+    load_mock_tfds,
+)
 from setups import airbench_data, write_random_folder  # noqa: E402
 
 from tfmargin.data import load_dataset  # noqa: E402
@@ -75,7 +81,7 @@ def machine():
 
 
 
-SECTIONS = ("targets", "levers", "accuracy", "airbench", "bf16", "peer", "profile",
+SECTIONS = ("targets", "levers", "budget", "accuracy", "airbench", "bf16", "peer", "profile",
             "primitives")
 
 
@@ -158,6 +164,8 @@ def main(argv=None):
             bench_targets(report, data, load_mock_tfds(args.batch_size * args.steps * 2), args)
         if "levers" in args.sections:
             bench_levers(report, data, args)
+        if "budget" in args.sections:
+            bench_budget(report, data, args)
         if {"airbench", "peer", "profile"} & set(args.sections):
             big = airbench_data(args, tmp, data)
             if "airbench" in args.sections:

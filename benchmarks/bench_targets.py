@@ -164,6 +164,28 @@ def bench_levers(report, data, args):
                        note=f"{result['a']:.1f} vs {result['b']:.1f} img/s (in-memory batches)")
 
 
+def bench_budget(report, data, args):
+    """What a run of the paper's Table 1 costs on this CPU: each backbone's training step
+    (the main command's head and batch, 128) in bfloat16 against float32, paired, and the
+    hours of training (45,000 images x 5 epochs, evaluation not counted) at the precision
+    ``--mixed-precision auto`` picks here."""
+    batch, images = 128, 45_000 * 5
+    for backbone in args.backbones:
+        setups = {mixed: RunSetup(data, args.steps, backbone=backbone, loss="arcface",
+                                  batch_size=batch, mixed_precision=mixed)
+                  for mixed in (True, False)}
+        steps = {mixed: partial(setup.rate, setup.cached_batches(args.steps))
+                 for mixed, setup in setups.items()}
+        result = paired(steps[True], steps[False], args.rounds)
+        report.add("budget", f"{backbone}: bfloat16 / float32 training step", result["ratio"],
+                   "x", note=f"{result['a']:.1f} vs {result['b']:.1f} img/s, batch {batch}")
+        auto = RunConfig(backbone=backbone, loss="arcface").resolved().mixed_precision
+        rate = result["a"] if auto else result["b"]
+        report.add("budget", f"{backbone}: one main-command run's training, 45,000 x 5 epochs",
+                   images / rate / 3600, "hours",
+                   note=f"at {'bfloat16' if auto else 'float32'} (auto here), {rate:.1f} img/s")
+
+
 def bench_accuracy(report, args, runs_dir):
     """Test accuracy at equal epochs: run.py's training vs the plain stock script."""
     data = load_dataset(args.dataset, limit_train=args.accuracy_train)

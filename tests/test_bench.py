@@ -174,7 +174,7 @@ def test_benchmark_runs_its_sections_for_one_round(tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--sections",
-         "targets,accuracy,peer,profile,primitives", "--dataset", data, "--backbones", "tinycnn",
+         "targets,budget,accuracy,peer,profile,primitives", "--dataset", data, "--backbones", "tinycnn",
          "--plain-backbone", "tinycnn", "--steps", "2", "--peer-steps", "2", "--rounds", "1",
          "--batch-size", "16", "--airbench-batch", "32", "--accuracy-train", "64",
          "--accuracy-epochs", "1", "--json", str(out), "--markdown", str(tmp_path / "b.md"),
@@ -189,6 +189,12 @@ def test_benchmark_runs_its_sections_for_one_round(tmp_path):
         (tmp_path / "b.md").read_text()
     sections = {row["section"] for row in report["rows"]}
     assert {"head", "input", "machine", "utilization", "vs plain", "peer"} <= sections
+    budget = {r["name"]: r for r in report["rows"] if r["section"] == "budget"}
+    hours = budget["tinycnn: one main-command run's training, 45,000 x 5 epochs"]
+    step = budget["tinycnn: bfloat16 / float32 training step"]
+    rate = float(hours["note"].split(", ")[1].split(" img/s")[0])
+    assert hours["value"] == pytest.approx(45_000 * 5 / rate / 3600, rel=0.01)
+    assert step["unit"] == "x" and "img/s, batch 128" in step["note"]
     accuracy = [r for r in report["rows"] if r["name"].startswith("tinycnn test top-1")]
     assert len(accuracy) == 1 and "64 train images x 1 epochs, 24 test images" in \
         accuracy[0]["note"]
