@@ -15,7 +15,8 @@ LEGEND = ("*top-1*: test accuracy, % (mean ± s.d. over seeds or splits); *MAP@R
 def _table(runs, columns, pair_by="seed"):
     """``(table, means, deltas)`` of the study with the most runs: one row per head
     (softmax first), its number of pairs, then for each ``(key, name, paired)`` of
-    ``columns`` the mean ± s.d. and, where ``paired``, the paired difference from softmax
+    ``columns`` the mean ± s.d. (``paired`` None: the distinct values, a label) and, where
+    ``paired``, the paired difference from softmax
     (``deltas[head, key]``: ``tables.against``'s)."""
     arms, counts = seed_arms(runs, pair_by=pair_by), {}
     for (setting, _), pairs in arms.items():
@@ -27,6 +28,9 @@ def _table(runs, columns, pair_by="seed"):
         row = [head, len(pairs)]
         for key, _, paired in columns:
             values = [metric_value(r, key) for r in pairs.values()]
+            if paired is None:  # a label, not a figure
+                row.append(" / ".join(sorted(set(map(str, values)))))
+                continue
             means[head, key] = None if None in values else sum(values) / len(values)
             row.append(mean_sd(values))
             if paired:
@@ -80,27 +84,43 @@ def main_command(runs):
     return f"**{answer}.**\n\n{table}"
 
 
+def served(run, split="open_set"):
+    """The figures (AUROC, OSCR) of ``split`` for the score a run's export serves, with its
+    name (``knn (k = 10)``) under ``label``; None where the run has none."""
+    reject = run["metrics"].get("reject", {})
+    score, k = reject.get("score", "max_logit"), reject.get("k")
+    figures = metric_value(run, f"{split}.knn@{k}" if score == "knn" else f"{split}.{score}")
+    return figures and figures | {"label": score + (f" (k = {k})" if score == "knn" else "")}
+
+
 def open_set(runs):
-    """Rejecting unknowns: per head, the served score's AUROC over the splits, its paired
-    difference from softmax's, the unknowns rejected, the closed-set top-1 and the ECE."""
+    """Rejecting unknowns: per head, the score its export serves, that score's AUROC over
+    the splits and its paired difference from softmax's, the unknowns rejected, the
+    closed-set top-1 and the ECE. The study with per-image outputs (``open_set_val``) where
+    there is one: the runs before it cannot be scored again."""
     if not runs:
         return "The open-set study has no recorded runs yet.\n"
-    served = sorted({metric_value(r, "reject.score") or "max_logit" for r in runs})
-    key = f"open_set.{served[0]}.auroc" if len(served) == 1 else "open_set.max_logit.auroc"
-    table, means, _ = _table(runs, ((key, "AUROC", True),
+    runs = [r for r in runs if "open_set_val" in r["metrics"]] or runs
+    runs = [r | {"metrics": r["metrics"] | {"served": served(r)}} for r in runs]
+    table, means, _ = _table(runs, (("served.label", "served score", None),
+                                    ("served.auroc", "AUROC", True),
                                     ("reject.unknown_rejected", "unknowns rejected", False),
                                     ("open_set.closed_set_top1", "closed-set top-1", False),
                                     ("calibration.after.ece", "ECE after scaling", False)),
                              pair_by="classes")
-    auroc = {head: value for (head, k), value in means.items() if k == key and value is not None}
+    auroc = {head: value for (head, k), value in means.items()
+             if k == "served.auroc" and value is not None}
     if not auroc:
-        return f"**No open-set run records the AUROC of {served[0]}.**\n\n{table}"
+        return f"**No open-set run records the AUROC of its served score.**\n\n{table}"
     best, worst = max(auroc, key=auroc.get), min(auroc, key=auroc.get)
-    return (f"**The study's exports serve {' and '.join(served)}. Telling held-out classes "
-            f"apart, the best head is {best}, at AUROC {100 * auroc[best]:.2f}, the weakest "
-            f"{worst}, at {100 * auroc[worst]:.2f} (50 is chance); each head's served score "
-            f"is to be chosen on validation (docs/recipe.md).**\n\n{table}\nAt the threshold "
-            "that keeps 95 % of known validation images. *ECE*: expected calibration error of "
+    unchosen = any(not metric_value(r, "reject.chosen_by") or "no choice" in
+                   r["metrics"]["reject"]["chosen_by"] for r in runs)
+    return (f"**Telling held-out classes apart with the score its export serves, the best "
+            f"head is {best}, at AUROC {100 * auroc[best]:.2f}, the weakest {worst}, at "
+            f"{100 * auroc[worst]:.2f} (50 is chance)"
+            + ("; these runs ran before each head's score was chosen on validation "
+               "(docs/recipe.md)" * unchosen) + f".**\n\n{table}\nAt the threshold that "
+            "keeps 95 % of known validation images. *ECE*: expected calibration error of "
             "the served probabilities, %. Every score's AUROC for every split: "
             "docs/results.md.\n")
 

@@ -20,7 +20,7 @@ import readme_blocks  # noqa: E402
 import served_scores  # noqa: E402
 from ledger import LEDGER, ROOT, collect  # noqa: E402
 from margin_sweep import margin_curves, sweep_table  # noqa: E402
-from sweep import PAPER_HEAD, head_spec  # noqa: E402
+from sweep import PAPER_HEAD, head_spec, split_classes  # noqa: E402
 from tables import (  # noqa: E402
     BACKBONE_COLUMNS,
     KERNEL_SETTINGS,
@@ -121,17 +121,25 @@ def learning_rates(runs):
 
 def selection(runs, main, open_set):
     """Validation metrics of the selection runs, best first per backbone (the AUROC on
-    validation of the same setting's open-set run, where there is one), then each head
+    validation of the same setting on open-set split 0, mean over its seeds), then each head
     type's setting that ranks first on validation per budget (the main command's count)."""
     if not runs:
         return "No selection run is recorded yet.\n"
-    twin = {setting_key(r["config"], ("classes",)): r for r in open_set}
+    twins = {}  # the setting's runs on open-set split 0, any seed, scored on validation
+    for r in open_set:
+        if r["config"]["classes"] == split_classes(0) and "open_set_val" in r["metrics"]:
+            twins.setdefault(setting_key(r["config"], ("classes", "seed")), []).append(r)
+
+    def twin_auroc(config, score):
+        group = twins.get(setting_key(config, ("classes", "seed")), [])
+        return mean_sd([metric_value(r, f"open_set_val.{score}.auroc") for r in group]) \
+            if group else "-"
+
     rows = [[c["backbone"], head_name(c), setting_label(c), c["label_smoothing"],
              c["learning_rate"], c["seed"], *(percent(metric_value(run, key)) for key in (
                  "val.top1", "val.mAP", "val.map_at_r", "calibration.val.before",
-                 "calibration.val.after")), *(percent(metric_value(twin.get(
-                     setting_key(c, ("classes",)), run), f"open_set_val.{score}.auroc"))
-                                              for score in ("max_logit", "feature_norm"))]
+                 "calibration.val.after")),
+             *(twin_auroc(c, score) for score in ("max_logit", "feature_norm"))]
             for run in sorted(runs, key=lambda r: (r["config"]["backbone"],
                                                    [-v for v in validation_rank(r)]))
             for c in [run["config"]]]
@@ -187,7 +195,7 @@ def results_blocks(runs, ledger, docs_dir, plots):
     """``{name: Markdown}``: every block of docs/results.md's template and the README."""
     converged = [r for r in runs if is_converged(r)]
     main = [r for r in runs if is_main_command(r)]
-    open_set = [r for r in runs if r["config"]["classes"]]
+    open_set = [r for r in runs if r["config"]["classes"] not in ("", served_scores.KNOWN)]
     return {
         "headline": readme_blocks.headline([r for r in converged if at_recipe_kernels(r)]),
         "converged": seed_table(converged),

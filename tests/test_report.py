@@ -248,19 +248,26 @@ def test_selection_section_shows_precision_smoothing_and_each_command(tmp_path):
                             ("a0", 0.92, 0.94)):  # validation metrics
         update_metrics(runs, name, val={"top1": top1, "mAP": mAP, "precision_at_1": 0.85,
                                         "map_at_r": 0.5})
-    # b's validation calibration, and its twin on an open-set split (the same settings but
-    # --classes): the twin's AUROC on validation joins b's row.
+    # b's validation calibration, and its twins on open-set split 0 (the same settings but
+    # --classes, any seed): their mean AUROC on validation joins b's row; another split's
+    # run does not.
     update_metrics(runs, "b", calibration={"before": {"ece": 0.1, "nll": 1, "brier": 1},
                                            "val": {"before": 0.04, "after": 0.015}})
-    fake_run(runs, "b-open", "airbench94", "cosface", 0.9, 0.9, label_smoothing=0.0, scale=8.0,
-             head_scale=8.0, margin=0.3, classes="cat,dog", **selection)
-    update_metrics(runs, "b-open", open_set_val={"max_logit": {"auroc": 0.81},
-                                                 "feature_norm": {"auroc": 0.875}})
+    from sweep import split_classes
+
+    for name, seed, split, figures in (("b-open", 0, 0, (0.81, 0.875)),
+                                       ("b-open1", 1, 0, (0.83, 0.865)),
+                                       ("b-split2", 0, 2, (0.5, 0.5))):
+        fake_run(runs, name, "airbench94", "cosface", 0.9, 0.9, label_smoothing=0.0, scale=8.0,
+                 head_scale=8.0, margin=0.3, classes=split_classes(split),
+                 **(selection | {"seed": seed}))
+        update_metrics(runs, name, open_set_val={"max_logit": {"auroc": figures[0]},
+                                                 "feature_norm": {"auroc": figures[1]}})
     text = write_report(runs, tmp_path / "results.md")
     # Sorted by validation top-1: the cosface run first.
     setting = "cifar10-jpeg airbench94 airbench 45000x5 float32, fused GELU, fused BatchNorm"
     assert (f"| airbench94 | cosface s=8 m=0.3 LS 0.0 | {setting} | 0.0 | 0.1875 | 0 | 92.00 | "
-            f"95.00 | 50.00 | 4.00 | 1.50 | 81.00 | 87.50 |\n| airbench94 | cosface s=8 m=0.1 | "
+            f"95.00 | 50.00 | 4.00 | 1.50 | 82.00 ± 1.41 | 87.00 ± 0.71 |\n| airbench94 | cosface s=8 m=0.1 | "
             f"{setting} | 0.2 | 0.1875 | 0 | 92.00 | 94.00 |") in text
     assert "| airbench94 | softmax | cifar10-jpeg airbench94 airbench 45000x5 mixed, " in text
     # The margin head chosen on validation (not the run best on test).
@@ -405,12 +412,35 @@ def test_open_set_study_is_paired_by_split(tmp_path):
     assert "helps" in section
     readme = (tmp_path / "README.md").read_text()
     block = readme.split("results:open-set")[1]
-    assert "| softmax | 4 | 82.25 ± 1.71 | - | 30.00 ± 0.00 | 95.00 ± 0.00 | 1.00 ± 0.00 |" \
-        in block
-    assert ("| arcface s=8 m=0.1 monotonic | 4 | 84.25 ± 1.71 | +2.00 (+2.00, +2.00) | "
-            "30.00 ± 0.00 | 94.00 ± 0.00 | 1.00 ± 0.00 |") in block
+    assert ("| softmax | 4 | max_logit | 82.25 ± 1.71 | - | 30.00 ± 0.00 | 95.00 ± 0.00 | "
+            "1.00 ± 0.00 |") in block
+    assert ("| arcface s=8 m=0.1 monotonic | 4 | max_logit | 84.25 ± 1.71 | +2.00 (+2.00, "
+            "+2.00) | 30.00 ± 0.00 | 94.00 ± 0.00 | 1.00 ± 0.00 |") in block
     assert ("the best head is arcface s=8 m=0.1 monotonic, at AUROC 84.25, the weakest "
-            "softmax, at 82.25") in block
+            "softmax, at 82.25 (50 is chance); these runs ran before each head's score was "
+            "chosen on validation") in block
+
+    # Runs that keep per-image outputs (open_set_val) and serve each head's validated score
+    # (softmax kNN at k = 10, ArcFace the norm) become the README's study.
+    for split in (0, 2, 3, 4):
+        for loss, score, k in (("softmax", "knn", 10), ("arcface", "feature_norm", None)):
+            name = f"{loss}-{split}-seed1"
+            fake_run(runs, name, "airbench94", loss, 0.9, 0.9, classes=sweep.split_classes(split),
+                     seed=1, **open_set | ({"scale": 8.0, "head_scale": 8.0, "margin": 0.1}
+                                           if loss == "arcface" else {}))
+            served = {"knn@10" if k else score: {"auroc": 0.85 + split / 100 + (k is None) / 50}}
+            update_metrics(runs, name, open_set=served | {"closed_set_top1": 0.9},
+                           open_set_val={}, calibration={"after": {"ece": 0.02}},
+                           reject={"score": score, "unknown_rejected": 0.5,
+                                   "chosen_by": "the head's choice on validation"}
+                           | ({"k": k} if k else {}))
+    write_report(runs, tmp_path / "results.md", "--no-plots")
+    block = (tmp_path / "README.md").read_text().split("results:open-set")[1]
+    assert ("| softmax | 4 | knn (k = 10) | 87.25 ± 1.71 | - | 50.00 ± 0.00 | 90.00 ± 0.00 | "
+            "2.00 ± 0.00 |") in block
+    assert ("| arcface s=8 m=0.1 monotonic | 4 | feature_norm | 89.25 ± 1.71 | +2.00 (+2.00, "
+            "+2.00) |") in block
+    assert "at AUROC 89.25, the weakest softmax, at 87.25 (50 is chance).**" in block
 
 
 def test_the_runs_table_shows_the_top1_of_the_logits_its_ece_is_of():
