@@ -45,7 +45,7 @@ from tables import (  # noqa: E402
 from tfmargin.runner.config import RunConfig, dataset_label  # noqa: E402
 from tfmargin.runner.recipes import MARGIN_HEAD_LEARNING_RATE  # noqa: E402
 
-README_BLOCKS = ("headline", "main-command", "open-set")
+README_BLOCKS = ("headline", "main-command", "open-set", "paper")
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results_template.md")
 # The paper's "mAP" (percent), cross-entropy / angular margin (ArcFace formula, s=1, m=0.1).
 PAPER = {"cifar10": {"resnet18": (65.2, 65.4), "efficientnetb0": (84.66, 85.2),
@@ -169,7 +169,8 @@ def paper(runs, ledger, docs_dir, plots):
         if plots is not None:
             plots.plot_margin_sweep(runs, ledger, os.path.join(docs_dir, "figure2.png"))
         figure = "![mAP and top-1 against m](figure2.png)\n\n" + sweep_table(runs, ledger)
-    return {"table1_map": paper_table(table1, PAPER["cifar10"]),
+    return {"paper": readme_blocks.paper(table1, runs),
+            "table1_map": paper_table(table1, PAPER["cifar10"]),
             "table1_top1": paper_table(table1, metric="top1"),
             "figure2": figure or "No margin sweep is recorded yet.\n",
             "table2": paper_table([], PAPER["cifar100"])}

@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 
 README_TEMPLATE = "".join(f"<!-- results:{name} -->\n<!-- /results:{name} -->\n"
-                          for name in ("headline", "main-command", "open-set"))
+                          for name in ("headline", "main-command", "open-set", "paper"))
 
 
 def fake_run(runs, name, backbone, loss, top1, mAP, **changes):

@@ -485,6 +485,14 @@ def test_figure2_marks_failed_runs_and_shows_where_the_angles_went(tmp_path):
             "14.0 (89° → 150°) ✗ |") in table
     assert ("Training failed (✗) at: none, s = 8: m = 2, 3. Over the first epoch the training "
             "images sat at 88°–90° from their own class centre") in table
+    # The README's line on the paper: what is reproduced, at which budget.
+    from readme_blocks import paper
+
+    lines = paper([], list(loaded.values())).splitlines()
+    assert lines[2] == ("* Figure 2 (m from 0.1 to 3, both fallbacks): mobilenetv2 at 5,000 "
+                        "training images × 2 epochs, 3 points.")
+    assert lines[1].endswith("45,000 training images × 5 epochs: 0 of its 9 cells with two "
+                             "seeds or more.")
     grid = sweep.grid("figure2")
     assert {(g["margin"], g["fallback"], g["scale"]) for g in grid} == {
         (m, f, s) for m in (0.1, 0.3, 0.5, 1.0, 1.5, 2.0, 3.0) for f in ("monotonic", "none")
