@@ -20,26 +20,19 @@ import readme_blocks  # noqa: E402
 import served_scores  # noqa: E402
 from ledger import LEDGER, ROOT, collect  # noqa: E402
 from margin_sweep import margin_curves, sweep_table  # noqa: E402
-from sweep import PAPER_HEAD, head_spec, split_classes  # noqa: E402
+from selection import selection  # noqa: E402
+from sweep import PAPER_HEAD  # noqa: E402
 from tables import (  # noqa: E402
     BACKBONE_COLUMNS,
     KERNEL_SETTINGS,
     at_recipe_kernels,
-    best_on_validation,
     command,
-    head_name,
     load_runs,
-    markdown,
-    mean_sd,
-    metric_value,
     paper_table,
-    percent,
     runs_table,
     seed_table,
     setting_key,
-    setting_label,
     setting_name,
-    validation_rank,
 )
 
 from tfmargin.runner.config import RunConfig, dataset_label  # noqa: E402
@@ -117,47 +110,6 @@ def learning_rates(runs):
                            ("val.map_at_r", "val MAP@R")), arm_title="learning rate",
         baseline=f"lr {MARGIN_HEAD_LEARNING_RATE:g}", arm_fields=("learning_rate",),
         arm=lambda config: f"lr {config['learning_rate']:g}")
-
-
-def selection(runs, main, open_set):
-    """Validation metrics of the selection runs, best first per backbone (the AUROC on
-    validation of the same setting on open-set split 0, mean over its seeds), then each head
-    type's setting that ranks first on validation per budget (the main command's count)."""
-    if not runs:
-        return "No selection run is recorded yet.\n"
-    twins = {}  # the setting's runs on open-set split 0, any seed, scored on validation
-    for r in open_set:
-        if r["config"]["classes"] == split_classes(0) and "open_set_val" in r["metrics"]:
-            twins.setdefault(setting_key(r["config"], ("classes", "seed")), []).append(r)
-
-    def twin_auroc(config, score):
-        group = twins.get(setting_key(config, ("classes", "seed")), [])
-        return mean_sd([metric_value(r, f"open_set_val.{score}.auroc") for r in group]) \
-            if group else "-"
-
-    rows = [[c["backbone"], head_name(c), setting_label(c), c["label_smoothing"],
-             c["learning_rate"], c["seed"], *(percent(metric_value(run, key)) for key in (
-                 "val.top1", "val.mAP", "val.map_at_r", "calibration.val.before",
-                 "calibration.val.after")),
-             *(twin_auroc(c, score) for score in ("max_logit", "feature_norm"))]
-            for run in sorted(runs, key=lambda r: (r["config"]["backbone"],
-                                                   [-v for v in validation_rank(r)]))
-            for c in [run["config"]]]
-    budgets = {}
-    for run in runs + main:
-        c = run["config"]
-        budgets.setdefault((c["backbone"], -c["train_size"] * c["epochs"]), []).append(run)
-    chosen = [[f"`{head_spec(group[0]['config'])}`", setting_label(group[0]["config"]),
-               group[0]["config"]["learning_rate"], len(group),
-               mean_sd([validation_rank(r)[0] for r in group])]
-              for budget in sorted(budgets)
-              for _, group in sorted(best_on_validation(budgets[budget]).items())]
-    return (markdown(["backbone", "head", "setting", "label smoothing", "lr", "seed",
-                      "val top-1", "val mAP", "val MAP@R", "val ECE", "val ECE after",
-                      "open-set val AUROC max logit", "open-set val AUROC norm"], rows)
-            + "\nBest on validation, per head type and budget:\n\n"
-            + markdown(["head (`sweep.py --heads`)", "setting", "lr", "seeds", "val top-1"],
-                       chosen))
 
 
 def paper(runs, ledger, docs_dir, plots):

@@ -174,7 +174,8 @@ def test_benchmark_runs_its_sections_for_one_round(tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--sections",
-         "targets,budget,accuracy,peer,profile,primitives", "--dataset", data, "--backbones", "tinycnn",
+         "targets,budget,accuracy,peer,profile,primitives", "--dataset", data, "--backbones",
+         "tinycnn",
          "--plain-backbone", "tinycnn", "--steps", "2", "--peer-steps", "2", "--rounds", "1",
          "--batch-size", "16", "--airbench-batch", "32", "--accuracy-train", "64",
          "--accuracy-epochs", "1", "--json", str(out), "--markdown", str(tmp_path / "b.md"),

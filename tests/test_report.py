@@ -244,8 +244,10 @@ def test_selection_section_shows_precision_smoothing_and_each_command(tmp_path):
              head_scale=4.0, margin=0.1, **selection)  # best on test, not on validation
     fake_run(runs, "a0", "airbench94", "cosface", 0.9, 0.9, label_smoothing=0.2, scale=8.0,
              head_scale=8.0, margin=0.1, **selection)  # ties b on val top-1, lower val mAP
+    fake_run(runs, "a1", "airbench94", "cosface", 0.9, 0.9, label_smoothing=0.2, scale=8.0,
+             head_scale=8.0, margin=0.1, **(selection | {"seed": 1}))  # a0's second seed
     for name, top1, mAP in (("a", 0.91, 0.95), ("b", 0.92, 0.95), ("c", 0.9, 0.95),
-                            ("a0", 0.92, 0.94)):  # validation metrics
+                            ("a0", 0.92, 0.94), ("a1", 0.90, 0.94)):  # validation metrics
         update_metrics(runs, name, val={"top1": top1, "mAP": mAP, "precision_at_1": 0.85,
                                         "map_at_r": 0.5})
     # b's validation calibration, and its twins on open-set split 0 (the same settings but
@@ -266,10 +268,16 @@ def test_selection_section_shows_precision_smoothing_and_each_command(tmp_path):
     text = write_report(runs, tmp_path / "results.md")
     # Sorted by validation top-1: the cosface run first.
     setting = "cifar10-jpeg airbench94 airbench 45000x5 float32, fused GELU, fused BatchNorm"
-    assert (f"| airbench94 | cosface s=8 m=0.3 LS 0.0 | {setting} | 0.0 | 0.1875 | 0 | 92.00 | "
-            f"95.00 | 50.00 | 4.00 | 1.50 | 82.00 ± 1.41 | 87.00 ± 0.71 |\n| airbench94 | cosface s=8 m=0.1 | "
-            f"{setting} | 0.2 | 0.1875 | 0 | 92.00 | 94.00 |") in text
-    assert "| airbench94 | softmax | cifar10-jpeg airbench94 airbench 45000x5 mixed, " in text
+    # One table per budget (precision included), one row per candidate over its seeds, best
+    # first, under the command that runs the budget's candidates.
+    assert (f"*{setting}*: `python experiments/sweep.py heads --recipe airbench --backbones "
+            "airbench94 --dataset data/cifar10-jpeg --epochs 5 --no-mixed-precision --heads ... "
+            "--seeds ...`") in text
+    assert ("| `cosface:s=8:m=0.3:ls=0` | 0.1875 | 0 | 92.00 | 95.00 | 50.00 | 4.00 | 1.50 | "
+            "82.00 ± 1.41 | 87.00 ± 0.71 |\n| `cosface:s=8:m=0.1` | 0.1875 | 0, 1 | 91.00 ± 1.41 | "
+            "94.00 ± 0.00 | 50.00 ± 0.00 | - | - | - | - |\n| `cosface:s=4:m=0.1` |") in text
+    assert "| `softmax` | 0.1875 | 0 | 91.00 | 95.00 |" in text.split(
+        "*cifar10-jpeg airbench94 airbench 45000x5 mixed, fused GELU, fused BatchNorm*")[1]
     # The margin head chosen on validation (not the run best on test).
     assert f"| `cosface:s=8:m=0.3:ls=0` | {setting} | 0.1875 | 1 | 92.00 |" in text
     assert ("`python experiments/run.py --recipe airbench --backbone airbench94 --loss softmax "

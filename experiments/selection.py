@@ -1,0 +1,87 @@
+"""How each setting was chosen: the selection runs' validation figures, one row per candidate
+setting (mean ± s.d. over its seeds), a table per budget with the sweep command that runs its
+candidates, best first; then each head type's best setting per budget. Nothing here reads a
+test figure."""
+
+from sweep import head_spec, split_classes
+from tables import (
+    best_on_validation,
+    command,
+    markdown,
+    mean_sd,
+    metric_value,
+    setting_key,
+    setting_label,
+    validation_rank,
+)
+
+# The flags a candidate sets (its ``sweep.py --heads`` entry, its rate, its seed): left out of
+# a budget's command.
+CANDIDATE_FLAGS = ("--loss", "--scale", "--margin", "--fallback", "--ce-weight",
+                   "--sub-centers", "--label-smoothing", "--learning-rate", "--seed")
+COLUMNS = (("val.top1", "val top-1"), ("val.mAP", "val mAP"), ("val.map_at_r", "val MAP@R"),
+           ("calibration.val.before", "val ECE"), ("calibration.val.after", "val ECE after"))
+OPEN_SET_SCORES = (("max_logit", "max logit"), ("feature_norm", "norm"))
+
+
+def budget_command(config):
+    """The ``sweep.py heads`` command of a run's budget: its run.py command without what a
+    candidate sets."""
+    flags = [flag for flag in command(config).split(" --")[1:]
+             if f"--{flag}".split(" ")[0] not in CANDIDATE_FLAGS]
+    return " --".join(["python experiments/sweep.py heads", *flags]).replace(
+        "--backbone ", "--backbones ")
+
+
+def mean_cell(group, key):
+    """Mean ± s.d. of ``key`` over the runs that record it, ``-`` if none does."""
+    values = [v for v in (metric_value(run, key) for run in group) if v is not None]
+    return mean_sd(values) if values else "-"
+
+
+def selection(runs, main, open_set):
+    """Per budget, each candidate's validation figures over its seeds and (where the same
+    setting ran on open-set split 0) its AUROC on validation, best first; then each head
+    type's best setting per budget (the main command's runs count there)."""
+    if not runs:
+        return "No selection run is recorded yet.\n"
+    twins = {}  # each setting's runs on open-set split 0, any seed, scored on validation
+    for run in open_set:
+        if run["config"]["classes"] == split_classes(0) and "open_set_val" in run["metrics"]:
+            twins.setdefault(setting_key(run["config"], ("classes", "seed")), []).append(run)
+    budgets = {}
+    for run in runs:
+        c = run["config"]
+        budgets.setdefault((c["backbone"], -c["train_size"] * c["epochs"], setting_label(c)),
+                           {}).setdefault(setting_key(c), []).append(run)
+    parts = []
+    for (_, _, label), candidates in sorted(budgets.items()):
+        rows = []
+        for group in sorted(candidates.values(), reverse=True, key=lambda g: tuple(
+                sum(validation_rank(r)[i] for r in g) / len(g) for i in (0, 1))):
+            c = group[0]["config"]
+            twin = twins.get(setting_key(c, ("classes", "seed")), [])
+            rows.append([f"`{head_spec(c)}`", c["learning_rate"],
+                         ", ".join(str(r["config"]["seed"]) for r in
+                                   sorted(group, key=lambda r: r["config"]["seed"])),
+                         *(mean_cell(group, key) for key, _ in COLUMNS),
+                         *(mean_cell(twin, f"open_set_val.{score}.auroc")
+                           for score, _ in OPEN_SET_SCORES)])
+        first = next(iter(candidates.values()))[0]["config"]
+        parts.append(f"*{label}*: `{budget_command(first)} --heads ... --seeds ...`\n\n"
+                     + markdown(["candidate (`--heads`)", "lr", "seeds",
+                                 *(name for _, name in COLUMNS),
+                                 *(f"open-set val AUROC {name}" for _, name in OPEN_SET_SCORES)],
+                                rows))
+    best = {}
+    for run in runs + main:
+        c = run["config"]
+        best.setdefault((c["backbone"], -c["train_size"] * c["epochs"]), []).append(run)
+    chosen = [[f"`{head_spec(group[0]['config'])}`", setting_label(group[0]["config"]),
+               group[0]["config"]["learning_rate"], len(group),
+               mean_sd([validation_rank(r)[0] for r in group])]
+              for budget in sorted(best)
+              for _, group in sorted(best_on_validation(best[budget]).items())]
+    return ("\n".join(parts) + "\nBest on validation, per head type and budget:\n\n"
+            + markdown(["head (`sweep.py --heads`)", "setting", "lr", "seeds", "val top-1"],
+                       chosen))
