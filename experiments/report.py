@@ -148,7 +148,8 @@ def results_blocks(runs, ledger, docs_dir, plots):
     """``{name: Markdown}``: every block of docs/results.md's template and the README."""
     converged = [r for r in runs if is_converged(r)]
     main = [r for r in runs if is_main_command(r)]
-    open_set = [r for r in runs if r["config"]["classes"] not in ("", served_scores.KNOWN)]
+    open_set = [r for r in runs if r["config"]["classes"]
+                and not served_scores.is_development(r["config"])]
     return {
         "headline": readme_blocks.headline([r for r in converged if at_recipe_kernels(r)]),
         "converged": seed_table(converged),

@@ -104,12 +104,17 @@ def test_sweep_grids_for_the_converged_study():
                                                           **sweep.PAPER_HEAD)]
     # The open-set protocol's five lists, as class names; lists 0 and 1 are one class set.
     open_set = sweep.grid("open-set", heads=heads[:1])
-    assert [g["classes"] for g in open_set][2] == "automobile,dog,horse,cat,truck,deer"
+    assert [g["classes"] for g in open_set][2] == "automobile,cat,deer,dog,horse,truck"
     assert len(open_set) == 5 and all(g["loss"] == "softmax" for g in open_set)
     from tfmargin.runner.config import RunConfig
 
     names = {RunConfig(**g).run_name() for g in open_set}
     assert len(names) == 4  # lists 0 and 1: the same run
+    # The development runs hold out only classes known in every reporting split.
+    dev = sweep.grid("reject-dev")[0]["classes"].split(",")
+    assert set(sweep.CIFAR10_CLASSES) - set(dev) == set(sweep.DEVELOPMENT_UNKNOWNS) == {
+        c for c in sweep.CIFAR10_CLASSES
+        if all(c in sweep.split_classes(s).split(",") for s in range(5))}
 
 
 def test_every_ledger_run_keeps_its_name():
