@@ -62,6 +62,7 @@ def sweep_table(runs, ledger):
     margins = sorted({m for points in curves.values() for m, _ in points})
     rows, starts, failures = [], [], {}
     for (backbone, fallback, scale, size, epochs), points in sorted(curves.items()):
+        failures.setdefault((fallback, f"{scale:g}"), [])
         cells = dict.fromkeys(margins, "")
         for m, group in points:
             logs = [training_log(r, ledger) for r in group]
@@ -72,14 +73,14 @@ def sweep_table(runs, ledger):
                 cell += " ({:.0f}° → {:.0f}°)".format(*np.mean(turned, axis=0))
             if any(failed(r, log) for r, log in zip(group, logs, strict=True)):
                 cell += " ✗"
-                failures.setdefault((fallback, f"{scale:g}"), []).append(f"{m:g}")
+                failures[fallback, f"{scale:g}"].append(f"{m:g}")
             cells[m] = cell
         rows.append([backbone, f"{size:,} × {epochs}", fallback, f"{scale:g}",
                      *cells.values()])
-    said = "; ".join(f"{fallback}, s = {s}: m = {', '.join(ms)}"
-                     for (fallback, s), ms in sorted(failures.items())) or "none"
+    said = "; ".join(f"{fallback}, s = {s}: " + (f"m = {', '.join(ms)}" if ms else "no margin")
+                     for (fallback, s), ms in sorted(failures.items()))
     start = (f" Over the first epoch the training images sat at {min(starts):.0f}°–"
              f"{max(starts):.0f}° from their own class centre (mean per run)." if starts else "")
     return (markdown(["backbone", "train images × epochs", "fallback", "s",
                       *(f"m = {m:g}" for m in margins)], rows)
-            + f"\nTraining failed (✗) at: {said}.{start}\n")
+            + f"\nWhere training failed (✗), per fallback and scale: {said}.{start}\n")

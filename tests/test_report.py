@@ -480,6 +480,11 @@ def test_figure2_marks_failed_runs_and_shows_where_the_angles_went(tmp_path):
                  epochs=2, validation_freq=2)
         update_metrics(runs, name, epochs=2)
         (runs / name / "log.csv").write_text("epoch,loss,theta_y_mean\n" + rows)
+    for name, margin in (("f01", 0.1), ("f3", 3.0)):  # the monotonic fallback trains at m = 3
+        fake_run(runs, name, "mobilenetv2", "arcface", 0.4, 0.3, margin=margin, scale=8.0,
+                 head_scale=8.0, epochs=2, validation_freq=2)
+        update_metrics(runs, name, epochs=2)
+        (runs / name / "log.csv").write_text("epoch,loss,theta_y_mean\n0,2.9,88.0\n1,2.4,79.0\n")
     from tables import load_runs
 
     loaded = {r["name"]: r for r in load_runs(str(runs))}
@@ -491,14 +496,17 @@ def test_figure2_marks_failed_runs_and_shows_where_the_angles_went(tmp_path):
     table = sweep_table(list(loaded.values()), str(runs))
     assert ("| mobilenetv2 | 5,000 × 2 | none | 8 | 40.0 (88° → 80°) | 20.0 (90° → 120°) ✗ | "
             "14.0 (89° → 150°) ✗ |") in table
-    assert ("Training failed (✗) at: none, s = 8: m = 2, 3. Over the first epoch the training "
-            "images sat at 88°–90° from their own class centre") in table
+    assert ("| mobilenetv2 | 5,000 × 2 | monotonic | 8 | 40.0 (88° → 79°) |  | 40.0 (88° → 79°) "
+            "|") in table
+    assert ("Where training failed (✗), per fallback and scale: monotonic, s = 8: no margin; none, "
+            "s = 8: m = 2, 3. Over the first epoch the training images sat at 88°–90° from their "
+            "own class centre") in table
     # The README's line on the paper: what is reproduced, at which budget.
     from readme_blocks import paper
 
     lines = paper([], list(loaded.values())).splitlines()
     assert lines[2] == ("* Figure 2 (m from 0.1 to 3, both fallbacks): mobilenetv2 at 5,000 "
-                        "training images × 2 epochs, 3 points.")
+                        "training images × 2 epochs, 5 points.")
     assert lines[1].endswith("45,000 training images × 5 epochs: 0 of its 9 cells with two "
                              "seeds or more.")
     grid = sweep.grid("figure2")
