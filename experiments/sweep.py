@@ -4,6 +4,7 @@
     python experiments/sweep.py many-classes --dataset /tmp/glyphs200 --backbones tinycnn
     python experiments/sweep.py figure2 --dataset path/to/cifar10 --limit-train 5000 \
         --epochs 2      # the paper's margins, both fallbacks, s = 1 and 8 (MobileNetV2)
+    python experiments/sweep.py figure2 --recipe airbench --scales 8 --dataset path/to/cifar10
     python experiments/sweep.py select --recipe airbench --dataset path/to/cifar10 \
         --epochs 5 --val-split 0.1      # s and m of the margin heads, on validation
     python experiments/sweep.py heads --recipe airbench --dataset path/to/cifar10 \
@@ -115,10 +116,10 @@ def grid(name, backbones=None, margins=None, scales=None, heads=None, splits=Non
         dataset = {"table1": "cifar10", "table2": "cifar100"}[name]
         return [dict(backbone=b, dataset=dataset, **h) for b in backbones or BACKBONES
                 for h in (dict(loss="softmax"), PAPER_HEAD, OUR_HEAD)]
-    if name == "figure2":
-        return [dict(backbone=b, loss="arcface", margin=m, fallback=f, scale=s,
-                     dataset="cifar10")
-                for b in backbones or ("mobilenetv2",)
+    if name == "figure2":  # on the recipe's backbone unless --backbones names others
+        return [dict(loss="arcface", margin=m, fallback=f, scale=s, dataset="cifar10",
+                     **({"backbone": b} if b else {}))
+                for b in backbones or (None,)
                 for f in ("monotonic", "none") for s in scales or FIGURE2_SCALES
                 for m in margins or FIGURE2_MARGINS]
     if name == "select":  # each margin head's s and m, on a validation split; softmax beside

@@ -510,6 +510,7 @@ def test_figure2_marks_failed_runs_and_shows_where_the_angles_went(tmp_path):
     assert lines[1].endswith("45,000 training images × 5 epochs: 0 of its 9 cells with two "
                              "seeds or more.")
     grid = sweep.grid("figure2")
+    assert "backbone" not in grid[0]  # the recipe's: MobileNetV2, or airbench94 for airbench
     assert {(g["margin"], g["fallback"], g["scale"]) for g in grid} == {
         (m, f, s) for m in (0.1, 0.3, 0.5, 1.0, 1.5, 2.0, 3.0) for f in ("monotonic", "none")
         for s in (1.0, 8.0)}
