@@ -161,7 +161,7 @@ def results_blocks(runs, ledger, docs_dir, plots):
         "served_scores": served_scores.table(runs),
         "open_set_table": seed_table(open_set, columns=OPEN_SET_COLUMNS, pair_by="classes",
                                      pairs_name="splits"),
-        "selection": selection([r for r in runs if is_selection(r)], main, open_set),
+        "selection": selection([r for r in runs if is_selection(r)], main, open_set, ledger),
         **paper(runs, ledger, docs_dir, plots),
         "fingerprints": "; ".join(sorted({
             f"`{dataset_label(r['config']['dataset'])}` "

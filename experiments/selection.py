@@ -3,6 +3,9 @@ setting (mean ± s.d. over its seeds), a table per budget with the sweep command
 candidates, best first; then each head type's best setting per budget. Nothing here reads a
 test figure."""
 
+import os
+
+import numpy as np
 from sweep import head_spec, split_classes
 from tables import (
     best_on_validation,
@@ -14,6 +17,8 @@ from tables import (
     setting_label,
     validation_rank,
 )
+
+from tfmargin import metrics
 
 # The flags a candidate sets (its ``sweep.py --heads`` entry, its rate, its seed): left out of
 # a budget's command.
@@ -33,18 +38,35 @@ def budget_command(config):
         "--backbone ", "--backbones ")
 
 
+def with_validation_ece(run, ledger):
+    """The run, with its validation ECE before and after temperature scaling computed from
+    its own per-image validation logits where its ``metrics.json`` predates the figure (as
+    the runner computes it now); unchanged where it has the figure or no such logits."""
+    path = os.path.join(ledger, run["name"], "test_predictions.npz")
+    if metric_value(run, "calibration.val") is not None or not os.path.exists(path):
+        return run
+    with np.load(path) as outputs:
+        if "val_logits" not in outputs:
+            return run
+        logits, labels = outputs["val_logits"], outputs["val_labels"]
+    val = metrics.ece_before_after(logits, labels, metrics.fit_temperature(logits, labels))
+    return run | {"metrics": run["metrics"] | {
+        "calibration": run["metrics"].get("calibration", {}) | {"val": val}}}
+
+
 def mean_cell(group, key):
     """Mean ± s.d. of ``key`` over the runs that record it, ``-`` if none does."""
     values = [v for v in (metric_value(run, key) for run in group) if v is not None]
     return mean_sd(values) if values else "-"
 
 
-def selection(runs, main, open_set):
+def selection(runs, main, open_set, ledger):
     """Per budget, each candidate's validation figures over its seeds and (where the same
     setting ran on open-set split 0) its AUROC on validation, best first; then each head
     type's best setting per budget (the main command's runs count there)."""
     if not runs:
         return "No selection run is recorded yet.\n"
+    runs = [with_validation_ece(run, ledger) for run in runs]
     twins = {}  # each setting's runs on open-set split 0, any seed, scored on validation
     for run in open_set:
         if run["config"]["classes"] == split_classes(0) and "open_set_val" in run["metrics"]:

@@ -65,3 +65,29 @@ def test_each_heads_served_score_is_its_best_on_validation_over_seeds(tmp_path):
     assert "| knn (k = 5) |" in table.splitlines()[0]
     assert table.splitlines()[2].endswith("| 87.00 | 50.00 | 50.00 | 50.00 | 50.00 | 60.00 | "
                                           "83.00 | 60.00 | 60.00 | 60.00 | feature_norm |")
+
+
+def test_a_run_recorded_before_its_validation_ece_gets_it_from_its_own_logits(tmp_path):
+    """The selection table's validation ECE of a run whose metrics.json predates the figure
+    is what the runner computes now from the same per-image validation logits."""
+    import numpy as np
+    from selection import with_validation_ece
+    from tables import load_runs
+
+    from tfmargin.runner.evaluation import calibration
+
+    runs = tmp_path / "runs"
+    fake_run(runs, "old", "airbench94", "softmax", 0.9, 0.9)
+    rng = np.random.default_rng(0)
+    outputs = {"labels": rng.integers(0, 10, 200), "logits": rng.normal(size=(200, 10)) * 3,
+               "val_labels": rng.integers(0, 10, 100),
+               "val_logits": (rng.normal(size=(100, 10)) * 3).astype(np.float16)}
+    outputs["val_logits"][np.arange(100), outputs["val_labels"]] += 4  # mostly right
+    np.savez(runs / "old" / "test_predictions.npz", **outputs)
+    (run,) = load_runs(str(runs))
+    filled = with_validation_ece(run, str(runs))["metrics"]["calibration"]["val"]
+    assert filled == calibration(outputs)["val"] and filled["before"] > 0.0
+    assert "calibration" not in run["metrics"]  # the record itself is not changed
+    update_metrics(runs, "old", calibration={"val": {"before": 0.5, "after": 0.25}})
+    (recorded,) = load_runs(str(runs))
+    assert with_validation_ece(recorded, str(runs)) is recorded  # a recorded figure stands

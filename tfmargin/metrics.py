@@ -221,6 +221,13 @@ def calibration_metrics(logits, labels, temperature=1.0, bins=15):
             "brier": float(np.mean(np.sum((probabilities - one_hot) ** 2, axis=1)))}
 
 
+def ece_before_after(logits, labels, temperature):
+    """``{"before": ECE, "after": ECE at temperature}``: what scaling by ``temperature`` (fitted
+    on these images or others) does to the expected calibration error of ``logits``."""
+    return {when: calibration_metrics(logits, labels, t)["ece"]
+            for when, t in (("before", 1.0), ("after", temperature))}
+
+
 def reliability_bins(logits, labels, temperature=1.0, bins=15):
     """Per confidence bin: ``[count, accuracy, mean confidence]`` (None for an empty bin);
     what a reliability diagram draws."""

@@ -152,9 +152,8 @@ def calibration(outputs):
                    "temperature_at_bound": not low * 1.01 < temperature < high / 1.01,
                    "after": m.calibration_metrics(logits, labels, temperature),
                    "bins_after": m.reliability_bins(logits, labels, temperature),
-                   "val": {when: m.calibration_metrics(outputs["val_logits"],
-                                                       outputs["val_labels"], t)["ece"]
-                           for when, t in (("before", 1.0), ("after", temperature))}}
+                   "val": m.ece_before_after(outputs["val_logits"], outputs["val_labels"],
+                                             temperature)}
     return result
 
 
