@@ -87,13 +87,20 @@ def main_command(runs):
     return f"**{answer}.**\n\n{table}"
 
 
+def served_label(run):
+    """The score a run's export serves, by name (``knn (k = 10)``)."""
+    reject = run["metrics"].get("reject", {})
+    score = reject.get("score", "max_logit")
+    return score + (f" (k = {reject['k']})" if score == "knn" else "")
+
+
 def served(run, split="open_set"):
     """The figures (AUROC, OSCR) of ``split`` for the score a run's export serves, with its
-    name (``knn (k = 10)``) under ``label``; None where the run has none."""
+    name under ``label``; None where the run has none."""
     reject = run["metrics"].get("reject", {})
     score, k = reject.get("score", "max_logit"), reject.get("k")
     figures = metric_value(run, f"{split}.knn@{k}" if score == "knn" else f"{split}.{score}")
-    return figures and figures | {"label": score + (f" (k = {k})" if score == "knn" else "")}
+    return figures and figures | {"label": served_label(run)}
 
 
 def open_set(runs):
@@ -142,7 +149,7 @@ def far_away(runs):
             f"{100 * entry['rejected']:.0f} %" if "rejected" in entry else "-")
             if entry else "-" for entry in (run["metrics"]["far_ood"].get(name) for name in sets)]
         known = len(run["config"]["classes"].split(",")) if run["config"]["classes"] else "all"
-        rows.append([head_name(run["config"]), known, score, *cells])
+        rows.append([head_name(run["config"]), known, served_label(run), *cells])
     rejected = [entry["rejected"] for r in runs for entry in r["metrics"]["far_ood"].values()
                 if "rejected" in entry]
     table = markdown(["head", "known classes", "served score",
