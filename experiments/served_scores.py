@@ -84,7 +84,7 @@ def table(runs):
     rows = [[recipe, head_name(heads[recipe, loss][0]["config"]), len(heads[recipe, loss]),
              *(f"{100 * means[c]:.2f}" if c in means else "-" for c in shown), label(best)]
             for (recipe, loss), (best, means) in sorted(chosen.items())]
-    return markdown(["recipe", "head", "seeds", *map(label, shown), "served"], rows)
+    return markdown(["recipe", "head", "runs", *map(label, shown), "served"], rows)
 
 
 def main(argv=None):
