@@ -257,7 +257,12 @@ def test_airbench_recipe_end_to_end_with_tta_export(tmp_path):
     serving = json.loads((tmp_path / "exports" / "ab" / "serving.json").read_text())
     assert serving["reject"]["threshold"] == metrics["reject"]["threshold"]
     assert serving["temperature"] == metrics["calibration"]["temperature"]
-    assert "reject option: max_logit (no choice on validation yet" in result.stdout
+    # The head's score chosen on validation under its recipe, said and served.
+    from tfmargin.runner.recipes import DEFAULT_SERVED_SCORE, SERVED_SCORES
+
+    score, k = SERVED_SCORES.get(("airbench", "softmax"), DEFAULT_SERVED_SCORE)
+    assert serving["reject"]["score"] == metrics["reject"]["score"] == score
+    assert f"reject option: {score} (the head's choice on validation)" in result.stdout
     assert metrics["tta"]["served"] is True
     assert 0 <= metrics["tta"]["top1"] <= 1 and metrics["test_size"] == 24
     assert not (run_dir / "checkpoints").exists()  # the export holds the model
