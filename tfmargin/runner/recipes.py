@@ -48,7 +48,7 @@ RECIPE_HELP = {
 # k)`` chosen on validation with a class held out of training (docs/recipe.md, "The served
 # reject score"). A head without an entry serves the maximum logit, and says so. Written from
 # ``python experiments/served_scores.py``; a test checks it against the ledger.
-SERVED_SCORES = {("airbench", "arcface"): ("knn", 50), ("airbench", "cosface"): ("energy", 50),
+SERVED_SCORES = {("airbench", "arcface"): ("knn", 50), ("airbench", "cosface"): ("msp", 50),
                  ("airbench", "softmax"): ("knn", 50)}
 DEFAULT_SERVED_SCORE = ("max_logit", LEGACY_KNN_K)
 # airbench's settings that have no flag of their own.
