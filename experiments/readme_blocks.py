@@ -4,6 +4,7 @@ from the ledger's runs (``report.py`` writes and checks them).
 """
 
 from margin_sweep import margin_curves
+from sweep import grid
 from tables import against, head_arm, head_name, markdown, mean_sd, metric_value, seed_arms
 
 from tfmargin.runner.config import RunConfig
@@ -162,7 +163,7 @@ def far_away(runs):
             f"far-away images.**\n\n{table}")
 
 
-def paper(table1, runs, *, heads=3, backbones=3):
+def paper(table1, runs):
     """How much of the paper is reproduced: Table 1's cells (``table1``: its runs) with two
     seeds or more, and Figure 2's points per budget, one line each."""
     seeds = {}
@@ -180,6 +181,6 @@ def paper(table1, runs, *, heads=3, backbones=3):
             "and-figure)):\n"
             f"* Table 1 (CIFAR-10) at the main command's budget, "
             f"{round(50_000 * (1 - main.val_split)):,} training images × {main.epochs} epochs: "
-            f"{done} of its {heads * backbones} cells with two seeds or more.\n"
+            f"{done} of its {len(grid('table1'))} cells with two seeds or more.\n"
             f"* Figure 2 (m from 0.1 to 3, both fallbacks): {figure or 'no sweep yet'}.\n"
             "* Table 2 (CIFAR-100): not run; no copy of CIFAR-100 is reachable here.\n")
