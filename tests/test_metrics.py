@@ -50,6 +50,16 @@ def test_map_ignores_a_per_image_logit_offset_and_equals_scikit_learn_on_probabi
     assert abs(raw - got) > 0.1
 
 
+def average_precision_within(relevant, r):
+    """MAP@R of one query: precision at each relevant rank among the first r, over r."""
+    hits, total = 0, 0.0
+    for rank in range(r):
+        if relevant[rank]:
+            hits += 1
+            total += hits / (rank + 1)
+    return total / r
+
+
 def brute_force_retrieval(embeddings, labels):
     """Every query against every other image, full sort, definitions spelled out."""
     x = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
@@ -62,12 +72,7 @@ def brute_force_retrieval(embeddings, labels):
         ranked = sorted(others, key=lambda i: -float(x[q] @ x[i]))
         relevant = [labels[i] == labels[q] for i in ranked]
         p_at_1.append(float(relevant[0]))
-        hits, total = 0, 0.0
-        for i in range(r):
-            if relevant[i]:
-                hits += 1
-                total += hits / (i + 1)
-        map_at_r.append(total / r)
+        map_at_r.append(average_precision_within(relevant, r))
     return np.mean(p_at_1), np.mean(map_at_r)
 
 
@@ -191,12 +196,7 @@ def brute_force_gallery(queries, query_labels, gallery, gallery_labels, k):
         votes.append(max(tied, key=lambda c: strength[c]) == query_labels[i])
         p1.append(relevant[0])
         rp.append(sum(relevant[:r]) / r)
-        hits, total = 0, 0.0
-        for n in range(r):
-            if relevant[n]:
-                hits += 1
-                total += hits / (n + 1)
-        mapr.append(total / r)
+        mapr.append(average_precision_within(relevant, r))
     return {"knn_top1": np.mean(votes), "precision_at_1": np.mean(p1),
             "r_precision": np.mean(rp), "map_at_r": np.mean(mapr)}
 
