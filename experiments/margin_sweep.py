@@ -6,7 +6,10 @@ import math
 import os
 
 import numpy as np
+from keras import ops
 from tables import at_recipe_kernels, markdown, recipe_label
+
+from tfmargin.margins import target_logit
 
 
 def margin_curves(runs):
@@ -52,6 +55,15 @@ def angles(log):
     return (theta[0], theta[-1]) if theta else None
 
 
+def start_slope(margin, fallback, theta=math.pi / 2, step=1e-6):
+    """The slope in θ of ArcFace's target logit per unit s, at ``theta`` (a fresh image's angle
+    to its class centre), by a central difference through ``tfmargin.margins.target_logit``:
+    how hard training pulls such an image toward its class (negative: toward it)."""
+    cos = np.cos([theta - step, theta + step])  # float64: a difference of near values
+    psi = ops.convert_to_numpy(target_logit(cos, "arcface", 1.0, margin, 0.0, fallback=fallback))
+    return float(psi[1] - psi[0]) / (2 * step)
+
+
 def sweep_table(runs, ledger):
     """One row per curve, one column per margin: test top-1 (mean over the point's runs), the
     mean target angle over the first and the last epoch, and a cross where training failed;
@@ -81,6 +93,13 @@ def sweep_table(runs, ledger):
                      for (fallback, s), ms in sorted(failures.items()))
     start = (f" Over the first epoch the training images sat at {min(starts):.0f}°–"
              f"{max(starts):.0f}° from their own class centre (mean per run)." if starts else "")
+    listed = ", ".join(f"{m:g}" for m in margins)
+    slopes = "; ".join(
+        f"{fallback}: " + ", ".join(f"{start_slope(m, fallback):.2f}" for m in margins)
+        for fallback in sorted({fallback for fallback, _ in failures}))
     return (markdown(["backbone", "train images × epochs", "fallback", "s",
                       *(f"m = {m:g}" for m in margins)], rows)
-            + f"\nWhere training failed (✗), per fallback and scale: {said}.{start}\n")
+            + f"\nWhere training failed (✗), per fallback and scale: {said}.{start} At θ = 90°"
+            f" the target logit's slope in θ per unit s, for m = {listed}, is {slopes}"
+            " (negative: a larger angle lowers the target logit, so training pulls the image"
+            " toward its class).\n")

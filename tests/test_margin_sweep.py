@@ -88,6 +88,10 @@ def test_figure2_marks_failed_runs_and_shows_where_the_angles_went(tmp_path):
     assert ("Where training failed (✗), per fallback and scale: monotonic, s = 8: no margin; none, "
             "s = 8: m = 2, 3. Over the first epoch the training images sat at 88°–90° from their "
             "own class centre") in table
+    # The pull on a fresh image (θ = 90°): -sin(90° + m) before the turn at θ = π - m, and
+    # past it the raw curve's -sin(90° + m) > 0 against the fallback's -sin(90°) = -1.
+    assert ("At θ = 90° the target logit's slope in θ per unit s, for m = 0.1, 2, 3, is "
+            "monotonic: -1.00, -1.00, -1.00; none: -1.00, 0.42, 0.99") in table
     # The README's line on the paper: what is reproduced, at which budget.
     from readme_blocks import paper
 
