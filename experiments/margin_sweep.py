@@ -96,7 +96,7 @@ def sweep_table(runs, ledger):
     listed = ", ".join(f"{m:g}" for m in margins)
     slopes = "; ".join(
         f"{fallback}: " + ", ".join(f"{start_slope(m, fallback):.2f}" for m in margins)
-        for fallback in sorted({fallback for fallback, _ in failures}))
+        for fallback in sorted({fallback for _, fallback, *_ in curves}))
     return (markdown(["backbone", "train images × epochs", "fallback", "s",
                       *(f"m = {m:g}" for m in margins)], rows)
             + f"\nWhere training failed (✗), per fallback and scale: {said}.{start} At θ = 90°"
