@@ -64,6 +64,37 @@ def start_slope(margin, fallback, theta=math.pi / 2, step=1e-6):
     return float(psi[1] - psi[0]) / (2 * step)
 
 
+def largest_final_angle(run, ledger):
+    """The largest angle (degrees) of a test image to its own class centre after training
+    (``test_predictions.npz``), None where the ledger has none."""
+    path = os.path.join(ledger, run["name"], "test_predictions.npz")
+    if not os.path.exists(path):
+        return None
+    with np.load(path) as predictions:
+        return float(predictions["target_angle_deg"].max()) \
+            if "target_angle_deg" in predictions else None
+
+
+def same_logit_differences(curves, ledger):
+    """The two fallbacks give the same target logit below θ = π − m. Where no test image of
+    either run ended past that angle, a seed-paired raw and monotonic run differ only by
+    run-to-run noise: the absolute test top-1 differences (points) of those pairs."""
+    differences = []
+    for (backbone, fallback, *rest), points in curves.items():
+        if fallback != "none":
+            continue
+        monotonic = dict(curves.get((backbone, "monotonic", *rest), ()))
+        for m, group in points:
+            for raw in group:
+                for other in monotonic.get(m, ()):
+                    largest = [largest_final_angle(r, ledger) for r in (raw, other)]
+                    if (other["config"]["seed"] == raw["config"]["seed"] and None not in largest
+                            and max(largest) < 180 - math.degrees(m)):
+                        differences.append(100 * abs(raw["metrics"]["top1"]
+                                                     - other["metrics"]["top1"]))
+    return differences
+
+
 def sweep_table(runs, ledger):
     """One row per curve, one column per margin: test top-1 (mean over the point's runs), the
     mean target angle over the first and the last epoch, and a cross where training failed;
@@ -93,6 +124,13 @@ def sweep_table(runs, ledger):
                      for (fallback, s), ms in sorted(failures.items()))
     start = (f" Over the first epoch the training images sat at {min(starts):.0f}°–"
              f"{max(starts):.0f}° from their own class centre (mean per run)." if starts else "")
+    noise = same_logit_differences(curves, ledger)
+    if noise:
+        start += (" The two fallbacks give the same target logit below θ = 180° − m; where no"
+                  " test image of either run ended past it, seed-paired runs of the two differ"
+                  f" by {min(noise):.1f}–{max(noise):.1f} points of test top-1 (mean"
+                  f" {np.mean(noise):.1f}, {len(noise)} pair{'s' * (len(noise) > 1)}), a gauge"
+                  " of one point's noise.")
     listed = ", ".join(f"{m:g}" for m in margins)
     slopes = "; ".join(
         f"{fallback}: " + ", ".join(f"{start_slope(m, fallback):.2f}" for m in margins)
