@@ -95,49 +95,86 @@ def same_logit_differences(curves, ledger):
     return differences
 
 
+def failed_margins(curves, ledger):
+    """The margins of each curve (``margin_curves``) at which a run failed (``failed``)."""
+    return {key: [m for m, group in points
+                  if any(failed(r, training_log(r, ledger)) for r in group)]
+            for key, points in curves.items()}
+
+
+def failure_phrase(margins, failed_at):
+    """Where a curve over ``margins`` failed: from some margin on, at some, or nowhere."""
+    if not failed_at:
+        return "succeeds at every margin"
+    if len(failed_at) > 1 and failed_at == margins[margins.index(failed_at[0]):]:
+        return f"fails from m = {failed_at[0]:g} on"
+    return "fails at m = " + ", ".join(f"{m:g}" for m in failed_at)
+
+
+# How the verdict names each fallback (``tfmargin.margins.FALLBACKS``), the paper's first.
+FALLBACK_NAMES = {"none": "the raw margin (the paper's formula)",
+                  "monotonic": "the monotonic fallback", "easy": "the easy margin"}
+
+
+def sweep_verdict(runs, ledger):
+    """Figure 2's answer, one sentence per backbone and budget: where training failed with
+    each fallback, and at which scales."""
+    curves = margin_curves(runs)
+    failures = failed_margins(curves, ledger)
+    budgets = {}
+    for key, points in sorted(curves.items()):
+        backbone, fallback, scale, size, epochs = key
+        phrase = failure_phrase([m for m, _ in points], failures[key])
+        budgets.setdefault((backbone, size, epochs), {}).setdefault(fallback, {}).setdefault(
+            phrase, []).append(f"{scale:g}")
+    return " ".join(
+        f"On {backbone} at {size:,} training images × {epochs} epochs, " + "; ".join(
+            f"with {FALLBACK_NAMES.get(fallback, fallback)} training " + " and ".join(
+                f"{phrase} (s = {' and '.join(scales)})"
+                for phrase, scales in phrases[fallback].items())
+            for fallback in sorted(phrases, key=list(FALLBACK_NAMES).index)) + "."
+        for (backbone, size, epochs), phrases in sorted(budgets.items())) or "not run yet."
+
+
 def sweep_table(runs, ledger):
     """One row per curve, one column per margin: test top-1 (mean over the point's runs), the
     mean target angle over the first and the last epoch, and a cross where training failed;
-    then one sentence with what the runs show (where angles start, which settings failed)."""
+    then what the runs show beyond ``sweep_verdict`` (where the angles started, the noise of
+    one point, the pull on a fresh image)."""
     curves = margin_curves(runs)
     if not curves:
         return ""
+    failures = failed_margins(curves, ledger)
     margins = sorted({m for points in curves.values() for m, _ in points})
-    rows, starts, failures = [], [], {}
-    for (backbone, fallback, scale, size, epochs), points in sorted(curves.items()):
-        failures.setdefault((fallback, f"{scale:g}"), [])
+    rows, starts = [], []
+    for key, points in sorted(curves.items()):
+        backbone, fallback, scale, size, epochs = key
         cells = dict.fromkeys(margins, "")
         for m, group in points:
-            logs = [training_log(r, ledger) for r in group]
-            turned = [a for a in map(angles, logs) if a]
+            turned = [a for a in (angles(training_log(r, ledger)) for r in group) if a]
             starts += [a[0] for a in turned]
-            cell = f"{100 * np.mean([r['metrics']['top1'] for r in group]):.1f}"
+            cells[m] = f"{100 * np.mean([r['metrics']['top1'] for r in group]):.1f}"
             if turned:
-                cell += " ({:.0f}° → {:.0f}°)".format(*np.mean(turned, axis=0))
-            if any(failed(r, log) for r, log in zip(group, logs, strict=True)):
-                cell += " ✗"
-                failures[fallback, f"{scale:g}"].append(f"{m:g}")
-            cells[m] = cell
+                cells[m] += " ({:.0f}° → {:.0f}°)".format(*np.mean(turned, axis=0))
+            if m in failures[key]:
+                cells[m] += " ✗"
         rows.append([backbone, f"{size:,} × {epochs}", fallback, f"{scale:g}",
                      *cells.values()])
-    said = "; ".join(f"{fallback}, s = {s}: " + (f"m = {', '.join(ms)}" if ms else "no margin")
-                     for (fallback, s), ms in sorted(failures.items()))
-    start = (f" Over the first epoch the training images sat at {min(starts):.0f}°–"
-             f"{max(starts):.0f}° from their own class centre (mean per run)." if starts else "")
+    said = (f"Over the first epoch the training images sat at {min(starts):.0f}°–"
+            f"{max(starts):.0f}° from their own class centre (mean per run). " if starts else "")
     noise = same_logit_differences(curves, ledger)
     if noise:
-        start += (" The two fallbacks give the same target logit below θ = 180° − m; where no"
-                  " test image of either run ended past it, seed-paired runs of the two differ"
-                  f" by {min(noise):.1f}–{max(noise):.1f} points of test top-1 (mean"
-                  f" {np.mean(noise):.1f}, {len(noise)} pair{'s' * (len(noise) > 1)}), a gauge"
-                  " of one point's noise.")
+        said += ("The two fallbacks give the same target logit below θ = 180° − m; where no"
+                 " test image of either run ended past it, seed-paired runs of the two differ"
+                 f" by {min(noise):.1f}–{max(noise):.1f} points of test top-1 (mean"
+                 f" {np.mean(noise):.1f}, {len(noise)} pair{'s' * (len(noise) > 1)}), a gauge"
+                 " of one point's noise. ")
     listed = ", ".join(f"{m:g}" for m in margins)
     slopes = "; ".join(
         f"{fallback}: " + ", ".join(f"{start_slope(m, fallback):.2f}" for m in margins)
         for fallback in sorted({fallback for _, fallback, *_ in curves}))
     return (markdown(["backbone", "train images × epochs", "fallback", "s",
                       *(f"m = {m:g}" for m in margins)], rows)
-            + f"\nWhere training failed (✗), per fallback and scale: {said}.{start} At θ = 90°"
-            f" the target logit's slope in θ per unit s, for m = {listed}, is {slopes}"
-            " (negative: a larger angle lowers the target logit, so training pulls the image"
-            " toward its class).\n")
+            + f"\n{said}At θ = 90° the target logit's slope in θ per unit s, for m = {listed},"
+            f" is {slopes} (negative: a larger angle lowers the target logit, so training pulls"
+            " the image toward its class).\n")

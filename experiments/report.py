@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import readme_blocks  # noqa: E402
 import served_scores  # noqa: E402
 from ledger import LEDGER, ROOT, collect  # noqa: E402
-from margin_sweep import margin_curves, sweep_table  # noqa: E402
+from margin_sweep import margin_curves, sweep_table, sweep_verdict  # noqa: E402
 from selection import selection  # noqa: E402
 from sweep import PAPER_HEAD  # noqa: E402
 from tables import (  # noqa: E402
@@ -125,6 +125,7 @@ def paper(runs, ledger, docs_dir, plots):
             "table1_map": paper_table(table1, PAPER["cifar10"]),
             "table1_top1": paper_table(table1, metric="top1"),
             "figure2": figure or "No margin sweep is recorded yet.\n",
+            "figure2_verdict": sweep_verdict(runs, ledger),
             "table2": paper_table([], PAPER["cifar100"])}
 
 

@@ -96,9 +96,20 @@ def test_figure2_marks_failed_runs_and_shows_where_the_angles_went(tmp_path):
     assert ("where no test image of either run ended past it, seed-paired runs of the two "
             "differ by 2.5–2.5 points of test top-1 (mean 2.5, 1 pair), a gauge of one point's "
             "noise.") in table
-    assert ("Where training failed (✗), per fallback and scale: monotonic, s = 8: no margin; none, "
-            "s = 8: m = 2, 3. Over the first epoch the training images sat at 88°–90° from their "
-            "own class centre") in table
+    assert ("Over the first epoch the training images sat at 88°–90° from their own class "
+            "centre") in table
+    from margin_sweep import sweep_verdict
+
+    assert sweep_verdict(list(loaded.values()), str(runs)) == (
+        "On mobilenetv2 at 5,000 training images × 2 epochs, with the raw margin (the paper's "
+        "formula) training fails from m = 2 on (s = 8); with the monotonic fallback training "
+        "succeeds at every margin (s = 8).")
+    assert sweep_verdict([], str(runs)) == "not run yet."
+    # A failure that a larger margin recovers from is named alone, not "from m on".
+    from margin_sweep import failure_phrase
+
+    assert failure_phrase([0.1, 1.5, 2.0], [1.5]) == "fails at m = 1.5"
+    assert failure_phrase([0.1, 1.5, 2.0], [2.0]) == "fails at m = 2"
     # The pull on a fresh image (θ = 90°): -sin(90° + m) before the turn at θ = π - m, and
     # past it the raw curve's -sin(90° + m) > 0 against the fallback's -sin(90°) = -1.
     assert ("At θ = 90° the target logit's slope in θ per unit s, for m = 0.1, 2, 3, is "
