@@ -111,7 +111,9 @@ def command(config):
     return " ".join(parts)
 
 
-RECIPE_KEYS = ("optimizer", "learning_rate", "weight_decay", "seed")
+# A recipe's settings, and with the seed every key a run's label may name.
+RECIPE_SETTINGS = ("optimizer", "learning_rate", "weight_decay")
+RECIPE_KEYS = (*RECIPE_SETTINGS, "seed")
 
 
 def recipe_label(config, keys=RECIPE_KEYS):
@@ -189,7 +191,7 @@ def seed_arms(runs, pair_by="seed", arm=head_arm, arm_fields=HEAD_FIELDS):
     for run in runs:
         config = run["config"]
         # The seed labels nothing; an arm's own setting is in its name.
-        recipe = recipe_label(config, keys=[key for key in RECIPE_KEYS[:-1]
+        recipe = recipe_label(config, keys=[key for key in RECIPE_SETTINGS
                                             if key not in arm_fields])
         # Arms that are not heads compare one head's runs: the setting names it.
         head = "" if "loss" in arm_fields else f", {head_name(config)}"
