@@ -40,13 +40,20 @@ def training_log(run, ledger):
             for key in (rows[0] if rows else ())}
 
 
-def failed(run, log):
-    """Whether training failed: test top-1 within 1.5 times chance, or a last epoch's training
-    loss not below the first's (``log``: ``training_log``). A run whose loss became NaN stops
-    with an error and records nothing; the sweep names it and goes on."""
+def failure(run, log):
+    """How training failed: ``"chance"`` (test top-1 within 1.5 times chance), ``"loss"`` (the
+    last epoch's training loss not below the first's; ``log``: ``training_log``) or None. A
+    run whose loss became NaN stops with an error and records nothing; the sweep names it and
+    goes on."""
     loss = log.get("loss", [])
-    return (run["metrics"]["top1"] <= 1.5 / run["config"].get("num_classes", 10)
-            or (len(loss) > 1 and not loss[-1] < loss[0]))
+    if run["metrics"]["top1"] <= 1.5 / run["config"].get("num_classes", 10):
+        return "chance"
+    return "loss" if len(loss) > 1 and not loss[-1] < loss[0] else None
+
+
+def failed(run, log):
+    """Whether training failed (``failure``)."""
+    return failure(run, log) is not None
 
 
 def angles(log):
@@ -97,19 +104,32 @@ def same_logit_differences(curves, ledger):
 
 
 def failed_margins(curves, ledger):
-    """The margins of each curve (``margin_curves``) at which a run failed (``failed``)."""
-    return {key: [m for m, group in points
-                  if any(failed(r, training_log(r, ledger)) for r in group)]
-            for key, points in curves.items()}
+    """Where each curve (``margin_curves``) failed: ``{key: {"chance": [m], "loss": [m]}}``, a
+    margin under "chance" when any of its runs ended at chance, else under "loss" when any
+    run's loss did not fall (``failure``)."""
+    result = {}
+    for key, points in curves.items():
+        result[key] = {"chance": [], "loss": []}
+        for m, group in points:
+            kinds = {failure(r, training_log(r, ledger)) for r in group} - {None}
+            if kinds:
+                result[key]["chance" if "chance" in kinds else "loss"].append(m)
+    return result
 
 
-def failure_phrase(margins, failed_at):
-    """Where a curve over ``margins`` failed: from some margin on, at some, or nowhere."""
-    if not failed_at:
-        return "succeeds at every margin"
-    if len(failed_at) > 1 and failed_at == margins[margins.index(failed_at[0]):]:
-        return f"fails from m = {failed_at[0]:g} on"
-    return "fails at m = " + ", ".join(f"{m:g}" for m in failed_at)
+def margins_phrase(margins, chosen):
+    """``from m = 1.5 on`` when ``chosen`` are the last of ``margins`` (two or more), else
+    ``at m = 1, 2``."""
+    if len(chosen) > 1 and chosen == margins[margins.index(chosen[0]):]:
+        return f"from m = {chosen[0]:g} on"
+    return "at m = " + ", ".join(f"{m:g}" for m in chosen)
+
+
+def failure_phrase(margins, failures):
+    """Where a curve over ``margins`` failed (``failed_margins``' entry), in words."""
+    said = [f"{words} {margins_phrase(margins, failures[kind])}" for kind, words in (
+        ("chance", "ends at chance"), ("loss", "does not lower its loss")) if failures[kind]]
+    return " and ".join(said) or "succeeds at every margin"
 
 
 # How the verdict names each fallback (``tfmargin.margins.FALLBACKS``), the paper's first.
@@ -157,7 +177,7 @@ def sweep_table(runs, ledger):
             cells[m] = f"{100 * np.mean([r['metrics']['top1'] for r in group]):.1f}"
             if turned:
                 cells[m] += " ({:.0f}° → {:.0f}°)".format(*np.mean(turned, axis=0))
-            if m in failures[key]:
+            if m in failures[key]["chance"] + failures[key]["loss"]:
                 cells[m] += " ✗"
         rows.append([backbone, f"{size:,} × {epochs}", fallback, f"{scale:g}",
                      *cells.values()])

@@ -56,7 +56,7 @@ def test_figure2_marks_failed_runs_and_shows_where_the_angles_went(tmp_path):
     """A run fails at chance top-1 or when its training loss did not fall (log.csv); the
     table shows each point's top-1 and its mean target angle over the first and last epoch."""
     import sweep
-    from margin_sweep import failed, sweep_table, training_log
+    from margin_sweep import failed, failure, sweep_table, training_log
 
     runs = tmp_path / "runs"
     logs = {"m01": ("0,2.9,88.0\n1,2.4,80.5\n", 0.40), "m2": ("0,2.9,90.0\n1,3.1,120.0\n", 0.20),
@@ -87,8 +87,8 @@ def test_figure2_marks_failed_runs_and_shows_where_the_angles_went(tmp_path):
     loaded = {r["name"]: r for r in load_runs(str(runs))}
     log = training_log(loaded["m2"], str(runs))
     assert log == {"epoch": [0.0, 1.0], "loss": [2.9, 3.1], "theta_y_mean": [90.0, 120.0]}
-    assert failed(loaded["m2"], log)  # the loss rose
-    assert failed(loaded["m3"], {})  # top-1 within 1.5 x chance
+    assert failure(loaded["m2"], log) == "loss"  # it rose
+    assert failure(loaded["m3"], {}) == "chance"  # top-1 within 1.5 x chance
     assert not failed(loaded["m01"], training_log(loaded["m01"], str(runs)))
     table = sweep_table(list(loaded.values()), str(runs))
     assert ("| mobilenetv2 | 5,000 × 2 | none | 8 | 40.0 (88° → 80°) | 20.0 (90° → 120°) ✗ | "
@@ -104,14 +104,16 @@ def test_figure2_marks_failed_runs_and_shows_where_the_angles_went(tmp_path):
 
     assert sweep_verdict(list(loaded.values()), str(runs)) == (
         "On mobilenetv2 at 5,000 training images × 2 epochs, with the raw margin (the paper's "
-        "formula) training fails from m = 2 on (s = 8); with the monotonic fallback training "
-        "succeeds at every margin (s = 8).")
+        "formula) training ends at chance at m = 3 and does not lower its loss at m = 2 "
+        "(s = 8); with the monotonic fallback training succeeds at every margin (s = 8).")
     assert sweep_verdict([], str(runs)) == "not run yet."
     # A failure that a larger margin recovers from is named alone, not "from m on".
     from margin_sweep import failure_phrase
 
-    assert failure_phrase([0.1, 1.5, 2.0], [1.5]) == "fails at m = 1.5"
-    assert failure_phrase([0.1, 1.5, 2.0], [2.0]) == "fails at m = 2"
+    assert failure_phrase([0.1, 1.5, 2.0], {"chance": [1.5, 2.0], "loss": []}) == (
+        "ends at chance from m = 1.5 on")
+    assert failure_phrase([0.1, 1.5, 2.0], {"chance": [], "loss": [1.5]}) == (
+        "does not lower its loss at m = 1.5")
     # The pull on a fresh image (θ = 90°): -sin(90° + m) before the turn at θ = π - m, and
     # past it the raw curve's -sin(90° + m) > 0 against the fallback's -sin(90°) = -1.
     assert ("At θ = 90° the target logit's slope in θ per unit s, for m = 0.1, 2, 3, is "
