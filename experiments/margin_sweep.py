@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 from keras import ops
-from tables import RECIPE_SETTINGS, at_recipe_kernels, markdown, recipe_label
+from tables import at_recipe_kernels, markdown, recipe_label
 
 from tfmargin.margins import target_logit
 
@@ -21,7 +21,7 @@ def margin_curves(runs):
         c = run["config"]
         if (c["loss"] == "arcface" and not c["ce_weight"] and not c["classes"]
                 # Any seed: a point's runs are its seeds.
-                and not recipe_label(c, keys=RECIPE_SETTINGS) and at_recipe_kernels(run)):
+                and not recipe_label(c) and at_recipe_kernels(run)):
             key = (c["backbone"], c["fallback"], c["head_scale"], c["train_size"],
                    run["metrics"]["epochs"])
             curves.setdefault(key, {}).setdefault(float(c["margin"]), []).append(run)

@@ -111,12 +111,11 @@ def command(config):
     return " ".join(parts)
 
 
-# A recipe's settings, and with the seed every key a run's label may name.
+# A recipe's settings that a run may change (the seed is not one: it repeats a setting).
 RECIPE_SETTINGS = ("optimizer", "learning_rate", "weight_decay")
-RECIPE_KEYS = (*RECIPE_SETTINGS, "seed")
 
 
-def recipe_label(config, keys=RECIPE_KEYS):
+def recipe_label(config, keys=RECIPE_SETTINGS):
     """The recipe settings that differ from the recipe's defaults for the head (``lr=0.1``)."""
     defaults = recipe_defaults(config)
     names = {"learning_rate": "lr", "weight_decay": "wd"}
