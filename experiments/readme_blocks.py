@@ -71,8 +71,10 @@ def headline(runs):
     return f"**{answer}.**\n\n{table}\n{LEGEND}"
 
 
-def main_command(runs):
-    """The main command per head: seeds, test top-1, MAP@R, and the paired difference."""
+def main_command(runs, converged=()):
+    """The main command per head: seeds, test top-1, MAP@R, and the paired difference; then
+    how that difference compares with the same head's at convergence (``converged``: the
+    headline's runs)."""
     if not runs:
         return "The main command has no recorded full-budget run yet.\n"
     table, means, deltas = _table(runs, (("top1", "top-1", True), ("map_at_r", "MAP@R", False)))
@@ -85,6 +87,14 @@ def main_command(runs):
               f"{_words(text, interval, n)}" if n >= 2 else
               f"At this budget {heads[0]}'s mean test top-1 is {gap:+.2f} points from "
               f"softmax's; with {n} paired seed(s) that is an anecdote, not a comparison yet")
+    far = _table(converged, (("top1", "top-1", True),))[2].get((heads[0], "top1")) \
+        if converged else None
+    if far and far[2] and n:
+        near_mean, far_mean = float(text.split()[0]), float(far[0].split()[0])
+        answer += (f". At convergence (airbench's recipe, tuned for softmax) the same head's "
+                   f"paired difference is {far_mean:+.2f} points over {far[2]} seeds: the "
+                   + ("same sign" if (near_mean > 0) == (far_mean > 0) else "sign differs")
+                   + f", {abs(near_mean - far_mean):.2f} points apart")
     return f"**{answer}.**\n\n{table}"
 
 

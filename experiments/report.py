@@ -151,11 +151,12 @@ def results_blocks(runs, ledger, docs_dir, plots):
     main = [r for r in runs if is_main_command(r)]
     open_set = [r for r in runs if r["config"]["classes"]
                 and not served_scores.is_development(r["config"])]
+    headline = [r for r in converged if at_recipe_kernels(r)]
     return {
-        "headline": readme_blocks.headline([r for r in converged if at_recipe_kernels(r)]),
+        "headline": readme_blocks.headline(headline),
         "converged": seed_table(converged),
         "kernels": kernels(converged),
-        "main_command": readme_blocks.main_command(main),
+        "main_command": readme_blocks.main_command(main, headline),
         "learning_rates": learning_rates(runs) or "No setting has runs at two rates yet.\n",
         "open_set": readme_blocks.open_set(open_set),
         "far_away": readme_blocks.far_away(runs),

@@ -420,3 +420,21 @@ def test_the_runs_table_shows_the_top1_of_the_logits_its_ece_is_of():
     table = runs_table([run | {"finished": "-"}])
     assert "| test top-1 | top-1 served | test mAP | test MAP@R | ECE | ECE after |" in table
     assert "| 90.00 | 93.00 | 90.00 | 80.00 | 5.00 | 1.00 | 1.500 |" in table
+
+
+def test_main_command_block_sets_its_difference_beside_the_converged_one():
+    """One sentence says whether the main command's sign is the converged study's, and how
+    far apart the two paired differences are."""
+    from readme_blocks import main_command
+
+    main = [seed_run("m-soft", "softmax", 0, 0.76, 0.76), seed_run("m-arc", "arcface", 0,
+                                                                     0.80, 0.80)]
+    converged = [seed_run(f"c-{loss}{seed}", loss, seed, top1, top1) for loss, seed, top1 in (
+        ("softmax", 0, 0.90), ("softmax", 1, 0.91), ("arcface", 0, 0.89),
+        ("arcface", 1, 0.90))]
+    assert main_command(main, converged).startswith(
+        "**At this budget arcface s=8 m=0.3 monotonic's mean test top-1 is +4.00 points from "
+        "softmax's; with 1 paired seed(s) that is an anecdote, not a comparison yet. At "
+        "convergence (airbench's recipe, tuned for softmax) the same head's paired difference "
+        "is -1.00 points over 2 seeds: the sign differs, 5.00 points apart.**")
+    assert "At convergence" not in main_command(main, [])
