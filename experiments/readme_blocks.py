@@ -95,7 +95,21 @@ def main_command(runs, converged=()):
                    f"paired difference is {far_mean:+.2f} points over {far[2]} seeds: the "
                    + ("same sign" if (near_mean > 0) == (far_mean > 0) else "sign differs")
                    + f", {abs(near_mean - far_mean):.2f} points apart")
-    return f"**{answer}.**\n\n{table}"
+    return f"**{answer}.**\n\n{table}" + cpu_types(runs)
+
+
+def cpu_types(runs):
+    """A line naming the CPU types ``runs`` ran on, with their counts, when there are
+    several (float32 results differ between them by rounding, hence by training noise)."""
+    counts = {}
+    for run in runs:
+        model = run["config"].get("machine", {}).get("model", "an unrecorded CPU")
+        model = model.replace("(R)", "").replace(" Processor", "")
+        counts[model] = counts.get(model, 0) + 1
+    if len(counts) < 2:
+        return ""
+    return ("\nThese runs ran on more than one CPU type: " + ", ".join(
+        f"{model} ({n} run{'s' * (n > 1)})" for model, n in sorted(counts.items())) + ".\n")
 
 
 def served_label(run):

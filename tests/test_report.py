@@ -438,3 +438,10 @@ def test_main_command_block_sets_its_difference_beside_the_converged_one():
         "convergence (airbench's recipe, tuned for softmax) the same head's paired difference "
         "is -1.00 points over 2 seeds: the sign differs, 5.00 points apart.**")
     assert "At convergence" not in main_command(main, [])
+    # Runs on two CPU types say so (float32 results differ between them by rounding).
+    from readme_blocks import cpu_types
+
+    assert cpu_types(main) == ""
+    main[1]["config"]["machine"] = {"model": "Intel(R) Xeon(R) Processor"}
+    assert cpu_types(main) == ("\nThese runs ran on more than one CPU type: Intel Xeon (1 run), "
+                               "an unrecorded CPU (1 run).\n")
