@@ -72,15 +72,50 @@ def start_slope(margin, fallback, theta=math.pi / 2, step=1e-6):
     return float(psi[1] - psi[0]) / (2 * step)
 
 
-def largest_final_angle(run, ledger):
-    """The largest angle (degrees) of a test image to its own class centre after training
+def final_angles(run, ledger):
+    """The test images' angles (degrees) to their own class centre after training
     (``test_predictions.npz``), None where the ledger has none."""
     path = os.path.join(ledger, run["name"], "test_predictions.npz")
     if not os.path.exists(path):
         return None
     with np.load(path) as predictions:
-        return float(predictions["target_angle_deg"].max()) \
-            if "target_angle_deg" in predictions else None
+        return predictions["target_angle_deg"] if "target_angle_deg" in predictions else None
+
+
+def largest_final_angle(run, ledger):
+    """The largest of ``final_angles`` (None where the ledger has none)."""
+    angles_deg = final_angles(run, ledger)
+    return None if angles_deg is None else float(angles_deg.max())
+
+
+def past_bonus(run, ledger):
+    """The share of a run's test images whose angle to their own class centre ended beyond
+    θ = π − m/2, where the raw target logit is *higher* than a plain cosine (cos(θ + m) >
+    cos θ): the margin rewards an image for facing away from its class. None without angles."""
+    angles_deg = final_angles(run, ledger)
+    return None if angles_deg is None else float(np.mean(
+        angles_deg > 180 - math.degrees(float(run["config"]["margin"])) / 2))
+
+
+def bonus_shares(curves, ledger):
+    """The raw-margin runs that ended at chance: ``past_bonus`` of each, how many of them
+    lowered their training loss all the same, and ``past_bonus`` of the monotonic runs at the
+    same margins, scales and budgets: ``(raw shares, lowered, monotonic shares)``."""
+    raw, lowered, monotonic = [], 0, []
+    for (backbone, fallback, *rest), points in curves.items():
+        if fallback != "none":
+            continue
+        others = dict(curves.get((backbone, "monotonic", *rest), ()))
+        for m, group in points:
+            logs = {r["name"]: training_log(r, ledger) for r in group}
+            chance = [r for r in group if failure(r, logs[r["name"]]) == "chance"
+                      and past_bonus(r, ledger) is not None]
+            raw += [past_bonus(r, ledger) for r in chance]
+            lowered += sum(len(logs[r["name"]].get("loss", [])) > 1
+                           and logs[r["name"]]["loss"][-1] < logs[r["name"]]["loss"][0]
+                           for r in chance)
+            monotonic += [past_bonus(r, ledger) for r in others.get(m, ()) if chance]
+    return raw, lowered, [x for x in monotonic if x is not None]
 
 
 def same_logit_differences(curves, ledger):
@@ -190,6 +225,16 @@ def sweep_table(runs, ledger):
                  f" by {min(noise):.1f}–{max(noise):.1f} points of test top-1 (mean"
                  f" {np.mean(noise):.1f}, {len(noise)} pair{'s' * (len(noise) > 1)}), a gauge"
                  " of one point's noise. ")
+    raw, lowered, monotonic = bonus_shares(curves, ledger)
+    if raw and monotonic:
+        said += ("At the end of training a median of {:.0f} % (range {:.0f}–{:.0f} %) of the test"
+                 " images of the raw-margin runs that ended at chance sat beyond θ = 180° − m/2,"
+                 " where the raw target logit is higher than a plain cosine; in the monotonic"
+                 " runs at the same margins and scales, {:.0f} % ({:.0f}–{:.0f} %).").format(
+                     *(100 * f(shares) for shares in (raw, monotonic)
+                       for f in (np.median, np.min, np.max)))
+        said += (f" {lowered} of those {len(raw)} raw-margin runs lowered their training loss"
+                 " all the same. ")
     listed = ", ".join(f"{m:g}" for m in margins)
     slopes = "; ".join(
         f"{fallback}: " + ", ".join(f"{start_slope(m, fallback):.2f}" for m in margins)

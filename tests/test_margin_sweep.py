@@ -79,7 +79,7 @@ def test_figure2_marks_failed_runs_and_shows_where_the_angles_went(tmp_path):
 
     update_metrics(runs, "f01", top1=0.425)
     update_metrics(runs, "f3s1", top1=0.45)
-    for name, largest in (("m01", 120.0), ("f01", 100.0), ("m3", 150.0), ("f3", 150.0)):
+    for name, largest in (("m01", 120.0), ("f01", 100.0), ("m3", 150.0), ("f3", 80.0)):
         np.savez(runs / name / "test_predictions.npz",
                  target_angle_deg=np.array([60.0, largest], np.float32))
     from tables import load_runs
@@ -114,6 +114,24 @@ def test_figure2_marks_failed_runs_and_shows_where_the_angles_went(tmp_path):
         "ends at chance from m = 1.5 on")
     assert failure_phrase([0.1, 1.5, 2.0], {"chance": [], "loss": [1.5]}) == (
         "does not lower its loss at m = 1.5")
+    # m = 3 ended at chance with one of its two test images past 180° - m/2 (94°), where the
+    # raw margin is a bonus, and its loss fell all the same; the monotonic run, none.
+    assert ("At the end of training a median of 50 % (range 50–50 %) of the test images of the "
+            "raw-margin runs that ended at chance sat beyond θ = 180° − m/2, where the raw "
+            "target logit is higher than a plain cosine; in the monotonic runs at the same "
+            "margins and scales, 0 % (0–0 %). 1 of those 1 raw-margin runs lowered their "
+            "training loss all the same.") in table
+    # The bonus region, through the head's own target logit: beyond π - m/2 the raw margin
+    # raises the target logit above the plain cosine, before it lowers it.
+    from keras import ops
+
+    from tfmargin.margins import target_logit
+
+    for m in (1.0, 2.0, 3.0):
+        theta = np.pi - m / 2 + np.array([-0.01, 0.01])
+        raw = ops.convert_to_numpy(target_logit(np.cos(theta), "arcface", 1.0, m, 0.0,
+                                                fallback="none"))
+        assert raw[0] < np.cos(theta[0]) and raw[1] > np.cos(theta[1])
     # The pull on a fresh image (θ = 90°): -sin(90° + m) before the turn at θ = π - m, and
     # past it the raw curve's -sin(90° + m) > 0 against the fallback's -sin(90°) = -1.
     assert ("At θ = 90° the target logit's slope in θ per unit s, for m = 0.1, 2, 3, is "
