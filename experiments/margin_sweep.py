@@ -45,10 +45,15 @@ def failure(run, log):
     last epoch's training loss not below the first's; ``log``: ``training_log``) or None. A
     run whose loss became NaN stops with an error and records nothing; the sweep names it and
     goes on."""
-    loss = log.get("loss", [])
     if run["metrics"]["top1"] <= 1.5 / run["config"].get("num_classes", 10):
         return "chance"
-    return "loss" if len(loss) > 1 and not loss[-1] < loss[0] else None
+    return "loss" if len(log.get("loss", [])) > 1 and not loss_fell(log) else None
+
+
+def loss_fell(log):
+    """Whether the last epoch's training loss is below the first's (``training_log``)."""
+    loss = log.get("loss", [])
+    return len(loss) > 1 and loss[-1] < loss[0]
 
 
 def failed(run, log):
@@ -97,24 +102,30 @@ def past_bonus(run, ledger):
         angles_deg > 180 - math.degrees(float(run["config"]["margin"])) / 2))
 
 
+def fallback_pairs(curves):
+    """The raw-margin runs of each point with the monotonic runs at the same margin, scale and
+    budget: ``(m, raw runs, monotonic runs)``."""
+    for (backbone, fallback, *rest), points in curves.items():
+        if fallback == "none":
+            monotonic = dict(curves.get((backbone, "monotonic", *rest), ()))
+            for m, group in points:
+                yield m, group, monotonic.get(m, [])
+
+
 def bonus_shares(curves, ledger):
     """The raw-margin runs that ended at chance: ``past_bonus`` of each, how many of them
     lowered their training loss all the same, and ``past_bonus`` of the monotonic runs at the
     same margins, scales and budgets: ``(raw shares, lowered, monotonic shares)``."""
     raw, lowered, monotonic = [], 0, []
-    for (backbone, fallback, *rest), points in curves.items():
-        if fallback != "none":
-            continue
-        others = dict(curves.get((backbone, "monotonic", *rest), ()))
-        for m, group in points:
-            logs = {r["name"]: training_log(r, ledger) for r in group}
-            chance = [r for r in group if failure(r, logs[r["name"]]) == "chance"
-                      and past_bonus(r, ledger) is not None]
-            raw += [past_bonus(r, ledger) for r in chance]
-            lowered += sum(len(logs[r["name"]].get("loss", [])) > 1
-                           and logs[r["name"]]["loss"][-1] < logs[r["name"]]["loss"][0]
-                           for r in chance)
-            monotonic += [past_bonus(r, ledger) for r in others.get(m, ()) if chance]
+    for _, group, others in fallback_pairs(curves):
+        chance = []
+        for run in group:
+            log, share = training_log(run, ledger), past_bonus(run, ledger)
+            if failure(run, log) == "chance" and share is not None:
+                chance.append(share)
+                lowered += loss_fell(log)
+        raw += chance
+        monotonic += [past_bonus(r, ledger) for r in others] if chance else []
     return raw, lowered, [x for x in monotonic if x is not None]
 
 
@@ -123,18 +134,14 @@ def same_logit_differences(curves, ledger):
     either run ended past that angle, a seed-paired raw and monotonic run differ only by
     run-to-run noise: the absolute test top-1 differences (points) of those pairs."""
     differences = []
-    for (backbone, fallback, *rest), points in curves.items():
-        if fallback != "none":
-            continue
-        monotonic = dict(curves.get((backbone, "monotonic", *rest), ()))
-        for m, group in points:
-            for raw in group:
-                for other in monotonic.get(m, ()):
-                    largest = [largest_final_angle(r, ledger) for r in (raw, other)]
-                    if (other["config"]["seed"] == raw["config"]["seed"] and None not in largest
-                            and max(largest) < 180 - math.degrees(m)):
-                        differences.append(100 * abs(raw["metrics"]["top1"]
-                                                     - other["metrics"]["top1"]))
+    for m, group, others in fallback_pairs(curves):
+        for raw in group:
+            for other in others:
+                largest = [largest_final_angle(r, ledger) for r in (raw, other)]
+                if (other["config"]["seed"] == raw["config"]["seed"] and None not in largest
+                        and max(largest) < 180 - math.degrees(m)):
+                    differences.append(100 * abs(raw["metrics"]["top1"]
+                                                 - other["metrics"]["top1"]))
     return differences
 
 
