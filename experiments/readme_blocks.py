@@ -100,11 +100,19 @@ def main_command(runs, converged=()):
 
 def cpu_types(runs):
     """A line naming the CPU types ``runs`` ran on, with their counts, when there are
-    several (float32 results differ between them by rounding, hence by training noise)."""
+    several (float32 results differ between them by rounding, hence by training noise). A
+    model name shared by several generations (a virtual machine's "AMD EPYC") is told apart
+    by its family/model numbers."""
+    machines = [run["config"].get("machine", {}) for run in runs]
+    families = {}
+    for machine in machines:
+        families.setdefault(machine.get("model"), set()).add(machine.get("family"))
     counts = {}
-    for run in runs:
-        model = run["config"].get("machine", {}).get("model", "an unrecorded CPU")
+    for machine in machines:
+        model = machine.get("model") or "an unrecorded CPU"
         model = model.replace("(R)", "").replace(" Processor", "")
+        if len(families[machine.get("model")]) > 1:
+            model += f" (family/model {machine.get('family') or 'unrecorded'})"
         counts[model] = counts.get(model, 0) + 1
     if len(counts) < 2:
         return ""

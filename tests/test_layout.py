@@ -3,6 +3,7 @@ its exports name, no import cycle, no module a reader cannot hold."""
 
 import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -97,3 +98,22 @@ def test_no_module_is_over_500_lines():
             sizes[os.path.relpath(path, ROOT)] = sum(1 for _ in f)
     assert len(sizes) > 40
     assert {path: n for path, n in sizes.items() if n > 500} == {}
+
+
+def test_every_relative_link_of_the_documents_names_a_file_that_exists():
+    """A link in the README, the changelog or docs/ to a file of the repository (not a web
+    address) resolves from the document's own folder."""
+    documents = [os.path.join(ROOT, name) for name in ("README.md", "CHANGELOG.md")]
+    documents += glob.glob(os.path.join(ROOT, "docs", "*.md"))
+    links, broken = 0, []
+    for document in documents:
+        with open(document) as f:
+            text = f.read()
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:
+                continue
+            links += 1
+            if not os.path.exists(os.path.join(os.path.dirname(document), target)):
+                broken.append(f"{os.path.relpath(document, ROOT)} -> {target}")
+    assert links > 20
+    assert broken == []

@@ -445,3 +445,10 @@ def test_main_command_block_sets_its_difference_beside_the_converged_one():
     main[1]["config"]["machine"] = {"model": "Intel(R) Xeon(R) Processor"}
     assert cpu_types(main) == ("\nThese runs ran on more than one CPU type: Intel Xeon (1 run), "
                                "an unrecorded CPU (1 run).\n")
+    # One model name over two generations: their family/model numbers tell them apart.
+    main[0]["config"]["machine"] = {"model": "AMD EPYC", "family": "25/17"}
+    main[1]["config"]["machine"] = {"model": "AMD EPYC", "family": "25/1"}
+    assert cpu_types(main) == ("\nThese runs ran on more than one CPU type: AMD EPYC (family/"
+                               "model 25/1) (1 run), AMD EPYC (family/model 25/17) (1 run).\n")
+    main[1]["config"]["machine"]["family"] = "25/17"
+    assert cpu_types(main) == ""
