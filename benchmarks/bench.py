@@ -6,6 +6,7 @@
     python benchmarks/bench.py --sections airbench --full-run results/runs/<run>  # vs bound
     python benchmarks/bench.py --sections profile --dataset ../shared/datasets/cifar10-jpeg
     python benchmarks/bench.py --sections primitives   # oneDNN's kernels, Keras vs PyTorch
+    python benchmarks/bench.py --sections allocator --backbones mobilenetv2   # per process
 
 Each ratio compares two set-ups timed in alternating blocks of training steps in this
 one process (``timing.paired``); the reported ratio is the median over rounds of the
@@ -30,6 +31,7 @@ from tfmargin.quiet import import_tensorflow  # noqa: E402
 
 tf = import_tensorflow()
 import keras  # noqa: E402
+from allocator import bench_allocator  # noqa: E402
 from bench_airbench import bench_airbench, bench_bf16_layers, bench_full_run  # noqa: E402
 from bench_peer import bench_peer, bench_peer_elementwise, bench_peer_layers  # noqa: E402
 from bench_profile import bench_primitives, bench_profile  # noqa: E402
@@ -81,8 +83,8 @@ def machine():
 
 
 
-SECTIONS = ("targets", "levers", "budget", "accuracy", "airbench", "bf16", "peer", "profile",
-            "primitives")
+SECTIONS = ("targets", "levers", "budget", "allocator", "accuracy", "airbench", "bf16", "peer",
+            "profile", "primitives")
 
 
 
@@ -166,6 +168,8 @@ def main(argv=None):
             bench_levers(report, data, args)
         if "budget" in args.sections:
             bench_budget(report, data, args)
+        if "allocator" in args.sections:
+            bench_allocator(report, args)
         if {"airbench", "peer", "profile"} & set(args.sections):
             big = airbench_data(args, tmp, data)
             if "airbench" in args.sections:

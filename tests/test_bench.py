@@ -25,6 +25,30 @@ def test_paired_alternates_and_reports_the_median_ratio():
     assert result == {"ratio": 2.2, "a": 11.0, "b": 5.0, "rounds": 3}  # ratios 3, 2, 2.2
 
 
+def test_allocator_set_ups_alternate_in_children_and_pair_with_the_default(monkeypatch,
+                                                                         tmp_path):
+    """Every round starts one child per set-up in the same order; a set-up's ratio is the
+    median of its per-round ratios to that round's default, not a ratio of medians."""
+    import allocator
+
+    started, rates = [], iter([10.0, 12.0, 11.0, 20.0, 30.0, 10.0])
+    monkeypatch.setattr(allocator, "ALLOCATORS", {"default": {}, "other": {"X": "1"}})
+
+    def child(backbone, batch, steps, blocks, environment):
+        started.append(environment)
+        return {"rate": next(rates), "faults": 100.0 * len(started)}
+
+    monkeypatch.setattr(allocator, "child_rate", child)
+    result = allocator.measure("tinycnn", 16, 2, 3, rounds=3)
+    assert started == [{}, {"X": "1"}] * 3
+    assert result["other"]["ratio"] == pytest.approx(1.2)  # ratios 1.2, 1.5, 0.5
+    assert result["other"]["rate"] == 12.0 and result["default"]["rate"] == 11.0
+    assert result["default"]["faults"] == 300.0
+    (tmp_path / "thp").write_text("always [madvise] never\n")
+    assert allocator.transparent_huge_pages(tmp_path / "thp") == "madvise"
+    assert allocator.transparent_huge_pages(tmp_path / "missing") is None
+
+
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
 def test_batchnorm_fused_by_xla_matches_keras_batchnorm(policy):
     """Outputs, gradients (input and beta) and moving statistics as Keras's own layer."""
@@ -174,8 +198,8 @@ def test_benchmark_runs_its_sections_for_one_round(tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--sections",
-         "targets,budget,accuracy,peer,profile,primitives", "--dataset", data, "--backbones",
-         "tinycnn",
+         "targets,budget,allocator,accuracy,peer,profile,primitives", "--dataset", data,
+         "--backbones", "tinycnn",
          "--plain-backbone", "tinycnn", "--steps", "2", "--peer-steps", "2", "--rounds", "1",
          "--batch-size", "16", "--airbench-batch", "32", "--accuracy-train", "64",
          "--accuracy-epochs", "1", "--json", str(out), "--markdown", str(tmp_path / "b.md"),
@@ -196,6 +220,12 @@ def test_benchmark_runs_its_sections_for_one_round(tmp_path):
     rate = float(hours["note"].split(", ")[1].split(" img/s")[0])
     assert hours["value"] == pytest.approx(45_000 * 5 / rate / 3600, rel=0.01)
     assert step["unit"] == "x" and "img/s, batch 128" in step["note"]
+    # Each allocator against the default, timed in children of their own.
+    allocator = {r["name"]: r for r in report["rows"] if r["section"] == "allocator"}
+    assert set(allocator) == {"tinycnn float32 step: TensorFlow BFC / default",
+                              "tinycnn float32 step: glibc huge pages / default"}
+    assert all(r["value"] > 0 and "minor page faults per step" in r["note"]
+               for r in allocator.values())
     accuracy = [r for r in report["rows"] if r["name"].startswith("tinycnn test top-1")]
     assert len(accuracy) == 1 and "64 train images x 1 epochs, 24 test images" in \
         accuracy[0]["note"]

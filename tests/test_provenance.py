@@ -4,6 +4,7 @@ shared the machine."""
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -127,3 +128,22 @@ def test_on_a_gpu_the_run_says_its_budget_was_chosen_for_a_cpu(monkeypatch):
     assert "  note: the standard recipe's 5 epochs were chosen for 2 CPU cores " \
         "(docs/recipe.md); a GPU affords more: --epochs" in lines
     assert lines[2].endswith("over GPU:0")
+
+
+def test_tensorflow_starts_with_its_own_cpu_allocator_unless_the_environment_says(
+        monkeypatch):
+    """The best-fit allocator is read when TensorFlow starts: set by default, a value
+    already in the environment kept, and the run's record says which one it trained with."""
+    from tfmargin import quiet
+    from tfmargin.runner import train
+
+    monkeypatch.delenv("TF_CPU_ALLOCATOR_USE_BFC", raising=False)
+    quiet.set_start_up_defaults()
+    assert os.environ["TF_CPU_ALLOCATOR_USE_BFC"] == "true"
+    assert train.provenance_record(types.SimpleNamespace(fingerprint="f"))["machine"][
+        "cpu_allocator"] == "tensorflow-bfc"
+    monkeypatch.setenv("TF_CPU_ALLOCATOR_USE_BFC", "false")
+    quiet.set_start_up_defaults()
+    assert os.environ["TF_CPU_ALLOCATOR_USE_BFC"] == "false"
+    assert train.provenance_record(types.SimpleNamespace(fingerprint="f"))["machine"][
+        "cpu_allocator"] == "malloc"

@@ -173,10 +173,13 @@ CODE_AT_IMPORT = provenance.code_version()
 
 
 def provenance_record(data):
-    """Where the run comes from: code (as imported), libraries, machine, data bytes."""
+    """Where the run comes from: code (as imported), libraries, machine (with the CPU
+    allocator TensorFlow started with, which sets its speed), data bytes."""
     gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+    allocator = os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "").lower() in ("true", "1")
     return {"code": CODE_AT_IMPORT, "versions": provenance.library_versions(),
-            "machine": provenance.cpu_description() | {"gpus": gpus},
+            "machine": provenance.cpu_description() | {
+                "gpus": gpus, "cpu_allocator": "tensorflow-bfc" if allocator else "malloc"},
             "data_fingerprint": data.fingerprint}
 
 
