@@ -143,8 +143,15 @@ def open_set(runs):
     there is one: the runs before it cannot be scored again."""
     if not runs:
         return "The open-set study has no recorded runs yet.\n"
-    runs = [r for r in runs if "open_set_val" in r["metrics"]] or runs
-    runs = [r | {"metrics": r["metrics"] | {"served": served(r)}} for r in runs]
+    study = [r for r in runs if "open_set_val" in r["metrics"]]
+    earlier = [r for r in runs if "open_set_val" not in r["metrics"]]
+    pending = ""
+    if earlier and not study_is_ready(study):
+        pending = (f" {len(study)} run{'s' * (len(study) != 1)} of the study that keeps "
+                   "per-image outputs (docs/results.md) are recorded; the table moves to it "
+                   "once softmax and another head each have two splits." * bool(study))
+        study = earlier
+    runs = [r | {"metrics": r["metrics"] | {"served": served(r)}} for r in study]
     table, means, _ = _table(runs, (("served.label", "served score", None),
                                     ("served.auroc", "AUROC", True),
                                     ("reject.unknown_rejected", "unknowns rejected", False),
@@ -165,7 +172,17 @@ def open_set(runs):
                "(docs/recipe.md)" * unchosen) + f".**\n\n{table}\nAt the threshold that "
             "keeps 95 % of known validation images. *ECE*: expected calibration error of "
             "the served probabilities, %. Every score's AUROC for every split: "
-            "docs/results.md.\n")
+            f"docs/results.md.{pending}\n")
+
+
+def study_is_ready(runs):
+    """True when the open-set runs that keep per-image outputs hold softmax and another
+    head, each on two splits or more: a comparison, not the first runs of one."""
+    splits = {}
+    for run in runs:
+        splits.setdefault(head_name(run["config"]), set()).add(str(run["config"]["classes"]))
+    return ("softmax" in splits and len(splits) > 1
+            and min(len(classes) for classes in splits.values()) >= 2)
 
 
 def far_away(runs):

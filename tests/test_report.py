@@ -386,8 +386,16 @@ def test_open_set_study_is_paired_by_split(tmp_path):
             "chosen on validation") in block
 
     # Runs that keep per-image outputs (open_set_val) and serve each head's validated score
-    # (softmax kNN at k = 10, ArcFace the norm) become the README's study.
+    # (softmax kNN at k = 10, ArcFace the norm) become the README's study once softmax and
+    # another head each have two splits; the first runs are counted until then.
     for split in (0, 2, 3, 4):
+        if split == 2:
+            write_report(runs, tmp_path / "results.md", "--no-plots")
+            block = (tmp_path / "README.md").read_text().split("results:open-set")[1]
+            assert "| softmax | 4 | max_logit | 82.25 ± 1.71 |" in block
+            assert ("docs/results.md. 2 runs of the study that keeps per-image outputs "
+                    "(docs/results.md) are recorded; the table moves to it once softmax and "
+                    "another head each have two splits.\n") in block
         for loss, score, k in (("softmax", "knn", 10), ("arcface", "feature_norm", None)):
             name = f"{loss}-{split}-seed1"
             fake_run(runs, name, "airbench94", loss, 0.9, 0.9, classes=sweep.split_classes(split),
@@ -406,6 +414,7 @@ def test_open_set_study_is_paired_by_split(tmp_path):
     assert ("| arcface s=8 m=0.1 monotonic | 4 | feature_norm | 89.25 ± 1.71 | +2.00 (+2.00, "
             "+2.00) |") in block
     assert "at AUROC 89.25, the weakest softmax, at 87.25 (50 is chance).**" in block
+    assert "runs of the study that keeps per-image outputs" not in block
 
 
 def test_the_runs_table_shows_the_top1_of_the_logits_its_ece_is_of():
