@@ -90,9 +90,13 @@ def test_old_and_new_path_agree_on_loss_and_gradients(head, settings, soft, smoo
     assert new_loss == pytest.approx(old_loss, rel=1e-6, abs=1e-7)
     assert len(new_grads) == len(old_grads) > 0
     for new, previous in zip(new_grads, old_grads, strict=True):
-        # float32 round-off: the two graphs sum the same terms in other orders.
+        # float32 round-off: the two graphs sum the same terms in other orders. SphereFace's
+        # ψ(θ) = (-1)^k cos(mθ) - 2k reaches the embedding through dθ/dcos θ = -1/sin θ,
+        # which magnifies that round-off (seen: 1.7e-4 relative on one of 128 weights, on a
+        # CPU with AVX2 kernels only); a wrong path differs by orders of magnitude more.
         scale = float(np.abs(previous).max()) + 1e-12
-        np.testing.assert_allclose(new, previous, rtol=1e-5, atol=2e-5 * scale)
+        tolerance = 2e-4 if head == "sphereface" else 2e-5
+        np.testing.assert_allclose(new, previous, rtol=1e-5, atol=tolerance * scale)
     if model.uses_margin and head != "normface":  # the margin entered: not the plain CE
         plain = float(loss(y, model(images, training=True)))
         assert abs(new_loss - plain) > 1e-3
