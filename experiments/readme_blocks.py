@@ -147,11 +147,11 @@ def open_set(runs):
     earlier = [r for r in runs if "open_set_val" not in r["metrics"]]
     pending = ""
     if earlier and not study_is_ready(study):
-        several = len(study) != 1
-        pending = (f" {len(study)} run{'s' * several} of the study that keeps per-image "
-                   f"outputs (docs/results.md) {'are' if several else 'is'} recorded; the "
-                   "table moves to it once softmax and another head each have two splits."
-                   * bool(study))
+        if study:
+            several = len(study) != 1
+            pending = (f" {len(study)} run{'s' * several} of the study that keeps per-image "
+                       f"outputs (docs/results.md) {'are' if several else 'is'} recorded; the "
+                       "table moves to it once softmax and another head each have two splits.")
         study = earlier
     runs = [r | {"metrics": r["metrics"] | {"served": served(r)}} for r in study]
     table, means, _ = _table(runs, (("served.label", "served score", None),

@@ -60,6 +60,13 @@ def set_start_up_defaults():
     os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
 
+def cpu_allocator():
+    """The CPU allocator TensorFlow starts (or started) with: ``"tensorflow-bfc"`` or
+    ``"malloc"``, as TensorFlow reads ``TF_CPU_ALLOCATOR_USE_BFC``."""
+    use_bfc = os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "").lower() in ("true", "1")
+    return "tensorflow-bfc" if use_bfc else "malloc"
+
+
 def import_keras():
     """``import keras`` quietly (with its backend, and TensorFlow's devices listed when that
     is the backend); returns the module."""

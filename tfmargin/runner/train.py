@@ -20,6 +20,7 @@ import time
 import keras
 import tensorflow as tf
 
+from tfmargin import quiet
 from tfmargin.atomic import atomic_file, check_writable, point_latest
 from tfmargin.backbones import build_backbone
 from tfmargin.classifier import MarginClassifier, layers_of
@@ -176,10 +177,9 @@ def provenance_record(data):
     """Where the run comes from: code (as imported), libraries, machine (with the CPU
     allocator TensorFlow started with, which sets its speed), data bytes."""
     gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
-    allocator = os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "").lower() in ("true", "1")
     return {"code": CODE_AT_IMPORT, "versions": provenance.library_versions(),
             "machine": provenance.cpu_description() | {
-                "gpus": gpus, "cpu_allocator": "tensorflow-bfc" if allocator else "malloc"},
+                "gpus": gpus, "cpu_allocator": quiet.cpu_allocator()},
             "data_fingerprint": data.fingerprint}
 
 
