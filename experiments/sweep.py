@@ -150,7 +150,8 @@ GRIDS = ("table1", "table2", "figure2", "many-classes", "select", "heads", "open
          "reject-dev")
 
 
-def main(argv=None):
+def build_parser():
+    """The sweep's command line: a grid, its own flags, and every run.py flag."""
     parser = OneLineParser(description=__doc__)
     parser.add_argument("grid", choices=GRIDS, help="which grid to run")
     grid_flags = parser.add_argument_group("the grid")
@@ -167,22 +168,21 @@ def main(argv=None):
                             "instead of all five")
     grid_flags.add_argument("--ledger", help="a results ledger (results/runs): skip the runs "
                             "recorded there, record each run as it finishes")
+    grid_flags.add_argument("--dry-run", action="store_true",
+                            help="list the grid's runs (recorded, finished or to train) and "
+                            "train nothing")
     # Every run.py flag; those given apply to every run (the grid's own settings win), the
     # others keep the recipe's defaults. Exports are off unless asked for.
     add_run_arguments(parser, defaults=False)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def planned_runs(args, parser):
+    """The grid's RunConfigs, seed-major (all settings of a seed before the next seed), each
+    run once (open-set splits 0 and 1 are the same class set, so the same run)."""
     common = {"export": "none", **run_settings(args)}
     recipe = common.pop("recipe", "standard")
     dataset = common.pop("dataset", None)
-
-    from tfmargin.quiet import import_tensorflow
-
-    import_tensorflow()
-    import keras
-
-    from tfmargin.runner.config import RunConfig
-    from tfmargin.runner.train import TrainingDiverged, train
-
     if args.grid == "many-classes" and not dataset:
         parser.error("many-classes needs --dataset: a folder with hundreds of classes, e.g. "
                      "from python experiments/make_glyphs.py /tmp/glyphs200")
@@ -197,14 +197,43 @@ def main(argv=None):
     settings = grid(args.grid, args.backbones.split(",") if args.backbones else None,
                     floats(args.margins), floats(args.scales), heads,
                     [int(v) for v in args.splits.split(",")] if args.splits else None)
-    configs = []
-    for seed in (int(v) for v in args.seeds.split(",")):  # seed-major: all heads per seed
+    configs = {}
+    for seed in (int(v) for v in args.seeds.split(",")):
         for setting in settings:
             if dataset:
                 setting = {**setting, "dataset": dataset}
             config = RunConfig.for_recipe(recipe, **{**common, **setting, "seed": seed})
             config.validation_freq = config.epochs  # validate once, at the end
-            configs.append(config)
+            configs.setdefault(config.run_name(), config)
+    return list(configs.values())
+
+
+def run_state(config, ledger):
+    """``recorded`` (in the ledger), ``finished`` (under the runs folder) or ``to train``."""
+    name = config.run_name()
+    if ledger and is_recorded(name, ledger):
+        return "recorded"
+    if os.path.exists(os.path.join(config.runs_dir, name, "metrics.json")):
+        return "finished"
+    return "to train"
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    from tfmargin.quiet import import_tensorflow
+
+    import_tensorflow()
+    import keras
+
+    from tfmargin.runner.train import TrainingDiverged, train
+
+    configs = planned_runs(args, parser)
+    if args.dry_run:
+        for config in configs:
+            print(f"{run_state(config, args.ledger):9} {config.run_name()}")
+        return
     progress = keras.utils.Progbar(len(configs), unit_name="run")
     done = skipped = 0
     diverged = []
@@ -212,20 +241,19 @@ def main(argv=None):
         for config in configs:
             name = config.run_name()
             run_dir = os.path.join(config.runs_dir, name)
-            recorded = args.ledger and is_recorded(name, args.ledger)
-            finished = recorded or os.path.exists(os.path.join(run_dir, "metrics.json"))
-            if not recorded:
+            state = run_state(config, args.ledger)
+            if state != "recorded":
                 try:
                     train(config)
                 except TrainingDiverged as error:  # a margin sweep looks for these: go on
                     diverged.append(f"{name}: {error}")
                 if args.ledger:
                     record(run_dir, args.ledger)
-            skipped += finished
+            skipped += state != "to train"
             done += 1
             progress.update(done, values=[("skipped", skipped)], finalize=False)
     print(f"\n{done} runs in grid {args.grid} ({skipped} already finished) under "
-          f"{configs[0].runs_dir if configs else common.get('runs_dir', 'runs')}")
+          f"{configs[0].runs_dir if configs else run_settings(args).get('runs_dir', 'runs')}")
     if diverged:
         parser.exit(3, f"{len(diverged)} run(s) diverged, nothing recorded for them:\n"
                        + "\n".join(diverged) + "\n")

@@ -1,0 +1,160 @@
+"""Each study behind the documents' figures: the sweeps that make it, and what it still lacks.
+
+    python experiments/studies.py --dataset DATA       # every study: runs recorded, to train
+    python experiments/studies.py --dataset DATA --far-ood data/fashion-mnist \
+        --run smoothing open-set                        # train what those two lack, in order
+
+A study is a list of ``sweep.py`` commands. A run already in the ledger (results/runs) is not
+trained again, so a study goes on where the last machine left it. The hours are the median
+wall time of the ledger's runs of the same budget and precision on this CPU (family/model),
+``?`` where the ledger has none. Run names hold the precision, which ``auto`` resolves per
+CPU: a CPU without bfloat16 instructions plans float32 runs of its own for the airbench studies.
+"""
+
+import argparse
+import statistics
+
+import sweep
+from ledger import LEDGER
+from tables import load_runs
+
+# Every head at each label smoothing (sweep.py --heads); ls = 0.2 is the airbench default.
+SMOOTHED_HEADS = ",".join(f"{head}{ls}" for head in ("softmax", "arcface", "cosface", "normface")
+                          for ls in (":ls=0", ":ls=0.1", ""))
+AIRBENCH = ["--recipe", "airbench"]
+VALIDATION = ["--val-split", "0.1"]
+
+# name: (what it is and which document shows it, its sweeps in order). Listed in the order a
+# machine should run them: the choices first, the studies that use them after.
+STUDIES = {
+    "smoothing": (
+        "each head's label smoothing on validation (results.md, how each setting was chosen)",
+        [["heads", *AIRBENCH, *VALIDATION, "--heads", SMOOTHED_HEADS, "--seeds", "0,1"]]),
+    "smoothing-open-set": (
+        "the same settings on open-set split 0: AUROC on validation (the selection table)",
+        [["open-set", *AIRBENCH, *VALIDATION, "--splits", "0", "--seeds", "1",
+          "--heads", SMOOTHED_HEADS]]),
+    "open-set": (
+        "the served reject score on the 4 distinct splits (README, open-set block)",
+        [["open-set", *AIRBENCH, *VALIDATION, "--heads", "softmax,arcface", "--seeds", "1,2"],
+         ["open-set", *AIRBENCH, *VALIDATION, "--heads", "cosface,normface", "--seeds", "1"]]),
+    "reject-dev-standard": (
+        "the main command's served reject score, chosen on validation (results.md)",
+        [["reject-dev", "--backbones", "mobilenetv2", *VALIDATION,
+          "--heads", "arcface,softmax"]]),
+    "table1": (
+        "the paper's Table 1 at the main command's budget (results.md, the paper's tables)",
+        [["table1", "--backbones", backbone, *VALIDATION, "--seeds", "0,1"]
+         for backbone in ("mobilenetv2", "resnet18", "efficientnetb0")]),
+    "figure2-airbench": (
+        "the paper's Figure 2 at convergence, s = 8 (docs/figure2.png)",
+        [["figure2", *AIRBENCH, *VALIDATION, "--scales", "8"]]),
+    "figure2-short": (
+        "the paper's Figure 2 on MobileNetV2, 5,000 images x 2 epochs (docs/figure2.png)",
+        [["figure2", "--backbones", "mobilenetv2", "--limit-train", "5000", "--epochs", "2",
+          *VALIDATION]]),
+    "converged-pairs": (
+        "softmax, ArcFace and NormFace on all 50,000 images, 5 seeds (README headline)",
+        [["heads", *AIRBENCH, "--val-split", "0", "--heads", "softmax,arcface,normface",
+          "--seeds", "0,1,2,3,4"]]),
+}
+# The sweeps that score images of no CIFAR class take --far-ood when it is given.
+FAR_OOD_GRIDS = ("open-set",)
+
+
+def sweep_argv(command, args):
+    """A study's sweep command with this invocation's data, ledger and runs folder."""
+    argv = [*command, "--dataset", args.dataset, "--ledger", args.ledger,
+            "--runs-dir", args.runs_dir]
+    if args.far_ood and command[0] in FAR_OOD_GRIDS:
+        argv += ["--far-ood", args.far_ood]
+    return argv
+
+
+def budget_key(*, backbone, recipe, epochs, limit_train, val_split, mixed, classes):
+    """What sets a run's wall time, besides the head: the key the hour estimate groups by."""
+    return (backbone, recipe, epochs, limit_train, val_split, bool(mixed),
+            len([c for c in classes.split(",") if c]))
+
+
+def hours_per_run(ledger, family):
+    """Median hours of the ledger's runs per budget key, on the CPU ``family`` only."""
+    walls = {}
+    for run in load_runs(ledger):
+        c = run["config"]
+        if c.get("machine", {}).get("family") != family or "wall_seconds" not in run["metrics"]:
+            continue
+        key = budget_key(backbone=c["backbone"], recipe=c["recipe"], epochs=c["epochs"],
+                         limit_train=c["limit_train"], val_split=c["val_split"],
+                         mixed=c["mixed_precision"], classes=c["classes"])
+        walls.setdefault(key, []).append(run["metrics"]["wall_seconds"] / 3600)
+    return {key: statistics.median(hours) for key, hours in walls.items()}
+
+
+def study_plan(name, args):
+    """``[(sweep argv, [(state, RunConfig), ...]), ...]`` of one study."""
+    parser = sweep.build_parser()
+    plan = []
+    for command in STUDIES[name][1]:
+        sweep_args = parser.parse_args(sweep_argv(command, args))
+        plan.append((sweep_argv(command, args),
+                     [(sweep.run_state(config, args.ledger), config)
+                      for config in sweep.planned_runs(sweep_args, parser)]))
+    return plan
+
+
+def status_table(plans, hours):
+    """One row per study: runs, recorded, to train, hours to train on this CPU."""
+    rows = [("study", "runs", "recorded", "to train", "hours here", "what")]
+    for name, plan in plans.items():
+        runs = [run for _, planned in plan for run in planned]
+        todo = [config for state, config in runs if state != "recorded"]
+        estimates = [hours.get(budget_key(
+            backbone=c.backbone, recipe=c.recipe, epochs=c.epochs, limit_train=c.limit_train,
+            val_split=c.val_split, mixed=c.resolved_mixed_precision(), classes=c.classes))
+            for c in todo]
+        total = "?" if None in estimates else f"{sum(estimates):.1f}"
+        rows.append((name, str(len(runs)), str(len(runs) - len(todo)), str(len(todo)),
+                     total, STUDIES[name][0]))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    return "\n".join("  ".join(row[i].ljust(widths[i]) for i in range(5)) + "  " + row[5]
+                     for row in rows)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True,
+                        help="the CIFAR-10 image folder (train/ and test/ of class folders)")
+    parser.add_argument("--far-ood", help="a folder of images of no CIFAR class, for the "
+                        "open-set sweeps (python experiments/make_fashion_mnist.py FOLDER)")
+    parser.add_argument("--ledger", default=LEDGER, help="the results ledger")
+    parser.add_argument("--runs-dir", default="runs", help="where runs train")
+    parser.add_argument("--run", nargs="+", choices=STUDIES, metavar="STUDY",
+                        help="train what these studies lack, in the order given")
+    args = parser.parse_args(argv)
+
+    from tfmargin.quiet import import_tensorflow
+    from tfmargin.runner.provenance import cpu_description
+
+    import_tensorflow()
+    if args.run:
+        for name in args.run:
+            for command in STUDIES[name][1]:
+                argv = sweep_argv(command, args)
+                print(f"== study {name}: python experiments/sweep.py {' '.join(argv)}",
+                      flush=True)
+                try:
+                    sweep.main(argv)
+                except SystemExit as error:  # 3: some runs diverged (Figure 2 expects it)
+                    if error.code != 3:
+                        raise
+        return
+    plans = {name: study_plan(name, args) for name in STUDIES}
+    cpu = cpu_description()
+    print(f"on {cpu['model']} (family/model {cpu['family']}), ledger {args.ledger}\n")
+    print(status_table(plans, hours_per_run(args.ledger, cpu["family"])))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""experiments/studies.py: each study's runs, which of them the ledger holds, and the hours
+the rest would take; the sweep's plan beneath it."""
+
+import json
+import os
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+
+import studies  # noqa: E402
+
+from tfmargin.runner import provenance  # noqa: E402
+
+DATA = "../shared/datasets/cifar10-jpeg"  # only its name enters the run names
+
+
+def plan_args(ledger, runs_dir="runs", far_ood=None):
+    return SimpleNamespace(dataset=DATA, ledger=str(ledger), runs_dir=str(runs_dir),
+                           far_ood=far_ood)
+
+
+@pytest.fixture
+def bfloat16_cpu(monkeypatch):
+    """Plan as on a CPU with bfloat16 instructions (where the ledger's airbench runs ran)."""
+    monkeypatch.setattr(provenance, "has_bfloat16_instructions", lambda: True)
+    monkeypatch.setattr(provenance, "has_gpu", lambda: False)
+
+
+def planned(name, args):
+    return [run for _, runs in studies.study_plan(name, args) for run in runs]
+
+
+def test_each_study_plans_its_grid_once_per_run(tmp_path, bfloat16_cpu):
+    sizes = {"smoothing": 4 * 3 * 2, "smoothing-open-set": 4 * 3, "open-set": 2 * 4 * 2 + 2 * 4,
+             "reject-dev-standard": 2, "table1": 3 * 3 * 2, "figure2-airbench": 2 * 7,
+             "figure2-short": 2 * 2 * 7, "converged-pairs": 3 * 5}
+    assert set(sizes) == set(studies.STUDIES)
+    for name, size in sizes.items():
+        runs = planned(name, plan_args(tmp_path))
+        assert len(runs) == size, name
+        assert len({config.run_name() for _, config in runs}) == size, name
+        assert {state for state, _ in runs} == {"to train"}, name
+    # The open-set study at ls 0.2 on split 0, seed 1, is also the smoothing study's.
+    shared = ({c.run_name() for _, c in planned("open-set", plan_args(tmp_path))}
+              & {c.run_name() for _, c in planned("smoothing-open-set", plan_args(tmp_path))})
+    assert len(shared) == 4
+
+
+def test_the_studies_name_the_ledgers_runs(bfloat16_cpu):
+    """The finished studies plan exactly the runs the documents were made from."""
+    ledger = os.path.join(ROOT, "results", "runs")
+    for name in ("converged-pairs", "figure2-short"):
+        states = [state for state, _ in planned(name, plan_args(ledger))]
+        assert states == ["recorded"] * len(states), name
+
+
+def test_far_ood_reaches_only_the_open_set_sweeps(tmp_path):
+    args = plan_args(tmp_path, far_ood="data/fashion-mnist")
+    for name, (_, commands) in studies.STUDIES.items():
+        for command in commands:
+            argv = studies.sweep_argv(command, args)
+            assert ("--far-ood" in argv) == (command[0] == "open-set"), name
+            assert argv[argv.index("--ledger") + 1] == str(tmp_path)
+
+
+def test_recorded_and_finished_runs_are_told_apart(tmp_path, bfloat16_cpu):
+    ledger, runs_dir = tmp_path / "ledger", tmp_path / "runs"
+    (_, first), (_, second), *_ = planned("reject-dev-standard",
+                                          plan_args(ledger, runs_dir))
+    for folder, config in ((ledger, first), (runs_dir, second)):
+        os.makedirs(folder / config.run_name())
+        (folder / config.run_name() / "metrics.json").write_text("{}")
+    states = [state for state, _ in planned("reject-dev-standard", plan_args(ledger, runs_dir))]
+    assert states == ["recorded", "finished"]
+
+
+def write_run(ledger, name, *, family, wall_seconds, backbone="mobilenetv2"):
+    os.makedirs(ledger / name)
+    config = {"backbone": backbone, "recipe": "standard", "epochs": 5, "limit_train": 0,
+              "val_split": 0.1, "mixed_precision": False, "classes": "", "loss": "softmax",
+              "dataset": DATA, "machine": {"family": family}}
+    (ledger / name / "config.json").write_text(json.dumps(config))
+    (ledger / name / "metrics.json").write_text(json.dumps(
+        {"wall_seconds": wall_seconds, "finished_at": "2026-12-07T10:00:00Z"}))
+
+
+def test_hours_are_the_median_of_this_cpus_runs_of_the_budget(tmp_path):
+    for i, (family, wall) in enumerate((("25/17", 3600), ("25/17", 7200), ("25/17", 10800),
+                                        ("25/1", 36000))):
+        write_run(tmp_path, f"run{i}", family=family, wall_seconds=wall)
+    key = studies.budget_key(backbone="mobilenetv2", recipe="standard", epochs=5,
+                             limit_train=0, val_split=0.1, mixed=False, classes="")
+    assert studies.hours_per_run(str(tmp_path), "25/17") == {key: 2.0}
+    assert studies.hours_per_run(str(tmp_path), "25/1") == {key: 10.0}
+    assert studies.hours_per_run(str(tmp_path), "6/143") == {}
+
+
+def test_run_trains_each_study_in_order_past_diverged_runs(tmp_path, monkeypatch, capsys):
+    """``--run`` goes on to the next sweep when one exits 3 (some runs diverged, as Figure 2's
+    do), in the order the studies were given."""
+    from tfmargin.runner import train as train_module
+
+    tried = []
+
+    def train(config):
+        tried.append((config.loss, config.margin))
+        if config.margin == 3.0:
+            raise train_module.TrainingDiverged("loss became NaN in epoch 1")
+
+    monkeypatch.setattr(train_module, "train", train)
+    tiny = ["--backbones", "tinycnn", "--far-ood", "none"]
+    monkeypatch.setitem(studies.STUDIES, "margins", (
+        "a margin sweep", [["figure2", *tiny, "--margins", "3", "--scales", "1"]]))
+    monkeypatch.setitem(studies.STUDIES, "heads", (
+        "a head study", [["heads", *tiny, "--heads", "softmax"]]))
+    studies.main(["--dataset", DATA, "--ledger", str(tmp_path / "ledger"),
+                  "--runs-dir", str(tmp_path / "runs"), "--run", "margins", "heads"])
+    assert tried == [("arcface", 3.0), ("arcface", 3.0), ("softmax", None)]
+    out = capsys.readouterr().out
+    assert out.index("== study margins: python experiments/sweep.py figure2") < out.index(
+        "== study heads: python experiments/sweep.py heads")
