@@ -56,6 +56,10 @@ def test_the_studies_name_the_ledgers_runs(bfloat16_cpu):
     for name in ("converged-pairs", "figure2-short"):
         states = [state for state, _ in planned(name, plan_args(ledger))]
         assert states == ["recorded"] * len(states), name
+    recorded = {(c.loss, c.label_smoothing) for state, c in planned("smoothing",
+                                                                     plan_args(ledger))
+                if state == "recorded" and c.seed == 0}
+    assert {(head, ls) for head in ("softmax", "arcface") for ls in (0, 0.1, 0.2)} <= recorded
 
 
 def test_far_ood_reaches_only_the_open_set_sweeps(tmp_path):
