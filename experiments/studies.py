@@ -14,6 +14,7 @@ CPU: a CPU without bfloat16 instructions plans float32 runs of its own for the a
 import argparse
 import statistics
 
+import head_recipes
 import sweep
 from ledger import LEDGER
 from tables import load_runs
@@ -22,16 +23,28 @@ from tables import load_runs
 # selection starts from (docs/recipe.md), whatever the heads' defaults become.
 SMOOTHED_HEADS = ",".join(f"{head}:ls={ls}" for head in ("softmax", "arcface:s=8:m=0.1",
                                                           "cosface:s=8:m=0.1", "normface:s=8")
-                          for ls in (0, 0.1, 0.2))
+                          for ls in head_recipes.SMOOTHINGS)
 AIRBENCH = ["--recipe", "airbench"]
 VALIDATION = ["--val-split", "0.1"]
 
-# name: (what it is and which document shows it, its sweeps in order). Listed in the order a
-# machine should run them: the choices first, the studies that use them after.
+
+
+def selection_commands(ledger):
+    """The sweeps of the runs the per-head selection waits on now (head_recipes.py): each
+    step's runs follow from the last step's results."""
+    chosen = head_recipes.choices(load_runs(ledger))
+    return head_recipes.sweep_commands({loss: needed for loss, (_, needed) in chosen.items()
+                                        if needed})
+
+
+# name: (what it is and which document shows it, its sweeps in order, or a function of the
+# ledger giving them). Listed in the order a machine should run them: the choices first, the
+# studies that use them after.
 STUDIES = {
-    "smoothing": (
-        "each head's label smoothing on validation (results.md, how each setting was chosen)",
-        [["heads", *AIRBENCH, *VALIDATION, "--heads", SMOOTHED_HEADS, "--seeds", "0,1"]]),
+    "selection": (
+        "each head's airbench settings on validation, the runs its rule's next step needs "
+        "(experiments/head_recipes.py; results.md, how each setting was chosen)",
+        selection_commands),
     "smoothing-open-set": (
         "the same settings on open-set split 0: AUROC on validation (the selection table)",
         [["open-set", *AIRBENCH, *VALIDATION, "--splits", "0", "--seeds", "1",
@@ -80,10 +93,10 @@ def budget_key(*, backbone, recipe, epochs, limit_train, val_split, mixed, class
             len([c for c in classes.split(",") if c]))
 
 
-def hours_per_run(ledger, family):
-    """Median hours of the ledger's runs per budget key, on the CPU ``family`` only."""
+def hours_per_run(runs, family):
+    """Median hours of the ledger's ``runs`` per budget key, on the CPU ``family`` only."""
     walls = {}
-    for run in load_runs(ledger):
+    for run in runs:
         c = run["config"]
         if c.get("machine", {}).get("family") != family or "wall_seconds" not in run["metrics"]:
             continue
@@ -94,11 +107,17 @@ def hours_per_run(ledger, family):
     return {key: statistics.median(hours) for key, hours in walls.items()}
 
 
+def study_commands(name, ledger):
+    """A study's sweep commands (for the selection, those of its next step)."""
+    commands = STUDIES[name][1]
+    return commands(ledger) if callable(commands) else commands
+
+
 def study_plan(name, args):
     """``[(sweep argv, [(state, RunConfig), ...]), ...]`` of one study."""
     parser = sweep.build_parser()
     plan = []
-    for command in STUDIES[name][1]:
+    for command in study_commands(name, args.ledger):
         sweep_args = parser.parse_args(sweep_argv(command, args))
         plan.append((sweep_argv(command, args),
                      [(sweep.run_state(config, args.ledger), config)
@@ -106,12 +125,15 @@ def study_plan(name, args):
     return plan
 
 
-def status_table(plans, hours):
-    """One row per study: runs, recorded, to train, hours to train on this CPU."""
+def status_table(plans, hours, selection_runs):
+    """One row per study: runs, recorded, to train, hours to train on this CPU (the
+    selection: its recorded candidates, ``selection_runs``, and its next step)."""
     rows = [("study", "runs", "recorded", "to train", "hours here", "what")]
     for name, plan in plans.items():
         runs = [run for _, planned in plan for run in planned]
         todo = [config for state, config in runs if state != "recorded"]
+        if callable(STUDIES[name][1]):
+            runs += [("recorded", None)] * selection_runs
         estimates = [hours.get(budget_key(
             backbone=c.backbone, recipe=c.recipe, epochs=c.epochs, limit_train=c.limit_train,
             val_split=c.val_split, mixed=c.resolved_mixed_precision(), classes=c.classes))
@@ -122,6 +144,28 @@ def status_table(plans, hours):
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     return "\n".join("  ".join(row[i].ljust(widths[i]) for i in range(5)) + "  " + row[5]
                      for row in rows)
+
+
+def run_study(name, args):
+    """Train what a study lacks, sweep by sweep; a study whose commands follow from its
+    results (the selection) is asked again until it needs nothing or asks for the same
+    runs twice (runs that diverge are never recorded)."""
+    done = []
+    while True:
+        commands = study_commands(name, args.ledger)
+        if not commands or commands in done:
+            return
+        done.append(commands)
+        for command in commands:
+            argv = sweep_argv(command, args)
+            print(f"== study {name}: python experiments/sweep.py {' '.join(argv)}", flush=True)
+            try:
+                sweep.main(argv)
+            except SystemExit as error:  # 3: some runs diverged (Figure 2 expects it)
+                if error.code != 3:
+                    raise
+        if not callable(STUDIES[name][1]):
+            return
 
 
 def main(argv=None):
@@ -143,20 +187,15 @@ def main(argv=None):
     import_tensorflow()
     if args.run:
         for name in args.run:
-            for command in STUDIES[name][1]:
-                argv = sweep_argv(command, args)
-                print(f"== study {name}: python experiments/sweep.py {' '.join(argv)}",
-                      flush=True)
-                try:
-                    sweep.main(argv)
-                except SystemExit as error:  # 3: some runs diverged (Figure 2 expects it)
-                    if error.code != 3:
-                        raise
+            run_study(name, args)
         return
     plans = {name: study_plan(name, args) for name in STUDIES}
     cpu = cpu_description()
     print(f"on {cpu['model']} (family/model {cpu['family']}), ledger {args.ledger}\n")
-    print(status_table(plans, hours_per_run(args.ledger, cpu["family"])))
+    runs = load_runs(args.ledger)
+    selection_runs = sum(len(seeds) for found in head_recipes.candidates(runs).values()
+                         for seeds in found.values())
+    print(status_table(plans, hours_per_run(runs, cpu["family"]), selection_runs))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ("experiments/run.py", "experiments/sweep.py", "experiments/report.py",
            "experiments/predict.py", "experiments/make_glyphs.py",
            "experiments/make_cifar10_jpeg.py", "benchmarks/bench.py", "benchmarks/goals.py",
-           "experiments/served_scores.py", "experiments/studies.py")
+           "experiments/served_scores.py", "experiments/studies.py",
+           "experiments/head_recipes.py")
 
 
 # Flags of other programs the documents show (tensorboard, pip, pytest).

@@ -12,6 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 import studies  # noqa: E402
+from tables import load_runs  # noqa: E402
 
 from tfmargin.runner import provenance  # noqa: E402
 
@@ -35,7 +36,7 @@ def planned(name, args):
 
 
 def test_each_study_plans_its_grid_once_per_run(tmp_path, bfloat16_cpu):
-    sizes = {"smoothing": 4 * 3 * 2, "smoothing-open-set": 4 * 3, "open-set": 2 * 4 * 2 + 2 * 4,
+    sizes = {"selection": 4 * 3, "smoothing-open-set": 4 * 3, "open-set": 2 * 4 * 2 + 2 * 4,
              "reject-dev-standard": 2, "table1": 3 * 3 * 2, "figure2-airbench": 2 * 7,
              "figure2-short": 2 * 2 * 7, "converged-pairs": 3 * 5}
     assert set(sizes) == set(studies.STUDIES)
@@ -56,16 +57,17 @@ def test_the_studies_name_the_ledgers_runs(bfloat16_cpu):
     for name in ("converged-pairs", "figure2-short"):
         states = [state for state, _ in planned(name, plan_args(ledger))]
         assert states == ["recorded"] * len(states), name
-    recorded = {(c.loss, c.label_smoothing) for state, c in planned("smoothing",
-                                                                     plan_args(ledger))
-                if state == "recorded" and c.seed == 0}
-    assert {(head, ls) for head in ("softmax", "arcface") for ls in (0, 0.1, 0.2)} <= recorded
+    # The selection's next step starts where the ledger's candidates end.
+    next_step = {(c.loss, c.label_smoothing, c.seed) for _, c in planned("selection",
+                                                                         plan_args(ledger))}
+    assert not {(head, ls, 0) for head in ("softmax", "arcface") for ls in (0, 0.1, 0.2)} \
+        & next_step
 
 
 def test_far_ood_reaches_only_the_open_set_sweeps(tmp_path):
     args = plan_args(tmp_path, far_ood="data/fashion-mnist")
-    for name, (_, commands) in studies.STUDIES.items():
-        for command in commands:
+    for name in studies.STUDIES:
+        for command in studies.study_commands(name, str(tmp_path)):
             argv = studies.sweep_argv(command, args)
             assert ("--far-ood" in argv) == (command[0] == "open-set"), name
             assert argv[argv.index("--ledger") + 1] == str(tmp_path)
@@ -98,9 +100,9 @@ def test_hours_are_the_median_of_this_cpus_runs_of_the_budget(tmp_path):
         write_run(tmp_path, f"run{i}", family=family, wall_seconds=wall)
     key = studies.budget_key(backbone="mobilenetv2", recipe="standard", epochs=5,
                              limit_train=0, val_split=0.1, mixed=False, classes="")
-    assert studies.hours_per_run(str(tmp_path), "25/17") == {key: 2.0}
-    assert studies.hours_per_run(str(tmp_path), "25/1") == {key: 10.0}
-    assert studies.hours_per_run(str(tmp_path), "6/143") == {}
+    assert studies.hours_per_run(load_runs(str(tmp_path)), "25/17") == {key: 2.0}
+    assert studies.hours_per_run(load_runs(str(tmp_path)), "25/1") == {key: 10.0}
+    assert studies.hours_per_run(load_runs(str(tmp_path)), "6/143") == {}
 
 
 def test_run_trains_each_study_in_order_past_diverged_runs(tmp_path, monkeypatch, capsys):
@@ -127,3 +129,25 @@ def test_run_trains_each_study_in_order_past_diverged_runs(tmp_path, monkeypatch
     out = capsys.readouterr().out
     assert out.index("== study margins: python experiments/sweep.py figure2") < out.index(
         "== study heads: python experiments/sweep.py heads")
+
+
+def test_a_study_of_steps_is_asked_again_until_it_needs_nothing(tmp_path, monkeypatch):
+    """The selection's next runs follow from its last ones: ``--run`` asks again after each
+    step, and stops when a step asks for the same runs twice (they were never recorded)."""
+    from tfmargin.runner import train as train_module
+
+    seeds = []
+    monkeypatch.setattr(train_module, "train", lambda config: seeds.append(config.seed))
+    tiny = ["heads", "--backbones", "tinycnn", "--heads", "softmax"]
+
+    def next_step(ledger):
+        return [[*tiny, "--seeds", str(len(seeds))]] if len(seeds) < 3 else []
+
+    monkeypatch.setitem(studies.STUDIES, "steps", ("three steps", next_step))
+    monkeypatch.setitem(studies.STUDIES, "stuck", ("the same step", lambda ledger: [tiny]))
+    args = ["--dataset", DATA, "--ledger", str(tmp_path / "ledger"), "--runs-dir",
+            str(tmp_path / "runs"), "--run"]
+    studies.main([*args, "steps"])
+    assert seeds == [0, 1, 2]
+    studies.main([*args, "stuck"])
+    assert seeds == [0, 1, 2, 0]

@@ -1,0 +1,172 @@
+"""Each head's settings under the airbench recipe, chosen on validation by the rule of
+docs/recipe.md ("Each head's recipe at the converged budget"), and the runs the rule needs next.
+
+    python experiments/head_recipes.py            # each head's choice, or the runs it waits on
+    python experiments/head_recipes.py --check    # exit 1 if recipes.HEAD_DEFAULTS["airbench"]
+                                                  # is not the rule's choice
+
+The rule, step by step, each step at the previous step's choice: label smoothing {0, 0.1,
+0.2} at the head's starting scale and margin; for ArcFace and CosFace the scale {8, 16} (and 32
+where 16 wins) and the margin; then the learning rate halved and doubled (and one step further
+where an end of that wins). A step chooses the highest mean validation top-1 once every
+candidate has a run and every candidate within 0.5 points of the best (the best too) has two
+seeds.
+Candidates are the ledger's airbench runs on all ten classes with 10 % held out for
+validation, in bfloat16 mixed precision (runs in float32, from CPUs without bfloat16
+instructions, are another setting), with the recipe's other settings.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+from ledger import LEDGER  # noqa: E402
+from tables import load_runs, metric_value, setting_key  # noqa: E402
+
+from tfmargin.runner.config import RunConfig  # noqa: E402
+from tfmargin.runner.recipes import HEAD_DEFAULTS, RECIPES  # noqa: E402
+
+RECIPE = "airbench"
+HEADS = ("softmax", "arcface", "cosface", "normface")
+SMOOTHINGS = (0.0, 0.1, 0.2)
+SCALES = (8.0, 16.0)
+WIDE_SCALE = 32.0  # tried where 16 wins
+MARGINS = {"arcface": (0.1, 0.2, 0.3), "cosface": (0.1, 0.2, 0.35)}
+# Where each head starts: the registry's scale and margin (softmax has neither).
+START = {"softmax": (None, None), "arcface": (8.0, 0.1), "cosface": (8.0, 0.1),
+         "normface": (8.0, 0.0)}
+NEAR = 0.005  # candidates this close to the best (validation top-1) get a second seed
+# A candidate: (label smoothing, scale, margin, learning rate).
+FIELDS = ("label_smoothing", "scale", "margin", "learning_rate")
+
+
+def candidate(*values):
+    return tuple(None if v is None else round(float(v), 6) for v in values)
+
+
+def is_candidate(config):
+    """Whether a run is a selection candidate: the airbench recipe on all classes, 10 %
+    validation, bfloat16, and nothing but its head's settings changed from the recipe."""
+    if (config["recipe"] != RECIPE or config["classes"] or config["val_split"] != 0.1
+            or not config["mixed_precision"] or config["loss"] not in HEADS):
+        return False
+    default = RunConfig.for_recipe(RECIPE, loss=config["loss"], dataset=config["dataset"],
+                                   mixed_precision=True).resolved().record()
+    leave_out = ("seed", *FIELDS)
+    return setting_key(config, leave_out) == setting_key(default, leave_out)
+
+
+def candidates(runs):
+    """``{loss: {candidate: {seed: validation top-1}}}`` of the selection runs."""
+    found = {loss: {} for loss in HEADS}
+    for run in runs:
+        c = run["config"]
+        if is_candidate(c) and metric_value(run, "val.top1") is not None:
+            key = candidate(*(c[field] for field in FIELDS))
+            found[c["loss"]].setdefault(key, {})[c["seed"]] = run["metrics"]["val"]["top1"]
+    return found
+
+
+def step(found, keys):
+    """Among ``keys``: ``(best, needed)``; ``best`` is None while ``needed`` lists the runs,
+    ``(candidate, seed)``, the step waits on (first a run of each, then second seeds)."""
+    missing = [(key, 0) for key in keys if not found.get(key)]
+    if missing:
+        return None, missing
+    means = {key: float(np.mean(list(found[key].values()))) for key in keys}
+    best = max(keys, key=means.get)
+    seconds = [(key, min(set(range(3)) - set(found[key]))) for key in keys
+               if means[key] >= means[best] - NEAR and len(found[key]) < 2]
+    return (None, seconds) if seconds else (best, [])
+
+
+def choose(loss, found):
+    """``(choice, needed)`` for one head: the chosen candidate (None until every step has
+    chosen) and the runs the next undecided step waits on."""
+    rate = candidate(RECIPES[RECIPE]["learning_rate"])[0]
+    scale, margin = START[loss]
+    best, needed = step(found, [candidate(ls, scale, margin, rate) for ls in SMOOTHINGS])
+    if best is None:
+        return None, needed
+    smoothing = best[0]
+    if loss in MARGINS:
+        keys = [candidate(smoothing, s, m, rate) for s in SCALES for m in MARGINS[loss]]
+        best, needed = step(found, keys)
+        if best is not None and best[1] == SCALES[-1]:
+            best, needed = step(found, keys + [candidate(smoothing, WIDE_SCALE, m, rate)
+                                               for m in MARGINS[loss]])
+        if best is None:
+            return None, needed
+    rates = [rate / 2, rate, rate * 2]
+    keys = [candidate(*best[:3], r) for r in rates]
+    best, needed = step(found, keys)
+    if best is not None and best[3] in (keys[0][3], keys[-1][3]):
+        further = rates[0] / 2 if best[3] == keys[0][3] else rates[-1] * 2
+        best, needed = step(found, keys + [candidate(*best[:3], further)])
+    return best, needed
+
+
+def head_defaults(loss, choice):
+    """The HEAD_DEFAULTS entry of a choice: its settings that differ from the recipe's and
+    the registry's."""
+    recipe = RunConfig.for_recipe(RECIPE, loss=loss)
+    start = dict(zip(FIELDS, candidate(recipe.label_smoothing, *START[loss],
+                                       recipe.learning_rate), strict=True))
+    return {field: value for field, value in zip(FIELDS, choice, strict=True)
+            if value != start[field]}
+
+
+def choices(runs):
+    """``{loss: (choice or None, needed)}`` for every head."""
+    found = candidates(runs)
+    return {loss: choose(loss, found[loss]) for loss in HEADS}
+
+
+def sweep_commands(needed):
+    """The ``sweep.py`` arguments that train ``{loss: [(candidate, seed)]}``: one command per
+    learning rate and seed."""
+    groups = {}
+    for loss, runs in needed.items():
+        for (smoothing, scale, margin, rate), seed in runs:
+            spec = ":".join([loss, *([f"s={scale:g}", f"m={margin:g}"] if scale else []),
+                             f"ls={smoothing:g}"])
+            groups.setdefault((rate, seed), []).append(spec)
+    default_rate = candidate(RECIPES[RECIPE]["learning_rate"])[0]
+    return [["heads", "--recipe", RECIPE, "--val-split", "0.1", "--heads", ",".join(specs),
+             "--seeds", str(seed),
+             *(["--learning-rate", f"{rate:g}"] if rate != default_rate else [])]
+            for (rate, seed), specs in sorted(groups.items())]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ledger", default=LEDGER)
+    parser.add_argument("--check", action="store_true", help="exit 1 if recipes.HEAD_DEFAULTS"
+                        "['airbench'] is not the rule's choice")
+    args = parser.parse_args(argv)
+    chosen = choices(load_runs(args.ledger))
+    expected = {loss: head_defaults(loss, choice) for loss, (choice, _) in chosen.items()
+                if choice is not None and head_defaults(loss, choice)}
+    if args.check:
+        if expected != HEAD_DEFAULTS[RECIPE]:
+            parser.exit(1, f"head_recipes.py: recipes.HEAD_DEFAULTS['{RECIPE}'] should be "
+                           f"{expected!r}\n")
+        print(f"recipes.HEAD_DEFAULTS['{RECIPE}'] is the selection's choice")
+        return
+    for loss, (choice, needed) in chosen.items():
+        if choice is None:
+            print(f"{loss}: waits on {len(needed)} run(s)")
+        else:
+            print(f"{loss}: chosen {dict(zip(FIELDS, choice, strict=True))}")
+    needed = {loss: runs for loss, (_, runs) in chosen.items() if runs}
+    for command in sweep_commands(needed):
+        print("python experiments/sweep.py " + " ".join(command) + " --dataset DATA")
+    print(f"HEAD_DEFAULTS['{RECIPE}'] = {expected!r}")
+
+
+if __name__ == "__main__":
+    main()
