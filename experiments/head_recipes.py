@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 from ledger import LEDGER  # noqa: E402
-from tables import load_runs, metric_value, setting_key  # noqa: E402
+from tables import load_runs, markdown, metric_value, setting_key  # noqa: E402
 
 from tfmargin.runner.config import RunConfig  # noqa: E402
 from tfmargin.runner.recipes import HEAD_DEFAULTS, RECIPES  # noqa: E402
@@ -125,15 +125,37 @@ def choices(runs):
     return {loss: choose(loss, found[loss]) for loss in HEADS}
 
 
+def spec(loss, key):
+    """A candidate as a ``sweep.py --heads`` entry (its rate apart)."""
+    smoothing, scale, margin, _ = key
+    return ":".join([loss, *([f"s={scale:g}", f"m={margin:g}"] if scale else []),
+                     f"ls={smoothing:g}"])
+
+
+def table(runs):
+    """Each head's selection so far: its candidates and runs, and its choice or the runs
+    its next step waits on."""
+    found = candidates(runs)
+    rows = []
+    for loss, (choice, needed) in choices(runs).items():
+        if choice is not None:
+            state = f"chosen: `{spec(loss, choice)}`, lr {choice[3]:g}"
+        else:
+            state = "waits on " + ", ".join(
+                f"`{spec(loss, key)}` seed {seed}"
+                + (f" lr {key[3]:g}" if key[3] != candidate(RECIPES[RECIPE]["learning_rate"])[0]
+                   else "") for key, seed in needed)
+        rows.append([loss, len(found[loss]), sum(map(len, found[loss].values())), state])
+    return markdown(["head", "settings run", "runs", "choice"], rows)
+
+
 def sweep_commands(needed):
     """The ``sweep.py`` arguments that train ``{loss: [(candidate, seed)]}``: one command per
     learning rate and seed."""
     groups = {}
     for loss, runs in needed.items():
-        for (smoothing, scale, margin, rate), seed in runs:
-            spec = ":".join([loss, *([f"s={scale:g}", f"m={margin:g}"] if scale else []),
-                             f"ls={smoothing:g}"])
-            groups.setdefault((rate, seed), []).append(spec)
+        for key, seed in runs:
+            groups.setdefault((key[3], seed), []).append(spec(loss, key))
     default_rate = candidate(RECIPES[RECIPE]["learning_rate"])[0]
     return [["heads", "--recipe", RECIPE, "--val-split", "0.1", "--heads", ",".join(specs),
              "--seeds", str(seed),

@@ -16,6 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import head_recipes  # noqa: E402
 import readme_blocks  # noqa: E402
 import served_scores  # noqa: E402
 from ledger import LEDGER, ROOT, collect  # noqa: E402
@@ -163,6 +164,7 @@ def results_blocks(runs, ledger, docs_dir, plots):
         "served_scores": served_scores.table(runs),
         "open_set_table": seed_table(open_set, columns=OPEN_SET_COLUMNS, pair_by="classes",
                                      pairs_name="splits"),
+        "head_recipes": head_recipes.table(runs),
         "selection": selection([r for r in runs if is_selection(r)], main, open_set, ledger),
         **paper(runs, ledger, docs_dir, plots),
         "fingerprints": "; ".join(sorted({

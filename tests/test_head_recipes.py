@@ -103,3 +103,16 @@ def test_head_defaults_are_the_selections_choice():
                                                         "head_recipes.py"), "--check"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_report_shows_each_heads_choice_or_the_runs_it_waits_on(monkeypatch):
+    found = {loss: {} for loss in hr.HEADS}
+    found["softmax"] = {hr.candidate(ls, None, None, r): {0: 0.9 - ls, 1: 0.9 - ls}
+                        for ls in (0, 0.1, 0.2) for r in (RATE,)}
+    found["softmax"] |= {hr.candidate(0, None, None, r): {0: 0.5} for r in (RATE / 2, RATE * 2)}
+    found["arcface"] = {key(0): {0: 0.9}, key(0.1): {0: 0.8}, key(0.2): {0: 0.8}}
+    monkeypatch.setattr(hr, "candidates", lambda runs: found)
+    table = hr.table([])
+    assert "| softmax | 5 | 8 | chosen: `softmax:ls=0`, lr 0.1875 |" in table
+    assert "| arcface | 3 | 3 | waits on `arcface:s=8:m=0.1:ls=0` seed 1 |" in table
+    assert "| normface | 0 | 0 | waits on `normface:s=8:m=0:ls=0` seed 0, " in table
