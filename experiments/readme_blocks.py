@@ -49,12 +49,15 @@ def _table(runs, columns, pair_by="seed"):
 
 
 def _words(text, interval, n):
-    """``-0.76 points (95 % CI -0.95 to -0.57): lower``, from a difference cell."""
+    """``lower by 0.76 points (95 % CI 0.57 to 0.95)``, from a difference cell."""
     if interval is None:
         return f"{text} points ({n} pair, no interval)"
-    sign = "lower" if interval[1] < 0 else "higher" if interval[0] > 0 else "within noise"
-    return (f"{text.split()[0]} points (95 % CI {interval[0]:+.2f} to {interval[1]:+.2f}): "
-            f"{sign}")
+    low, high = interval
+    if low > 0 or high < 0:
+        near, far = sorted((abs(low), abs(high)))
+        return (f"{'higher' if low > 0 else 'lower'} by {abs(float(text.split()[0])):.2f} "
+                f"points (95 % CI {near:.2f} to {far:.2f})")
+    return f"within noise ({text.split()[0]} points, 95 % CI {low:+.2f} to {high:+.2f})"
 
 
 def headline(runs):
@@ -62,12 +65,12 @@ def headline(runs):
     if not runs:
         return "No converged comparison is recorded yet.\n"
     table, _, deltas = _table(runs, (("top1", "top-1", True), ("map_at_r", "MAP@R", True)))
-    words = [f"{head} against softmax over {top1[2]} paired seeds: top-1 {_words(*top1)}, "
+    words = [f"{head}, {top1[2]} seeds: top-1 {_words(*top1)}, "
              f"MAP@R {_words(*deltas[head, 'map_at_r'])}"
              for (head, key), top1 in deltas.items() if key == "top1" and top1[2]]
     answer = ("What the margin buys at convergence, every head trained by airbench's recipe "
-              "(tuned for softmax): " + "; ".join(words) if words else
-              "No margin head shares seeds with softmax yet")
+              "(tuned for softmax), paired by seed against softmax: " + "; ".join(words)
+              if words else "No margin head shares seeds with softmax yet")
     return f"**{answer}.**\n\n{table}\n{LEGEND}"
 
 

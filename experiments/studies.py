@@ -41,6 +41,10 @@ def selection_commands(ledger):
 # ledger giving them). Listed in the order a machine should run them: the choices first, the
 # studies that use them after.
 STUDIES = {
+    "reject-dev-standard": (
+        "the main command's served reject score, chosen on validation (results.md)",
+        [["reject-dev", "--backbones", "mobilenetv2", *VALIDATION,
+          "--heads", "arcface,softmax"]]),
     "selection": (
         "each head's airbench settings on validation, the runs its rule's next step needs "
         "(experiments/head_recipes.py; results.md, how each setting was chosen)",
@@ -53,10 +57,6 @@ STUDIES = {
         "the served reject score on the 4 distinct splits (README, open-set block)",
         [["open-set", *AIRBENCH, *VALIDATION, "--heads", "softmax,arcface", "--seeds", "1,2"],
          ["open-set", *AIRBENCH, *VALIDATION, "--heads", "cosface,normface", "--seeds", "1"]]),
-    "reject-dev-standard": (
-        "the main command's served reject score, chosen on validation (results.md)",
-        [["reject-dev", "--backbones", "mobilenetv2", *VALIDATION,
-          "--heads", "arcface,softmax"]]),
     "table1": (
         "the paper's Table 1 at the main command's budget (results.md, the paper's tables)",
         [["table1", "--backbones", backbone, *VALIDATION, "--seeds", "0,1"]

@@ -317,7 +317,7 @@ def test_main_command_block_holds_the_command_as_typed_only(tmp_path):
     # Differences -1.14 and +0.86 points: mean -0.14, s.d. 1.4142, t(0.975, 1) = 12.706.
     assert (tmp_path / "README.md").read_text().split("<!-- results:main-command -->\n")[1] \
         .startswith("**At this budget arcface s=8 m=0.1 monotonic against softmax over 2 paired "
-                    "seeds: top-1 -0.14 points (95 % CI -12.85 to +12.57): within noise.**")
+                    "seeds: top-1 within noise (-0.14 points, 95 % CI -12.85 to +12.57).**")
     shutil.rmtree(runs / "m-soft")
     shutil.rmtree(runs / "m-soft1")
     write_report(runs, tmp_path / "results.md")
@@ -461,3 +461,15 @@ def test_main_command_block_sets_its_difference_beside_the_converged_one():
                                "model 25/1) (1 run), AMD EPYC (family/model 25/17) (1 run).\n")
     main[1]["config"]["machine"]["family"] = "25/17"
     assert cpu_types(main) == ""
+
+
+def test_a_paired_difference_in_words_names_its_direction_and_interval():
+    import readme_blocks
+
+    assert readme_blocks._words("-0.76 (-0.95, -0.57)", (-0.95, -0.57), 5) == \
+        "lower by 0.76 points (95 % CI 0.57 to 0.95)"
+    assert readme_blocks._words("+4.48 (+3.07, +5.90)", (3.07, 5.90), 3) == \
+        "higher by 4.48 points (95 % CI 3.07 to 5.90)"
+    assert readme_blocks._words("+0.35 (-0.23, +0.93)", (-0.23, 0.93), 5) == \
+        "within noise (+0.35 points, 95 % CI -0.23 to +0.93)"
+    assert readme_blocks._words("-1.14", None, 1) == "-1.14 points (1 pair, no interval)"
