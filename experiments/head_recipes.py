@@ -157,7 +157,8 @@ def sweep_commands(needed):
         for key, seed in runs:
             groups.setdefault((key[3], seed), []).append(spec(loss, key))
     default_rate = candidate(RECIPES[RECIPE]["learning_rate"])[0]
-    return [["heads", "--recipe", RECIPE, "--val-split", "0.1", "--heads", ",".join(specs),
+    return [["heads", "--recipe", RECIPE, "--mixed-precision", "--val-split", "0.1",
+             "--heads", ",".join(specs),
              "--seeds", str(seed),
              *(["--learning-rate", f"{rate:g}"] if rate != default_rate else [])]
             for (rate, seed), specs in sorted(groups.items())]

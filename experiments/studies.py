@@ -2,13 +2,15 @@
 
     python experiments/studies.py --dataset DATA       # every study: runs recorded, to train
     python experiments/studies.py --dataset DATA --far-ood data/fashion-mnist \
-        --run smoothing open-set                        # train what those two lack, in order
+        --run selection open-set                        # train what those two lack, in order
 
 A study is a list of ``sweep.py`` commands. A run already in the ledger (results/runs) is not
 trained again, so a study goes on where the last machine left it. The hours are the median
 wall time of the ledger's runs of the same budget and precision on this CPU (family/model),
-``?`` where the ledger has none. Run names hold the precision, which ``auto`` resolves per
-CPU: a CPU without bfloat16 instructions plans float32 runs of its own for the airbench studies.
+``?`` where the ledger has none. The airbench studies train in bfloat16 mixed precision,
+as their recorded runs did (a run's name holds its precision, so float32 runs would pair only
+with each other); on a CPU without bfloat16 instructions, where bfloat16 runs several times
+slower than float32, ``--run`` leaves them out and says so.
 """
 
 import argparse
@@ -24,9 +26,8 @@ from tables import load_runs
 SMOOTHED_HEADS = ",".join(f"{head}:ls={ls}" for head in ("softmax", "arcface:s=8:m=0.1",
                                                           "cosface:s=8:m=0.1", "normface:s=8")
                           for ls in head_recipes.SMOOTHINGS)
-AIRBENCH = ["--recipe", "airbench"]
+AIRBENCH = ["--recipe", "airbench", "--mixed-precision"]
 VALIDATION = ["--val-split", "0.1"]
-
 
 
 def selection_commands(ledger):
@@ -150,6 +151,8 @@ def run_study(name, args):
     """Train what a study lacks, sweep by sweep; a study whose commands follow from its
     results (the selection) is asked again until it needs nothing or asks for the same
     runs twice (runs that diverge are never recorded)."""
+    from tfmargin.runner import provenance
+
     done = []
     while True:
         commands = study_commands(name, args.ledger)
@@ -157,6 +160,12 @@ def run_study(name, args):
             return
         done.append(commands)
         for command in commands:
+            if "--mixed-precision" in command and not (
+                    provenance.has_bfloat16_instructions() or provenance.has_gpu()):
+                print(f"== study {name}: left out, it trains in bfloat16 and this CPU has no "
+                      "bfloat16 instructions; run it on one with AVX-512 BF16 or AMX",
+                      flush=True)
+                return
             argv = sweep_argv(command, args)
             print(f"== study {name}: python experiments/sweep.py {' '.join(argv)}", flush=True)
             try:

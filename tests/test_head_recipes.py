@@ -80,11 +80,11 @@ def test_the_runs_needed_become_one_sweep_per_rate_and_seed():
         "normface": [(hr.candidate(0, 8.0, 0.0, RATE * 2), 0)],
         "softmax": [(hr.candidate(0.1, None, None, RATE), 1)]})
     assert commands == [
-        ["heads", "--recipe", "airbench", "--val-split", "0.1", "--heads",
+        ["heads", "--recipe", "airbench", "--mixed-precision", "--val-split", "0.1", "--heads",
          "arcface:s=16:m=0.2:ls=0", "--seeds", "0"],
-        ["heads", "--recipe", "airbench", "--val-split", "0.1", "--heads",
+        ["heads", "--recipe", "airbench", "--mixed-precision", "--val-split", "0.1", "--heads",
          "arcface:s=8:m=0.1:ls=0.1,softmax:ls=0.1", "--seeds", "1"],
-        ["heads", "--recipe", "airbench", "--val-split", "0.1", "--heads",
+        ["heads", "--recipe", "airbench", "--mixed-precision", "--val-split", "0.1", "--heads",
          "normface:s=8:m=0:ls=0", "--seeds", "0", "--learning-rate", "0.375"]]
 
 

@@ -151,3 +151,19 @@ def test_a_study_of_steps_is_asked_again_until_it_needs_nothing(tmp_path, monkey
     assert seeds == [0, 1, 2]
     studies.main([*args, "stuck"])
     assert seeds == [0, 1, 2, 0]
+
+
+def test_a_bfloat16_study_is_left_out_on_a_cpu_without_bfloat16(tmp_path, monkeypatch, capsys):
+    from tfmargin.runner import train as train_module
+
+    tried = []
+    monkeypatch.setattr(train_module, "train", tried.append)
+    monkeypatch.setattr(provenance, "has_bfloat16_instructions", lambda: False)
+    monkeypatch.setattr(provenance, "has_gpu", lambda: False)
+    monkeypatch.setitem(studies.STUDIES, "bf16", ("a bfloat16 study", [
+        ["heads", "--backbones", "tinycnn", "--heads", "softmax", "--mixed-precision"]]))
+    studies.main(["--dataset", DATA, "--ledger", str(tmp_path / "ledger"), "--runs-dir",
+                  str(tmp_path / "runs"), "--run", "bf16"])
+    assert tried == []
+    assert "== study bf16: left out, it trains in bfloat16 and this CPU has no bfloat16 " \
+        "instructions" in capsys.readouterr().out
