@@ -6,20 +6,28 @@
 
 A study is a list of ``sweep.py`` commands. A run already in the ledger (results/runs) is not
 trained again, so a study goes on where the last machine left it. The hours are the median
-wall time of the ledger's runs of the same budget and precision on this CPU (family/model),
-``?`` where the ledger has none. The airbench studies train in bfloat16 mixed precision,
+wall time of the ledger's runs of the same budget and precision on this CPU (family/model);
+where the ledger has none, a standard-recipe run's training time from this CPU's budget
+benchmark (marked ``~``); else ``?``. The airbench studies train in bfloat16 mixed precision,
 as their recorded runs did (a run's name holds its precision, so float32 runs would pair only
 with each other); on a CPU without bfloat16 instructions, where bfloat16 runs several times
 slower than float32, ``--run`` leaves them out and says so.
 """
 
 import argparse
+import glob
+import json
+import os
 import statistics
 
 import head_recipes
 import sweep
-from ledger import LEDGER
+from ledger import LEDGER, ROOT
 from tables import load_runs
+
+BENCHMARKS = os.path.join(ROOT, "docs", "benchmarks")
+# The budget benchmark's row of one main-command run's training (after "<backbone>: ").
+BUDGET_MEASURE = "one main-command run's training, 45,000 x 5 epochs"
 
 # Every head at each label smoothing (sweep.py --heads), at the scale and margin the
 # selection starts from (docs/recipe.md), whatever the heads' defaults become.
@@ -108,6 +116,40 @@ def hours_per_run(runs, family):
     return {key: statistics.median(hours) for key, hours in walls.items()}
 
 
+def benchmark_hours(family, folder=BENCHMARKS):
+    """``{backbone: hours}`` of one main-command run's training (45,000 images x 5 epochs,
+    the standard recipe) on the CPU ``family``, from its newest committed ``budget``
+    benchmark (benchmarks/bench_targets.py writes the rows)."""
+    hours = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*.json")), reverse=True):
+        with open(path) as f:
+            output = json.load(f)
+        if output.get("machine", {}).get("family") != family:
+            continue
+        for row in output["rows"]:
+            backbone, _, measure = row["name"].partition(": ")
+            if row["section"] == "budget" and measure == BUDGET_MEASURE:
+                hours.setdefault(backbone, row["value"])
+    return hours
+
+
+def estimate(config, hours, benchmark):
+    """``(hours, from the benchmark)`` of one run on this CPU: the ledger's median for its
+    budget, else for a standard-recipe run of the main command's budget the benchmark's
+    training time scaled by its share of the classes, else ``(None, False)``."""
+    classes = config.class_list()
+    known = hours.get(budget_key(
+        backbone=config.backbone, recipe=config.recipe, epochs=config.epochs,
+        limit_train=config.limit_train, val_split=config.val_split,
+        mixed=config.resolved_mixed_precision(), classes=config.classes))
+    if known is not None:
+        return known, False
+    if ((config.recipe, config.epochs, config.limit_train, config.val_split)
+            == ("standard", 5, 0, 0.1) and config.backbone in benchmark):
+        return benchmark[config.backbone] * (len(classes) if classes else 10) / 10, True
+    return None, False
+
+
 def study_commands(name, ledger):
     """A study's sweep commands (for the selection, those of its next step)."""
     commands = STUDIES[name][1]
@@ -126,20 +168,19 @@ def study_plan(name, args):
     return plan
 
 
-def status_table(plans, hours, selection_runs):
-    """One row per study: runs, recorded, to train, hours to train on this CPU (the
-    selection: its recorded candidates, ``selection_runs``, and its next step)."""
+def status_table(plans, hours, benchmark, selection_runs):
+    """One row per study: runs, recorded, to train, hours to train on this CPU (``~``: some
+    from the budget benchmark, training only) (the selection: its recorded candidates,
+    ``selection_runs``, and its next step)."""
     rows = [("study", "runs", "recorded", "to train", "hours here", "what")]
     for name, plan in plans.items():
         runs = [run for _, planned in plan for run in planned]
         todo = [config for state, config in runs if state != "recorded"]
         if callable(STUDIES[name][1]):
             runs += [("recorded", None)] * selection_runs
-        estimates = [hours.get(budget_key(
-            backbone=c.backbone, recipe=c.recipe, epochs=c.epochs, limit_train=c.limit_train,
-            val_split=c.val_split, mixed=c.resolved_mixed_precision(), classes=c.classes))
-            for c in todo]
-        total = "?" if None in estimates else f"{sum(estimates):.1f}"
+        estimates = [estimate(config, hours, benchmark) for config in todo]
+        total = "?" if any(h is None for h, _ in estimates) else (
+            "~" * any(b for _, b in estimates) + f"{sum(h for h, _ in estimates):.1f}")
         rows.append((name, str(len(runs)), str(len(runs) - len(todo)), str(len(todo)),
                      total, STUDIES[name][0]))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
@@ -204,7 +245,10 @@ def main(argv=None):
     runs = load_runs(args.ledger)
     selection_runs = sum(len(seeds) for found in head_recipes.candidates(runs).values()
                          for seeds in found.values())
-    print(status_table(plans, hours_per_run(runs, cpu["family"]), selection_runs))
+    print(status_table(plans, hours_per_run(runs, cpu["family"]),
+                       benchmark_hours(cpu["family"]), selection_runs))
+    print("\n~: partly the budget benchmark's training time for this CPU "
+          "(docs/benchmarks/), without evaluation")
 
 
 if __name__ == "__main__":

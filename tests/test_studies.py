@@ -167,3 +167,17 @@ def test_a_bfloat16_study_is_left_out_on_a_cpu_without_bfloat16(tmp_path, monkey
     assert tried == []
     assert "== study bf16: left out, it trains in bfloat16 and this CPU has no bfloat16 " \
         "instructions" in capsys.readouterr().out
+
+
+def test_a_standard_run_without_ledger_runs_here_is_estimated_from_the_budget_benchmark(
+        tmp_path):
+    """The committed budget benchmarks of the two EPYCs give one main-command run's hours;
+    a run on 7 of the 10 classes trains on 7/10 of the images."""
+    zen4, zen3 = studies.benchmark_hours("25/17"), studies.benchmark_hours("25/1")
+    assert set(zen4) == set(zen3) == {"resnet18", "efficientnetb0", "mobilenetv2"}
+    assert round(zen4["resnet18"], 2) == 0.59 and round(zen3["resnet18"], 1) == 3.0
+    assert studies.benchmark_hours("6/999") == {}
+    (_, dev), _ = planned("reject-dev-standard", plan_args(tmp_path))
+    assert len(dev.class_list()) == 7
+    assert studies.estimate(dev, {}, zen4) == (pytest.approx(0.7 * zen4["mobilenetv2"]), True)
+    assert studies.estimate(dev, {}, {}) == (None, False)
