@@ -37,10 +37,14 @@ GOALS = (
 
 
 def cpu_type(machine):
-    """``Intel Xeon, AMX`` or ``AMD EPYC, no AMX``: what decides a CPU's bfloat16 speed."""
+    """``Intel Xeon, AMX``, ``AMD EPYC, AVX-512 BF16`` or ``AMD EPYC, no bfloat16``: the
+    model and the bfloat16 instructions, which decide a CPU's bfloat16 speed (two EPYC
+    generations share the model name; only the newer has AVX-512 BF16)."""
     model = re.sub(r"\(R\)|Processor", "", machine.get("model", "?")).split()
-    amx = "AMX" if "amx_bf16" in machine.get("flags", []) else "no AMX"
-    return f"{' '.join(model[:2])}, {amx}"
+    flags = machine.get("flags", [])
+    bfloat16 = ("AMX" if "amx_bf16" in flags else "AVX-512 BF16" if "avx512_bf16" in flags
+                else "no bfloat16")
+    return f"{' '.join(model[:2])}, {bfloat16}"
 
 
 def latest_verdicts(outputs=OUTPUTS):

@@ -131,7 +131,9 @@ def test_the_goals_table_of_performance_md_is_the_benchmark_outputs():
         sys.path.pop(0)
     assert goals.cpu_type({"model": "Intel(R) Xeon(R) Processor", "flags": ["amx_bf16"]}) == \
         "Intel Xeon, AMX"
-    assert goals.cpu_type({"model": "AMD EPYC", "flags": ["avx512_bf16"]}) == "AMD EPYC, no AMX"
+    assert goals.cpu_type({"model": "AMD EPYC", "flags": ["avx512_bf16"]}) == \
+        "AMD EPYC, AVX-512 BF16"
+    assert goals.cpu_type({"model": "AMD EPYC", "flags": ["avx2"]}) == "AMD EPYC, no bfloat16"
 
 
 def test_each_heads_served_score_is_the_development_runs_choice():
