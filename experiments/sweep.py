@@ -16,6 +16,8 @@
     python experiments/sweep.py reject-dev --recipe airbench --dataset path/to/cifar10 \
         --heads softmax,arcface   # 7 classes: each head's served reject score, on validation
 
+``--dry-run`` lists the grid's runs and whether each is recorded, finished or to train
+(``experiments/studies.py`` does this for every study behind the documents).
 Finished runs are skipped, so a sweep can be stopped and restarted; with ``--ledger
 results/runs`` each run is also copied into the ledger as it finishes, and a run already
 there is not trained again (on another machine, say). A run's
