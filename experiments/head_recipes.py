@@ -47,6 +47,9 @@ def candidate(*values):
     return tuple(None if v is None else round(float(v), 6) for v in values)
 
 
+RATE = candidate(RECIPES[RECIPE]["learning_rate"])[0]  # the recipe's own, per 128 images
+
+
 def is_candidate(config):
     """Whether a run is a selection candidate: the airbench recipe on all classes, 10 %
     validation, bfloat16, and nothing but its head's settings changed from the recipe."""
@@ -86,21 +89,20 @@ def step(found, keys):
 def choose(loss, found):
     """``(choice, needed)`` for one head: the chosen candidate (None until every step has
     chosen) and the runs the next undecided step waits on."""
-    rate = candidate(RECIPES[RECIPE]["learning_rate"])[0]
     scale, margin = START[loss]
-    best, needed = step(found, [candidate(ls, scale, margin, rate) for ls in SMOOTHINGS])
+    best, needed = step(found, [candidate(ls, scale, margin, RATE) for ls in SMOOTHINGS])
     if best is None:
         return None, needed
     smoothing = best[0]
     if loss in MARGINS:
-        keys = [candidate(smoothing, s, m, rate) for s in SCALES for m in MARGINS[loss]]
+        keys = [candidate(smoothing, s, m, RATE) for s in SCALES for m in MARGINS[loss]]
         best, needed = step(found, keys)
         if best is not None and best[1] == SCALES[-1]:
-            best, needed = step(found, keys + [candidate(smoothing, WIDE_SCALE, m, rate)
+            best, needed = step(found, keys + [candidate(smoothing, WIDE_SCALE, m, RATE)
                                                for m in MARGINS[loss]])
         if best is None:
             return None, needed
-    rates = [rate / 2, rate, rate * 2]
+    rates = [RATE / 2, RATE, RATE * 2]
     keys = [candidate(*best[:3], r) for r in rates]
     best, needed = step(found, keys)
     if best is not None and best[3] in (keys[0][3], keys[-1][3]):
@@ -110,18 +112,16 @@ def choose(loss, found):
 
 
 def head_defaults(loss, choice):
-    """The HEAD_DEFAULTS entry of a choice: its settings that differ from the recipe's and
-    the registry's."""
-    recipe = RunConfig.for_recipe(RECIPE, loss=loss)
-    start = dict(zip(FIELDS, candidate(recipe.label_smoothing, *START[loss],
-                                       recipe.learning_rate), strict=True))
+    """The HEAD_DEFAULTS entry of a choice: its settings that differ from the recipe's own
+    (not today's HEAD_DEFAULTS, which this entry replaces) and the registry's."""
+    start = dict(zip(FIELDS, candidate(RECIPES[RECIPE]["label_smoothing"], *START[loss],
+                                       RATE), strict=True))
     return {field: value for field, value in zip(FIELDS, choice, strict=True)
             if value != start[field]}
 
 
-def choices(runs):
-    """``{loss: (choice or None, needed)}`` for every head."""
-    found = candidates(runs)
+def choices(found):
+    """``{loss: (choice or None, needed)}`` for every head, from ``candidates(runs)``."""
     return {loss: choose(loss, found[loss]) for loss in HEADS}
 
 
@@ -137,14 +137,13 @@ def table(runs):
     its next step waits on."""
     found = candidates(runs)
     rows = []
-    for loss, (choice, needed) in choices(runs).items():
+    for loss, (choice, needed) in choices(found).items():
         if choice is not None:
             state = f"chosen: `{spec(loss, choice)}`, lr {choice[3]:g}"
         else:
             state = "waits on " + ", ".join(
                 f"`{spec(loss, key)}` seed {seed}"
-                + (f" lr {key[3]:g}" if key[3] != candidate(RECIPES[RECIPE]["learning_rate"])[0]
-                   else "") for key, seed in needed)
+                + (f" lr {key[3]:g}" if key[3] != RATE else "") for key, seed in needed)
         rows.append([loss, len(found[loss]), sum(map(len, found[loss].values())), state])
     return markdown(["head", "settings run", "runs", "choice"], rows)
 
@@ -156,11 +155,10 @@ def sweep_commands(needed):
     for loss, runs in needed.items():
         for key, seed in runs:
             groups.setdefault((key[3], seed), []).append(spec(loss, key))
-    default_rate = candidate(RECIPES[RECIPE]["learning_rate"])[0]
     return [["heads", "--recipe", RECIPE, "--mixed-precision", "--val-split", "0.1",
              "--heads", ",".join(specs),
              "--seeds", str(seed),
-             *(["--learning-rate", f"{rate:g}"] if rate != default_rate else [])]
+             *(["--learning-rate", f"{rate:g}"] if rate != RATE else [])]
             for (rate, seed), specs in sorted(groups.items())]
 
 
@@ -171,9 +169,9 @@ def main(argv=None):
     parser.add_argument("--check", action="store_true", help="exit 1 if recipes.HEAD_DEFAULTS"
                         "['airbench'] is not the rule's choice")
     args = parser.parse_args(argv)
-    chosen = choices(load_runs(args.ledger))
-    expected = {loss: head_defaults(loss, choice) for loss, (choice, _) in chosen.items()
-                if choice is not None and head_defaults(loss, choice)}
+    chosen = choices(candidates(load_runs(args.ledger)))
+    expected = {loss: defaults for loss, (choice, _) in chosen.items() if choice is not None
+                for defaults in [head_defaults(loss, choice)] if defaults}
     if args.check:
         if expected != HEAD_DEFAULTS[RECIPE]:
             parser.exit(1, f"head_recipes.py: recipes.HEAD_DEFAULTS['{RECIPE}'] should be "

@@ -41,7 +41,7 @@ VALIDATION = ["--val-split", "0.1"]
 def selection_commands(ledger):
     """The sweeps of the runs the per-head selection waits on now (head_recipes.py): each
     step's runs follow from the last step's results."""
-    chosen = head_recipes.choices(load_runs(ledger))
+    chosen = head_recipes.choices(head_recipes.candidates(load_runs(ledger)))
     return head_recipes.sweep_commands({loss: needed for loss, (_, needed) in chosen.items()
                                         if needed})
 

@@ -116,3 +116,14 @@ def test_the_report_shows_each_heads_choice_or_the_runs_it_waits_on(monkeypatch)
     assert "| softmax | 5 | 8 | chosen: `softmax:ls=0`, lr 0.1875 |" in table
     assert "| arcface | 3 | 3 | waits on `arcface:s=8:m=0.1:ls=0` seed 1 |" in table
     assert "| normface | 0 | 0 | waits on `normface:s=8:m=0:ls=0` seed 0, " in table
+
+
+def test_head_defaults_do_not_read_the_entry_they_replace(monkeypatch):
+    """Once HEAD_DEFAULTS holds a choice, the choice still differs from the recipe's own
+    settings (else --check would ask for the entry to be removed)."""
+    from tfmargin.runner import recipes
+
+    monkeypatch.setitem(recipes.HEAD_DEFAULTS, "airbench",
+                        {"arcface": dict(label_smoothing=0.0, scale=16.0)})
+    assert hr.head_defaults("arcface", key(0, 16.0, 0.1)) == {"label_smoothing": 0.0,
+                                                               "scale": 16.0}
