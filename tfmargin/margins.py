@@ -28,10 +28,6 @@ class MarginType:
     default_scale: float
     published: str
 
-    @property
-    def source(self):
-        return self.published
-
 
 # The one registry: a new margin type is added here (and to ``resolve_margins``).
 # Chosen by validation top-1 in the MobileNetV2 selection runs of docs/recipe.md (s = 8

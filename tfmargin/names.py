@@ -45,7 +45,7 @@ BATCHNORMS = {
 }
 HEADS = {
     "softmax": "a Dense layer on the embedding (plain cross-entropy)",
-    **{name: spec.source for name, spec in MARGIN_TYPES.items()},
+    **{name: spec.published for name, spec in MARGIN_TYPES.items()},
 }
 AUGMENTATIONS = {
     "standard": "pad-4 shift + horizontal flip",
