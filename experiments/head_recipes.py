@@ -50,6 +50,17 @@ def candidate(*values):
 RATE = candidate(RECIPES[RECIPE]["learning_rate"])[0]  # the recipe's own, per 128 images
 
 
+def settings(config):
+    """A run's candidate: its label smoothing, scale, margin and learning rate."""
+    return candidate(*(config[field] for field in FIELDS))
+
+
+def airbench_settings(loss):
+    """Where a head starts: airbench's own label smoothing and rate (tuned for softmax), the
+    registry's scale and margin."""
+    return candidate(RECIPES[RECIPE]["label_smoothing"], *START[loss], RATE)
+
+
 def is_candidate(config):
     """Whether a run is a selection candidate: the airbench recipe on all classes, 10 %
     validation, bfloat16, and nothing but its head's settings changed from the recipe."""
@@ -68,8 +79,8 @@ def candidates(runs):
     for run in runs:
         c = run["config"]
         if is_candidate(c) and metric_value(run, "val.top1") is not None:
-            key = candidate(*(c[field] for field in FIELDS))
-            found[c["loss"]].setdefault(key, {})[c["seed"]] = run["metrics"]["val"]["top1"]
+            found[c["loss"]].setdefault(settings(c), {})[c["seed"]] = metric_value(run,
+                                                                                   "val.top1")
     return found
 
 
@@ -114,8 +125,7 @@ def choose(loss, found):
 def head_defaults(loss, choice):
     """The HEAD_DEFAULTS entry of a choice: its settings that differ from the recipe's own
     (not today's HEAD_DEFAULTS, which this entry replaces) and the registry's."""
-    start = dict(zip(FIELDS, candidate(RECIPES[RECIPE]["label_smoothing"], *START[loss],
-                                       RATE), strict=True))
+    start = dict(zip(FIELDS, airbench_settings(loss), strict=True))
     return {field: value for field, value in zip(FIELDS, choice, strict=True)
             if value != start[field]}
 
@@ -148,14 +158,15 @@ def table(runs):
     return markdown(["head", "settings run", "runs", "choice"], rows)
 
 
-def sweep_commands(needed):
-    """The ``sweep.py`` arguments that train ``{loss: [(candidate, seed)]}``: one command per
-    learning rate and seed."""
+def sweep_commands(needed, val_split="0.1"):
+    """The ``sweep.py`` arguments that train ``{loss: [(candidate, seeds)]}`` (``seeds``: a
+    seed, or ``sweep.py --seeds``' list) with ``val_split`` of the training images held out:
+    one command per learning rate and seeds."""
     groups = {}
     for loss, runs in needed.items():
         for key, seed in runs:
             groups.setdefault((key[3], seed), []).append(spec(loss, key))
-    return [["heads", "--recipe", RECIPE, "--mixed-precision", "--val-split", "0.1",
+    return [["heads", "--recipe", RECIPE, "--mixed-precision", "--val-split", val_split,
              "--heads", ",".join(specs),
              "--seeds", str(seed),
              *(["--learning-rate", f"{rate:g}"] if rate != RATE else [])]

@@ -27,8 +27,10 @@ def _table(runs, columns, pair_by="seed"):
         counts[setting] = counts.get(setting, 0) + len(pairs)
     study = max(counts, key=counts.get)
     arms = {head: pairs for (setting, head), pairs in arms.items() if setting == study}
-    base, rows, means, deltas = arms.get("softmax", {}), [], {}, {}
-    for head, pairs in sorted(arms.items(), key=lambda item: item[0] != "softmax"):
+    # The baseline: softmax, at whatever label smoothing its study gives it.
+    softmax = next((head for head in sorted(arms) if head.startswith("softmax")), None)
+    base, rows, means, deltas = arms.get(softmax, {}), [], {}, {}
+    for head, pairs in sorted(arms.items(), key=lambda item: item[0] != softmax):
         row = [head, len(pairs)]
         for key, _, paired in columns:
             values = [metric_value(r, key) for r in pairs.values()]
@@ -38,7 +40,7 @@ def _table(runs, columns, pair_by="seed"):
             means[head, key] = None if None in values else sum(values) / len(values)
             row.append(mean_sd(values))
             if paired:
-                deltas[head, key] = against(pairs, base, key) if head != "softmax" else \
+                deltas[head, key] = against(pairs, base, key) if head != softmax else \
                     ("-", None, 0)
                 row.append(deltas[head, key][0])
         rows.append(row)
@@ -60,24 +62,51 @@ def _words(text, interval, n):
     return f"within noise ({text.split()[0]} points, 95 % CI {low:+.2f} to {high:+.2f})"
 
 
-def headline(runs):
-    """What the margin buys at convergence: each head against softmax, paired by seed."""
+# How each converged study set its heads' settings (report.py: which runs are which).
+CONVERGED_STUDIES = {
+    "as tuned for softmax": "every head trained by airbench's recipe (tuned for softmax)",
+    "chosen": "every head at the settings chosen for it on validation (docs/recipe.md)",
+}
+
+
+def is_paired(runs):
+    """Whether a margin head shares at least two seeds with softmax in ``runs``."""
+    return bool(runs) and any(key == "top1" and n >= 2 for (_, key), (_, _, n) in _table(
+        runs, (("top1", "top-1", True),))[2].items())
+
+
+def headline(runs, study="as tuned for softmax"):
+    """What the margin buys at convergence: each head against softmax, paired by seed, in
+    the converged ``study`` (a key of ``CONVERGED_STUDIES``)."""
     if not runs:
         return "No converged comparison is recorded yet.\n"
     table, _, deltas = _table(runs, (("top1", "top-1", True), ("map_at_r", "MAP@R", True)))
     words = [f"{head}, {top1[2]} seeds: top-1 {_words(*top1)}, "
              f"MAP@R {_words(*deltas[head, 'map_at_r'])}"
              for (head, key), top1 in deltas.items() if key == "top1" and top1[2]]
-    answer = ("What the margin buys at convergence, every head trained by airbench's recipe "
-              "(tuned for softmax), paired by seed against softmax: " + "; ".join(words)
+    answer = (f"What the margin buys at convergence, {CONVERGED_STUDIES[study]}, paired by "
+              "seed against softmax: " + "; ".join(words)
               if words else "No margin head shares seeds with softmax yet")
     return f"**{answer}.**\n\n{table}\n{LEGEND}"
 
 
-def main_command(runs, converged=()):
+def beside_headline(studies, study, waiting):
+    """The converged study the headline does not show (``studies``: report.py's
+    ``converged_studies``), or why the headline is the study at softmax's settings
+    (``waiting``: how many heads the selection has not chosen for yet)."""
+    if study == "chosen":
+        return ("Beside it, the study at airbench's own settings:\n\n"
+                + headline(studies["as tuned for softmax"]))
+    if waiting:
+        return f"The selection has not chosen for {waiting} of the 4 heads yet.\n"
+    return ("Every head has its choice; the paired runs at it are not recorded yet "
+            "(`python experiments/studies.py --run chosen-pairs`).\n")
+
+
+def main_command(runs, converged=(), study="as tuned for softmax"):
     """The main command per head: seeds, test top-1, MAP@R, and the paired difference; then
     how that difference compares with the same head's at convergence (``converged``: the
-    headline's runs)."""
+    headline's runs, of the converged ``study``)."""
     if not runs:
         return "The main command has no recorded full-budget run yet.\n"
     table, means, deltas = _table(runs, (("top1", "top-1", True), ("map_at_r", "MAP@R", False)))
@@ -90,11 +119,13 @@ def main_command(runs, converged=()):
               f"{_words(text, interval, n)}" if n >= 2 else
               f"At this budget {heads[0]}'s mean test top-1 is {gap:+.2f} points from "
               f"softmax's; with {n} paired seed(s) that is an anecdote, not a comparison yet")
-    far = _table(converged, (("top1", "top-1", True),))[2].get((heads[0], "top1")) \
-        if converged else None
+    # The same loss at convergence, at whatever scale, margin and smoothing its study chose.
+    far = next((delta for (head, key), delta in _table(converged, (("top1", "top-1", True),))[
+        2].items() if key == "top1" and head.split()[0] == heads[0].split()[0]),
+        None) if converged else None
     if far and far[2] and n:
         near_mean, far_mean = float(text.split()[0]), float(far[0].split()[0])
-        answer += (f". At convergence (airbench's recipe, tuned for softmax) the same head's "
+        answer += (f". At convergence, {CONVERGED_STUDIES[study]}, the same head's "
                    f"paired difference is {far_mean:+.2f} points over {far[2]} seeds: the "
                    + ("same sign" if (near_mean > 0) == (far_mean > 0) else "sign differs")
                    + f", {abs(near_mean - far_mean):.2f} points apart")

@@ -130,6 +130,24 @@ def paper(runs, ledger, docs_dir, plots):
             "table2": paper_table([], PAPER["cifar100"])}
 
 
+def converged_studies(converged, runs):
+    """``{study: runs}`` of the converged runs (``readme_blocks.CONVERGED_STUDIES``): each
+    head at airbench's own settings, and each at its choice on validation
+    (``head_recipes``; empty until every head has one)."""
+    chosen = {loss: choice for loss, (choice, _) in head_recipes.choices(
+        head_recipes.candidates(runs)).items()}
+    if None in chosen.values():
+        chosen = {}
+    studies = {"as tuned for softmax": [], "chosen": []}
+    for run in converged:
+        loss, settings = run["config"]["loss"], head_recipes.settings(run["config"])
+        if loss in head_recipes.START and settings == head_recipes.airbench_settings(loss):
+            studies["as tuned for softmax"].append(run)
+        if chosen.get(loss) == settings:
+            studies["chosen"].append(run)
+    return studies
+
+
 def commands(runs, ledger, docs_dir, plots):
     """Each run's command and, where it kept per-image outputs, its diagnostics figure."""
     lines = []
@@ -152,12 +170,18 @@ def results_blocks(runs, ledger, docs_dir, plots):
     main = [r for r in runs if is_main_command(r)]
     open_set = [r for r in runs if r["config"]["classes"]
                 and not served_scores.is_development(r["config"])]
-    headline = [r for r in converged if at_recipe_kernels(r)]
+    studies = converged_studies([r for r in converged if at_recipe_kernels(r)], runs)
+    # The headline is the study at each head's chosen settings once it pairs, else the
+    # study at airbench's own; results.md shows the other beside it.
+    study = "chosen" if readme_blocks.is_paired(studies["chosen"]) else "as tuned for softmax"
     return {
-        "headline": readme_blocks.headline(headline),
+        "headline": readme_blocks.headline(studies[study], study),
+        "beside_headline": readme_blocks.beside_headline(studies, study, waiting=sum(
+            choice is None for choice, _ in head_recipes.choices(
+                head_recipes.candidates(runs)).values())),
         "converged": seed_table(converged),
         "kernels": kernels(converged),
-        "main_command": readme_blocks.main_command(main, headline),
+        "main_command": readme_blocks.main_command(main, studies[study], study),
         "learning_rates": learning_rates(runs) or "No setting has runs at two rates yet.\n",
         "open_set": readme_blocks.open_set(open_set),
         "far_away": readme_blocks.far_away(runs),

@@ -35,6 +35,7 @@ SMOOTHED_HEADS = ",".join(f"{head}:ls={ls}" for head in ("softmax", "arcface:s=8
                                                           "cosface:s=8:m=0.1", "normface:s=8")
                           for ls in head_recipes.SMOOTHINGS)
 AIRBENCH = ["--recipe", "airbench", "--mixed-precision"]
+PAIRED_SEEDS = "0,1,2,3,4"  # the converged studies' paired seeds
 VALIDATION = ["--val-split", "0.1"]
 
 
@@ -44,6 +45,18 @@ def selection_commands(ledger):
     chosen = head_recipes.choices(head_recipes.candidates(load_runs(ledger)))
     return head_recipes.sweep_commands({loss: needed for loss, (_, needed) in chosen.items()
                                         if needed})
+
+
+def chosen_pairs_commands(ledger):
+    """The paired study at each head's chosen settings (5 seeds, all 50,000 images), once the
+    selection has chosen for every head; a run whose settings did not change is the
+    converged pairs' own and is not trained again."""
+    chosen = head_recipes.choices(head_recipes.candidates(load_runs(ledger)))
+    if any(choice is None for choice, _ in chosen.values()):
+        return []
+    return head_recipes.sweep_commands(
+        {loss: [(choice, PAIRED_SEEDS)] for loss, (choice, _) in chosen.items()},
+        val_split="0")
 
 
 # name: (what it is and which document shows it, its sweeps in order, or a function of the
@@ -81,8 +94,12 @@ STUDIES = {
     "converged-pairs": (
         "softmax, ArcFace and NormFace on all 50,000 images, 5 seeds, every head at airbench's "
         "settings as tuned for softmax (README headline)",
-        [["heads", *AIRBENCH, "--val-split", "0", "--seeds", "0,1,2,3,4",
+        [["heads", *AIRBENCH, "--val-split", "0", "--seeds", PAIRED_SEEDS,
           "--heads", "softmax:ls=0.2,arcface:s=8:m=0.1:ls=0.2,normface:s=8:ls=0.2"]]),
+    "chosen-pairs": (
+        "every head at its chosen settings on all 50,000 images, 5 seeds, paired (README "
+        "headline); planned once the selection has chosen for every head",
+        chosen_pairs_commands),
 }
 # The sweeps that score images of no CIFAR class take --far-ood when it is given.
 FAR_OOD_GRIDS = ("open-set",)
@@ -177,7 +194,7 @@ def status_table(plans, hours, benchmark, selection_runs):
     for name, plan in plans.items():
         runs = [run for _, planned in plan for run in planned]
         todo = [config for state, config in runs if state != "recorded"]
-        if callable(STUDIES[name][1]):
+        if name == "selection":
             runs += [("recorded", None)] * selection_runs
         estimates = [estimate(config, hours, benchmark) for config in todo]
         total = "?" if any(h is None for h, _ in estimates) else (
