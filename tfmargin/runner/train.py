@@ -363,43 +363,41 @@ def record(run_dir, resolved, metrics, outputs):
     _write_json(os.path.join(run_dir, "metrics.json"), metrics)
 
 
-def train(config, overwrite=False, callbacks=()):
-    """Train and evaluate one run of ``config`` (a ``RunConfig``; continue it if it was
-    interrupted); returns the final metrics dict, a finished run's as recorded."""
-    config.validate()
-    config = config.resolved()  # from here on, the run reads one frozen record
-    run_dir, already_done = prepare_run_dir(config, overwrite)
-    if already_done:
-        with open(os.path.join(run_dir, "metrics.json")) as f:
-            metrics = json.load(f)
-        print(f"{run_dir} finished at {metrics['finished_at']}; its recorded result follows "
-              "(--overwrite trains it again)", flush=True)
-        return metrics
-    check_writable(config.runs_dir, "--runs-dir")
-    if config.export_formats:
-        check_writable(config.export_dir, "--export-dir")
+def recorded_metrics(run_dir):
+    """A finished run's ``metrics.json``, said to be the recorded result."""
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        metrics = json.load(f)
+    print(f"{run_dir} finished at {metrics['finished_at']}; its recorded result follows "
+          "(--overwrite trains it again)", flush=True)
+    return metrics
+
+
+def set_up_process(config):
+    """The distribution strategy, seed, determinism and precision policy of this process;
+    returns the strategy."""
     # MultiWorkerMirroredStrategy must exist before any other TensorFlow op runs.
     strategy = make_strategy(config.strategy)
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.config.set_dtype_policy(precision_policy(config))
-    global_batch = config.batch_size * strategy.num_replicas_in_sync
-    data = load_run_data(config, global_batch)
-    print("\n".join(describe_run(config, data, strategy, global_batch)), flush=True)
-    model = build_run_model(config, data, strategy, global_batch)
-    resolved = start_run_dir(config, run_dir=run_dir, overwrite=overwrite, data=data,
-                             model=model, replicas=strategy.num_replicas_in_sync,
-                             global_batch=global_batch)
-    projector = EmbeddingProjector(
-        # Without a validation split (--val-split 0) it shows training images.
-        os.path.join(run_dir, "logs", "projector"), model,
-        data.train if data.val is None else data.val, data.class_names,
-        config.projector_samples, config.projector_every) if config.projector_samples else None
+    return strategy
 
-    history, timing = fit_once(config, run_dir=run_dir, data=data, model=model,
-                               global_batch=global_batch, projector=projector,
-                               extra_callbacks=callbacks)
+
+def make_projector(config, run_dir, model, data):
+    """The embedding projector callback (validation images; training images without a
+    validation split), or None with ``--projector-samples 0``."""
+    if not config.projector_samples:
+        return None
+    return EmbeddingProjector(os.path.join(run_dir, "logs", "projector"), model,
+                              data.train if data.val is None else data.val, data.class_names,
+                              config.projector_samples, config.projector_every)
+
+
+def evaluate_run(config, *, model, data, global_batch, projector, history, timing):
+    """After ``fit``: the BatchNorm statistics, the projector's last write, and the
+    evaluation (test split once, validation, gallery, far-away images); returns
+    ``(metrics, outputs, gallery)``."""
     print("after training: choosing BatchNorm statistics and evaluating (test, validation, "
           "training images as the retrieval gallery, far-away images)" + (", then exporting" if
                                                            config.export_formats else ""),
@@ -417,6 +415,12 @@ def train(config, overwrite=False, callbacks=()):
     metrics |= {"epochs": config.epochs, **timing, **({"batchnorm": batchnorm} if batchnorm
                                                         else {}),
                 "train_accuracy_last_epoch": history.get("accuracy", [None])[-1]}
+    return metrics, outputs, gallery
+
+
+def save_model(config, *, run_dir, model, data, metrics, gallery):
+    """The export (``saved_models/<name>/``, its path into ``metrics``) or, without one,
+    ``inference.keras`` in the run directory."""
     if "keras" not in config.export_formats:  # else the export's model.keras holds it
         with atomic_file(os.path.join(run_dir, "inference.keras")) as tmp:
             model.save(tmp)
@@ -426,6 +430,36 @@ def train(config, overwrite=False, callbacks=()):
             formats=config.export_formats, image_size=config.image_size, tta=config.tta,
             temperature=metrics["calibration"].get("temperature", 1.0),
             reject=metrics.get("reject"), gallery=gallery)
+
+
+def train(config, overwrite=False, callbacks=()):
+    """Train and evaluate one run of ``config`` (a ``RunConfig``; continue it if it was
+    interrupted); returns the final metrics dict, a finished run's as recorded."""
+    config.validate()
+    config = config.resolved()  # from here on, the run reads one frozen record
+    run_dir, already_done = prepare_run_dir(config, overwrite)
+    if already_done:
+        return recorded_metrics(run_dir)
+    check_writable(config.runs_dir, "--runs-dir")
+    if config.export_formats:
+        check_writable(config.export_dir, "--export-dir")
+    strategy = set_up_process(config)
+    global_batch = config.batch_size * strategy.num_replicas_in_sync
+    data = load_run_data(config, global_batch)
+    print("\n".join(describe_run(config, data, strategy, global_batch)), flush=True)
+    model = build_run_model(config, data, strategy, global_batch)
+    resolved = start_run_dir(config, run_dir=run_dir, overwrite=overwrite, data=data,
+                             model=model, replicas=strategy.num_replicas_in_sync,
+                             global_batch=global_batch)
+    projector = make_projector(config, run_dir, model, data)
+    history, timing = fit_once(config, run_dir=run_dir, data=data, model=model,
+                               global_batch=global_batch, projector=projector,
+                               extra_callbacks=callbacks)
+    metrics, outputs, gallery = evaluate_run(config, model=model, data=data,
+                                             global_batch=global_batch, projector=projector,
+                                             history=history, timing=timing)
+    save_model(config, run_dir=run_dir, model=model, data=data, metrics=metrics,
+               gallery=gallery)
     log_hparams(os.path.join(run_dir, "logs"), resolved, metrics)
     record(run_dir, resolved, metrics, outputs)
     # The model lives on in the export (or inference.keras): no training checkpoint is kept.
