@@ -14,11 +14,8 @@ the commands to look at them. Extra flags are passed on to ``run.py``
 import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-import make_glyphs  # noqa: E402  (this folder's generator)
-import run  # noqa: E402
+import make_glyphs  # this folder's generator
+import run
 
 DATA = os.path.join("data", "glyphs10")
 SETTINGS = ["--backbone", "tinycnn", "--loss", "arcface", "--scale", "8", "--margin", "0.1",

@@ -17,17 +17,13 @@ instructions, are another setting), with the recipe's other settings.
 """
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
+from ledger import LEDGER
+from tables import load_runs, markdown, metric_value, setting_key
 
-import numpy as np  # noqa: E402
-from ledger import LEDGER  # noqa: E402
-from tables import load_runs, markdown, metric_value, setting_key  # noqa: E402
-
-from tfmargin.runner.config import RunConfig  # noqa: E402
-from tfmargin.runner.recipes import HEAD_DEFAULTS, RECIPES  # noqa: E402
+from tfmargin.runner.config import RunConfig
+from tfmargin.runner.recipes import HEAD_DEFAULTS, RECIPES
 
 RECIPE = "airbench"
 HEADS = ("softmax", "arcface", "cosface", "normface")

@@ -12,18 +12,15 @@ README block between ``results:`` markers written here from the ledger.
 import argparse
 import os
 import re
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import head_recipes  # noqa: E402
-import readme_blocks  # noqa: E402
-import served_scores  # noqa: E402
-from ledger import LEDGER, ROOT, collect  # noqa: E402
-from margin_sweep import margin_curves, sweep_table, sweep_verdict  # noqa: E402
-from selection import selection  # noqa: E402
-from sweep import PAPER_HEAD  # noqa: E402
-from tables import (  # noqa: E402
+import head_recipes
+import readme_blocks
+import served_scores
+from ledger import LEDGER, ROOT, collect
+from margin_sweep import margin_curves, sweep_table, sweep_verdict
+from selection import selection
+from sweep import PAPER_HEAD
+from tables import (
     BACKBONE_COLUMNS,
     KERNEL_SETTINGS,
     at_recipe_kernels,
@@ -36,8 +33,8 @@ from tables import (  # noqa: E402
     setting_name,
 )
 
-from tfmargin.runner.config import RunConfig, dataset_label  # noqa: E402
-from tfmargin.runner.recipes import MARGIN_HEAD_LEARNING_RATE  # noqa: E402
+from tfmargin.runner.config import RunConfig, dataset_label
+from tfmargin.runner.recipes import MARGIN_HEAD_LEARNING_RATE
 
 README_BLOCKS = ("headline", "main-command", "open-set", "paper")
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results_template.md")

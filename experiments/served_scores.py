@@ -9,19 +9,15 @@ validation images against the held-out classes' validation share, mean over the 
 """
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
+from ledger import LEDGER
+from sweep import CIFAR10_CLASSES, DEVELOPMENT_UNKNOWNS
+from tables import head_name, load_runs, markdown, metric_value, setting_key
 
-import numpy as np  # noqa: E402
-from ledger import LEDGER  # noqa: E402
-from sweep import CIFAR10_CLASSES, DEVELOPMENT_UNKNOWNS  # noqa: E402
-from tables import head_name, load_runs, markdown, metric_value, setting_key  # noqa: E402
-
-from tfmargin.runner.config import RunConfig  # noqa: E402
-from tfmargin.runner.recipes import SERVED_SCORES  # noqa: E402
-from tfmargin.scores import GALLERY_SCORES, KNN_KS, LEGACY_KNN_K, SCORES  # noqa: E402
+from tfmargin.runner.config import RunConfig
+from tfmargin.runner.recipes import SERVED_SCORES
+from tfmargin.scores import GALLERY_SCORES, KNN_KS, LEGACY_KNN_K, SCORES
 
 KNOWN = ",".join(c for c in CIFAR10_CLASSES if c not in DEVELOPMENT_UNKNOWNS)
 # Every candidate ``(score, k)``: the kNN score at each k a run keeps; the others at the k of
