@@ -49,7 +49,8 @@ RECIPE_HELP = {
 # reject score"). A head without an entry serves the maximum logit, and says so. Written from
 # ``python experiments/served_scores.py``; a test checks it against the ledger.
 SERVED_SCORES = {("airbench", "arcface"): ("knn", 50), ("airbench", "cosface"): ("msp", 50),
-                 ("airbench", "normface"): ("msp", 50), ("airbench", "softmax"): ("knn", 50)}
+                 ("airbench", "normface"): ("msp", 50), ("airbench", "softmax"): ("knn", 50),
+                 ("standard", "arcface"): ("knn", 5), ("standard", "softmax"): ("knn", 1)}
 DEFAULT_SERVED_SCORE = ("max_logit", LEGACY_KNN_K)
 # airbench's settings that have no flag of their own.
 AIRBENCH = dict(momentum=0.85, offset_lr_scale=64.0, whiten_bias_epochs=3, warmup=0.23,
