@@ -15,10 +15,12 @@ import tensorflow as tf
 from synthetic import write_image_folder
 
 from tfmargin.runner.config import RunConfig
+from tfmargin.runner.recipes import SERVED_SCORES
 from tfmargin.runner.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POINTS = "embeddings/.ATTRIBUTES/VARIABLE_VALUE"
+SERVED = SERVED_SCORES["standard", "arcface"][0]  # the default run's score, chosen on validation
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +144,7 @@ def test_saved_model_in_a_fresh_process_matches_keras(finished_run, fresh):
 def test_saved_model_rejects_known_validation_images_at_the_recorded_rate(finished_run,
                                                                          fresh):
     reject = finished_run["metrics"]["reject"]
-    assert reject["score"] == "max_logit" and reject["chosen_on"] == "validation"
+    assert reject["score"] == SERVED and reject["chosen_on"] == "validation"
     assert fresh["threshold"] == pytest.approx(reject["threshold"], rel=1e-6)
     rejected = np.array(fresh["val_rejected"])
     assert len(rejected) == 24 and rejected.sum() == 1  # floor(5 % of 24)
@@ -223,7 +225,7 @@ def test_predict_script_prints_unknown_for_a_rejected_image(finished_run, fresh,
     line = result.stdout.strip().splitlines()[-1]
     assert line.startswith(f"{path}: unknown (") and "below the threshold" in line
     assert "chosen on validation; were it one of the known classes: " in line
-    assert f"{path}: unknown (max_logit " in line  # the score it thresholds, named
+    assert f"{path}: unknown ({SERVED} " in line  # the score it thresholds, named
 
 
 def test_hparams_and_metrics_are_logged(finished_run):
