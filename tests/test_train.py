@@ -361,6 +361,7 @@ def test_an_open_set_run_keeps_per_image_outputs_that_give_its_figures(shapes, t
     from PIL import Image
 
     from tfmargin.runner.evaluation import metrics_from_outputs
+    from tfmargin.scores import LEGACY_KNN_K
 
     far = tmp_path / "far" / "clothes"  # a --far-ood folder: 7 images of no class
     far.mkdir(parents=True)
@@ -394,8 +395,10 @@ def test_an_open_set_run_keeps_per_image_outputs_that_give_its_figures(shapes, t
     assert outputs["far_set_names"].tolist() == ["flat", "noise", "digits", "clothes"]
     assert np.bincount(outputs["far_set"]).tolist() == [300, 300, 300, 7]
     assert outputs["logits"].dtype == np.float16
+    # The served score is the run's setting; a kNN score's k is recorded with it.
     again = metrics_from_outputs(outputs, tta_level=0, scale=config["head_scale"],
-                                 reject_score=config["reject_score"])
+                                 reject_score=config["reject_score"],
+                                 knn_k=metrics["reject"].get("k", LEGACY_KNN_K))
     metrics["reject"].pop("chosen_by")  # what chose the score: the run's settings
     assert metrics["far_ood"]["clothes"]["size"] == 7
     assert 0 <= metrics["far_ood"]["digits"]["auroc"]["max_logit"] <= 1
