@@ -127,12 +127,11 @@ def paper(runs, ledger, docs_dir, plots):
             "table2": paper_table([], PAPER["cifar100"])}
 
 
-def converged_studies(converged, runs):
+def converged_studies(converged, choices):
     """``{study: runs}`` of the converged runs (``readme_blocks.CONVERGED_STUDIES``): each
-    head at airbench's own settings, and each at its choice on validation
-    (``head_recipes``; empty until every head has one)."""
-    chosen = {loss: choice for loss, (choice, _) in head_recipes.choices(
-        head_recipes.candidates(runs)).items()}
+    head at airbench's own settings, and each at its choice on validation (``choices``:
+    ``head_recipes.choices``; empty until every head has one)."""
+    chosen = {loss: choice for loss, (choice, _) in choices.items()}
     if None in chosen.values():
         chosen = {}
     studies = {"as tuned for softmax": [], "chosen": []}
@@ -167,15 +166,15 @@ def results_blocks(runs, ledger, docs_dir, plots):
     main = [r for r in runs if is_main_command(r)]
     open_set = [r for r in runs if r["config"]["classes"]
                 and not served_scores.is_development(r["config"])]
-    studies = converged_studies([r for r in converged if at_recipe_kernels(r)], runs)
+    choices = head_recipes.choices(head_recipes.candidates(runs))
+    studies = converged_studies([r for r in converged if at_recipe_kernels(r)], choices)
     # The headline is the study at each head's chosen settings once it pairs, else the
     # study at airbench's own; results.md shows the other beside it.
     study = "chosen" if readme_blocks.is_paired(studies["chosen"]) else "as tuned for softmax"
     return {
         "headline": readme_blocks.headline(studies[study], study),
         "beside_headline": readme_blocks.beside_headline(studies, study, waiting=sum(
-            choice is None for choice, _ in head_recipes.choices(
-                head_recipes.candidates(runs)).values())),
+            choice is None for choice, _ in choices.values())),
         "converged": seed_table(converged),
         "kernels": kernels(converged),
         "main_command": readme_blocks.main_command(main, studies[study], study),

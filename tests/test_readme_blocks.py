@@ -49,7 +49,7 @@ def test_a_paired_difference_in_words_names_its_direction_and_interval():
     assert readme_blocks._words("-1.14", None, 1) == "-1.14 points (1 pair, no interval)"
 
 
-def test_the_headline_is_the_study_at_each_heads_choice_once_it_pairs(monkeypatch):
+def test_the_headline_is_the_study_at_each_heads_choice_once_it_pairs():
     """Converged runs at airbench's own settings and at each head's choice are two studies;
     the headline is the chosen one once a margin head pairs with softmax in it, the other
     stands beside it."""
@@ -69,14 +69,13 @@ def test_the_headline_is_the_study_at_each_heads_choice_once_it_pairs(monkeypatc
     chosen_arcface = [run("arcface", 0, 0.905, 0.0)]
     chosen = {loss: head_recipes.airbench_settings(loss) for loss in head_recipes.HEADS}
     chosen["arcface"] = head_recipes.candidate(0.0, 8.0, 0.1, head_recipes.RATE)
-    monkeypatch.setattr(head_recipes, "choices", lambda found: {
-        loss: (key, []) for loss, key in chosen.items()})
-    studies = report.converged_studies(as_tuned + chosen_arcface, [])
+    choices = {loss: (key, []) for loss, key in chosen.items()}
+    studies = report.converged_studies(as_tuned + chosen_arcface, choices)
     assert studies["as tuned for softmax"] == as_tuned
     assert studies["chosen"] == as_tuned[:2] + chosen_arcface
     assert not readme_blocks.is_paired(studies["chosen"])  # one seed: the headline waits
     chosen_arcface.append(run("arcface", 1, 0.915, 0.0))
-    studies = report.converged_studies(as_tuned + chosen_arcface, [])
+    studies = report.converged_studies(as_tuned + chosen_arcface, choices)
     assert readme_blocks.is_paired(studies["chosen"])
     assert readme_blocks.headline(studies["chosen"], "chosen").startswith(
         "**What the margin buys at convergence, every head at the settings chosen for it on "
