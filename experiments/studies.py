@@ -66,7 +66,7 @@ STUDIES = {
     "reject-dev-standard": (
         "the main command's served reject score, chosen on validation (results.md)",
         [["reject-dev", "--backbones", "mobilenetv2", *VALIDATION,
-          "--heads", "arcface,softmax"]]),
+          "--heads", "arcface,softmax", "--seeds", "0,1"]]),
     "selection": (
         "each head's airbench settings on validation, the runs its rule's next step needs "
         "(experiments/head_recipes.py; results.md, how each setting was chosen)",

@@ -37,7 +37,7 @@ def planned(name, args):
 
 def test_each_study_plans_its_grid_once_per_run(tmp_path, bfloat16_cpu):
     sizes = {"selection": 4 * 3, "smoothing-open-set": 4 * 3, "open-set": 2 * 4 * 2 + 2 * 4,
-             "reject-dev-standard": 2, "table1": 3 * 3 * 2, "figure2-airbench": 2 * 7,
+             "reject-dev-standard": 2 * 2, "table1": 3 * 3 * 2, "figure2-airbench": 2 * 7,
              "figure2-short": 2 * 2 * 7, "converged-pairs": 3 * 5,
              "chosen-pairs": 0}  # planned once the selection has chosen
     assert set(sizes) == set(studies.STUDIES)
@@ -108,7 +108,7 @@ def test_recorded_and_finished_runs_are_told_apart(tmp_path, bfloat16_cpu):
         os.makedirs(folder / config.run_name())
         (folder / config.run_name() / "metrics.json").write_text("{}")
     states = [state for state, _ in planned("reject-dev-standard", plan_args(ledger, runs_dir))]
-    assert states == ["recorded", "finished"]
+    assert states == ["recorded", "finished", "to train", "to train"]
 
 
 def write_run(ledger, name, *, family, wall_seconds, backbone="mobilenetv2"):
@@ -204,7 +204,7 @@ def test_a_standard_run_without_ledger_runs_here_is_estimated_from_the_budget_be
     assert set(zen4) == set(zen3) == {"resnet18", "efficientnetb0", "mobilenetv2"}
     assert round(zen4["resnet18"], 2) == 0.59 and round(zen3["resnet18"], 1) == 3.0
     assert studies.benchmark_hours("6/999") == {}
-    (_, dev), _ = planned("reject-dev-standard", plan_args(tmp_path))
+    (_, dev), *_ = planned("reject-dev-standard", plan_args(tmp_path))
     assert len(dev.class_list()) == 7
     assert studies.estimate(dev, {}, zen4) == (pytest.approx(0.7 * zen4["mobilenetv2"]), True)
     assert studies.estimate(dev, {}, {}) == (None, False)
