@@ -106,22 +106,28 @@ def bench_targets(report, data, tfds_data, args):
                    ">= 0.95", pipe["ratio"] >= 0.95,
                    f"{pipe['a']:.1f} vs {pipe['b']:.1f} img/s; TFDS mock_data cifar10")
 
-    # Utilisation against the machine's matmul peak, measured now.
-    peak = matmul_peak()
-    report.add("machine", "fp32 matmul peak (tf.matmul 2048^2)", peak, "GFLOP/s")
+    # Utilisation against the machine's matmul peak in the precision each backbone trains in
+    # (auto: bfloat16 for some backbones on CPUs with bfloat16 instructions), measured now.
+    peaks = {}
     for name in args.backbones:
         setup = arc if name == backbone else RunSetup(data, steps, backbone=name,
                                                       loss="arcface", batch_size=batch)
         rate = head["b"] if name == backbone else statistics.median(
             setup.rate(setup.cached_batches(steps)) for _ in range(rounds))
+        precision = "bfloat16" if setup.config.mixed_precision else "fp32"
+        if precision not in peaks:
+            peaks[precision] = matmul_peak(
+                dtype=tf.bfloat16 if precision == "bfloat16" else tf.float32)
+            report.add("machine", f"{precision} matmul peak (tf.matmul 2048^2)",
+                       peaks[precision], "GFLOP/s")
         flops = training_flops_per_image(setup.model)
-        fraction = None if flops is None else flops * rate / 1e9 / peak
+        fraction = None if flops is None else flops * rate / 1e9 / peaks[precision]
         target = name == "resnet18"
-        report.add("utilization", f"{name} training FLOP/s / matmul peak",
+        report.add("utilization", f"{name} training FLOP/s / matmul peak ({precision})",
                    float("nan") if fraction is None else 100 * fraction, "%",
                    ">= 50" if target else None,
                    None if not target or fraction is None else fraction >= 0.5,
-                   f"{gflop(flops)} GFLOP/image x {rate:.1f} img/s")
+                   f"{gflop(flops)} GFLOP/image x {rate:.1f} img/s, trained in {precision}")
 
     # Against plain Keras scripts, same batch and images.
     ours = RunSetup(data, steps, backbone=args.plain_backbone, loss="arcface",
@@ -135,8 +141,12 @@ def bench_targets(report, data, tfds_data, args):
         plain = plain_keras_model(backbone_model, data.num_classes)
         result = paired(ours.rate, partial(plain_rate, plain, images, labels, batch), rounds)
         plain_flops = training_flops_per_image(plain)
+        # The target judges the runner's overhead, so only on the same network: the stock
+        # network downsamples a 32x32 image to 1x1 and does a fraction of the work per image.
+        target = label == "same adapted network"
         report.add("vs plain", f"{args.plain_backbone} run.py training / plain Keras ({label})",
-                   result["ratio"], "x", ">= 1.0", result["ratio"] >= 1.0,
+                   result["ratio"], "x", ">= 1.0" if target else None,
+                   result["ratio"] >= 1.0 if target else None,
                    f"{result['a']:.1f} vs {result['b']:.1f} img/s; GFLOP/image "
                    f"{gflop(our_flops)} vs {gflop(plain_flops)}")
 
