@@ -114,10 +114,10 @@ def bench_targets(report, data, tfds_data, args):
                                                       loss="arcface", batch_size=batch)
         rate = head["b"] if name == backbone else statistics.median(
             setup.rate(setup.cached_batches(steps)) for _ in range(rounds))
-        precision = "bfloat16" if setup.config.mixed_precision else "fp32"
+        dtype = tf.bfloat16 if setup.config.mixed_precision else tf.float32
+        precision = dtype.name
         if precision not in peaks:
-            peaks[precision] = matmul_peak(
-                dtype=tf.bfloat16 if precision == "bfloat16" else tf.float32)
+            peaks[precision] = matmul_peak(dtype=dtype)
             report.add("machine", f"{precision} matmul peak (tf.matmul 2048^2)",
                        peaks[precision], "GFLOP/s")
         flops = training_flops_per_image(setup.model)
