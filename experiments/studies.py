@@ -8,10 +8,12 @@ A study is a list of ``sweep.py`` commands. A run already in the ledger (results
 trained again, so a study goes on where the last machine left it. The hours are the median
 wall time of the ledger's runs of the same budget and precision on this CPU (family/model);
 where the ledger has none, a standard-recipe run's training time from this CPU's budget
-benchmark (marked ``~``); else ``?``. The airbench studies train in bfloat16 mixed precision,
-as their recorded runs did (a run's name holds its precision, so float32 runs would pair only
-with each other); on a CPU without bfloat16 instructions, where bfloat16 runs several times
-slower than float32, ``--run`` leaves them out and says so.
+benchmark (marked ``~``); else ``?``. The same hours for every other CPU type the ledger or
+the benchmarks know sit beside them, so a study goes to the machine that runs it cheapest.
+The airbench studies train in bfloat16 mixed precision, as their recorded runs did (a run's
+name holds its precision, so float32 runs would pair only with each other); on a CPU
+without bfloat16 instructions, where bfloat16 runs several times slower than float32,
+``--run`` leaves them out and says so.
 """
 
 import argparse
@@ -187,24 +189,49 @@ def study_plan(name, args):
     return plan
 
 
-def status_table(plans, hours, benchmark, selection_runs):
-    """One row per study: runs, recorded, to train, hours to train on this CPU (``~``: some
-    from the budget benchmark, training only) (the selection: its recorded candidates,
+def cpu_families(runs, folder=BENCHMARKS):
+    """``{family: model name}`` of every CPU type a ledger run or a committed benchmark ran
+    on."""
+    families = {}
+    for run in runs:
+        machine = run["config"].get("machine", {})
+        if machine.get("family"):
+            families.setdefault(machine["family"], machine.get("model", "?"))
+    for path in glob.glob(os.path.join(folder, "*.json")):
+        with open(path) as f:
+            machine = json.load(f).get("machine", {})
+        if machine.get("family"):
+            families.setdefault(machine["family"], machine.get("model", "?"))
+    return families
+
+
+def hours_to_train(todo, hours, benchmark):
+    """The hours ``todo`` (RunConfigs) would take on one CPU type, as the table prints them:
+    ``~`` where some come from the budget benchmark, ``?`` where any is unknown."""
+    estimates = [estimate(config, hours, benchmark) for config in todo]
+    if any(h is None for h, _ in estimates):
+        return "?"
+    return "~" * any(b for _, b in estimates) + f"{sum(h for h, _ in estimates):.1f}"
+
+
+def status_table(plans, cpus, selection_runs):
+    """One row per study: runs, recorded, to train, the hours to train on each CPU type
+    (``cpus``: ``{column title: (hours_per_run, benchmark_hours)}``, this CPU's first; ``~``:
+    some from the budget benchmark, training only) (the selection: its recorded candidates,
     ``selection_runs``, and its next step)."""
-    rows = [("study", "runs", "recorded", "to train", "hours here", "what")]
+    rows = [("study", "runs", "recorded", "to train", *cpus, "what")]
     for name, plan in plans.items():
         runs = [run for _, planned in plan for run in planned]
         todo = [config for state, config in runs if state != "recorded"]
         if name == "selection":
             runs += [("recorded", None)] * selection_runs
-        estimates = [estimate(config, hours, benchmark) for config in todo]
-        total = "?" if any(h is None for h, _ in estimates) else (
-            "~" * any(b for _, b in estimates) + f"{sum(h for h, _ in estimates):.1f}")
         rows.append((name, str(len(runs)), str(len(runs) - len(todo)), str(len(todo)),
-                     total, STUDIES[name][0]))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    return "\n".join("  ".join(row[i].ljust(widths[i]) for i in range(5)) + "  " + row[5]
-                     for row in rows)
+                     *(hours_to_train(todo, *cpu) for cpu in cpus.values()),
+                     STUDIES[name][0]))
+    columns = len(rows[0]) - 1
+    widths = [max(len(row[i]) for row in rows) for i in range(columns)]
+    return "\n".join("  ".join(row[i].ljust(widths[i]) for i in range(columns)) + "  "
+                     + row[-1] for row in rows)
 
 
 def run_study(name, args):
@@ -264,10 +291,16 @@ def main(argv=None):
     runs = load_runs(args.ledger)
     selection_runs = sum(len(seeds) for found in head_recipes.candidates(runs).values()
                          for seeds in found.values())
-    print(status_table(plans, hours_per_run(runs, cpu["family"]),
-                       benchmark_hours(cpu["family"]), selection_runs))
-    print("\n~: partly the budget benchmark's training time for this CPU "
-          "(docs/benchmarks/), without evaluation")
+    others = {family: model for family, model in cpu_families(runs).items()
+              if family != cpu["family"]}
+    cpus = {f"hours {family}": (hours_per_run(runs, family), benchmark_hours(family))
+            for family in sorted(others)}
+    cpus = {"hours here": (hours_per_run(runs, cpu["family"]), benchmark_hours(cpu["family"])),
+            **cpus}
+    print(status_table(plans, cpus, selection_runs))
+    print("\n~: partly the budget benchmark's training time for that CPU "
+          "(docs/benchmarks/), without evaluation; ?: no run of that budget on it"
+          + "".join(f"\n{family}: {model}" for family, model in sorted(others.items())))
 
 
 if __name__ == "__main__":

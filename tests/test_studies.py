@@ -132,6 +132,28 @@ def test_hours_are_the_median_of_this_cpus_runs_of_the_budget(tmp_path):
     assert studies.hours_per_run(load_runs(str(tmp_path)), "6/143") == {}
 
 
+def test_the_status_shows_the_hours_on_every_cpu_type_beside_this_ones(tmp_path,
+                                                                       bfloat16_cpu):
+    """Each study's hours on every CPU type the ledger knows, this CPU's first; ``?`` where
+    a type has no run of a budget the study needs."""
+    ledger = tmp_path / "ledger"
+    write_run(ledger, "zen4", family="25/17", wall_seconds=3600)
+    write_run(ledger, "xeon", family="6/167", wall_seconds=1800, backbone="resnet18")
+    runs = load_runs(str(ledger))
+    assert studies.cpu_families(runs, folder=str(tmp_path)) == {"25/17": "?", "6/167": "?"}
+    cpus = {"hours here": (studies.hours_per_run(runs, "25/17"), {}),
+            "hours 6/167": (studies.hours_per_run(runs, "6/167"), {})}
+    plan = studies.study_plan("table1", plan_args(ledger))
+    mobilenet = [config for _, planned_runs in plan for _, config in planned_runs
+                 if config.backbone == "mobilenetv2"]
+    assert len(mobilenet) == 6
+    assert studies.hours_to_train(mobilenet, *cpus["hours here"]) == "6.0"
+    assert studies.hours_to_train(mobilenet, *cpus["hours 6/167"]) == "?"
+    header, row = studies.status_table({"table1": plan}, cpus, 0).splitlines()
+    assert header.split()[5:9] == ["hours", "here", "hours", "6/167"]
+    assert row.split()[:6] == ["table1", "18", "0", "18", "?", "?"]
+
+
 def test_run_trains_each_study_in_order_past_diverged_runs(tmp_path, monkeypatch, capsys):
     """``--run`` goes on to the next sweep when one exits 3 (some runs diverged, as Figure 2's
     do), in the order the studies were given."""
