@@ -84,7 +84,7 @@ STUDIES = {
     "table1": (
         "the paper's Table 1 at the main command's budget (results.md, the paper's tables)",
         [["table1", "--backbones", backbone, *VALIDATION, "--seeds", "0,1"]
-         # The backbone a bfloat16 EPYC runs as fast as an AMX Xeon first (docs/training.md).
+         # EfficientNetB0 first: it trains in float32 on every CPU (names.BFLOAT16_FASTER_ON_CPU).
          for backbone in ("efficientnetb0", "resnet18", "mobilenetv2")]),
     "figure2-airbench": (
         "the paper's Figure 2 at convergence, s = 8, airbench's label smoothing 0.2 whatever "
