@@ -192,14 +192,12 @@ def study_plan(name, args):
 def cpu_families(runs, folder=BENCHMARKS):
     """``{family: model name}`` of every CPU type a ledger run or a committed benchmark ran
     on."""
-    families = {}
-    for run in runs:
-        machine = run["config"].get("machine", {})
-        if machine.get("family"):
-            families.setdefault(machine["family"], machine.get("model", "?"))
+    machines = [run["config"].get("machine", {}) for run in runs]
     for path in glob.glob(os.path.join(folder, "*.json")):
         with open(path) as f:
-            machine = json.load(f).get("machine", {})
+            machines.append(json.load(f).get("machine", {}))
+    families = {}
+    for machine in machines:
         if machine.get("family"):
             families.setdefault(machine["family"], machine.get("model", "?"))
     return families
