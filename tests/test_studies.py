@@ -58,11 +58,9 @@ def test_the_studies_name_the_ledgers_runs(bfloat16_cpu):
     for name in ("converged-pairs", "figure2-short"):
         states = [state for state, _ in planned(name, plan_args(ledger))]
         assert states == ["recorded"] * len(states), name
-    # The selection's next step starts where the ledger's candidates end.
-    next_step = {(c.loss, c.label_smoothing, c.seed) for _, c in planned("selection",
-                                                                         plan_args(ledger))}
-    assert not {(head, ls, 0) for head in ("softmax", "arcface") for ls in (0, 0.1, 0.2)} \
-        & next_step
+    # The selection's next step starts where the ledger's candidates end: none recorded.
+    next_step = [state for state, _ in planned("selection", plan_args(ledger))]
+    assert next_step and "recorded" not in next_step
 
 
 def test_the_chosen_pairs_reuse_the_runs_whose_settings_did_not_change(monkeypatch,
