@@ -291,10 +291,10 @@ def main(argv=None):
                          for seeds in found.values())
     others = {family: model for family, model in cpu_families(runs).items()
               if family != cpu["family"]}
-    cpus = {f"hours {family}": (hours_per_run(runs, family), benchmark_hours(family))
-            for family in sorted(others)}
-    cpus = {"hours here": (hours_per_run(runs, cpu["family"]), benchmark_hours(cpu["family"])),
-            **cpus}
+    columns = {"hours here": cpu["family"], **{f"hours {family}": family
+                                                for family in sorted(others)}}
+    cpus = {title: (hours_per_run(runs, family), benchmark_hours(family))
+            for title, family in columns.items()}
     print(status_table(plans, cpus, selection_runs))
     print("\n~: partly the budget benchmark's training time for that CPU "
           "(docs/benchmarks/), without evaluation; ?: no run of that budget on it"
