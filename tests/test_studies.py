@@ -58,9 +58,10 @@ def test_the_studies_name_the_ledgers_runs(bfloat16_cpu):
     for name in ("converged-pairs", "figure2-short"):
         states = [state for state, _ in planned(name, plan_args(ledger))]
         assert states == ["recorded"] * len(states), name
-    # The selection's next step starts where the ledger's candidates end: none recorded.
+    # The selection's next step starts where the ledger's candidates end: none recorded (and
+    # none at all once every head has its choice).
     next_step = [state for state, _ in planned("selection", plan_args(ledger))]
-    assert next_step and "recorded" not in next_step
+    assert "recorded" not in next_step, next_step
 
 
 def test_the_chosen_pairs_reuse_the_runs_whose_settings_did_not_change(monkeypatch,
