@@ -290,12 +290,12 @@ def test_every_score_matches_a_per_image_reference_in_numpy_and_in_the_export(sc
 def outputs_of(logits, embeddings, labels, val=slice(0, 40), test=slice(40, None)):
     """Per-image outputs (``tfmargin.runner.evaluation.per_image_outputs``'s layout) of made-up
     predictions: the first rows as the validation split, the rest as the test split."""
-    from tfmargin.runner.evaluation import rounded
+    from tfmargin.runner.evaluation import stored
 
     norm = np.linalg.norm(embeddings, axis=1)
-    return {"logits": rounded(logits[test]), "embedding_norm": norm[test],
+    return {"logits": stored(logits[test]), "embedding_norm": norm[test],
             "knn": norm[test] * 0, "labels": labels[test],
-            "val_logits": rounded(logits[val]), "val_embedding_norm": norm[val],
+            "val_logits": stored(logits[val]), "val_embedding_norm": norm[val],
             "val_knn": norm[val] * 0, "val_labels": labels[val]}
 
 
@@ -322,6 +322,25 @@ def test_the_exports_reject_scores_are_the_reported_ones(name):
     assert option["val_rejected"] == 0.05  # floor(5 % of 40) = 2 of 40
     tested = open_set_scores(outputs["logits"], outputs["embedding_norm"])[name]
     assert option["test_rejected"] == np.mean(tested < option["threshold"])
+
+
+def test_the_reject_threshold_parts_validation_scores_closer_than_half_precision():
+    """Two neighbouring validation scores 0.001 apart (float16 keeps one value for both near
+    7): the stored outputs keep them apart, so the export's float32 score rejects exactly the
+    recorded images."""
+    from tfmargin.export import open_set_score
+    from tfmargin.runner.evaluation import reject_option
+
+    rng = np.random.default_rng(1)
+    logits = np.concatenate([np.full((40, 1), 7.0) + np.arange(40)[:, None] * 0.05,
+                             rng.normal(size=(40, 4))], axis=1).astype("float32")
+    logits[1, 0], logits[2, 0] = 7.0501, 7.0511  # the 2nd and 3rd lowest maximum logits
+    embeddings = rng.normal(size=(40, 8)).astype("float32")
+    option = reject_option(outputs_of(logits, embeddings, np.zeros(40, int),
+                                      val=slice(0, 40), test=slice(0, 40)), "max_logit")
+    served = open_set_score("max_logit", logits, embeddings).numpy()
+    assert option["val_rejected"] == 0.05  # floor(5 % of 40) = 2 of 40
+    assert np.flatnonzero(served < option["threshold"]).tolist() == [0, 1]
 
 
 def test_an_unknown_reject_score_is_refused_with_the_choices():

@@ -23,11 +23,12 @@ REJECT_KEEP = 0.95
 # A run without test-time augmentation still reports the test top-1 with it, at this level
 # (airbench's six views), beside the plain figure.
 REPORTED_TTA = max(TTA_LEVELS)
-# The precision of the per-image logits and kNN similarities: enough for every figure (they
-# are computed from the rounded values), a quarter of float64's bytes. The embedding's norm
-# stays float32, so the export's float32 norm falls on the side of the reject threshold that
-# the validation images' did.
-OUTPUT_DTYPE = np.float16
+# The precision of the per-image logits and kNN similarities: the export's (float32), so a
+# score the SavedModel computes again falls on the side of the reject threshold (chosen from
+# these stored values) that the validation image's did. In float16 two neighbouring
+# validation scores could round to one value, and the threshold then no longer told them
+# apart.
+OUTPUT_DTYPE = np.float32
 # The splits of the per-image outputs in test_predictions.npz, by the prefix of their arrays
 # (``<prefix>logits``, ``<prefix>embedding_norm``, ``<prefix>knn``; besides labels, predicted
 # and target_angle_deg (docs/training.md, "Per-image outputs"). Splits: "" the known test
@@ -79,32 +80,32 @@ def split_top1(model, split, batch_size):
     return float(np.mean(np.argmax(predicted["logits"], axis=1) == predicted["labels"]))
 
 
-def rounded(values):
-    """Logits as the ledger keeps them (``OUTPUT_DTYPE``)."""
+def stored(values):
+    """Logits or similarities as the ledger keeps them (``OUTPUT_DTYPE``)."""
     return np.asarray(values, np.float32).astype(OUTPUT_DTYPE)
 
 
 def per_image_outputs(predicted, gallery):
     """The per-image outputs of each split in ``predicted`` (``{split prefix: predict_split
-    output or None}``, prefixes of ``SPLITS``): served logits (rounded), the embedding's norm
+    output or None}``, prefixes of ``SPLITS``): served logits, the embedding's norm
     before normalisation, and the kNN similarities at each of ``scores.KNN_KS`` against
-    ``gallery`` (training embeddings; rounded); the test split also its plain logits and
-    labels."""
+    ``gallery`` (training embeddings), all in ``OUTPUT_DTYPE``; the test split also its
+    plain logits and labels."""
     outputs = {}
     for prefix, split in predicted.items():
         if split is None:
             continue
-        outputs |= {f"{prefix}logits": rounded(split["logits" if not prefix else "served"]),
+        outputs |= {f"{prefix}logits": stored(split["logits" if not prefix else "served"]),
                     f"{prefix}embedding_norm": np.linalg.norm(split["embeddings"],
                                                               axis=1).astype(np.float32),
-                    f"{prefix}knn": rounded(m.knn_similarities(split["embeddings"],
+                    f"{prefix}knn": stored(m.knn_similarities(split["embeddings"],
                                                                gallery))}
         if prefix == "val_":
             outputs["val_labels"] = split["labels"].astype(np.int32)
     test = predicted[""]
     outputs["labels"] = test["labels"].astype(np.int32)
     if not np.array_equal(test["served"], test["logits"]):
-        outputs["served_logits"] = rounded(test["served"])
+        outputs["served_logits"] = stored(test["served"])
     return outputs
 
 
