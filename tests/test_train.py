@@ -394,7 +394,7 @@ def test_an_open_set_run_keeps_per_image_outputs_that_give_its_figures(shapes, t
         "far_set": (907,), "far_set_names": (4,)}
     assert outputs["far_set_names"].tolist() == ["flat", "noise", "digits", "clothes"]
     assert np.bincount(outputs["far_set"]).tolist() == [300, 300, 300, 7]
-    assert outputs["logits"].dtype == np.float16
+    assert outputs["logits"].dtype == np.float32  # the export's precision (evaluation.OUTPUT_DTYPE)
     # The served score is the run's setting; a kNN score's k is recorded with it.
     again = metrics_from_outputs(outputs, tta_level=0, scale=config["head_scale"],
                                  reject_score=config["reject_score"],
