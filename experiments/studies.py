@@ -223,6 +223,9 @@ def status_table(plans, cpus, selection_runs):
         todo = [config for state, config in runs if state != "recorded"]
         if name == "selection":
             runs += [("recorded", None)] * selection_runs
+        elif not plan and callable(STUDIES[name][1]):  # planned once another study chose
+            rows.append((name, "?", "0", "?", *("?" for _ in cpus), STUDIES[name][0]))
+            continue
         rows.append((name, str(len(runs)), str(len(runs) - len(todo)), str(len(todo)),
                      *(hours_to_train(todo, *cpu) for cpu in cpus.values()),
                      STUDIES[name][0]))
@@ -297,7 +300,8 @@ def main(argv=None):
             for title, family in columns.items()}
     print(status_table(plans, cpus, selection_runs))
     print("\n~: partly the budget benchmark's training time for that CPU "
-          "(docs/benchmarks/), without evaluation; ?: no run of that budget on it"
+          "(docs/benchmarks/), without evaluation; ?: no run of that budget on it, or a "
+          "study planned once the selection has chosen"
           + "".join(f"\n{family}: {model}" for family, model in sorted(others.items())))
 
 

@@ -151,6 +151,9 @@ def test_the_status_shows_the_hours_on_every_cpu_type_beside_this_ones(tmp_path,
     header, row = studies.status_table({"table1": plan}, cpus, 0).splitlines()
     assert header.split()[5:9] == ["hours", "here", "hours", "6/167"]
     assert row.split()[:6] == ["table1", "18", "0", "18", "?", "?"]
+    # A study planned only once the selection has chosen shows no count yet, not zero.
+    waiting = studies.status_table({"chosen-pairs": []}, cpus, 0).splitlines()[1]
+    assert waiting.split()[:6] == ["chosen-pairs", "?", "0", "?", "?", "?"]
 
 
 def test_run_trains_each_study_in_order_past_diverged_runs(tmp_path, monkeypatch, capsys):
