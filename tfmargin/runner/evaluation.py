@@ -23,7 +23,7 @@ REJECT_KEEP = 0.95
 # A run without test-time augmentation still reports the test top-1 with it, at this level
 # (airbench's six views), beside the plain figure.
 REPORTED_TTA = max(TTA_LEVELS)
-# The precision of the per-image logits and kNN similarities: the export's (float32), so a
+# The precision of the per-image outputs (logits, norms, kNN similarities): the export's, so a
 # score the SavedModel computes again falls on the side of the reject threshold (chosen from
 # these stored values) that the validation image's did. In float16 two neighbouring
 # validation scores could round to one value, and the threshold then no longer told them
@@ -81,8 +81,8 @@ def split_top1(model, split, batch_size):
 
 
 def stored(values):
-    """Logits or similarities as the ledger keeps them (``OUTPUT_DTYPE``)."""
-    return np.asarray(values, np.float32).astype(OUTPUT_DTYPE)
+    """Per-image values as the ledger keeps them (``OUTPUT_DTYPE``)."""
+    return np.asarray(values, OUTPUT_DTYPE)
 
 
 def per_image_outputs(predicted, gallery):
@@ -96,10 +96,9 @@ def per_image_outputs(predicted, gallery):
         if split is None:
             continue
         outputs |= {f"{prefix}logits": stored(split["logits" if not prefix else "served"]),
-                    f"{prefix}embedding_norm": np.linalg.norm(split["embeddings"],
-                                                              axis=1).astype(np.float32),
-                    f"{prefix}knn": stored(m.knn_similarities(split["embeddings"],
-                                                               gallery))}
+                    f"{prefix}embedding_norm": stored(np.linalg.norm(split["embeddings"],
+                                                                     axis=1)),
+                    f"{prefix}knn": stored(m.knn_similarities(split["embeddings"], gallery))}
         if prefix == "val_":
             outputs["val_labels"] = split["labels"].astype(np.int32)
     test = predicted[""]
