@@ -3,9 +3,11 @@ setting (mean ± s.d. over its seeds), a table per budget with the sweep command
 candidates, best first; then each head type's best setting per budget. Nothing here reads a
 test figure."""
 
+import math
 import os
 
 import numpy as np
+from margin_sweep import angles, training_log
 from sweep import head_spec, split_classes
 from tables import (
     best_on_validation,
@@ -27,6 +29,9 @@ CANDIDATE_FLAGS = ("--loss", "--scale", "--margin", "--fallback", "--ce-weight",
 COLUMNS = (("val.top1", "val top-1"), ("val.mAP", "val mAP"), ("val.map_at_r", "val MAP@R"),
            ("calibration.val.before", "val ECE"), ("calibration.val.after", "val ECE after"))
 OPEN_SET_SCORES = (("max_logit", "max logit"), ("feature_norm", "norm"))
+# How close (degrees) a run's last-epoch mean target angle must be to pi - m to count as
+# stuck where ArcFace's cos(theta + m) is flat (``stuck_at_the_flat_bottom``).
+FLAT_BOTTOM_DEGREES = 3.0
 
 
 def budget_command(config):
@@ -60,6 +65,49 @@ def mean_cell(group, key):
     return mean_sd(values) if values else "-"
 
 
+def last_angle(run, ledger):
+    """The training images' mean angle to their own class centre over a run's last epoch
+    (degrees, its ``log.csv``); None for a head without angles (softmax) or a run without a
+    log."""
+    first_and_last = angles(training_log(run, ledger))
+    return None if first_and_last is None else first_and_last[1]
+
+
+def angle_cell(group, ledger):
+    """Mean ± s.d. of ``last_angle`` over the runs that log it, ``-`` if none does."""
+    values = [v for v in (last_angle(run, ledger) for run in group) if v is not None]
+    return mean_sd(values, scale=1) if values else "-"
+
+
+def stuck_at_the_flat_bottom(runs, ledger):
+    """The ArcFace runs whose last-epoch mean target angle ended within
+    ``FLAT_BOTTOM_DEGREES`` of π − m, where cos(θ + m) has its minimum and so no slope: the
+    target logit no longer pulls an image toward its class there, while the other logits
+    still push it away from theirs. ``[(run, angle, π − m in degrees)]``."""
+    stuck = []
+    for run in runs:
+        c, angle = run["config"], last_angle(run, ledger)
+        if c["loss"] == "arcface" and angle is not None:
+            bottom = math.degrees(math.pi - c["margin"])
+            if abs(angle - bottom) <= FLAT_BOTTOM_DEGREES:
+                stuck.append((run, angle, bottom))
+    return stuck
+
+
+def stuck_sentence(runs, ledger):
+    """One sentence naming the runs ``stuck_at_the_flat_bottom``, empty if none is."""
+    stuck = stuck_at_the_flat_bottom(runs, ledger)
+    if not stuck:
+        return ""
+    named = "; ".join(f"`{head_spec(run['config'])}` seed {run['config']['seed']} "
+                      f"(lr {run['config']['learning_rate']}): {angle:.1f}°, π − m = "
+                      f"{bottom:.1f}°" for run, angle, bottom in sorted(
+                          stuck, key=lambda s: (s[0]["config"]["margin"], s[0]["name"])))
+    return (f"\nStuck where cos(θ + m) has no slope (final θ_y within "
+            f"{FLAT_BOTTOM_DEGREES:g}° of π − m), so the target logit no longer pulls an image "
+            f"toward its class: {named}.\n")
+
+
 def selection(runs, main, open_set, ledger):
     """Per budget, each candidate's validation figures over its seeds and (where the same
     setting ran on open-set split 0) its AUROC on validation, best first; then each head
@@ -87,14 +135,16 @@ def selection(runs, main, open_set, ledger):
                          ", ".join(str(r["config"]["seed"]) for r in
                                    sorted(group, key=lambda r: r["config"]["seed"])),
                          *(mean_cell(group, key) for key, _ in COLUMNS),
+                         angle_cell(group, ledger),
                          *(mean_cell(twin, f"open_set_val.{score}.auroc")
                            for score, _ in OPEN_SET_SCORES)])
         first = next(iter(candidates.values()))[0]["config"]
         parts.append(f"*{label}*: `{budget_command(first)} --heads ... --seeds ...`\n\n"
                      + markdown(["candidate (`--heads`)", "lr", "seeds",
-                                 *(name for _, name in COLUMNS),
+                                 *(name for _, name in COLUMNS), "final θ_y",
                                  *(f"open-set val AUROC {name}" for _, name in OPEN_SET_SCORES)],
-                                rows))
+                                rows)
+                     + stuck_sentence([r for g in candidates.values() for r in g], ledger))
     best = {}
     for run in runs + main:
         c = run["config"]

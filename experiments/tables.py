@@ -62,11 +62,12 @@ def percent(value):
     return "-" if value is None else f"{100 * value:.2f}"
 
 
-def mean_sd(values):
-    """``93.28 ± 0.24``: mean and sample s.d. of fractions, in percent (``-`` if one is None)."""
+def mean_sd(values, scale=100):
+    """``93.28 ± 0.24``: mean and sample s.d. of ``values`` times ``scale`` (100: fractions in
+    percent; 1: as they are), ``-`` if one is None."""
     if None in values:
         return "-"
-    values = 100 * np.asarray(values, float)
+    values = scale * np.asarray(values, float)
     return f"{values.mean():.2f}" + (f" ± {values.std(ddof=1):.2f}" if len(values) > 1 else "")
 
 

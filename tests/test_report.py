@@ -230,9 +230,9 @@ def test_selection_section_shows_precision_smoothing_and_each_command(tmp_path):
     assert (f"*{setting}*: `python experiments/sweep.py heads --recipe airbench --backbones "
             "airbench94 --dataset data/cifar10-jpeg --epochs 5 --no-mixed-precision --heads ... "
             "--seeds ...`") in text
-    assert ("| `cosface:s=8:m=0.3:ls=0` | 0.1875 | 0 | 92.00 | 95.00 | 50.00 | 4.00 | 1.50 | "
+    assert ("| `cosface:s=8:m=0.3:ls=0` | 0.1875 | 0 | 92.00 | 95.00 | 50.00 | 4.00 | 1.50 | - | "
             "82.00 ± 1.41 | 87.00 ± 0.71 |\n| `cosface:s=8:m=0.1` | 0.1875 | 0, 1 | 91.00 ± 1.41 | "
-            "94.00 ± 0.00 | 50.00 ± 0.00 | - | - | - | - |\n| `cosface:s=4:m=0.1` |") in text
+            "94.00 ± 0.00 | 50.00 ± 0.00 | - | - | - | - | - |\n| `cosface:s=4:m=0.1` |") in text
     assert "| `softmax` | 0.1875 | 0 | 91.00 | 95.00 |" in text.split(
         "*cifar10-jpeg airbench94 airbench 45000x5 mixed, fused GELU, fused BatchNorm*")[1]
     # The margin head chosen on validation (not the run best on test).
@@ -429,3 +429,31 @@ def test_the_runs_table_shows_the_top1_of_the_logits_its_ece_is_of():
     table = runs_table([run | {"finished": "-"}])
     assert "| test top-1 | top-1 served | test mAP | test MAP@R | ECE | ECE after |" in table
     assert "| 90.00 | 93.00 | 90.00 | 80.00 | 5.00 | 1.00 | 1.500 |" in table
+
+
+def test_selection_shows_the_last_epochs_angle_and_names_a_run_stuck_at_pi_minus_m(tmp_path):
+    """cos(θ + m) has no slope at θ = π − m: an ArcFace run whose images end there is named
+    under its table; one whose images end near its class centres, and softmax, are not."""
+    from selection import selection
+    from tables import load_runs
+
+    runs = tmp_path / "runs"
+    budget = dict(recipe="airbench", epochs=5, val_split=0.1, train_size=45000,
+                  label_smoothing=0.2, scale=16.0, head_scale=16.0)
+    for name, loss, margin, angles in (("stuck", "arcface", 0.3, (103.0, 163.0)),
+                                       ("fine", "arcface", 0.1, (80.0, 31.0)),
+                                       ("plain", "softmax", None, None)):
+        fake_run(runs, name, "airbench94", loss, 0.9, 0.9, margin=margin, **budget)
+        columns = "epoch,loss" + (",theta_y_mean" if angles else "")
+        rows = [f"{epoch},{2.0 - epoch}" + (f",{angles[epoch]}" if angles else "")
+                for epoch in (0, 1)]
+        (runs / name / "log.csv").write_text("\n".join([columns, *rows]) + "\n")
+    text = selection(load_runs(str(runs)), [], [], str(runs))
+    assert "| final θ_y |" in text
+    assert "| `arcface:s=16:m=0.3` | 0.05 | 0 | 50.00 | 50.00 | 50.00 | - | - | 163.00 |" in text
+    assert "| `arcface:s=16:m=0.1` | 0.05 | 0 | 50.00 | 50.00 | 50.00 | - | - | 31.00 |" in text
+    assert "| `softmax` | 0.025 | 0 | 50.00 | 50.00 | 50.00 | - | - | - |" in text
+    assert ("Stuck where cos(θ + m) has no slope (final θ_y within 3° of π − m), so the target "
+            "logit no longer pulls an image toward its class: `arcface:s=16:m=0.3` seed 0 "
+            "(lr 0.05): 163.0°, π − m = 162.8°.\n") in text
+    assert "m=0.1` seed" not in text
