@@ -6,7 +6,6 @@ import math
 import os
 
 import numpy as np
-from keras import ops
 from tables import at_recipe_kernels, markdown, recipe_label
 
 from tfmargin.margins import target_logit
@@ -73,7 +72,7 @@ def start_slope(margin, fallback, theta=math.pi / 2, step=1e-6):
     to its class centre), by a central difference through ``tfmargin.margins.target_logit``:
     how hard training pulls such an image toward its class (negative: toward it)."""
     cos = np.cos([theta - step, theta + step])  # float64: a difference of near values
-    psi = ops.convert_to_numpy(target_logit(cos, "arcface", 1.0, margin, 0.0, fallback=fallback))
+    psi = np.asarray(target_logit(cos, "arcface", 1.0, margin, 0.0, fallback=fallback))
     return float(psi[1] - psi[0]) / (2 * step)
 
 

@@ -1,10 +1,19 @@
-"""Figures of recorded runs for docs/results.md (matplotlib): margin sweeps, per-run
-diagnostics, reliability diagrams."""
+"""Figures of recorded runs (matplotlib): Figure 2's margin sweep for docs/results.md, and
+any run's diagnostics drawn on demand from its per-image outputs in the ledger:
 
+    python experiments/plots.py RUN_NAME ...     # diagnostics/RUN_NAME.png each
+
+A run's diagnostics: the confusion matrix of its test split (row-normalised), for margin heads
+the histogram of each test image's angle to its own class centre, and the reliability diagram
+before and after temperature scaling."""
+
+import argparse
 import os
 
 import numpy as np
+from ledger import LEDGER
 from margin_sweep import failed, margin_curves, training_log
+from tables import load_runs
 
 
 def plot_margin_sweep(runs, ledger, path):
@@ -127,3 +136,30 @@ def plot_reliability(ax, calibration):
     ax.set_ylabel("accuracy")
     ax.set_title("reliability, 15 bins")
     ax.legend(fontsize=7)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="+", metavar="RUN_NAME", help="ledger runs to draw")
+    parser.add_argument("--ledger", default=LEDGER, help="the run records")
+    parser.add_argument("--output-dir", default="diagnostics", help="where the PNGs go")
+    args = parser.parse_args(argv)
+    runs = {run["name"]: run for run in load_runs(args.ledger)}
+    for name in args.names:
+        name = os.path.basename(os.path.normpath(name))  # a run's folder works too
+        if name not in runs:
+            parser.exit(2, f"plots.py: no finished run {name!r} in {args.ledger}; "
+                           "pass a folder name of results/runs/\n")
+        predictions = load_predictions(runs[name], args.ledger)
+        if predictions is None:
+            parser.exit(2, f"plots.py: run {name!r} kept no per-image outputs "
+                           "(recorded before runs kept them); pick another run\n")
+        os.makedirs(args.output_dir, exist_ok=True)
+        path = os.path.join(args.output_dir, f"{name}.png")
+        plot_run_diagnostics(runs[name], predictions, path)
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

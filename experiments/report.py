@@ -33,6 +33,7 @@ from tables import (
     setting_name,
 )
 
+from tfmargin.metrics import PREDICTIONS_FILE
 from tfmargin.runner.config import RunConfig, dataset_label
 from tfmargin.runner.recipes import MARGIN_HEAD_LEARNING_RATE
 
@@ -144,20 +145,13 @@ def converged_studies(converged, choices):
     return studies
 
 
-def commands(runs, ledger, docs_dir, plots):
-    """Each run's command and, where it kept per-image outputs, its diagnostics figure."""
-    lines = []
-    for run in runs:
-        figure = os.path.join("runs", f"{run['name']}.png")
-        if not os.path.exists(os.path.join(ledger, run["name"], "test_predictions.npz")):
-            figure = None
-        elif plots is not None:
-            os.makedirs(os.path.join(docs_dir, "runs"), exist_ok=True)
-            plots.plot_run_diagnostics(run, plots.load_predictions(run, ledger),
-                                       os.path.join(docs_dir, figure))
-        lines.append(f"- `{run['name']}`: `{command(run['config'])}`"
-                     + (f" ([diagnostics]({figure}))" if figure else ""))
-    return "\n".join(lines) + "\n"
+def commands(runs, ledger):
+    """Each run's command, marked where the run kept its per-image outputs."""
+    return "".join(
+        f"- `{run['name']}`: `{command(run['config'])}`"
+        + (" (per-image outputs)" if os.path.exists(
+            os.path.join(ledger, run["name"], PREDICTIONS_FILE)) else "") + "\n"
+        for run in runs)
 
 
 def results_blocks(runs, ledger, docs_dir, plots):
@@ -191,7 +185,7 @@ def results_blocks(runs, ledger, docs_dir, plots):
             f"`{dataset_label(r['config']['dataset'])}` "
             f"`{r['config'].get('data_fingerprint', '?')[:16]}`" for r in runs})),
         "runs": runs_table(runs),
-        "commands": commands(runs, ledger, docs_dir, plots),
+        "commands": commands(runs, ledger),
     }
 
 

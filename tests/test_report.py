@@ -457,3 +457,32 @@ def test_selection_shows_the_last_epochs_angle_and_names_a_run_stuck_at_pi_minus
             "logit no longer pulls an image toward its class: `arcface:s=16:m=0.3` seed 0 "
             "(lr 0.05): 163.0°, π − m = 162.8°.\n") in text
     assert "m=0.1` seed" not in text
+
+
+def test_plots_draws_a_runs_diagnostics_from_its_per_image_outputs_on_demand(tmp_path):
+    """docs/ holds no per-run figure: plots.py draws one from the ledger's per-image outputs,
+    a panel each for the confusion matrix and the target angles of a margin head."""
+    import numpy as np
+    from PIL import Image
+
+    runs = tmp_path / "runs"
+    fake_run(runs, "drawn", "mobilenetv2", "arcface", 0.9, 0.9, class_names=["a", "b", "c"])
+    fake_run(runs, "old", "mobilenetv2", "arcface", 0.9, 0.9, class_names=["a", "b", "c"])
+    np.savez(runs / "drawn" / "test_predictions.npz", labels=np.array([0, 1, 2, 2]),
+             predicted=np.array([0, 1, 2, 1]), target_angle_deg=np.array([20.0, 30, 40, 95]))
+
+    def draw(*names):
+        return subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "plots.py"),
+                               *names, "--ledger", str(runs), "--output-dir",
+                               str(tmp_path / "out")], capture_output=True, text=True,
+                              timeout=300)
+
+    done = draw(str(runs / "drawn") + "/")  # a run's folder names it too
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str(tmp_path / "out" / "drawn.png")
+    assert Image.open(tmp_path / "out" / "drawn.png").size == (990, 414)  # 2 panels at 90 dpi
+    for name, message in (("old", "plots.py: run 'old' kept no per-image outputs"),
+                          ("nope", "plots.py: no finished run 'nope' in")):
+        refused = draw(name)
+        assert refused.returncode == 2
+        assert refused.stderr.splitlines()[-1].startswith(message)
