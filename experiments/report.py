@@ -58,7 +58,8 @@ def is_converged(run):
 
 
 def is_main_command(run):
-    """The design card's command as printed (with ``--dataset``, ``--seed``), at the defaults."""
+    """Whether a run is the main command as typed (with ``--dataset``, ``--seed``) at the
+    defaults."""
     config = run["config"]
     typed = (f"python experiments/run.py --backbone mobilenetv2 --loss {config['loss']} "
              f"--dataset {config['dataset']}" + (f" --seed {config['seed']}" * bool(
