@@ -4,12 +4,34 @@
 keeps what a document is generated from, so the figures survive the machine that made them.
 """
 
+import glob
+import json
 import os
 import shutil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEDGER = os.path.join(ROOT, "results", "runs")
 LEDGER_FILES = ("config.json", "metrics.json", "log.csv", "test_predictions.npz")
+
+
+def dataset_path_mismatch(dataset, ledger=LEDGER):
+    """One line naming the path the ledger's runs of ``dataset``'s folder were trained with,
+    where none was trained with ``dataset`` as given; None otherwise. A run's name hashes its
+    ``--dataset`` as typed, so the same images under another path (absolute, or from another
+    folder) would give every recorded run another name and train it again."""
+    from tfmargin.runner.config import dataset_label
+
+    label, paths = dataset_label(dataset), set()
+    for path in glob.glob(os.path.join(ledger, "*", "config.json")):
+        with open(path) as f:
+            recorded = json.load(f)["dataset"]
+        if dataset_label(recorded) == label:
+            paths.add(recorded)
+    if not paths or dataset in paths:
+        return None
+    return (f"the ledger's {label} runs were trained with --dataset "
+            f"{' or '.join(sorted(paths))}, not {dataset}: a run's name holds the path as "
+            "typed, so each would train again; pass that path (from the repository root)")
 
 
 def is_recorded(name, ledger=LEDGER):

@@ -24,7 +24,7 @@ import statistics
 
 import head_recipes
 import sweep
-from ledger import LEDGER, ROOT
+from ledger import LEDGER, ROOT, dataset_path_mismatch
 from tables import load_runs
 
 BENCHMARKS = os.path.join(ROOT, "docs", "benchmarks")
@@ -277,6 +277,9 @@ def main(argv=None):
     parser.add_argument("--run", nargs="+", choices=STUDIES, metavar="STUDY",
                         help="train what these studies lack, in the order given")
     args = parser.parse_args(argv)
+    mismatch = dataset_path_mismatch(args.dataset, args.ledger)
+    if mismatch:
+        parser.exit(2, f"studies.py: error: {mismatch}\n")
 
     from tfmargin.quiet import import_tensorflow
     from tfmargin.runner.provenance import cpu_description

@@ -27,7 +27,7 @@ settings (say --learning-rate) trains new runs instead of reporting old ones.
 
 import os
 
-from ledger import is_recorded, record
+from ledger import dataset_path_mismatch, is_recorded, record
 from tables import smoothing_label
 
 from tfmargin.runner.cli import OneLineParser, add_run_arguments, exit_with, run_settings
@@ -223,6 +223,10 @@ def run_state(config, ledger):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    dataset = run_settings(args).get("dataset")
+    mismatch = args.ledger and dataset and dataset_path_mismatch(dataset, args.ledger)
+    if mismatch:
+        parser.error(mismatch)
 
     from tfmargin.quiet import import_tensorflow
 

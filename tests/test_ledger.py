@@ -56,3 +56,37 @@ def test_no_ledger_record_names_a_path_of_the_machine_that_ran_it():
             config = json.load(f)
         assert "data_source" not in config, name
         assert not os.path.isabs(config["dataset"]) or config["dataset"].startswith("tfds"), name
+
+
+def test_a_sweep_given_the_ledgers_data_under_another_path_is_refused(tmp_path):
+    """A run's name hashes ``--dataset`` as typed: the same folder under another path would
+    name every recorded run anew and train it again, so the sweep and the studies refuse it
+    and name the ledger's path. A path the ledger used, or other data, is let through."""
+    import subprocess
+
+    from ledger import dataset_path_mismatch
+
+    ledger = tmp_path / "ledger"
+    (ledger / "a-run").mkdir(parents=True)
+    (ledger / "a-run" / "config.json").write_text(
+        json.dumps({"dataset": "../shared/datasets/cifar10-jpeg"}))
+    assert dataset_path_mismatch("/work/shared/datasets/cifar10-jpeg", str(ledger)) == (
+        "the ledger's cifar10-jpeg runs were trained with --dataset "
+        "../shared/datasets/cifar10-jpeg, not /work/shared/datasets/cifar10-jpeg: a run's name "
+        "holds the path as typed, so each would train again; pass that path (from the "
+        "repository root)")
+    assert dataset_path_mismatch("../shared/datasets/cifar10-jpeg", str(ledger)) is None
+    assert dataset_path_mismatch("data/glyphs", str(ledger)) is None
+    assert dataset_path_mismatch("data/cifar10-jpeg", str(tmp_path / "empty")) is None
+    for script in ("sweep.py", "studies.py"):
+        argv = ["heads", "--dry-run"] if script == "sweep.py" else []
+        refused = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "experiments", script), *argv, "--dataset",
+             "data/cifar10-jpeg", "--ledger", str(ledger)], capture_output=True, text=True,
+            timeout=300)
+        assert refused.returncode == 2, script
+        assert refused.stderr.splitlines()[-1] == (
+            f"{script}: error: the ledger's cifar10-jpeg runs were trained with --dataset "
+            "../shared/datasets/cifar10-jpeg, not data/cifar10-jpeg: a run's name holds the "
+            "path as typed, so each would train again; pass that path (from the repository "
+            "root)")
