@@ -73,20 +73,22 @@ def last_angle(run, ledger):
     return None if first_and_last is None else first_and_last[1]
 
 
-def angle_cell(group, ledger):
-    """Mean ± s.d. of ``last_angle`` over the runs that log it, ``-`` if none does."""
-    values = [v for v in (last_angle(run, ledger) for run in group) if v is not None]
+def angle_cell(group, last_angles):
+    """Mean ± s.d. of the group's last-epoch angles (``last_angles``: ``{name: last_angle}``)
+    over the runs that log one, ``-`` if none does."""
+    values = [v for v in (last_angles[run["name"]] for run in group) if v is not None]
     return mean_sd(values, scale=1) if values else "-"
 
 
-def stuck_at_the_flat_bottom(runs, ledger):
+def stuck_at_the_flat_bottom(runs, last_angles):
     """The ArcFace runs whose last-epoch mean target angle ended within
     ``FLAT_BOTTOM_DEGREES`` of π − m, where cos(θ + m) has its minimum and so no slope: the
     target logit no longer pulls an image toward its class there, while the other logits
-    still push it away from theirs. ``[(run, angle, π − m in degrees)]``."""
+    still push it away from theirs (``last_angles``: ``{name: last_angle}``). ``[(run,
+    angle, π − m in degrees)]``."""
     stuck = []
     for run in runs:
-        c, angle = run["config"], last_angle(run, ledger)
+        c, angle = run["config"], last_angles[run["name"]]
         if c["loss"] == "arcface" and angle is not None:
             bottom = math.degrees(math.pi - c["margin"])
             if abs(angle - bottom) <= FLAT_BOTTOM_DEGREES:
@@ -94,9 +96,9 @@ def stuck_at_the_flat_bottom(runs, ledger):
     return stuck
 
 
-def stuck_sentence(runs, ledger):
+def stuck_sentence(runs, last_angles):
     """One sentence naming the runs ``stuck_at_the_flat_bottom``, empty if none is."""
-    stuck = stuck_at_the_flat_bottom(runs, ledger)
+    stuck = stuck_at_the_flat_bottom(runs, last_angles)
     if not stuck:
         return ""
     named = "; ".join(f"`{head_spec(run['config'])}` seed {run['config']['seed']} "
@@ -115,6 +117,7 @@ def selection(runs, main, open_set, ledger):
     if not runs:
         return "No selection run is recorded yet.\n"
     runs = [with_validation_ece(run, ledger) for run in runs]
+    last_angles = {run["name"]: last_angle(run, ledger) for run in runs}  # each log read once
     twins = {}  # each setting's runs on open-set split 0, any seed, scored on validation
     for run in open_set:
         if run["config"]["classes"] == split_classes(0) and "open_set_val" in run["metrics"]:
@@ -135,7 +138,7 @@ def selection(runs, main, open_set, ledger):
                          ", ".join(str(r["config"]["seed"]) for r in
                                    sorted(group, key=lambda r: r["config"]["seed"])),
                          *(mean_cell(group, key) for key, _ in COLUMNS),
-                         angle_cell(group, ledger),
+                         angle_cell(group, last_angles),
                          *(mean_cell(twin, f"open_set_val.{score}.auroc")
                            for score, _ in OPEN_SET_SCORES)])
         first = next(iter(candidates.values()))[0]["config"]
@@ -144,7 +147,8 @@ def selection(runs, main, open_set, ledger):
                                  *(name for _, name in COLUMNS), "final θ_y",
                                  *(f"open-set val AUROC {name}" for _, name in OPEN_SET_SCORES)],
                                 rows)
-                     + stuck_sentence([r for g in candidates.values() for r in g], ledger))
+                     + stuck_sentence([r for g in candidates.values() for r in g],
+                                      last_angles))
     best = {}
     for run in runs + main:
         c = run["config"]
